@@ -1,0 +1,60 @@
+"""torchsurgeon: functional model surgery for PyTorch.
+
+Take any model, select submodules with a selector expression, insert intervention layers,
+and get a *new* model back — the original untouched, every parameter shared. Each rewrite
+is recorded as data (a plan) that can replay on another copy of the model, locally or on a
+remote host.
+
+    import torchsurgeon as ts
+
+    model = ts.wrap(hf_model)
+    probe = (
+        ts.select(model)
+        .at_instances_of("LlamaMLP")
+        .where(ts.layer_index.isin([12, 13]))
+        .at("down_proj")
+        .insert_before(ts.layers.SetValues(ts.idx[3:, -1, [7171, 2519]], 5.0))
+    )
+    result = ts.run(probe, input_ids)
+"""
+
+from torchsurgeon import layers
+from torchsurgeon.layers import Index, Result, idx, run
+from torchsurgeon.selectors import Selection, attr, instance_of, layer_index, path, select
+from torchsurgeon.surgery import (
+    FrozenModuleError,
+    PathError,
+    SelectionError,
+    SerializationError,
+    SurgeryError,
+    is_frozen,
+    tree,
+    wrap,
+)
+from torchsurgeon.surgery.tree import functional
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FrozenModuleError",
+    "Index",
+    "PathError",
+    "Result",
+    "Selection",
+    "SelectionError",
+    "SerializationError",
+    "SurgeryError",
+    "__version__",
+    "attr",
+    "functional",
+    "idx",
+    "instance_of",
+    "is_frozen",
+    "layer_index",
+    "layers",
+    "path",
+    "run",
+    "select",
+    "tree",
+    "wrap",
+]

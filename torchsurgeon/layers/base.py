@@ -1,0 +1,172 @@
+"""The base of every intervention layer: a small module that is also a piece of data.
+
+An intervention layer is an ordinary ``nn.Module`` with ``forward(x) -> x'`` on one tensor
+(which tensor of the call is decided where it is inserted; see
+:mod:`torchsurgeon.surgery.sites`). What makes it more than a module is its *spec*: a type
+name from the registry, a JSON config and a dict of named tensors. The spec is what a plan
+carries and what a remote host rebuilds the layer from — through the registry, which is the
+host's allow-list — so every layer must be fully described by it.
+
+Tensors a layer holds (a steering vector, a patch value, a scale) are non-persistent
+buffers: they move with ``.to()``, appear in ``torch.func.functional_call``'s view (so
+``grad``/``vmap`` run over them) and stay out of ``state_dict``, which stays the base
+model's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from torchsurgeon.layers.index import Index, as_index
+from torchsurgeon.surgery.frozen import shallow_copy
+from torchsurgeon.surgery.paths import describe
+
+__all__ = ["InterventionLayer", "Recorder", "layer_class", "layer_types", "register_layer"]
+
+_REGISTRY: dict[str, type[InterventionLayer]] = {}
+
+
+class InterventionLayer(nn.Module):
+    """Base class: subclasses name their config and tensor fields and implement ``forward``.
+
+    ``config_fields`` are constructor arguments stored as plain attributes (JSON values);
+    ``tensor_fields`` are constructor arguments stored as buffers. ``on`` picks the target
+    tensor of the call (None: the primary tensor); ``index`` restricts the layer to part of
+    that tensor, where the layer supports it.
+    """
+
+    type_name: ClassVar[str] = ""
+    config_fields: ClassVar[tuple[str, ...]] = ()
+    tensor_fields: ClassVar[tuple[str, ...]] = ()
+    takes_index: ClassVar[bool] = True
+
+    def __init__(self, *, on: int | str | None = None, index: Index | None = None) -> None:
+        super().__init__()
+        if on is not None and not isinstance(on, (int, str)):
+            raise TypeError(f"{type(self).__name__}: on= must be an int, a str or None, got {on!r}")
+        if index is not None and not self.takes_index:
+            raise TypeError(f"{type(self).__name__} takes no index")
+        self.on = on
+        self.index = as_index(index)
+        self.site = ""
+
+    def _set_tensor(self, name: str, value: torch.Tensor | float | int) -> None:
+        if not isinstance(value, torch.Tensor):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(
+                    f"{type(self).__name__}: {name} must be a number or a tensor, got "
+                    f"{type(value).__name__}"
+                )
+            value = torch.tensor(float(value))
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{type(self).__name__}: {name} holds NaN or infinite values")
+        self.register_buffer(name, value, persistent=False)
+
+    # -- data --------------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        """The JSON part of the spec (``on``, ``index`` and the layer's own fields)."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in self.config_fields}
+        out["on"] = self.on
+        if self.takes_index:
+            out["index"] = self.index.to_json() if self.index is not None else None
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor part of the spec."""
+        return {name: getattr(self, name) for name in self.tensor_fields}
+
+    @classmethod
+    def from_spec(
+        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> InterventionLayer:
+        """Rebuild a layer from :meth:`config` and :meth:`tensors` (as a host does)."""
+        kwargs = dict(config)
+        if kwargs.get("index") is not None:
+            kwargs["index"] = Index.from_json(kwargs["index"])
+        expected = set(cls.config_fields) | set(cls.tensor_fields) | {"on"}
+        expected |= {"index"} if cls.takes_index else set()
+        unknown = set(kwargs) | set(tensors)
+        unknown -= expected
+        if unknown:
+            raise ValueError(f"{cls.type_name}: unknown field(s) {sorted(unknown)}")
+        return cls(**kwargs, **tensors)
+
+    # -- placement ---------------------------------------------------------------------
+
+    def for_site(self, path: str, n: int) -> InterventionLayer:
+        """The copy of this layer that sits at ``path`` (tensors shared, never copied)."""
+        copy = shallow_copy(self)
+        copy.__dict__["site"] = path
+        return copy
+
+    def _where(self) -> str:
+        return f"{type(self).__name__} at {describe(self.site)}: "
+
+    def _checked_index(self, x: torch.Tensor) -> tuple[Any, ...]:
+        """The index as PyTorch takes it, checked against ``x`` (``...`` when there is none)."""
+        if self.index is None:
+            return (Ellipsis,)
+        self.index.check(tuple(x.shape), where=self._where())
+        return self.index.torch
+
+    def extra_repr(self) -> str:
+        parts = [f"{k}={v!r}" for k, v in self.config().items() if v is not None]
+        parts += [f"{k}=<{tuple(t.shape)} {t.dtype}>" for k, t in self.tensors().items()]
+        return ", ".join(parts)
+
+
+class Recorder(InterventionLayer):
+    """A layer that records tensors into a run's results under a key.
+
+    ``name`` may hold ``{path}`` (the site's path) and ``{n}`` (the site's position in the
+    selection); without a name the key is the site's path. Recording happens only inside
+    ``ts.run``: a plain call of the model passes tensors through and keeps nothing.
+    """
+
+    config_fields = ("name",)
+    takes_index = False
+
+    def __init__(self, name: str | None = None, *, on: int | str | None = None) -> None:
+        super().__init__(on=on)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{type(self).__name__}: name must be a str, got {name!r}")
+        self.name = name
+        self.key = name or ""
+        self._ts_store: list[torch.Tensor] | None = None
+
+    def for_site(self, path: str, n: int) -> InterventionLayer:
+        copy = super().for_site(path, n)
+        try:
+            key = self.name.format(path=path, n=n) if self.name else path
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"{type(self).__name__}: name {self.name!r} may only use {{path}} and {{n}}"
+            ) from error
+        copy.__dict__["key"] = key or "output"
+        return copy
+
+
+def register_layer(cls: type[InterventionLayer]) -> type[InterventionLayer]:
+    """Class decorator: add ``cls`` to the registry under ``cls.type_name``."""
+    if not cls.type_name:
+        raise ValueError(f"{cls.__name__} needs a type_name to be registered")
+    _REGISTRY[cls.type_name] = cls
+    return cls
+
+
+def layer_types() -> dict[str, type[InterventionLayer]]:
+    """Every registered layer type by name (the remote host's allow-list)."""
+    return dict(_REGISTRY)
+
+
+def layer_class(type_name: str) -> type[InterventionLayer]:
+    """The registered class named ``type_name``; a clear error naming the known ones if none."""
+    found = _REGISTRY.get(type_name)
+    if found is None:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown intervention layer type {type_name!r}; registered: {known}")
+    return found

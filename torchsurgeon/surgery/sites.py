@@ -1,0 +1,156 @@
+"""Intervention sites: how an inserted layer sits on a module without moving it.
+
+Inserting a layer before or after the module at ``mlp.down_proj`` does not re-parent that
+module (which would change its path, its ``state_dict`` keys and every selector written
+against it). Instead the rewrite gives the module's private copy two child lists,
+``ts_before`` and ``ts_after``, and a forward pre-hook and hook (the ordinary PyTorch
+mechanism, so ``torch.compile``, ``generate`` and ``device_map`` all see them) that run
+those layers. The original module keeps its path, its class and its parameters; the
+inserted layers are ordinary nodes of the tree at ``mlp.down_proj.ts_before.0`` and can be
+selected, shown, replaced or removed like any other.
+
+A layer acts on one tensor of the call, its *target*: by default the primary tensor — the
+first tensor argument (else the first tensor keyword argument) before the module, element 0
+of a tuple/list output (the first field of a ``ModelOutput``/dict, or the tensor itself)
+after it. A layer's ``on`` attribute picks another: an ``int`` is a positional argument or
+output element, a ``str`` a keyword argument or output field.
+
+Later insertions wrap earlier ones: a second ``insert_before`` runs first, a second
+``insert_after`` runs last.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchsurgeon.surgery.paths import describe
+
+__all__ = ["AFTER", "BEFORE", "add_layers", "site_layers"]
+
+BEFORE = "ts_before"
+AFTER = "ts_after"
+_HOOKED = "_ts_hooked"
+
+Accessor = int | str | None
+
+
+def add_layers(node: nn.Module, before: Sequence[nn.Module], after: Sequence[nn.Module]) -> None:
+    """Give a *private copy* ``node`` more intervention layers (and hooks, once)."""
+    modules = node._modules
+    if before:
+        modules[BEFORE] = nn.ModuleList([*before, *site_layers(node, BEFORE)])
+    if after:
+        modules[AFTER] = nn.ModuleList([*site_layers(node, AFTER), *after])
+    if not node.__dict__.get(_HOOKED):
+        node.register_forward_pre_hook(_run_before, with_kwargs=True)
+        node.register_forward_hook(_run_after, with_kwargs=True)
+        node.__dict__[_HOOKED] = True
+
+
+def site_layers(node: nn.Module, which: str) -> list[nn.Module]:
+    """The layers inserted before (``BEFORE``) or after (``AFTER``) ``node``."""
+    layers = node._modules.get(which)
+    return list(layers) if layers is not None else []
+
+
+def _run_before(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    layers = module._modules.get(BEFORE)
+    if not layers:
+        return None
+    for layer in layers:
+        args, kwargs = _apply_to_input(module, layer, args, kwargs)
+    return args, kwargs
+
+
+def _run_after(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+    layers = module._modules.get(AFTER)
+    if not layers:
+        return None
+    for layer in layers:
+        output = _apply_to_output(module, layer, output)
+    return output
+
+
+def _apply_to_input(
+    module: nn.Module, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    on: Accessor = getattr(layer, "on", None)
+    if on is None:
+        for i, value in enumerate(args):
+            if isinstance(value, torch.Tensor):
+                return (*args[:i], layer(value), *args[i + 1 :]), kwargs
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                return args, {**kwargs, name: layer(value)}
+        raise _no_target(module, layer, "input", f"args {_kinds(args)}, kwargs {_kinds(kwargs)}")
+    if isinstance(on, str) and on not in kwargs:
+        position = _positional_index(type(module), on)
+        if position is None or position >= len(args):
+            raise _no_target(module, layer, "input", f"keyword arguments {sorted(kwargs)}")
+        on = position
+    if isinstance(on, int):
+        if not -len(args) <= on < len(args):
+            raise _no_target(module, layer, "input", f"{len(args)} positional arguments")
+        on %= len(args)
+        return (*args[:on], layer(args[on]), *args[on + 1 :]), kwargs
+    return args, {**kwargs, on: layer(kwargs[on])}
+
+
+def _apply_to_output(module: nn.Module, layer: nn.Module, output: Any) -> Any:
+    on: Accessor = getattr(layer, "on", None)
+    if isinstance(output, torch.Tensor):
+        if on not in (None, 0):
+            raise _no_target(module, layer, "output", "a single tensor")
+        return layer(output)
+    if isinstance(output, (tuple, list)):
+        if on is None:
+            on = next((i for i, v in enumerate(output) if isinstance(v, torch.Tensor)), None)
+        if not isinstance(on, int) or not -len(output) <= on < len(output):
+            raise _no_target(module, layer, "output", f"a {type(output).__name__} of {len(output)}")
+        items = list(output)
+        items[on] = layer(items[on])
+        return type(output)(items) if type(output) in (tuple, list) else type(output)(*items)
+    if isinstance(output, dict):  # includes transformers' ModelOutput
+        if on is None:
+            on = next((k for k, v in output.items() if isinstance(v, torch.Tensor)), None)
+        elif isinstance(on, int):
+            keys = list(output.keys())
+            on = keys[on] if -len(keys) <= on < len(keys) else None
+        if on not in output:
+            raise _no_target(module, layer, "output", f"fields {list(output.keys())}")
+        output[on] = layer(output[on])
+        return output
+    raise _no_target(module, layer, "output", type(output).__name__)
+
+
+@functools.cache
+def _positional_index(cls: type, name: str) -> int | None:
+    try:
+        params = list(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index(name) - 1 if name in params else None  # minus ``self``
+
+
+def _kinds(values: Any) -> str:
+    items = values.items() if isinstance(values, dict) else enumerate(values)
+    return "{" + ", ".join(f"{k}: {type(v).__name__}" for k, v in items) + "}"
+
+
+def _no_target(module: nn.Module, layer: nn.Module, side: str, found: str) -> ValueError:
+    on = getattr(layer, "on", None)
+    where = describe(module.__dict__.get("_ts_path", ""))
+    wanted = "the primary tensor" if on is None else f"on={on!r}"
+    return ValueError(
+        f"{type(layer).__name__} inserted {'before' if side == 'input' else 'after'} "
+        f"{type(module).__name__} at {where} found no {side} tensor for {wanted}; the call had "
+        f"{found}. Pass on=<position or name> to the layer to pick its target."
+    )
