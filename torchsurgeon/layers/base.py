@@ -114,7 +114,10 @@ class InterventionLayer(nn.Module):
         return self.index.torch
 
     def extra_repr(self) -> str:
-        parts = [f"{k}={v!r}" for k, v in self.config().items() if v is not None]
+        config = {**self.config(), "index": self.index}
+        parts = [
+            f"{k}={v}" if k == "index" else f"{k}={v!r}" for k, v in config.items() if v is not None
+        ]
         parts += [f"{k}=<{tuple(t.shape)} {t.dtype}>" for k, t in self.tensors().items()]
         return ", ".join(parts)
 

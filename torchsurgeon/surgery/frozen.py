@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 _PATH_ATTR = "_ts_path"
+_SEALED_ATTR = "_ts_sealed"
 _FROZEN_CLASSES: dict[type, type] = {}
 _COPIED_CONTAINERS = (dict, OrderedDict, set, list)
 
@@ -49,6 +50,11 @@ class FrozenModule:
     """Mixin placed first in the MRO of every frozen class; see the module docstring."""
 
     _ts_frozen = True
+
+    def _ts_is_sealed(self) -> bool:
+        # Objects a frozen class builds through its own __init__ (``ModuleList[1:]`` makes a
+        # new list of the same class) are new values under construction, not tree nodes.
+        return self.__dict__.get(_SEALED_ATTR, False)
 
     def _ts_refuse(self, what: str, name: str, how: str) -> FrozenModuleError:
         where = child_path(self.__dict__.get(_PATH_ATTR, ""), name)
@@ -60,6 +66,9 @@ class FrozenModule:
     def __setattr__(self, name: str, value: Any) -> None:
         modules = self.__dict__.get("_modules", {})
         params = self.__dict__.get("_parameters", {})
+        if not self._ts_is_sealed():
+            super().__setattr__(name, value)
+            return
         if isinstance(value, (nn.Module, nn.Parameter)) or name in modules or name in params:
             raise self._ts_refuse(
                 "assign",
@@ -70,21 +79,26 @@ class FrozenModule:
         super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:
-        if name in self.__dict__.get("_modules", {}) or name in self.__dict__.get(
-            "_parameters", {}
-        ):
+        structural = {*self.__dict__.get("_modules", {}), *self.__dict__.get("_parameters", {})}
+        if self._ts_is_sealed() and name in structural:
             raise self._ts_refuse(
                 "delete", name, "Build a new model instead: ts.select(model).at(...).replace()."
             )
         super().__delattr__(name)
 
     def add_module(self, name: str, module: nn.Module | None) -> None:
+        if not self._ts_is_sealed():
+            return super().add_module(name, module)  # type: ignore[misc]
         raise self._ts_refuse("add submodule", name, "Use ts.select(...).replace(...).")
 
     def register_module(self, name: str, module: nn.Module | None) -> None:
+        if not self._ts_is_sealed():
+            return super().register_module(name, module)  # type: ignore[misc]
         raise self._ts_refuse("register submodule", name, "Use ts.select(...).replace(...).")
 
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        if not self._ts_is_sealed():
+            return super().register_parameter(name, param)  # type: ignore[misc]
         raise self._ts_refuse("register parameter", name, "Use ts.tree.map or ts.tree.unflatten.")
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
@@ -139,6 +153,7 @@ def shallow_copy(module: nn.Module, path: str | None = None) -> nn.Module:
         key: (type(value)(value) if type(value) in _COPIED_CONTAINERS else value)
         for key, value in module.__dict__.items()
     }
+    state[_SEALED_ATTR] = True
     if path is not None:
         state[_PATH_ATTR] = path
     object.__setattr__(copy, "__dict__", state)
