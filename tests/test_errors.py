@@ -43,7 +43,7 @@ def test_unknown_class_name_suggests_close_ones(gpt2: nn.Module) -> None:
 
 
 def test_at_instances_of_rejects_non_module_classes(gpt2: nn.Module) -> None:
-    with pytest.raises(TypeError, match="expects an nn.Module class, got int"):
+    with pytest.raises(TypeError, match=r"expects an nn\.Module class, got int"):
         ts.select(gpt2).at_instances_of(int)  # type: ignore[arg-type]
 
 
@@ -100,7 +100,7 @@ def test_index_that_does_not_fit_names_site_dimension_and_range(gpt2: nn.Module)
 
 
 def test_layer_spec_errors() -> None:
-    with pytest.raises(TypeError, match="index built with ts.idx"):
+    with pytest.raises(TypeError, match=r"index built with ts\.idx"):
         ts.layers.Zero((0, 1))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="NaN or infinite"):
         ts.layers.SetValues(None, float("nan"))
@@ -116,7 +116,9 @@ def test_layer_spec_errors() -> None:
 
 def test_duplicate_save_keys_are_refused_at_run(gpt2: nn.Module) -> None:
     probe = ts.select(gpt2).at("transformer.h.*").insert_after(ts.layers.Save("resid"))
-    with pytest.raises(ValueError, match=r"two recording layers use the key 'resid'.*'resid_\{n\}'"):
+    with pytest.raises(
+        ValueError, match=r"two recording layers use the key 'resid'.*'resid_\{n\}'"
+    ):
         ts.run(probe, torch.randint(0, 64, (1, 4)))
 
 

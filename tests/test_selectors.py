@@ -110,7 +110,9 @@ def test_where_path_attr_and_logic(llama: nn.Module) -> None:
     assert gates.paths == ("model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj")
     not_first = ts.select(llama).at("model.layers.*").where(~(ts.layer_index == 0))
     assert not_first.count() == 3
-    either = ts.select(llama).at("model.layers.*").where((ts.layer_index == 0) | (ts.layer_index == 3))
+    either = (
+        ts.select(llama).at("model.layers.*").where((ts.layer_index == 0) | (ts.layer_index == 3))
+    )
     assert either.paths == ("model.layers.0", "model.layers.3")
 
 
@@ -143,7 +145,9 @@ def test_pick_nth_selected(gpt2: nn.Module) -> None:
 def test_invert_selects_the_largest_disjoint_subtrees(gpt2: nn.Module) -> None:
     inverted = ts.select(gpt2).at("transformer.h.1").invert()
     assert "transformer.h.1" not in inverted.paths
-    assert {"transformer.h.0", "transformer.h.2", "transformer.wte", "lm_head"} <= set(inverted.paths)
+    assert {"transformer.h.0", "transformer.h.2", "transformer.wte", "lm_head"} <= set(
+        inverted.paths
+    )
     assert "transformer" not in inverted.paths  # it holds the selected block
     assert not any(p.startswith("transformer.h.1.") for p in inverted.paths)
 

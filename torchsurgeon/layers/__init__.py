@@ -14,6 +14,7 @@ from torchsurgeon.layers.base import (
 )
 from torchsurgeon.layers.edit import Add, MeanAblate, Noise, Scale, SetValues, StopGradient, Zero
 from torchsurgeon.layers.index import Index, idx
+from torchsurgeon.layers.lora import LowRankAdapter
 from torchsurgeon.layers.patch import Patch
 from torchsurgeon.layers.record import Save, SaveGrad
 from torchsurgeon.layers.results import Result, run
@@ -22,6 +23,7 @@ __all__ = [
     "Add",
     "Index",
     "InterventionLayer",
+    "LowRankAdapter",
     "MeanAblate",
     "Noise",
     "Patch",

@@ -170,6 +170,8 @@ class Noise(InterventionLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = self._checked_index(x)
+        if x.is_meta:  # a structure-only run checks shapes; there is no generator on meta
+            return x.clone()
         generator = torch.Generator(device=x.device)
         generator.manual_seed(self.seed)
         part = x[index]

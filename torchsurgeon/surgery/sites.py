@@ -17,19 +17,25 @@ output element, a ``str`` a keyword argument or output field.
 
 Later insertions wrap earlier ones: a second ``insert_before`` runs first, a second
 ``insert_after`` runs last.
+
+A layer inserted *after* a module whose class sets ``reads_input = True`` is called as
+``layer(target, input=x)``, where ``x`` is the module's primary input as the module
+received it (after any ``insert_before`` layers). That is how an adapter such as LoRA adds
+a path from a Linear's input to its output while sitting after it.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchsurgeon.surgery.paths import describe
+from torchsurgeon.surgery.frozen import freeze_tree
+from torchsurgeon.surgery.paths import child_path, describe
 
 __all__ = ["AFTER", "BEFORE", "add_layers", "site_layers"]
 
@@ -43,10 +49,15 @@ Accessor = int | str | None
 def add_layers(node: nn.Module, before: Sequence[nn.Module], after: Sequence[nn.Module]) -> None:
     """Give a *private copy* ``node`` more intervention layers (and hooks, once)."""
     modules = node._modules
+    path = node.__dict__.get("_ts_path", "")
+    # The lists are frozen like the rest of the tree: a later rewrite shares this node, so
+    # an ``append`` on a plain list would reach every model made from it.
     if before:
-        modules[BEFORE] = nn.ModuleList([*before, *site_layers(node, BEFORE)])
+        layers = nn.ModuleList([*before, *site_layers(node, BEFORE)])
+        modules[BEFORE] = freeze_tree(layers, child_path(path, BEFORE))
     if after:
-        modules[AFTER] = nn.ModuleList([*site_layers(node, AFTER), *after])
+        layers = nn.ModuleList([*site_layers(node, AFTER), *after])
+        modules[AFTER] = freeze_tree(layers, child_path(path, AFTER))
     if not node.__dict__.get(_HOOKED):
         node.register_forward_pre_hook(_run_before, with_kwargs=True)
         node.register_forward_hook(_run_after, with_kwargs=True)
@@ -75,8 +86,20 @@ def _run_after(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
     if not layers:
         return None
     for layer in layers:
-        output = _apply_to_output(module, layer, output)
+        call = layer
+        if getattr(layer, "reads_input", False):
+            call = functools.partial(layer, input=_primary_input(module, layer, args, kwargs))
+        output = _apply_to_output(module, layer, output, call)
     return output
+
+
+def _primary_input(
+    module: nn.Module, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise _no_target(module, layer, "input", f"args {_kinds(args)}, kwargs {_kinds(kwargs)}")
 
 
 def _apply_to_input(
@@ -104,19 +127,21 @@ def _apply_to_input(
     return args, {**kwargs, on: layer(kwargs[on])}
 
 
-def _apply_to_output(module: nn.Module, layer: nn.Module, output: Any) -> Any:
+def _apply_to_output(
+    module: nn.Module, layer: nn.Module, output: Any, call: Callable[..., Any]
+) -> Any:
     on: Accessor = getattr(layer, "on", None)
     if isinstance(output, torch.Tensor):
         if on not in (None, 0):
             raise _no_target(module, layer, "output", "a single tensor")
-        return layer(output)
+        return call(output)
     if isinstance(output, (tuple, list)):
         if on is None:
             on = next((i for i, v in enumerate(output) if isinstance(v, torch.Tensor)), None)
         if not isinstance(on, int) or not -len(output) <= on < len(output):
             raise _no_target(module, layer, "output", f"a {type(output).__name__} of {len(output)}")
         items = list(output)
-        items[on] = layer(items[on])
+        items[on] = call(items[on])
         return type(output)(items) if type(output) in (tuple, list) else type(output)(*items)
     if isinstance(output, dict):  # includes transformers' ModelOutput
         if on is None:
@@ -126,7 +151,7 @@ def _apply_to_output(module: nn.Module, layer: nn.Module, output: Any) -> Any:
             on = keys[on] if -len(keys) <= on < len(keys) else None
         if on not in output:
             raise _no_target(module, layer, "output", f"fields {list(output.keys())}")
-        output[on] = layer(output[on])
+        output[on] = call(output[on])
         return output
     raise _no_target(module, layer, "output", type(output).__name__)
 
