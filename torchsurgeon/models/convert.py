@@ -1,0 +1,47 @@
+"""Convert an in-memory ``transformers`` model into explicit layers, sharing its tensors.
+
+``convert(hf_model)`` builds the explicit model around the very parameter tensors of
+``hf_model``: same storage, no copy (fused or transposed weights become views). The two
+models therefore stay in step — an in-place edit of one shows in the other — and converting
+costs no memory beyond the module objects. The original is not modified.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from torchsurgeon.layers.transformer import Transformer
+from torchsurgeon.models.build import build_transformer
+from torchsurgeon.models.families import FAMILIES, family_for
+from torchsurgeon.models.source import TensorSource
+
+__all__ = ["convert"]
+
+
+def convert(hf_model: nn.Module) -> Transformer:
+    """The explicit-layer version of ``hf_model``, sharing every parameter tensor with it.
+
+    ``hf_model`` is a ``transformers`` model of a supported family (e.g.
+    ``LlamaForCausalLM``, ``GPT2LMHeadModel``, ``BertForMaskedLM``). Raises
+    :class:`~torchsurgeon.models.errors.UnsupportedArchitectureError` for any other model;
+    ``ts.wrap(model)`` works on those.
+    """
+    if not isinstance(hf_model, nn.Module):
+        raise TypeError(f"convert expects a transformers model, got {type(hf_model).__name__}")
+    hf_config = getattr(hf_model, "config", None)
+    model_type = getattr(hf_config, "model_type", None)
+    # The first class in the MRO that a family names (a user subclass of LlamaForCausalLM
+    # converts like LlamaForCausalLM); the model's own class name if none does.
+    names = [cls.__name__ for cls in type(hf_model).__mro__]
+    family = family_for(model_type, next((n for n in names if _named(n)), names[0]))
+    tensors = dict(hf_model.named_parameters(remove_duplicate=False))
+    tensors.update(hf_model.named_buffers(remove_duplicate=False))
+    config = family.config(hf_config)
+    source = TensorSource(
+        tensors, tensors.__getitem__, where=type(hf_model).__name__, prefixes=family.prefixes
+    )
+    return build_transformer(config, family.weights(config, source))
+
+
+def _named(class_name: str) -> bool:
+    return any(class_name in family.classes for family in FAMILIES.values())
