@@ -1,4 +1,4 @@
-"""The ``torchsurgeon`` command: ``torchsurgeon demo`` (and, as they land, the host)."""
+"""The ``torchsurgeon`` command: ``torchsurgeon demo`` and ``torchsurgeon serve`` (the host)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--html", type=Path, default=Path("torchsurgeon-demo.html"))
     demo.add_argument("--top-k", type=int, default=5)
     demo.set_defaults(handler=_demo)
+
+    from torchsurgeon.remote.serve import add_serve_parser
+
+    add_serve_parser(commands)
     return parser
 
 

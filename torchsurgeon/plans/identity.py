@@ -1,0 +1,233 @@
+"""Who a base model is: architecture, config, structure and a cheap weight fingerprint.
+
+A plan says "insert this layer at ``model.layers.12.mlp``" — which only means what it meant
+on the model it was made from. So a plan records its base's identity, and ``apply`` checks
+it before replaying anything:
+
+- ``architecture``: the root's class name (``LlamaForCausalLM``);
+- ``structure_hash``: every node's path and class and every tensor's name and shape — what
+  selectors and layer shapes depend on (no dtypes, no values);
+- ``config_hash``: the Hugging Face config (``config.to_dict()``, bookkeeping keys such as
+  ``_name_or_path`` dropped, JSON with sorted keys) — ``None`` for models without one;
+- ``fingerprint``: names, shapes and dtypes of every parameter and buffer plus a few sampled
+  elements of each (the first, the last and some at positions derived from the name), so it
+  tells checkpoints apart while reading a few hundred bytes of a 70B model, never all of
+  it. It is ``None`` for a model on the meta device, which has no values.
+
+A structure-only model built from what a host serves can be *pinned* to the hosted model's
+identity (:func:`pin_identity`), so plans made against it carry the real fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from torchsurgeon.plans.errors import IdentityMismatchError
+from torchsurgeon.surgery.frozen import original_class
+from torchsurgeon.surgery.paths import iter_nodes, join
+
+__all__ = [
+    "BaseIdentity",
+    "Match",
+    "check_identity",
+    "config_hash",
+    "fingerprint",
+    "identity_of",
+    "pin_identity",
+    "structure_hash",
+]
+
+Match = Literal["exact", "structure"]
+
+_PINNED = "_ts_pinned_identity"
+_SAMPLES = 8
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "architectures",
+        "dtype",
+        "torch_dtype",
+        "_attn_implementation_autoset",
+        "_attn_implementation_internal",
+    }
+)
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """The identity of a base model; see the module docstring for each field."""
+
+    architecture: str
+    structure_hash: str
+    config_hash: str | None = None
+    fingerprint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BaseIdentity:
+        return cls(**data)
+
+    def differences(self, other: BaseIdentity, match: Match = "exact") -> list[str]:
+        """What differs between ``self`` (a plan's base) and ``other`` (a candidate base)."""
+        found: list[str] = []
+        if self.architecture != other.architecture:
+            found.append(
+                f"architecture: the plan was made from a {self.architecture}, this base is a "
+                f"{other.architecture}"
+            )
+        if self.structure_hash != other.structure_hash:
+            found.append(
+                "structure: module paths, classes or tensor shapes differ (structure_hash "
+                f"{self.structure_hash[:12]} vs {other.structure_hash[:12]})"
+            )
+        if match == "structure":
+            return found
+        if self.config_hash != other.config_hash:
+            found.append(
+                f"config: config_hash {_short(self.config_hash)} vs {_short(other.config_hash)}"
+            )
+        if self.fingerprint is None:
+            found.append(
+                "fingerprint: the plan was made from a structure-only (meta) model and records "
+                "no weights; apply it with match='structure' to accept any base of this structure"
+            )
+        elif self.fingerprint != other.fingerprint:
+            found.append(
+                "fingerprint: parameter names, dtypes or sampled values differ (a different "
+                f"checkpoint or dtype; {_short(self.fingerprint)} vs {_short(other.fingerprint)})"
+            )
+        return found
+
+
+def _short(value: str | None) -> str:
+    return "none" if value is None else value[:12]
+
+
+def identity_of(model: nn.Module) -> BaseIdentity:
+    """The identity of ``model`` (its pinned identity, for a structure-only model pinned to one)."""
+    pinned = model.__dict__.get(_PINNED)
+    structure = structure_hash(model)
+    if pinned is not None and pinned.structure_hash == structure and _is_meta(model):
+        return pinned
+    return BaseIdentity(
+        architecture=original_class(model).__name__,
+        structure_hash=structure,
+        config_hash=config_hash(model),
+        fingerprint=fingerprint(model),
+    )
+
+
+def pin_identity(model: nn.Module, identity: BaseIdentity) -> nn.Module:
+    """Record on a *fresh* structure-only root the identity of the model it stands for."""
+    if not _is_meta(model):
+        raise ValueError("only a structure-only model (tensors on the meta device) can be pinned")
+    if structure_hash(model) != identity.structure_hash:
+        raise IdentityMismatchError(
+            "cannot pin: this model's structure differs from the identity's structure_hash"
+        )
+    model.__dict__[_PINNED] = identity
+    return model
+
+
+def check_identity(
+    expected: BaseIdentity,
+    base: nn.Module,
+    match: Match = "exact",
+    found: BaseIdentity | None = None,
+) -> None:
+    """Raise :class:`IdentityMismatchError` listing every difference, if ``base`` does not match.
+
+    ``found`` is ``base``'s identity when the caller already knows it (a host computes it once).
+    """
+    if match not in ("exact", "structure"):
+        raise ValueError(f"match must be 'exact' or 'structure', got {match!r}")
+    actual = found if found is not None else identity_of(base)
+    problems = expected.differences(actual, match)
+    if problems:
+        raise IdentityMismatchError(
+            f"this plan does not fit the base ({match} match): " + "; ".join(problems)
+        )
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [
+        (join(path, name), tensor)
+        for path, node in iter_nodes(model)
+        for name, tensor in [*node._parameters.items(), *node._buffers.items()]
+        if tensor is not None
+    ]
+
+
+def _is_meta(model: nn.Module) -> bool:
+    tensors = _tensors(model)
+    return bool(tensors) and all(t.is_meta for _, t in tensors)
+
+
+def structure_hash(model: nn.Module) -> str:
+    """Hash of every node's path and class and every tensor's name and shape."""
+    digest = hashlib.sha256()
+    for path, node in iter_nodes(model):
+        cls = original_class(node)
+        digest.update(f"{path}|{cls.__module__}.{cls.__qualname__}\n".encode())
+        for name, tensor in [*node._parameters.items(), *node._buffers.items()]:
+            if tensor is not None:
+                digest.update(f"  {name}:{list(tensor.shape)}\n".encode())
+    return digest.hexdigest()
+
+
+def config_hash(model: nn.Module) -> str | None:
+    """Hash of the model's config (HF ``to_dict`` or a dataclass), or None if it has none."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "to_dict"):
+        data = config.to_dict()
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        data = dataclasses.asdict(config)
+    else:
+        return None
+    data = {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fingerprint(model: nn.Module) -> str | None:
+    """Hash of names, shapes, dtypes and sampled elements; None if any tensor is on meta."""
+    digest = hashlib.sha256()
+    sampled: dict[int, bytes] = {}
+    for name, tensor in _tensors(model):
+        if tensor.is_meta:
+            return None
+        digest.update(f"{name}|{list(tensor.shape)}|{tensor.dtype}\n".encode())
+        if id(tensor) not in sampled:
+            sampled[id(tensor)] = _sample(name, tensor)
+        digest.update(sampled[id(tensor)])
+    return digest.hexdigest()
+
+
+def _sample(name: str, tensor: torch.Tensor) -> bytes:
+    """The bytes of a few elements of ``tensor`` (gathered, so strides and size do not matter)."""
+    count = tensor.numel()
+    if count == 0:
+        return b""
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    positions = sorted({0, count - 1, *((seed + i * 0x9E3779B1) % count for i in range(_SAMPLES))})
+    with torch.no_grad():
+        flat = torch.tensor(positions, device=tensor.device)
+        if tensor.dim() == 0:
+            values = tensor.reshape(1)
+        else:
+            values = tensor[torch.unravel_index(flat, tensor.shape)]
+        values = values.detach().to("cpu").contiguous()
+    return values.view(torch.uint8).numpy().tobytes()

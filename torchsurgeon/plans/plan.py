@@ -1,0 +1,202 @@
+"""``Plan``: a rewrite as data — what to change in which base, and what to hand back.
+
+A plan holds the base's identity (:class:`~torchsurgeon.plans.identity.BaseIdentity`), the
+ordered rewrite steps (:class:`~torchsurgeon.plans.spec.PlanStep`: selector expression,
+operation, layer spec) and what a run returns (:class:`~torchsurgeon.plans.returning.Returning`).
+It is an immutable value: :meth:`Plan.returning` gives a new plan.
+
+On disk and on the wire a plan is one safetensors file with the JSON manifest in its
+metadata (:mod:`torchsurgeon.plans.wire`); reading one validates every field
+(:mod:`torchsurgeon.plans.schema`) before anything is built. Make a plan with
+``ts.plan(rewritten)`` and replay it with ``ts.apply(plan, base)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchsurgeon.plans.identity import BaseIdentity
+from torchsurgeon.plans.returning import Reduction, Returning, Slice
+from torchsurgeon.plans.schema import (
+    DTYPES,
+    FORMAT,
+    SCHEMA_VERSION,
+    Manifest,
+    PlanLimits,
+    validate,
+)
+from torchsurgeon.plans.spec import LayerSpec, PlanStep
+from torchsurgeon.plans.wire import pack, unpack
+from torchsurgeon.selectors.expression import SelectorStep
+from torchsurgeon.surgery.errors import SerializationError
+
+__all__ = ["Plan"]
+
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """The rewrite steps from a base, the base's identity, and what a run returns."""
+
+    base: BaseIdentity
+    steps: tuple[PlanStep, ...] = ()
+    outputs: Returning = field(default_factory=Returning)
+
+    # ----------------------------------------------------------------- building
+
+    def returning(
+        self,
+        *names: str,
+        mean: int | Sequence[int] | None = None,
+        topk: int | None = None,
+        positions: slice | int | Slice | None = None,
+        position_dim: int = 1,
+    ) -> Plan:
+        """A plan that returns only the listed entries (with every earlier call's), reduced.
+
+        Entries are saved keys and output entries (``"output"``, ``"logits"``, ...):
+        ``plan.returning("logits", topk=5)``, ``plan.returning("block3", mean=[1])``.
+        Without any ``returning`` call a run returns everything, unreduced.
+        """
+        if not names:
+            raise TypeError("returning: name at least one entry (a saved key or 'logits', ...)")
+        reduces = mean is not None or topk is not None or positions is not None
+        reduction = (
+            Reduction.make(mean=mean, topk=topk, positions=positions, position_dim=position_dim)
+            if reduces
+            else None
+        )
+        return replace(self, outputs=self.outputs.adding(names, reduction))
+
+    # ----------------------------------------------------------------- data
+
+    def manifest(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """``(manifest JSON, tensors by reference)``: the file's two parts."""
+        tensors: dict[str, torch.Tensor] = {}
+        ref_of: dict[int, str] = {}  # one tensor used by several layers is stored once
+        steps: list[dict[str, Any]] = []
+        for step in self.steps:
+            layer = None
+            if step.layer is not None:
+                refs = {}
+                for name, tensor in sorted(step.layer.tensors.items()):  # canonical order
+                    ref = ref_of.setdefault(id(tensor), f"t{len(tensors)}")
+                    tensors[ref] = tensor
+                    refs[name] = ref
+                layer = {
+                    "type": step.layer.type_name,
+                    "config": dict(step.layer.config),
+                    "tensors": refs,
+                }
+            steps.append(
+                {
+                    "selection": [s.to_json() for s in step.selection],
+                    "operation": step.operation,
+                    "layer": layer,
+                }
+            )
+        manifest = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "base": self.base.to_json(),
+            "steps": steps,
+            "returning": self.outputs.to_json(),
+            "tensors": {
+                ref: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+                for ref, t in tensors.items()
+            },
+        }
+        return manifest, tensors
+
+    @classmethod
+    def from_manifest(
+        cls,
+        manifest: Any,
+        tensors: dict[str, torch.Tensor],
+        limits: PlanLimits | None = None,
+    ) -> Plan:
+        """A plan from a manifest and its tensors, every field validated first."""
+        checked = validate(manifest, tensors, limits or PlanLimits())
+        return cls._from_checked(checked, tensors)
+
+    @classmethod
+    def _from_checked(cls, checked: Manifest, tensors: dict[str, torch.Tensor]) -> Plan:
+        steps = tuple(
+            PlanStep(
+                selection=tuple(SelectorStep.from_json(s.model_dump()) for s in step.selection),
+                operation=step.operation,
+                layer=None
+                if step.layer is None
+                else LayerSpec(
+                    step.layer.type,
+                    dict(step.layer.config),
+                    {name: tensors[ref] for name, ref in step.layer.tensors.items()},
+                ),
+            )
+            for step in checked.steps
+        )
+        return cls(
+            BaseIdentity.from_json(checked.base.model_dump()),
+            steps,
+            Returning.from_json(checked.returning.model_dump()),
+        )
+
+    def to_bytes(self) -> bytes:
+        """The plan file's bytes (safetensors with the JSON manifest in its metadata)."""
+        manifest, tensors = self.manifest()
+        return pack(manifest, tensors)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, limits: PlanLimits | None = None) -> Plan:
+        """Read a plan file's bytes; :class:`PlanFormatError` names the first problem."""
+        limits = limits or PlanLimits()
+        manifest, tensors = unpack(data, limits)
+        return cls.from_manifest(manifest, tensors, limits)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan to ``path`` (conventionally ``*.tsplan``); returns the path."""
+        path = Path(path)
+        path.write_bytes(self.to_bytes())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, limits: PlanLimits | None = None) -> Plan:
+        """Read and validate the plan file at ``path``."""
+        return cls.from_bytes(Path(path).read_bytes(), limits)
+
+    # ----------------------------------------------------------------- comparing
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Plan):
+            return NotImplemented
+        return (
+            self.base == other.base
+            and self.outputs == other.outputs
+            and len(self.steps) == len(other.steps)
+            and all(a.same_as(b) for a, b in zip(self.steps, other.steps, strict=True))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        lines = [f"Plan(base={self.base.architecture}, {len(self.steps)} step(s)"]
+        lines += [f"  {i}: {step}" for i, step in enumerate(self.steps)]
+        if self.outputs.names is not None:
+            lines.append(f"  returning {list(self.outputs.names)}")
+        return "\n".join(lines) + ")"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        raise SerializationError(
+            f"a layer tensor has dtype {dtype}, which plans do not carry; use one of "
+            + ", ".join(DTYPES)
+        )
+    return name

@@ -1,0 +1,89 @@
+"""``apply(plan, base)``: replay a plan's steps on a base; ``execute``: apply, run, reduce.
+
+Replaying is the same thing the user did interactively: for each step, run its selector
+expression from the root of the model so far (``selectors.replay``), rebuild its layer from
+the registry, and call the Selection's rewrite method. So a replayed model is built by the
+very code that built the original, shares every parameter with ``base``, and never changes
+``base``.
+
+Before replaying, the base's identity is checked against the plan's: ``match="exact"``
+(default) wants the same architecture, structure, config and weight fingerprint;
+``match="structure"`` accepts any base with the same paths, classes and shapes (another
+fine-tune of the model, a structure-only model on the meta device).
+
+:func:`execute` is what a host does with a request, and so the exact local twin of a
+remote run: apply, ``ts.run``, then the plan's reductions.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchsurgeon.layers.results import Result, run
+from torchsurgeon.plans.errors import PlanError
+from torchsurgeon.plans.identity import BaseIdentity, Match, check_identity
+from torchsurgeon.plans.plan import Plan
+from torchsurgeon.selectors.selection import replay
+from torchsurgeon.surgery.errors import SurgeryError
+from torchsurgeon.surgery.frozen import wrap
+
+__all__ = ["apply", "execute"]
+
+
+def apply(
+    plan: Plan,
+    base: nn.Module,
+    *,
+    match: Match = "exact",
+    base_identity: BaseIdentity | None = None,
+) -> nn.Module:
+    """The model ``plan`` describes, rebuilt on ``base`` (which is left untouched).
+
+    Raises :class:`~torchsurgeon.plans.errors.IdentityMismatchError` listing what differs
+    when ``base`` is not the plan's base, and :class:`~torchsurgeon.plans.errors.PlanError`
+    naming the step when a step does not fit (a path the base lacks, ...).
+    ``base_identity`` is ``base``'s identity when the caller already computed it.
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"apply expects a Plan, got {type(plan).__name__}")
+    check_identity(plan.base, base, match, base_identity)
+    model = wrap(base)
+    for i, step in enumerate(plan.steps):
+        try:
+            selection = replay(model, step.selection)
+            if step.operation == "remove_from_parent":
+                model = selection.remove_from_parent()
+            else:
+                layer = step.layer.build()  # type: ignore[union-attr]
+                device = _device_of(selection.get_all())
+                if device is not None:
+                    layer = layer.to(device)
+                model = getattr(selection, step.operation)(layer)
+        except (SurgeryError, ValueError, TypeError, IndexError, KeyError) as error:
+            raise PlanError(f"step {i} ({step}) does not fit this base: {error}") from error
+    return model
+
+
+def _device_of(nodes: tuple[nn.Module, ...]) -> torch.device | None:
+    """Where the first selected node's first tensor lives (layers go next to their site)."""
+    for node in nodes:
+        for tensor in itertools.chain(node.parameters(), node.buffers()):
+            return tensor.device
+    return None
+
+
+def execute(
+    plan: Plan,
+    base: nn.Module,
+    *args: Any,
+    match: Match = "exact",
+    base_identity: BaseIdentity | None = None,
+    **kwargs: Any,
+) -> Result:
+    """Apply ``plan`` to ``base``, run it on the inputs, and return what the plan returns."""
+    model = apply(plan, base, match=match, base_identity=base_identity)
+    return plan.outputs.apply(run(model, *args, **kwargs))

@@ -1,0 +1,235 @@
+"""What a run hands back: which entries, and reduced how, before anything is transferred.
+
+A remote run of a 70B model can produce gigabytes (every saved activation, full-vocabulary
+logits); most experiments need a mean over positions or the top 5 logits. A plan therefore
+says what to return, and the host reduces *where it runs*, before the transfer.
+
+The entries of a run are its saved keys (``Save("block3")`` -> ``"block3"``) and its output:
+``"output"`` names the whole output, and for a dict/``ModelOutput`` each field is an entry of
+its own (``"logits"``); for a tuple output, ``"output.0"``, ``"output.1"``, ....
+
+- :class:`Reduction`: in this order, ``positions`` keeps a slice ``(start, stop, step)`` of
+  dimension ``position_dim`` (default 1, the sequence of a ``(batch, seq, ...)`` tensor);
+  ``mean`` averages over the given dimensions; ``topk`` keeps the ``k`` largest entries of
+  the last dimension, as ``torch.return_types.topk`` (``values`` and ``indices``), exactly
+  what ``tensor.topk(k)`` gives locally.
+- :class:`Returning`: ``names`` (``None``: every entry, the default) and a reduction per
+  name. :meth:`Returning.apply` turns a local :class:`~torchsurgeon.layers.results.Result`
+  into the returned one, so a remote result has an exact local twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from torchsurgeon.layers.results import Result
+from torchsurgeon.plans.errors import PlanError
+
+__all__ = ["Reduction", "Returning", "output_entries"]
+
+Slice = tuple[int | None, int | None, int | None]
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Positions slice, then mean over dims, then top-k of the last dim (each optional)."""
+
+    positions: Slice | None = None
+    position_dim: int = 1
+    mean: tuple[int, ...] | None = None
+    topk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.positions is not None:
+            step = self.positions[2]
+            if step is not None and step <= 0:
+                raise ValueError(f"Reduction.positions: step must be > 0, got {step}")
+        if self.topk is not None and (not isinstance(self.topk, int) or self.topk < 1):
+            raise ValueError(f"Reduction.topk must be an int >= 1, got {self.topk!r}")
+        if self.mean is not None and (not self.mean or not all(type(d) is int for d in self.mean)):
+            raise ValueError(f"Reduction.mean must be a non-empty list of ints, got {self.mean!r}")
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        mean: int | Sequence[int] | None = None,
+        topk: int | None = None,
+        positions: slice | int | Slice | None = None,
+        position_dim: int = 1,
+    ) -> Reduction:
+        """Build from friendly arguments (``positions`` a slice, an int or a triple)."""
+        if isinstance(positions, slice):
+            positions = (positions.start, positions.stop, positions.step)
+        elif isinstance(positions, int) and not isinstance(positions, bool):
+            positions = (positions, positions + 1 if positions != -1 else None, None)
+        elif positions is not None:
+            positions = tuple(positions)  # type: ignore[assignment]
+        means = (mean,) if isinstance(mean, int) else (tuple(mean) if mean is not None else None)
+        return cls(positions, position_dim, means, topk)  # type: ignore[arg-type]
+
+    def apply(self, tensor: torch.Tensor, name: str) -> torch.Tensor | Any:
+        """``tensor`` reduced; an error naming ``name`` and its shape when it does not fit."""
+        x = tensor
+        try:
+            if self.positions is not None:
+                dim = self.position_dim % x.dim() if x.dim() else None
+                if dim is None or not -x.dim() <= self.position_dim < x.dim():
+                    raise IndexError(f"position_dim {self.position_dim} is out of range")
+                x = x[(slice(None),) * dim + (slice(*self.positions),)]
+            if self.mean is not None:
+                x = (x if x.is_floating_point() else x.float()).mean(dim=self.mean)
+            if self.topk is not None:
+                if x.dim() == 0 or x.shape[-1] < self.topk:
+                    raise IndexError(f"the last dimension is smaller than topk={self.topk}")
+                return x.topk(self.topk)
+        except (IndexError, RuntimeError) as error:
+            raise PlanError(
+                f"returning {name!r}: cannot reduce a tensor of shape {list(tensor.shape)} with "
+                f"{self}: {error}"
+            ) from None
+        return x
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "positions": list(self.positions) if self.positions is not None else None,
+            "position_dim": self.position_dim,
+            "mean": list(self.mean) if self.mean is not None else None,
+            "topk": self.topk,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Reduction:
+        positions = data.get("positions")
+        mean = data.get("mean")
+        return cls(
+            tuple(positions) if positions is not None else None,  # type: ignore[arg-type]
+            data.get("position_dim", 1),
+            tuple(mean) if mean is not None else None,
+            data.get("topk"),
+        )
+
+
+@dataclass(frozen=True)
+class Returning:
+    """Which entries of a run come back (``None``: all), and each one's reduction."""
+
+    names: tuple[str, ...] | None = None
+    reductions: Mapping[str, Reduction] = field(default_factory=dict)
+
+    def adding(self, names: Sequence[str], reduction: Reduction | None) -> Returning:
+        """These ``names`` returned too (reduced by ``reduction``, replacing an earlier one)."""
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"returning: names are non-empty strings, got {name!r}")
+        listed = tuple(dict.fromkeys([*(self.names or ()), *names]))
+        reductions = dict(self.reductions)
+        for name in names:
+            if reduction is None:
+                reductions.pop(name, None)
+            else:
+                reductions[name] = reduction
+        return Returning(listed, reductions)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names) if self.names is not None else None,
+            "reductions": {k: r.to_json() for k, r in self.reductions.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Returning:
+        names = data.get("names")
+        reductions = data.get("reductions") or {}
+        return cls(
+            tuple(names) if names is not None else None,
+            {k: Reduction.from_json(v) for k, v in reductions.items()},
+        )
+
+    def apply(self, result: Result) -> Result:
+        """The returned part of ``result``, reduced (a new ``Result``; ``result`` is kept)."""
+        fields = output_entries(result.output)
+        saved_keys = [k for k, v in result.records.items() if v]
+        available = [*saved_keys, "output", *fields]
+        wanted = self.names
+        unknown = [n for n in (wanted or ()) if n not in available]
+        unknown += [n for n in self.reductions if n not in available]
+        if unknown:
+            raise PlanError(
+                f"returning {sorted(set(unknown))}: this run produced no such entry; it has "
+                f"saved {saved_keys or '(nothing)'} and output entries "
+                f"{['output', *fields]}"
+            )
+        collide = set(saved_keys) & {"output", *fields}
+        if collide & set(wanted or self.reductions):
+            raise PlanError(
+                f"returning {sorted(collide)}: these names are both saved keys and output "
+                "entries; rename the Save layer(s)"
+            )
+        records = {
+            key: [self._reduce(key, t) for t in values]
+            for key, values in result.records.items()
+            if values and (wanted is None or key in wanted)
+        }
+        return Result(self._output(result.output, fields, wanted), records)
+
+    def _reduce(self, name: str, value: Any) -> Any:
+        reduction = self.reductions.get(name)
+        if reduction is None:
+            return value
+        if not isinstance(value, torch.Tensor):
+            raise PlanError(
+                f"returning {name!r}: only tensors can be reduced, this is a {type(value).__name__}"
+            )
+        return reduction.apply(value, name)
+
+    def _output(self, output: Any, fields: list[str], wanted: tuple[str, ...] | None) -> Any:
+        whole = wanted is None or "output" in wanted
+        if isinstance(output, torch.Tensor):
+            return self._reduce("output", output) if whole else None
+        if "output" in self.reductions:
+            raise PlanError(
+                "returning 'output': only a tensor output can be reduced whole; "
+                f"name its entries instead: {fields}"
+            )
+        if isinstance(output, Mapping):
+            keep = [k for k in fields if whole or k in wanted]  # type: ignore[operator]
+            if not keep:
+                return None
+            values = {k: self._reduce(k, output[k]) for k in keep}
+            return _rebuild_mapping(output, values)
+        if isinstance(output, (tuple, list)):
+            items = [
+                self._reduce(f"output.{i}", v)
+                if whole or f"output.{i}" in wanted  # type: ignore[operator]
+                else None
+                for i, v in enumerate(output)
+            ]
+            if all(v is None for v in items):
+                return None
+            return type(output)(items) if type(output) in (tuple, list) else tuple(items)
+        return output if whole else None
+
+
+def output_entries(output: Any) -> list[str]:
+    """The entry names of an output besides ``"output"``: its fields or ``output.<i>``."""
+    if isinstance(output, Mapping):
+        return [str(k) for k in output if output[k] is not None]
+    if isinstance(output, (tuple, list)):
+        return [f"output.{i}" for i in range(len(output))]
+    return []
+
+
+def _rebuild_mapping(output: Mapping[str, Any], values: dict[str, Any]) -> Any:
+    """A mapping of ``output``'s kind holding only ``values`` (a ModelOutput stays one)."""
+    kind = type(output)
+    if kind is dict:
+        return values
+    try:
+        return kind(**values)
+    except TypeError:
+        return values

@@ -1,0 +1,203 @@
+"""The plan file: one safetensors file whose metadata holds the JSON manifest.
+
+A plan on disk or on the wire is exactly a safetensors file (8-byte little-endian header
+length, a JSON header, raw tensor bytes): the tensors are the layers' tensors (``t0``,
+``t1``, ...) and ``__metadata__["torchsurgeon.plan"]`` is the manifest JSON. Nothing here
+unpickles or executes anything; ``torch.load`` cannot read the file, and a pickle or a
+``torch.save`` zip handed to :func:`unpack` is named as such and refused.
+
+:func:`unpack` checks the container before any tensor is materialised — total size, header
+size and JSON nesting depth, every tensor's dtype, shape and byte range, the tensor count
+and sizes — and then lets ``safetensors`` load the bytes. The manifest's *meaning* is
+checked by :mod:`torchsurgeon.plans.schema`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from torchsurgeon.plans.errors import PlanFormatError, PlanLimitError
+from torchsurgeon.plans.schema import PlanLimits
+
+__all__ = ["METADATA_KEY", "json_depth", "pack", "unpack", "unpack_container"]
+
+METADATA_KEY = "torchsurgeon.plan"
+_SAFETENSORS_DTYPES = {
+    "F16": 2,
+    "BF16": 2,
+    "F32": 4,
+    "F64": 8,
+    "I8": 1,
+    "I16": 2,
+    "I32": 4,
+    "I64": 8,
+    "U8": 1,
+    "BOOL": 1,
+}
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def pack(
+    manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], key: str = METADATA_KEY
+) -> bytes:
+    """The file's bytes: ``tensors`` with ``manifest`` as JSON in ``metadata[key]``."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    data: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages and tensor.numel():
+            tensor = tensor.clone()  # safetensors refuses two tensors sharing memory
+        storages.add(tensor.untyped_storage().data_ptr())
+        data[name] = tensor
+    return save_safetensors(data, metadata={key: text})
+
+
+def unpack(data: bytes, limits: PlanLimits) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(manifest JSON value, tensors)`` from a plan file's bytes, container checked first."""
+    return unpack_container(data, METADATA_KEY, limits, what="plan")
+
+
+def unpack_container(
+    data: bytes, key: str, limits: PlanLimits, what: str = "plan"
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(JSON in metadata[key], tensors)`` of a safetensors file, within ``limits``.
+
+    The same checked reader serves plans and anything else torchsurgeon ships as
+    safetensors + JSON (a host's requests); ``what`` names the kind in messages.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PlanFormatError(f"expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > limits.max_plan_bytes:
+        raise PlanLimitError(
+            f"the {what} is {len(data)} bytes, over the limit of {limits.max_plan_bytes}"
+        )
+    if len(data) < 8:
+        raise PlanFormatError(f"truncated: {len(data)} bytes, too short for a {what} header")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if header_size > limits.max_manifest_bytes or 8 + header_size > len(data):
+        _refuse_other_formats(data, what)  # a nonsensical header length: say what it is
+    if header_size > limits.max_manifest_bytes:
+        raise PlanLimitError(
+            f"the header claims {header_size} bytes, over the limit of "
+            f"{limits.max_manifest_bytes} (or this is not a {what} file)"
+        )
+    if 8 + header_size > len(data):
+        raise PlanFormatError(
+            f"truncated: the header claims {header_size} bytes but the file has only "
+            f"{len(data) - 8} after the length prefix"
+        )
+    header = _parse_json(data[8 : 8 + header_size], "the safetensors header", limits.max_depth)
+    if not isinstance(header, dict):
+        raise PlanFormatError("the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(key), str):
+        raise PlanFormatError(f"no {key!r} entry in the file's metadata: not a {what}")
+    _check_entries(header, len(data) - 8 - header_size, limits)
+    manifest = _parse_json(metadata[key].encode(), f"the {what}'s JSON", limits.max_depth)
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise PlanFormatError(f"the tensor data is malformed: {error}") from None
+    return manifest, tensors
+
+
+def _refuse_other_formats(data: bytes, what: str) -> None:
+    """Name a pickle or a zip (``torch.save``) handed in as a safetensors file."""
+    is_pickle = data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    is_zip = data[:4] == b"PK\x03\x04"
+    if is_pickle or is_zip:
+        kind = "a pickle" if data[:1] == b"\x80" else "a zip archive (torch.save writes these)"
+        raise PlanFormatError(
+            f"this is {kind}, not a {what}: torchsurgeon reads safetensors + JSON only and "
+            "never unpickles anything"
+        )
+
+
+def _check_entries(header: dict[str, Any], data_size: int, limits: PlanLimits) -> None:
+    if len(header) > limits.max_tensors:
+        raise PlanLimitError(f"{len(header)} tensors, over the limit of {limits.max_tensors}")
+    total = 0
+    ranges: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        field = f"tensors.{name}"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise PlanFormatError("malformed tensor entry in the safetensors header", field)
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise PlanFormatError(
+                f"dtype {dtype!r} is not allowed; allowed: {', '.join(_SAFETENSORS_DTYPES)}", field
+            )
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 16
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise PlanFormatError(f"bad shape {shape!r}", field)
+        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[dtype]
+        if nbytes > limits.max_tensor_bytes:
+            raise PlanLimitError(
+                f"{nbytes} bytes, over the per-tensor limit of {limits.max_tensor_bytes}", field
+            )
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size
+            and offsets[1] - offsets[0] == nbytes
+        ):
+            raise PlanFormatError(
+                f"data_offsets {offsets!r} do not fit {nbytes} bytes inside the {data_size} data "
+                "bytes (truncated file?)",
+                field,
+            )
+        total += nbytes
+        ranges.append((offsets[0], offsets[1], name))
+    if total > limits.max_total_tensor_bytes:
+        raise PlanLimitError(
+            f"the tensors hold {total} bytes, over the limit of {limits.max_total_tensor_bytes}"
+        )
+    ranges.sort()
+    for (_, end, first), (start, _, second) in itertools.pairwise(ranges):
+        if start < end:
+            raise PlanFormatError(f"tensors {first!r} and {second!r} overlap in the file")
+
+
+def json_depth(text: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` in a JSON text (strings skipped), without parsing."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub(b"", text)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _parse_json(text: bytes, what: str, max_depth: int) -> Any:
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise PlanLimitError(f"{what} nests {depth} levels deep, over the limit of {max_depth}")
+
+    def refuse_constant(name: str) -> Any:
+        raise PlanFormatError(f"{what} holds the non-JSON constant {name}")
+
+    try:
+        return json.loads(text, parse_constant=refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PlanFormatError(f"{what} is not valid JSON: {error}") from None

@@ -1,0 +1,270 @@
+"""The client of a torchsurgeon host: send a plan and inputs, get a ``ts.Result`` back.
+
+    client = ts.remote.Client("http://127.0.0.1:8000", api_key=...)
+    model = client.meta("gpt2")                      # structure only, no weights
+    probe = ts.select(model).at("transformer.h.3").insert_after(ts.layers.Save("h3"))
+    result = client.run(probe, input_ids)            # or ts.run(probe, ids, backend=client)
+
+:meth:`Client.run` accepts a :class:`~torchsurgeon.plans.plan.Plan` or a rewritten model
+(planned with ``ts.plan``), blocks while showing progress (queue position, running,
+downloading; with ``rich``) and returns the same :class:`~torchsurgeon.layers.results.Result`
+class a local ``ts.run`` does, so ``ts.run(model, ids, backend=client)`` works.
+:meth:`Client.submit` returns a :class:`Job` to poll instead.
+
+Which hosted model runs a plan: ``model_name=`` if given, else the client's default
+``model=``, else the hosted model whose identity the plan's base has (fingerprint first,
+then structure).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from torchsurgeon.layers.results import Result
+from torchsurgeon.plans.plan import Plan
+from torchsurgeon.plans.record import plan as plan_of
+from torchsurgeon.plans.structure import Structure
+from torchsurgeon.remote.errors import RemoteError
+from torchsurgeon.remote.transfer import decode_result, encode_request
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = ["Client", "Job", "JobStatus"]
+
+_POLL_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job's state: ``queued`` (``position`` jobs ahead), ``running``, ``done``, ``error``."""
+
+    id: str
+    state: str
+    position: int | None = None
+    error: RemoteError | None = None
+    version: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "error")
+
+
+class Job:
+    """A submitted job: poll :meth:`status`, fetch :meth:`result` (which waits)."""
+
+    def __init__(self, client: Client, job_id: str, model_name: str) -> None:
+        self.client = client
+        self.id = job_id
+        self.model_name = model_name
+
+    def status(self, *, since: int | None = None, wait: float = 0.0) -> JobStatus:
+        """The job's status; with ``since``, wait up to ``wait`` s for it to change."""
+        params: dict[str, Any] = {}
+        if since is not None:
+            params = {"since": since, "wait": wait}
+        data = self.client._json("GET", f"/v1/jobs/{self.id}", params=params)
+        error = data.get("error")
+        return JobStatus(
+            id=self.id,
+            state=data["state"],
+            position=data.get("position"),
+            error=RemoteError(422, error["code"], error["message"], error.get("field", ""))
+            if error
+            else None,
+            version=data.get("version", 0),
+        )
+
+    def wait(self, timeout: float | None = None, on_status: Any = None) -> JobStatus:
+        """Block until the job finishes (long polling); ``on_status`` sees each change."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        status = self.status()
+        while not status.finished:
+            if on_status is not None:
+                on_status(status)
+            left = _POLL_SECONDS if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"job {self.id} is still {status.state} after {timeout} s")
+            status = self.status(since=status.version, wait=min(left, _POLL_SECONDS))
+        return status
+
+    def result(self, timeout: float | None = None, *, progress: bool = False) -> Result:
+        """The job's :class:`Result` (waiting for it); :class:`RemoteError` if it failed."""
+        with _Progress(progress, self.model_name) as shown:
+            status = self.wait(timeout, on_status=shown.update)
+            if status.error is not None:
+                raise status.error
+            shown.update(JobStatus(self.id, "downloading"))
+            response = self.client._request("GET", f"/v1/jobs/{self.id}/result")
+            return decode_result(response.content)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, model={self.model_name!r})"
+
+
+class Client:
+    """A connection to a torchsurgeon host at ``url``."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        model: str | None = None,
+        timeout: float = 60.0,
+        progress: bool = True,
+    ) -> None:
+        import httpx  # the client's one dependency beyond torchsurgeon's own
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url.rstrip("/")
+        self.model = model
+        self.progress = progress
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._metas: dict[str, nn.Module] = {}
+        self._hosted: list[dict[str, Any]] | None = None
+
+    # ----------------------------------------------------------------- the host
+
+    def models(self) -> list[dict[str, Any]]:
+        """The hosted models: name, architecture, identity, tokenizer."""
+        return list(self._json("GET", "/v1/models")["models"])
+
+    def structure(self, name: str) -> Structure:
+        """The hosted model's structure (no weights)."""
+        return Structure.from_json(self._json("GET", f"/v1/models/{name}/structure"))
+
+    def meta(self, name: str) -> nn.Module:
+        """A structure-only (meta device) copy of the hosted model, to select and plan against.
+
+        It is pinned to the hosted model's identity, so plans made from it run exactly there
+        and apply to a local copy of the same checkpoint.
+        """
+        if name not in self._metas:
+            self._metas[name] = self.structure(name).build()
+        return self._metas[name]
+
+    # ----------------------------------------------------------------- running
+
+    def submit(
+        self,
+        plan_or_model: Plan | nn.Module,
+        *inputs: Any,
+        model_name: str | None = None,
+        **kwargs: Any,
+    ) -> Job:
+        """Send a plan (or a rewritten model, planned here) and inputs; returns the :class:`Job`.
+
+        ``inputs`` are tensors (token ids), or one text / list of texts for a model with a
+        tokenizer; ``kwargs`` are keyword arguments of the model call (tensors or scalars).
+        """
+        plan = plan_or_model if isinstance(plan_or_model, Plan) else plan_of(plan_or_model)
+        name = model_name or self.model or self._model_for(plan)
+        body = encode_request(plan.to_bytes(), inputs, kwargs)
+        data = self._json(
+            "POST",
+            f"/v1/models/{name}/jobs",
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return Job(self, data["id"], name)
+
+    def run(
+        self,
+        plan_or_model: Plan | nn.Module,
+        *inputs: Any,
+        model_name: str | None = None,
+        progress: bool | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Result:
+        """Run remotely and wait: the :class:`Result`, as a local ``ts.run`` would give."""
+        job = self.submit(plan_or_model, *inputs, model_name=model_name, **kwargs)
+        return job.result(timeout, progress=self.progress if progress is None else progress)
+
+    def _model_for(self, plan: Plan) -> str:
+        """The hosted model whose identity the plan's base has (the list is fetched once)."""
+        for refresh in (False, True):
+            if self._hosted is None or refresh:
+                self._hosted = self.models()
+            hosted = self._hosted
+            for key in ("fingerprint", "structure_hash"):
+                wanted = getattr(plan.base, key)
+                found = [m["name"] for m in hosted if wanted and m["identity"].get(key) == wanted]
+                if found:
+                    return found[0]
+        names = ", ".join(m["name"] for m in hosted)
+        raise RemoteError(
+            404,
+            "not_found",
+            f"no hosted model has this plan's base ({plan.base.architecture}); hosted: {names}. "
+            "Pass model_name=...",
+        )
+
+    # ----------------------------------------------------------------- http
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                error = {"code": "http_error", "message": response.text[:500], "field": ""}
+            raise RemoteError(
+                response.status_code, error["code"], error["message"], error.get("field", "")
+            )
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return self._request(method, path, **kwargs).json()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r})"
+
+
+class _Progress:
+    """A one-line rich status on stderr: queued (position), running, downloading."""
+
+    def __init__(self, enabled: bool, model: str) -> None:
+        self._status: Any = None
+        self._model = model
+        if enabled:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(f"{model}: submitted")
+
+    def update(self, status: JobStatus) -> None:
+        if self._status is None:
+            return
+        text = status.state
+        if status.state == "queued" and status.position is not None:
+            text = f"queued (position {status.position})"
+        self._status.update(f"{self._model}: {text}")
+
+    def __enter__(self) -> _Progress:
+        if self._status is not None:
+            self._status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.stop()

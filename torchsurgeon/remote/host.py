@@ -1,0 +1,147 @@
+"""The host's state and operations, apart from HTTP: models, keys, the queue, submissions.
+
+:class:`Host` is what the web app (:mod:`torchsurgeon.remote.app`) calls into. It loads
+each model once, knows the API keys (stored as SHA-256 digests; a job belongs to the key
+that submitted it), and turns a submission into a queued job only after it passed every
+check that can be made up front — container and plan validation, identity, replaying the
+plan onto the base (cheap: copy-on-write), the save count — so a bad request is refused
+with a 4xx at once and never occupies a worker.
+
+Jobs run in worker threads in this process, or, with ``ray_replicas``, in Ray actors
+(:mod:`torchsurgeon.remote.ray_pool`) while this process validates against a
+structure-only stand-in and holds no weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from torchsurgeon.plans.errors import PlanFormatError, PlanLimitError
+from torchsurgeon.plans.plan import Plan
+from torchsurgeon.remote.errors import ApiError
+from torchsurgeon.remote.execution import run_request
+from torchsurgeon.remote.hosted import HostedModel
+from torchsurgeon.remote.jobs import JobQueue, JobRecord
+from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.transfer import decode_request
+
+__all__ = ["ANONYMOUS", "Host"]
+
+ANONYMOUS = "anonymous"
+
+
+class Host:
+    """Served models, API keys, limits and the job queue of one host."""
+
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module | str | Path],
+        *,
+        api_keys: Iterable[str] | None = None,
+        limits: Limits | None = None,
+        workers: int = 2,
+        ray_replicas: int | None = None,
+        ray_threads: int | None = None,
+    ) -> None:
+        if not models:
+            raise ValueError("a host needs at least one model")
+        self.limits = limits or Limits()
+        self._keys = None if api_keys is None else {_digest(k): _digest(k)[:16] for k in api_keys}
+        if self._keys is not None and not self._keys:
+            raise ValueError("api_keys is empty: pass None to serve without keys")
+        self.pool: Any = None
+        if ray_replicas is not None:
+            from torchsurgeon.remote.ray_pool import RayPool
+
+            sources = {}
+            for name, source in models.items():
+                if isinstance(source, nn.Module):
+                    raise TypeError(
+                        f"model {name!r}: with Ray, models are checkpoint paths (each replica "
+                        "loads its own copy), not in-memory modules"
+                    )
+                sources[name] = str(source)
+            self.pool = RayPool(sources, ray_replicas, self.limits, ray_threads)
+            self.models = self.pool.hosted(sources)
+        else:
+            self.models = {name: HostedModel.load(name, src) for name, src in models.items()}
+        self.queue = JobQueue(
+            workers, self.limits.max_queue_per_key, self.limits.result_ttl_seconds
+        )
+
+    def start(self) -> None:
+        self.queue.start()
+
+    def stop(self) -> None:
+        self.queue.stop()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    # ----------------------------------------------------------------- lookups
+
+    def owner(self, key: str | None) -> str:
+        """Who is asking: the key's owner id; 401 when keys are required and this is not one."""
+        if self._keys is None:
+            return ANONYMOUS
+        owner = self._keys.get(_digest(key)) if key else None
+        if owner is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "a valid API key is required (header 'Authorization: Bearer <key>')"
+                if not key
+                else "this API key is not valid here",
+            )
+        return owner
+
+    def model(self, name: str) -> HostedModel:
+        found = self.models.get(name)
+        if found is None:
+            raise ApiError(
+                404,
+                "not_found",
+                f"no model {name!r}; serving: {', '.join(sorted(self.models))}",
+                "model",
+            )
+        return found
+
+    # ----------------------------------------------------------------- submissions
+
+    def submit(self, owner: str, name: str, body: bytes) -> JobRecord:
+        """Check a submission completely, then queue it; :class:`ApiError` if refused."""
+        hosted = self.model(name)
+        plan_bytes, inputs = decode_request(body, self.limits)
+        try:
+            plan = Plan.from_bytes(plan_bytes, self.limits.plan_limits())
+        except PlanLimitError as error:
+            raise ApiError(422, "limit_exceeded", error.reason, error.field) from None
+        except PlanFormatError as error:
+            raise ApiError(422, "invalid_plan", error.reason, error.field) from None
+        view = hosted.prepare(plan, self.limits)
+        if inputs.text is not None and not hosted.takes_text:
+            raise ApiError(422, "no_tokenizer", f"model {name!r} has no tokenizer", "text")
+        if self.pool is not None:
+            pool = self.pool
+
+            def work() -> bytes:
+                return pool.run(name, body)
+        else:
+            limits = self.limits
+
+            def work() -> bytes:
+                return run_request(hosted, plan, view, inputs, limits)
+
+        self.queue.start()
+        return self.queue.submit(owner, name, work)
+
+    def models_json(self) -> list[dict[str, Any]]:
+        return [m.describe() for m in self.models.values()]
+
+
+def _digest(key: str | None) -> str:
+    return hashlib.sha256((key or "").encode()).hexdigest()

@@ -1,0 +1,126 @@
+"""``torchsurgeon serve``: run a host from the command line.
+
+    torchsurgeon serve --model gpt2=/ckpt/gpt2 --model llama=/ckpt/llama \\
+        --host 127.0.0.1 --port 8000 --api-keys keys.txt [--ray --replicas 2]
+
+``--model NAME=PATH`` (repeatable) names a local checkpoint directory; ``--api-keys`` is a
+file with one key per line (blank lines and ``#`` comments ignored); ``--ray --replicas N``
+runs N model replicas as Ray actors on a local Ray cluster. The parser is added to the
+``torchsurgeon`` command by :func:`add_serve_parser`; :func:`serve_main` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_serve_parser", "read_api_keys", "serve_main"]
+
+DESCRIPTION = """Serve models to remote plans over HTTP.
+
+  torchsurgeon serve --model gpt2=/ckpt/gpt2 --model llama=/ckpt/llama \\
+      --host 127.0.0.1 --port 8000 --api-keys keys.txt [--ray --replicas 2]
+
+Each --model NAME=PATH names a local checkpoint directory. --api-keys is a file with one
+key per line (blank lines and # comments ignored); clients send it as
+'Authorization: Bearer KEY'. --ray --replicas N runs N model replicas as Ray actors on a
+local Ray cluster."""
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` command to an ``argparse`` subparsers object (sets ``handler``)."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve models to remote plans over HTTP",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a model to serve: its name and local checkpoint directory (repeatable)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--api-keys", type=Path, help="file of API keys, one per line")
+    parser.add_argument("--workers", type=int, default=2, help="job worker threads (default 2)")
+    parser.add_argument("--ray", action="store_true", help="run model replicas as Ray actors")
+    parser.add_argument("--replicas", type=int, default=1, help="Ray replicas (with --ray)")
+    parser.add_argument(
+        "--threads-per-replica",
+        type=int,
+        default=None,
+        help="torch threads in each Ray replica (default: this machine's, shared out)",
+    )
+    parser.add_argument(
+        "--max-run-seconds", type=float, default=None, help="run-time limit per job"
+    )
+    parser.set_defaults(handler=serve_main)
+    return parser
+
+
+def parse_models(specs: list[str]) -> dict[str, Path]:
+    """``["gpt2=/ckpt"]`` -> ``{"gpt2": Path("/ckpt")}``, checking each directory exists."""
+    models: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--model {spec!r}: expected NAME=PATH")
+        if name in models:
+            raise ValueError(f"--model {name!r} is given twice")
+        directory = Path(path).expanduser()
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"--model {name}: {directory} has no config.json")
+        models[name] = directory
+    return models
+
+
+def read_api_keys(path: Path) -> list[str]:
+    """The keys in ``path``: one per line, blank lines and ``#`` comments ignored."""
+    keys = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    keys = [k for k in keys if k]
+    if not keys:
+        raise ValueError(f"--api-keys {path}: no keys in the file")
+    return keys
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """Run the host until interrupted; returns the exit status."""
+    import dataclasses
+
+    import uvicorn
+
+    from torchsurgeon.remote.app import create_app
+    from torchsurgeon.remote.limits import Limits
+
+    if args.replicas < 1:
+        raise ValueError("--replicas must be at least 1")
+    limits = Limits()
+    if args.max_run_seconds is not None:
+        limits = dataclasses.replace(limits, max_run_seconds=args.max_run_seconds)
+    app = create_app(
+        parse_models(args.model),
+        api_keys=read_api_keys(args.api_keys) if args.api_keys else None,
+        limits=limits,
+        workers=max(args.workers, 2 * args.replicas if args.ray else 1),
+        ray_replicas=args.replicas if args.ray else None,
+        ray_threads=args.threads_per_replica,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m torchsurgeon.remote.serve ...``: the same command without ``torchsurgeon``."""
+    parser = argparse.ArgumentParser(prog="torchsurgeon")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
