@@ -1,0 +1,90 @@
+"""The logit lens: what would the model predict if it stopped after block ``l``?
+
+The residual stream after each block is decoded as if it were the last one: through the
+model's own final norm and unembedding (nostalgebraist, 2020). Early layers often already
+rank the eventual answer high; the lens shows at which depth a prediction forms.
+
+As a rewrite it is one ``Save`` after every block, one forward pass, and the final norm and
+unembedding modules of the same model applied to what was saved. The last layer's row is the
+model's own output distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchsurgeon.layers.record import Save
+from torchsurgeon.layers.results import run
+from torchsurgeon.methods.batching import rewrite_at
+from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
+from torchsurgeon.methods.patching import pick_layers
+from torchsurgeon.methods.tokens import Decoder, as_batch, position_labels, token_label
+from torchsurgeon.surgery.frozen import wrap
+from torchsurgeon.surgery.paths import get_at
+
+__all__ = ["LogitLens", "logit_lens"]
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """The lens of one prompt.
+
+    ``log_probs`` is ``[layer, pos, vocab]``; ``top_ids`` / ``top_log_probs`` are the
+    ``k`` best tokens at each layer and position (``[layer, pos, k]``), and ``top_labels``
+    their text (``top_labels[layer][pos][rank]``).
+    """
+
+    log_probs: torch.Tensor
+    top_ids: torch.Tensor
+    top_log_probs: torch.Tensor
+    top_labels: tuple[tuple[tuple[str, ...], ...], ...]
+    layer_labels: tuple[str, ...]
+    position_labels: tuple[str, ...]
+
+    def rank_of(self, token: int) -> torch.Tensor:
+        """``[layer, pos]``: the rank of ``token`` (0 = top) in each decoded distribution."""
+        own = self.log_probs[..., token : token + 1]
+        return (self.log_probs > own).sum(-1)
+
+
+def logit_lens(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    layers: Sequence[int] | None = None,
+    top_k: int = 5,
+    layout: ModelLayout | None = None,
+    decoder: Decoder = None,
+) -> LogitLens:
+    """Decode the residual stream after each block (or ``layers``) of one prompt."""
+    model = wrap(model)
+    layout = layout_of(model, layout)
+    ids = as_batch(input_ids)
+    if ids.shape[0] != 1:
+        raise ValueError(f"logit_lens reads one prompt, got a batch of {ids.shape[0]}")
+    picked = pick_layers(layers, n_layers(model, layout))
+    probe = model
+    for layer in picked:
+        probe = rewrite_at(probe, layout.block(layer), "insert_after", Save(f"resid{layer}"))
+    final_norm, unembed = get_at(model, layout.final_norm), get_at(model, layout.unembed)
+    with torch.no_grad():
+        saved = run(probe, ids).records
+        resid = torch.stack([saved[f"resid{layer}"][0][0] for layer in picked])
+        log_probs = torch.log_softmax(unembed(final_norm(resid)).float(), dim=-1)
+    top = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+    labels = tuple(
+        tuple(tuple(token_label(decoder, t) for t in row) for row in layer)
+        for layer in top.indices.tolist()
+    )
+    return LogitLens(
+        log_probs=log_probs,
+        top_ids=top.indices,
+        top_log_probs=top.values,
+        top_labels=labels,
+        layer_labels=tuple(f"L{layer}" for layer in picked),
+        position_labels=position_labels(ids[0], decoder),
+    )

@@ -1,0 +1,69 @@
+"""Metrics: what a patching experiment measures on the model's logits.
+
+A metric is any callable ``logits -> tensor`` that takes the logits of one group of rows
+(``[n, pos, vocab]`` — the clean prompts, or the corrupted prompts with one site patched)
+and returns one number per row (``[n]``) or one number. The methods average it over the
+rows. The two most used are here as small frozen dataclasses (so they print clearly and
+compare equal): :class:`LogitDiff` — the logit of the right answer minus that of the wrong
+one, at the last position — and :class:`AnswerProbability`, what causal tracing measures.
+Answers may be one token for every row or one per row (a batch of prompt pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AnswerProbability", "LogitDiff", "Metric", "mean_metric"]
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
+Answers = int | Sequence[int] | torch.Tensor
+
+
+def _gather(logits: torch.Tensor, position: int, answers: Answers) -> torch.Tensor:
+    """``logits[row, position, answers[row]]`` for every row (``answers`` broadcast)."""
+    last = logits[:, position, :]
+    index = torch.as_tensor(answers, device=logits.device).reshape(-1)
+    if index.numel() == 1:
+        index = index.expand(last.shape[0])
+    if index.numel() != last.shape[0]:
+        raise ValueError(
+            f"{index.numel()} answer tokens for {last.shape[0]} rows; give one answer, or one "
+            "per prompt"
+        )
+    return last.gather(-1, index[:, None].long())[:, 0]
+
+
+@dataclass(frozen=True)
+class LogitDiff:
+    """``logit[correct] - logit[wrong]`` at ``position`` (default: the last), per row."""
+
+    correct: Answers
+    wrong: Answers
+    position: int = -1
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        right = _gather(logits, self.position, self.correct)
+        return right - _gather(logits, self.position, self.wrong)
+
+
+@dataclass(frozen=True)
+class AnswerProbability:
+    """The probability of ``answer`` at ``position`` (default: the last), per row."""
+
+    answer: Answers
+    position: int = -1
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits[:, self.position, :].float(), dim=-1)[:, None, :]
+        return _gather(probs, 0, self.answer)
+
+
+def mean_metric(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
+    """The metric of a group of rows as one number (the mean over rows)."""
+    value = metric(logits)
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(value, dtype=logits.dtype)
+    return value.float().mean()

@@ -1,0 +1,157 @@
+"""Activation patching: which activations carry the difference between two prompts?
+
+Run a *clean* prompt (the model gets it right) and a *corrupted* one (a minimal change that
+flips the answer). For each site — the residual stream after block ``l`` at position ``p``,
+or head ``h`` of block ``l`` — run the corrupted prompt again with the clean activation
+copied in at that site, and measure a metric (typically the logit difference between the
+right and the wrong answer). A site whose patch moves the metric back toward the clean value
+carries information the model uses.
+
+Written as a rewrite, every patched run of the sweep goes into one batch (see
+:mod:`torchsurgeon.methods.batching`): one ``Patch(source_rows=clean rows, target_rows=that
+site's rows, index=position or head slice)`` per site, and one forward pass (or a few, with
+``max_rows``) instead of one per site. Heads are patched at the input of the attention
+output projection, head ``h`` being the slice ``h * d_head : (h + 1) * d_head`` of its last
+dimension, at every position.
+
+    grid = activation_patching(model, clean, corrupted, LogitDiff(correct=7, wrong=9))
+    plots.heatmap(grid)
+
+``clean`` and ``corrupted`` are ``[pos]`` prompts or ``[n, pos]`` batches of pairs of equal
+length (no padding); the metric is averaged over the pairs. The result's values are
+``metric(patched) - metric(corrupted)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from torchsurgeon.layers.index import idx
+from torchsurgeon.layers.patch import Patch
+from torchsurgeon.methods.batching import Edit, run_variants
+from torchsurgeon.methods.grid import EffectGrid
+from torchsurgeon.methods.layout import ModelLayout, d_head, layout_of, n_layers
+from torchsurgeon.methods.metrics import Metric
+from torchsurgeon.methods.tokens import Decoder, as_batch, position_labels
+from torchsurgeon.surgery.frozen import wrap
+
+__all__ = ["activation_patching", "pick_layers", "pick_positions"]
+
+MEASURE = "metric(patched) - metric(corrupted)"
+
+
+def pick_layers(layers: Sequence[int] | None, total: int) -> list[int]:
+    """``layers`` checked against ``total`` (all of them when None; negative from the end)."""
+    if layers is None:
+        return list(range(total))
+    picked = []
+    for layer in layers:
+        if not -total <= layer < total:
+            raise IndexError(f"layer {layer} is out of range for a model of {total} blocks")
+        picked.append(layer % total)
+    return picked
+
+
+def pick_positions(positions: Sequence[int] | None, length: int) -> list[int]:
+    """``positions`` checked against ``length`` (all of them when None; negative from the end)."""
+    if positions is None:
+        return list(range(length))
+    picked = []
+    for position in positions:
+        if not -length <= position < length:
+            raise IndexError(f"position {position} is out of range for prompts of length {length}")
+        picked.append(position % length)
+    return picked
+
+
+def pair(clean: torch.Tensor, corrupted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both prompts as ``[n, pos]`` batches, checked to pair up."""
+    clean, corrupted = as_batch(clean, "clean"), as_batch(corrupted, "corrupted")
+    if clean.shape != corrupted.shape:
+        raise ValueError(
+            f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts must "
+            "have the same shape: one corrupted prompt per clean prompt, of the same length"
+        )
+    return clean, corrupted
+
+
+def activation_patching(
+    model: nn.Module,
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    metric: Metric,
+    *,
+    over: Literal["resid", "heads"] = "resid",
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    max_rows: int | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
+    layout: ModelLayout | None = None,
+    decoder: Decoder = None,
+) -> EffectGrid:
+    """Patch clean -> corrupted at every site, all in one batch; an :class:`EffectGrid`.
+
+    ``over="resid"``: the residual stream after each block (layer x position; ``positions``
+    restricts the columns). ``over="heads"``: each head's output at every position (layer x
+    head). ``max_rows`` bounds the rows of one forward pass. ``forward_kwargs`` go to every
+    forward call — ``{"logits_to_keep": 1}`` saves the unembedding of every position but the
+    last when the metric reads only the last one. ``decoder`` labels positions.
+    """
+    model = wrap(model)
+    layout = layout_of(model, layout)
+    clean, corrupted = pair(clean, corrupted)
+    n = clean.shape[0]
+    rows_of = pick_layers(layers, n_layers(model, layout))
+    sources = list(range(n))
+    if over == "resid":
+        cols = pick_positions(positions, clean.shape[1])
+        col_labels = tuple(position_labels(clean[0], decoder)[p] for p in cols)
+        col_name = "position"
+
+        def edits(k: int, rows: range) -> Sequence[Edit]:
+            layer, position = rows_of[k // len(cols)], cols[k % len(cols)]
+            patch = Patch(sources, list(rows), index=idx[position])
+            return [(layout.block(layer), "insert_after", patch)]
+
+    elif over == "heads":
+        if positions is not None:
+            raise ValueError("over='heads' patches every position; leave positions=None")
+        width = d_head(model, layout)
+        cols = list(range(layout.n_heads or 0))
+        col_labels = tuple(f"H{h}" for h in cols)
+        col_name = "head"
+
+        def edits(k: int, rows: range) -> Sequence[Edit]:
+            layer, head = rows_of[k // len(cols)], cols[k % len(cols)]
+            part = idx[:, head * width : (head + 1) * width]
+            patch = Patch(sources, list(rows), index=part)
+            return [(layout.in_block(layer, "attn_out"), "insert_before", patch)]
+
+    else:
+        raise ValueError(f"over must be 'resid' or 'heads', got {over!r}")
+
+    (clean_value, corrupted_value), patched = run_variants(
+        model,
+        [clean, corrupted],
+        corrupted,
+        len(rows_of) * len(cols),
+        edits,
+        metric,
+        max_rows=max_rows,
+        forward_kwargs=forward_kwargs,
+    )
+    return EffectGrid(
+        values=(patched - corrupted_value).reshape(len(rows_of), len(cols)),
+        row_labels=tuple(f"L{layer}" for layer in rows_of),
+        col_labels=col_labels,
+        row_name="layer",
+        col_name=col_name,
+        title=f"activation patching ({'residual stream' if over == 'resid' else 'heads'})",
+        measure=MEASURE,
+        clean_metric=clean_value,
+        corrupted_metric=corrupted_value,
+    )

@@ -1,0 +1,212 @@
+"""Linear probes: at which layer is a property linearly readable from the residual stream?
+
+A probe is a logistic-regression classifier trained on a layer's activations to predict a
+label (the part of speech of the token, whether a sequence repeats, a token's identity...).
+High held-out accuracy at layer ``l`` says the information is there, linearly, after block
+``l`` — not that the model uses it (for that, intervene: patch, ablate, steer).
+
+:func:`train_probe` saves the residual stream after every block (``Save`` layers, one
+forward pass per ``batch_size`` prompts) and fits one probe per layer with
+:func:`fit_probe`: features standardised with the training split's mean and deviation,
+weights trained full-batch with Adam and a little weight decay, a seeded train/test split
+shared by every layer. Labels are one per prompt (read at ``position``) or one per token
+(``position=None``, labels ``[batch, pos]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchsurgeon.layers.record import Save
+from torchsurgeon.layers.results import run
+from torchsurgeon.methods.batching import rewrite_at
+from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
+from torchsurgeon.methods.patching import pick_layers
+from torchsurgeon.methods.tokens import as_batch
+from torchsurgeon.surgery.frozen import wrap
+
+__all__ = ["Probe", "ProbeResult", "fit_probe", "residual_features", "train_probe"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One fitted probe: ``logits = ((x - mean) / std) @ weight.T + bias``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    train_accuracy: float
+    test_accuracy: float
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """The predicted class of each row of ``features``."""
+        standard = (features.float() - self.mean) / self.std
+        return (standard @ self.weight.T + self.bias).argmax(-1)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One probe per layer: held-out accuracy ``[layer]`` and the probes themselves."""
+
+    accuracy: torch.Tensor
+    train_accuracy: torch.Tensor
+    chance: float
+    probes: tuple[Probe, ...]
+    layer_labels: tuple[str, ...]
+    n_train: int
+    n_test: int
+
+
+def _split(count: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, round(count * test_fraction))
+    if n_test >= count:
+        raise ValueError(f"{count} examples are too few to hold out {test_fraction:.0%} of them")
+    return order[n_test:], order[:n_test]
+
+
+def fit_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    test_fraction: float = 0.25,
+    steps: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+) -> Probe:
+    """Fit a logistic-regression probe on ``features [n, d]`` for ``labels [n]``."""
+    x, y = features.detach().float(), torch.as_tensor(labels).long().reshape(-1)
+    if x.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"features {tuple(x.shape)} and labels {tuple(y.shape)} must be [n, d] and [n]"
+        )
+    if bool((y < 0).any()):
+        raise ValueError("labels must be class indices >= 0")
+    train, test = _split(x.shape[0], test_fraction, seed)
+    mean = x[train].mean(0)
+    std = x[train].std(0).clamp_min(1e-6)
+    standard = (x - mean) / std
+    classes = int(y.max()) + 1
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(classes, x.shape[1], generator=generator) * 0.01).requires_grad_()
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            logits = standard[train] @ weight.T + bias
+            loss = torch.nn.functional.cross_entropy(logits, y[train])
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        predicted = (standard @ weight.T + bias).argmax(-1)
+        correct = (predicted == y).float()
+    return Probe(
+        weight.detach(),
+        bias.detach(),
+        mean,
+        std,
+        float(correct[train].mean()),
+        float(correct[test].mean()),
+    )
+
+
+def residual_features(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    layers: Sequence[int] | None = None,
+    position: int | None = -1,
+    batch_size: int | None = None,
+    layout: ModelLayout | None = None,
+) -> torch.Tensor:
+    """The residual stream after each block: ``[layer, example, d_model]``.
+
+    Examples are the prompts (read at ``position``) or, with ``position=None``, every token.
+    """
+    model = wrap(model)
+    layout = layout_of(model, layout)
+    ids = as_batch(input_ids)
+    picked = pick_layers(layers, n_layers(model, layout))
+    probe = model
+    for layer in picked:
+        probe = rewrite_at(probe, layout.block(layer), "insert_after", Save(f"resid{layer}"))
+    step = batch_size or ids.shape[0]
+    chunks: list[torch.Tensor] = []
+    for start in range(0, ids.shape[0], step):
+        with torch.no_grad():
+            saved = run(probe, ids[start : start + step]).records
+        resid = torch.stack([saved[f"resid{layer}"][0] for layer in picked]).float()
+        if position is None:
+            chunks.append(resid.reshape(len(picked), -1, resid.shape[-1]))
+        else:
+            chunks.append(resid[:, :, position])
+    return torch.cat(chunks, dim=1)
+
+
+def train_probe(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    layers: Sequence[int] | None = None,
+    position: int | None = -1,
+    test_fraction: float = 0.25,
+    steps: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+    batch_size: int | None = None,
+    layout: ModelLayout | None = None,
+) -> ProbeResult:
+    """Train a linear probe on each layer's residual stream; held-out accuracy per layer.
+
+    ``labels`` is ``[batch]`` (read at ``position``) or ``[batch, pos]`` with
+    ``position=None`` (one example per token).
+    """
+    model = wrap(model)
+    layout = layout_of(model, layout)
+    ids = as_batch(input_ids)
+    labels = torch.as_tensor(labels).long()
+    expected = tuple(ids.shape) if position is None else (ids.shape[0],)
+    if tuple(labels.shape) != expected:
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)}; with position={position!r} and "
+            f"input_ids {tuple(ids.shape)} they must be {expected}"
+        )
+    picked = pick_layers(layers, n_layers(model, layout))
+    features = residual_features(
+        model, ids, layers=picked, position=position, batch_size=batch_size, layout=layout
+    )
+    flat = labels.reshape(-1)
+    probes = tuple(
+        fit_probe(
+            layer_features,
+            flat,
+            test_fraction=test_fraction,
+            steps=steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+        )
+        for layer_features in features
+    )
+    _, test = _split(flat.shape[0], test_fraction, seed)
+    chance = float(torch.bincount(flat[test]).max()) / len(test)
+    return ProbeResult(
+        accuracy=torch.tensor([p.test_accuracy for p in probes]),
+        train_accuracy=torch.tensor([p.train_accuracy for p in probes]),
+        chance=chance,
+        probes=probes,
+        layer_labels=tuple(f"L{layer}" for layer in picked),
+        n_train=flat.shape[0] - len(test),
+        n_test=len(test),
+    )

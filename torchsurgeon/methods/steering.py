@@ -1,0 +1,211 @@
+"""Steering: add a vector to the residual stream while the model generates.
+
+A steering vector (for instance the difference of the mean residual stream on two contrasting
+prompts, :func:`steering_vector`) added after chosen blocks pushes generation toward one
+side. As a rewrite it is one ``Add(vector, scale)`` after each chosen block;
+:func:`steering_model` returns that model, and ``model.generate`` on it steers every step.
+
+Often the vector should reach only some positions: only the prompt, only the tokens being
+generated, or a few prompt positions. During ``generate`` the first forward pass reads the
+whole prompt and every later pass reads one new token (the rest is in the KV cache), so
+:func:`steer` runs the prompt pass with one model and the later steps with another, both
+ordinary rewrites of the same base:
+
+==================  ======================================  ==========================
+``positions``       prompt pass                             each later step
+==================  ======================================  ==========================
+``"all"``           ``Add`` at every position               ``Add`` (the new token)
+``"prompt"``        ``Add`` at every position               nothing
+``"generated"``     nothing                                 ``Add`` (the new token)
+``[p, ...]``        ``Add(index=ts.idx[:, [p, ...]])``      nothing
+==================  ======================================  ==========================
+
+The switch is two ``generate`` calls: the first makes one token and returns its KV cache, the
+second continues from that cache (``past_key_values=``), so nothing is recomputed. Greedy and
+sampled decoding, logits processors and stopping work as in one call; a row whose first new
+token is an end-of-sequence token is padded from there, as ``generate`` would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from torchsurgeon.layers.edit import Add
+from torchsurgeon.layers.index import Index, idx
+from torchsurgeon.layers.record import Save
+from torchsurgeon.layers.results import run
+from torchsurgeon.methods.batching import rewrite_at
+from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
+from torchsurgeon.methods.patching import pick_layers, pick_positions
+from torchsurgeon.methods.tokens import Decoder, as_batch, token_label
+from torchsurgeon.surgery.frozen import wrap
+
+__all__ = ["Steering", "steer", "steering_model", "steering_vector"]
+
+Positions = Literal["all", "prompt", "generated"] | Sequence[int]
+_MANAGED = ("return_dict_in_generate", "past_key_values", "max_new_tokens", "output_scores")
+
+
+@dataclass(frozen=True)
+class Steering:
+    """Steered generation: the full sequences and what was steered.
+
+    ``sequences`` is ``[batch, prompt + new]``; ``new_labels`` the generated tokens' text
+    per row (ids when there was no decoder).
+    """
+
+    sequences: torch.Tensor
+    prompt_length: int
+    layers: tuple[int, ...]
+    scale: float
+    positions: str | tuple[int, ...]
+    new_labels: tuple[tuple[str, ...], ...]
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        """The generated tokens, ``[batch, new]``."""
+        return self.sequences[:, self.prompt_length :]
+
+
+def steering_model(
+    model: nn.Module,
+    vector: torch.Tensor,
+    *,
+    layers: Sequence[int],
+    scale: float = 1.0,
+    index: Index | None = None,
+    layout: ModelLayout | None = None,
+) -> nn.Module:
+    """A new model adding ``scale * vector`` to the output of each block in ``layers``.
+
+    ``index`` (over ``[batch, pos, ...]``) restricts the addition, e.g. ``ts.idx[:, [2, 3]]``.
+    """
+    model = wrap(model)
+    layout = layout_of(model, layout)
+    for layer in pick_layers(layers, n_layers(model, layout)):
+        model = rewrite_at(
+            model, layout.block(layer), "insert_after", Add(vector, scale, index=index)
+        )
+    return model
+
+
+def steering_vector(
+    model: nn.Module,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    *,
+    layer: int,
+    position: int = -1,
+    layout: ModelLayout | None = None,
+) -> torch.Tensor:
+    """Mean residual stream after block ``layer`` at ``position`` on ``positive`` minus
+    the same on ``negative`` (each ``[pos]`` or ``[batch, pos]``)."""
+    model = wrap(model)
+    layout = layout_of(model, layout)
+    layer = pick_layers([layer], n_layers(model, layout))[0]
+    probe = rewrite_at(model, layout.block(layer), "insert_after", Save("resid"))
+    means = []
+    for ids in (positive, negative):
+        with torch.no_grad():
+            resid = run(probe, as_batch(ids)).records["resid"][0]
+        means.append(resid[:, position].float().mean(0))
+    return means[0] - means[1]
+
+
+def steer(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    vector: torch.Tensor,
+    *,
+    layers: Sequence[int],
+    scale: float = 1.0,
+    positions: Positions = "all",
+    max_new_tokens: int = 20,
+    layout: ModelLayout | None = None,
+    decoder: Decoder = None,
+    **generate_kwargs: Any,
+) -> Steering:
+    """Generate from ``input_ids`` with ``scale * vector`` added after ``layers``.
+
+    ``positions`` picks where (see the module docstring). Other keyword arguments go to
+    ``generate`` (``do_sample``, ``attention_mask``, ``pad_token_id``, ...).
+    """
+    model = wrap(model)
+    layout = layout_of(model, layout)
+    ids = as_batch(input_ids)
+    managed = sorted(set(generate_kwargs) & set(_MANAGED))
+    if managed:
+        raise TypeError(f"steer manages {', '.join(managed)} itself; do not pass it")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    picked = tuple(pick_layers(layers, n_layers(model, layout)))
+    if isinstance(positions, str):
+        if positions not in ("all", "prompt", "generated"):
+            raise ValueError(
+                f"positions must be 'all', 'prompt', 'generated' or a list of prompt "
+                f"positions, got {positions!r}"
+            )
+        shown: str | tuple[int, ...] = positions
+        prompt_index = None
+    else:
+        shown = tuple(pick_positions(list(positions), ids.shape[1]))
+        prompt_index = idx[:, list(shown)]
+    steered = steering_model(model, vector, layers=picked, scale=scale, layout=layout)
+    if shown == "all":
+        sequences = steered.generate(ids, max_new_tokens=max_new_tokens, **generate_kwargs)
+    else:
+        if shown == "generated":
+            prompt_model, step_model = model, steered
+        elif shown == "prompt":
+            prompt_model, step_model = steered, model
+        else:
+            prompt_model = steering_model(
+                model, vector, layers=picked, scale=scale, index=prompt_index, layout=layout
+            )
+            step_model = model
+        sequences = _generate_in_two(
+            prompt_model, step_model, ids, max_new_tokens, dict(generate_kwargs)
+        )
+    new = sequences[:, ids.shape[1] :].tolist()
+    labels = tuple(tuple(token_label(decoder, t) for t in row) for row in new)
+    return Steering(sequences, ids.shape[1], picked, float(scale), shown, labels)
+
+
+def _generate_in_two(
+    prompt_model: nn.Module,
+    step_model: nn.Module,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """One token from ``prompt_model``, the rest from ``step_model`` over its KV cache."""
+    first = prompt_model.generate(ids, max_new_tokens=1, return_dict_in_generate=True, **kwargs)
+    sequences = first.sequences
+    if max_new_tokens == 1:
+        return sequences
+    config = getattr(prompt_model, "generation_config", None)
+    eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+    pad = kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    if eos is not None:
+        done = torch.isin(sequences[:, -1], torch.as_tensor(eos).reshape(-1))
+        if bool(done.all()):
+            return sequences
+    if "attention_mask" in kwargs:
+        mask = kwargs["attention_mask"]
+        kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    rest = step_model.generate(
+        sequences,
+        past_key_values=first.past_key_values,
+        max_new_tokens=max_new_tokens - 1,
+        **kwargs,
+    )
+    if bool(done.any()) and pad is not None:
+        rest = rest.clone()
+        rest[done, sequences.shape[1] :] = pad
+    return rest
