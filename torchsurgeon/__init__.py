@@ -18,8 +18,12 @@ remote host.
     result = ts.run(probe, input_ids)
 """
 
-from torchsurgeon import layers
+# Subpackages that build on the core above: plans (rewrites as data), pictures, converted
+# models, and research methods. ``remote`` imports its web stack lazily.
+from torchsurgeon import layers, methods, models, plans, remote, viz
 from torchsurgeon.layers import Index, Result, idx, run
+from torchsurgeon.models import convert, generate, load
+from torchsurgeon.plans import Plan, apply, meta, plan
 from torchsurgeon.selectors import Selection, attr, instance_of, layer_index, path, select
 from torchsurgeon.surgery import (
     FrozenModuleError,
@@ -32,6 +36,7 @@ from torchsurgeon.surgery import (
     wrap,
 )
 from torchsurgeon.surgery.tree import functional
+from torchsurgeon.viz import show, show_diff, to_html
 
 __version__ = "0.1.0"
 
@@ -39,22 +44,37 @@ __all__ = [
     "FrozenModuleError",
     "Index",
     "PathError",
+    "Plan",
     "Result",
     "Selection",
     "SelectionError",
     "SerializationError",
     "SurgeryError",
     "__version__",
+    "apply",
     "attr",
+    "convert",
     "functional",
+    "generate",
     "idx",
     "instance_of",
     "is_frozen",
     "layer_index",
     "layers",
+    "load",
+    "meta",
+    "methods",
+    "models",
     "path",
+    "plan",
+    "plans",
+    "remote",
     "run",
     "select",
+    "show",
+    "show_diff",
+    "to_html",
     "tree",
+    "viz",
     "wrap",
 ]
