@@ -104,7 +104,11 @@ def _apply(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
 def _remove(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     new = ts.select(model).at("model.layers.1").remove_from_parent()
     assert len(new.model.layers) == 2
-    assert new.model.layers[1] is model.model.layers[2]  # moved up, the same (shared) object
+    moved, was = new.model.layers[1], model.model.layers[2]
+    assert moved is not was  # moved up: a new node that knows its new path ...
+    moved_tensors, was_tensors = dict(moved.named_parameters()), dict(was.named_parameters())
+    assert moved_tensors.keys() == was_tensors.keys()
+    assert all(moved_tensors[name] is was_tensors[name] for name in was_tensors)  # same tensors
     return new, ("model.layers.1", "model.layers.2")  # layer 2 is renumbered to 1
 
 
@@ -292,7 +296,7 @@ def test_setattr_parameter_raises_naming_the_path(llama_pair: tuple[nn.Module, n
     with pytest.raises(ts.FrozenModuleError) as info:
         frozen.lm_head.weight = nn.Parameter(torch.zeros(VOCAB, HIDDEN))
     assert "'lm_head.weight'" in str(info.value)
-    assert "ts.select" in str(info.value)
+    assert "ts.tree.map" in str(info.value) and "ts.tree.unflatten" in str(info.value)
     with pytest.raises(ts.FrozenModuleError, match=r"model\.norm\.weight"):
         frozen.model.norm.weight = torch.zeros(HIDDEN)  # a plain tensor over a parameter
     with pytest.raises(ts.FrozenModuleError, match=r"model\.norm\.bias"):
@@ -324,6 +328,23 @@ def test_inserted_layer_lists_are_frozen_too(llama_pair: tuple[nn.Module, nn.Mod
         layers[0].extra = nn.Linear(2, 2)
     assert len(later.get_submodule(f"{site}.ts_after")) == 1
     assert [type(m).__name__ for m in later.get_submodule(f"{site}.ts_after")] == ["Scale"]
+
+
+def test_moved_frozen_nodes_name_their_new_paths(llama_pair: tuple[nn.Module, nn.Module]) -> None:
+    """A frozen node moved by a rewrite reports where it now is, not where it came from."""
+    plain, frozen = llama_pair
+    donor = ts.wrap(plain)
+    swapped = ts.select(frozen).at("model.layers.0.mlp").replace(donor.model.layers[1].mlp)
+    moved = swapped.model.layers[0].mlp
+    assert moved.down_proj.weight is plain.model.layers[1].mlp.down_proj.weight  # still shared
+    with pytest.raises(ts.FrozenModuleError, match=r"'model\.layers\.0\.mlp\.down_proj'"):
+        moved.down_proj = nn.Identity()
+    with pytest.raises(ts.FrozenModuleError, match=r"'model\.layers\.1\.mlp\.down_proj'"):
+        donor.model.layers[1].mlp.down_proj = nn.Identity()  # the donor keeps its own paths
+
+    shorter = ts.select(frozen).at("model.layers.0").remove_from_parent()
+    with pytest.raises(ts.FrozenModuleError, match=r"'model\.layers\.0\.mlp'"):
+        shorter.model.layers[0].mlp = nn.Identity()  # was model.layers.1 before the removal
 
 
 @pytest.mark.parametrize(

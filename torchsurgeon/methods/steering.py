@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers.generation import utils as generation_utils
 
 from torchsurgeon.layers.edit import Add
 from torchsurgeon.layers.index import Index, idx
@@ -48,7 +49,17 @@ from torchsurgeon.surgery.frozen import wrap
 __all__ = ["Steering", "steer", "steering_model", "steering_vector"]
 
 Positions = Literal["all", "prompt", "generated"] | Sequence[int]
-_MANAGED = ("return_dict_in_generate", "past_key_values", "max_new_tokens", "output_scores")
+_MANAGED = (
+    "return_dict_in_generate",
+    "past_key_values",
+    "cache",
+    "max_new_tokens",
+    "output_scores",
+)
+# transformers renamed ``generate``'s ``past_key_values`` to ``cache`` (5.24 warns on the old
+# name); pass whichever this version reads.
+_CACHE_NAMES = getattr(generation_utils, "ALL_CACHE_NAMES", ())
+_CACHE_KWARG = "cache" if "cache" in _CACHE_NAMES else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -199,11 +210,9 @@ def _generate_in_two(
     if "attention_mask" in kwargs:
         mask = kwargs["attention_mask"]
         kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    cache = getattr(first, "cache", None) or first.past_key_values
     rest = step_model.generate(
-        sequences,
-        past_key_values=first.past_key_values,
-        max_new_tokens=max_new_tokens - 1,
-        **kwargs,
+        sequences, **{_CACHE_KWARG: cache}, max_new_tokens=max_new_tokens - 1, **kwargs
     )
     if bool(done.any()) and pad is not None:
         rest = rest.clone()

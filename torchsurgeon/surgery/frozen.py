@@ -33,6 +33,7 @@ from torchsurgeon.surgery.paths import child_path, describe
 __all__ = [
     "FrozenModule",
     "freeze_tree",
+    "frozen_at",
     "frozen_class",
     "is_frozen",
     "original_class",
@@ -69,7 +70,14 @@ class FrozenModule:
         if not self._ts_is_sealed():
             super().__setattr__(name, value)
             return
-        if isinstance(value, (nn.Module, nn.Parameter)) or name in modules or name in params:
+        if isinstance(value, nn.Parameter) or name in params:
+            raise self._ts_refuse(
+                "assign",
+                name,
+                "Build a model with new tensors instead: ts.tree.map(fn, model), or "
+                "treedef + leaves -> ts.tree.unflatten(treedef, leaves).",
+            )
+        if isinstance(value, nn.Module) or name in modules:
             raise self._ts_refuse(
                 "assign",
                 name,
@@ -168,6 +176,21 @@ def wrap(module: nn.Module) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise TypeError(f"ts.wrap expects an nn.Module, got {type(module).__name__}")
     return module if is_frozen(module) else freeze_tree(module, "")
+
+
+def frozen_at(module: nn.Module, path: str) -> nn.Module:
+    """``module`` as a frozen subtree sitting at ``path``: as is when it already is one.
+
+    A node records its path for error messages; a frozen module moved by a rewrite (a
+    ``replace`` with a node of another tree, siblings renumbered by ``remove_from_parent``)
+    records an old one, so such a subtree is re-frozen (new module objects, same tensors).
+    """
+    if is_frozen(module) and all(
+        node.__dict__.get(_PATH_ATTR) == node_path
+        for node_path, node in module.named_modules(prefix=path)
+    ):
+        return module
+    return freeze_tree(module, path)
 
 
 def freeze_tree(module: nn.Module, path: str) -> nn.Module:

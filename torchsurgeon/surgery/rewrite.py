@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from torchsurgeon.surgery.frozen import freeze_tree, is_frozen, shallow_copy, wrap
+from torchsurgeon.surgery.frozen import frozen_at, shallow_copy, wrap
 from torchsurgeon.surgery.paths import child_path, iter_nodes, split
 
 __all__ = ["Edit", "map_tensors", "rewrite", "set_tensors", "setting"]
@@ -45,7 +45,7 @@ def rewrite(root: nn.Module, edits: Mapping[str, Edit]) -> nn.Module:
         if edit is None:
             return copy
         result = edit(copy, path)
-        return result if is_frozen(result) else freeze_tree(result, path)
+        return frozen_at(result, path)
 
     return rebuild(root, "") if edits else root
 

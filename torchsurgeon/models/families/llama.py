@@ -98,6 +98,14 @@ def llama_like_weights(config: TransformerConfig, source: TensorSource) -> Model
                 mlp_out=linear(p + "mlp.down_proj", d, f, config.mlp_bias),
             )
         )
+    return llama_like_model_weights(config, source, blocks)
+
+
+def llama_like_model_weights(
+    config: TransformerConfig, source: TensorSource, blocks: list[BlockWeights]
+) -> ModelWeights:
+    """Add Llama's token embedding, final RMSNorm and (possibly tied) unembedding to blocks."""
+    d = config.d_model
     embed = source.take("embed_tokens.weight", (config.vocab_size, d))
     unembed = embed if config.tied_embeddings else source.take("lm_head.weight", embed.shape)
     return ModelWeights(

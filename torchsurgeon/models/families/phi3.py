@@ -11,7 +11,7 @@ from __future__ import annotations
 from torchsurgeon.layers.transformer import TransformerConfig
 from torchsurgeon.models.build import BlockWeights, Linear, ModelWeights
 from torchsurgeon.models.families.common import Family, HFConfig, head_rows, norm
-from torchsurgeon.models.families.llama import llama_like_config
+from torchsurgeon.models.families.llama import llama_like_config, llama_like_model_weights
 from torchsurgeon.models.source import TensorSource
 
 __all__ = ["PHI3"]
@@ -45,14 +45,7 @@ def phi3_weights(config: TransformerConfig, source: TensorSource) -> ModelWeight
                 mlp_out=Linear(source.take(p + "mlp.down_proj.weight", (d, f))),
             )
         )
-    embed = source.take("embed_tokens.weight", (config.vocab_size, d))
-    unembed = embed if config.tied_embeddings else source.take("lm_head.weight", embed.shape)
-    return ModelWeights(
-        embed=embed,
-        blocks=blocks,
-        final_norm=norm(source, "norm", d, bias=False),
-        unembed=Linear(unembed),
-    )
+    return llama_like_model_weights(config, source, blocks)
 
 
 PHI3 = Family(
