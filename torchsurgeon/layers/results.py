@@ -99,11 +99,13 @@ def run(
         return backend.run(model, *args, **kwargs)
     layers = recorders(model)
     records: dict[str, list[torch.Tensor]] = {}
+    # ``_ts_store`` is a plain attribute: writing the instance dict skips nn.Module's (and
+    # the frozen class's) ``__setattr__`` checks, ~3 µs per layer per run.
     for layer in layers:
-        layer._ts_store = records.setdefault(layer.key, [])
+        layer.__dict__["_ts_store"] = records.setdefault(layer.key, [])
     try:
         output = target(*args, **kwargs)
     finally:
         for layer in layers:
-            layer._ts_store = None
+            layer.__dict__["_ts_store"] = None
     return Result(output, records)

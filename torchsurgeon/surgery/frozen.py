@@ -37,6 +37,7 @@ __all__ = [
     "frozen_class",
     "is_frozen",
     "original_class",
+    "recorded_path",
     "shallow_copy",
     "wrap",
 ]
@@ -58,7 +59,7 @@ class FrozenModule:
         return self.__dict__.get(_SEALED_ATTR, False)
 
     def _ts_refuse(self, what: str, name: str, how: str) -> FrozenModuleError:
-        where = child_path(self.__dict__.get(_PATH_ATTR, ""), name)
+        where = child_path(recorded_path(self), name)
         return FrozenModuleError(
             f"cannot {what} {describe(where)} of frozen {type(self).__name__}: torchsurgeon "
             f"trees are immutable and shared with the models they came from. {how}"
@@ -185,12 +186,21 @@ def frozen_at(module: nn.Module, path: str) -> nn.Module:
     ``replace`` with a node of another tree, siblings renumbered by ``remove_from_parent``)
     records an old one, so such a subtree is re-frozen (new module objects, same tensors).
     """
-    if is_frozen(module) and all(
-        node.__dict__.get(_PATH_ATTR) == node_path
-        for node_path, node in module.named_modules(prefix=path)
+    # Every frozen subtree is built with consistent paths, so a node and its children
+    # recording theirs means the whole subtree does: no walk below the children.
+    children = module._modules.items()
+    if (
+        is_frozen(module)
+        and recorded_path(module) == path
+        and all(c is None or recorded_path(c) == child_path(path, n) for n, c in children)
     ):
         return module
     return freeze_tree(module, path)
+
+
+def recorded_path(module: nn.Module) -> str:
+    """The path a frozen node records for its messages (``""`` for a root or a plain module)."""
+    return module.__dict__.get(_PATH_ATTR, "")
 
 
 def freeze_tree(module: nn.Module, path: str) -> nn.Module:

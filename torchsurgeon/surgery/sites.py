@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchsurgeon.surgery.frozen import freeze_tree
+from torchsurgeon.surgery.frozen import freeze_tree, recorded_path
 from torchsurgeon.surgery.paths import child_path, describe
 
 __all__ = ["AFTER", "BEFORE", "add_layers", "site_layers"]
@@ -49,7 +49,7 @@ Accessor = int | str | None
 def add_layers(node: nn.Module, before: Sequence[nn.Module], after: Sequence[nn.Module]) -> None:
     """Give a *private copy* ``node`` more intervention layers (and hooks, once)."""
     modules = node._modules
-    path = node.__dict__.get("_ts_path", "")
+    path = recorded_path(node)
     # The lists are frozen like the rest of the tree: a later rewrite shares this node, so
     # an ``append`` on a plain list would reach every model made from it.
     if before:
@@ -172,7 +172,7 @@ def _kinds(values: Any) -> str:
 
 def _no_target(module: nn.Module, layer: nn.Module, side: str, found: str) -> ValueError:
     on = getattr(layer, "on", None)
-    where = describe(module.__dict__.get("_ts_path", ""))
+    where = describe(recorded_path(module))
     wanted = "the primary tensor" if on is None else f"on={on!r}"
     return ValueError(
         f"{type(layer).__name__} inserted {'before' if side == 'input' else 'after'} "
