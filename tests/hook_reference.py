@@ -156,6 +156,11 @@ def replace_output(fn: Callable[[torch.Tensor], torch.Tensor], element: int = 0)
     return hook
 
 
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` view the same bytes (a tree's own Parameter over the model's storage)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.detach().double() - b.detach().double()).abs().max().item()

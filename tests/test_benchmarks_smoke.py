@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from requirements import require
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "overhead.py"
@@ -53,7 +54,7 @@ def test_overhead_quick_prints_the_table() -> None:
 
 @pytest.mark.slow
 def test_overhead_quick_with_nnsight() -> None:
-    pytest.importorskip("nnsight", reason="nnsight is not installed (pip install -e '.[bench]')")
+    require("nnsight", "nnsight is not installed (pip install -e '.[bench]')")
     stdout = _run("--methods", "bare,hooks,nnsight", "--sizes", "1x8")
     assert "all methods agree" in stdout
     assert set(_table_rows(stdout)) == {("bare", "1x8"), ("hooks", "1x8"), ("nnsight", "1x8")}

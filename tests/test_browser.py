@@ -1,6 +1,6 @@
 """The standalone HTML picture opens in a real browser, with no server, and shows the rewrite.
 
-``ts.to_html`` writes a page whose tree treescope draws with JavaScript inside a shadow
+``ts.save_html`` writes a page whose tree treescope draws with JavaScript inside a shadow
 root, so a string check of the file (``test_viz.py``) cannot tell whether it *renders*.
 Here headless Chromium (Debian's ``chromium``; ``.ci/run`` installs it) opens the file via
 ``file://``, driven by Playwright, and the test checks what a reader would see: the
@@ -10,12 +10,12 @@ screenshot is not blank, and the inserted layer's violet highlight is on screen.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from requirements import in_ci, require
 from torch import nn
 
 import torchsurgeon as ts
@@ -40,17 +40,17 @@ def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
         message = "Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail(message)
         pytest.skip(message)
     return found
 
 
 def test_html_page_renders_in_headless_chromium(gpt2_hf: nn.Module, tmp_path: Path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    image = pytest.importorskip("PIL.Image")
+    sync_api = require("playwright.sync_api")
+    image = require("PIL.Image")
     probe = ts.select(ts.wrap(gpt2_hf)).at("transformer.h.1.mlp").insert_after(ts.layers.Save("x"))
-    page_path = ts.to_html(probe, tmp_path / "probe.html")
+    page_path = ts.save_html(probe, tmp_path / "probe.html")
 
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)

@@ -48,8 +48,8 @@ def test_at_instances_of_rejects_non_module_classes(gpt2: nn.Module) -> None:
 
 
 def test_empty_selection_cannot_be_rewritten(gpt2: nn.Module) -> None:
-    empty = ts.select(gpt2).at_instances_of(nn.Conv2d)
-    with pytest.raises(ts.SelectionError, match=r"insert_after: the selection is empty.*Conv2d"):
+    empty = ts.select(gpt2).at("transformer.h.0.mlp").at_instances_of("LayerNorm")
+    with pytest.raises(ts.SelectionError, match=r"insert_after: the selection is empty.*LayerNorm"):
         empty.insert_after(ts.layers.Save("x"))
 
 
@@ -114,12 +114,14 @@ def test_layer_spec_errors() -> None:
         ts.layers.layer_class("Sav")
 
 
-def test_duplicate_save_keys_are_refused_at_run(gpt2: nn.Module) -> None:
-    probe = ts.select(gpt2).at("transformer.h.*").insert_after(ts.layers.Save("resid"))
+def test_duplicate_save_keys_are_refused_when_inserted(gpt2: nn.Module) -> None:
     with pytest.raises(
-        ValueError, match=r"two recording layers use the key 'resid'.*'resid_\{n\}'"
+        ts.SelectionError, match=r"key 'resid'.*'transformer.h.0'.*Save\('resid\{layer\}'\)"
     ):
-        ts.run(probe, torch.randint(0, 64, (1, 4)))
+        ts.select(gpt2).at("transformer.h.*").insert_after(ts.layers.Save("resid"))
+    probe = ts.select(gpt2).at("transformer.h.0").insert_after(ts.layers.Save("resid"))
+    with pytest.raises(ts.SelectionError, match=r"key 'resid'"):
+        ts.select(probe).at("transformer.h.1").insert_before(ts.layers.SaveGrad("resid"))
 
 
 def test_missing_target_names_the_call(gpt2: nn.Module) -> None:

@@ -554,7 +554,7 @@ def test_several_sites_at_once(llama_hf: nn.Module, token_ids: torch.Tensor) -> 
 def test_stacked_layers_at_one_site_run_in_documented_order(
     family: str, tiny_model: Callable, token_ids: torch.Tensor
 ) -> None:
-    """A second insert_before runs first; a second insert_after runs last."""
+    """Layers at one site run in insertion order, in the direction the data flows."""
     hf = tiny_model(family)
     spec = FAMILIES[family]
     vec = torch.randn(spec["proj_width"], generator=torch.Generator().manual_seed(9))
@@ -564,12 +564,12 @@ def test_stacked_layers_at_one_site_run_in_documented_order(
     probe = ts.select(probe).at(spec["block"]).insert_after(ts.layers.Scale(0.5))
     probe = ts.select(probe).at(spec["block"]).insert_after(ts.layers.SetValues(ts.idx[:, 0], 1.0))
     assert [type(m).__name__ for m in get_module(probe, spec["proj"] + ".ts_before")] == [
-        "Add",
         "Scale",
+        "Add",
     ]
 
     def before(x: torch.Tensor) -> torch.Tensor:
-        return (x + vec) * 2.0
+        return x * 2.0 + vec
 
     def after(x: torch.Tensor) -> torch.Tensor:
         return ref_set(S[:, 0], 1.0)(x * 0.5)
@@ -602,14 +602,10 @@ def test_seed_experiment(seed_llama_hf: nn.Module) -> None:
             .at("down_proj")
         )
         assert down.paths == (f"model.layers.{layer}.mlp.down_proj",)
-        # Save first, SetValues second: the later insert_before runs first, so Save sees
+        # SetValues first, Save second: layers run in insertion order, so Save sees
         # the input down_proj actually receives.
-        probe = down.insert_before(ts.layers.Save(f"down_in_{layer}"))
-        probe = (
-            ts.select(probe)
-            .at(down.paths[0])
-            .insert_before(ts.layers.SetValues(ts.idx[3:, -1, neurons], 5.0))
-        )
+        probe = down.insert_before(ts.layers.SetValues(ts.idx[3:, -1, neurons], 5.0))
+        probe = ts.select(probe).at(down.paths[0]).insert_before(ts.layers.Save(f"down_in_{layer}"))
 
     def force(neurons: list[int]) -> Callable:
         def pre(module: nn.Module, args: tuple) -> tuple:
@@ -752,8 +748,10 @@ def test_generate_applies_the_intervention_at_every_step(
         assert max_diff(g, w) <= TOL, step
         assert max_diff(g, c) > 1e-3, step  # the intervention is there at every step
     for key in ("first", "last"):
-        saved = result.saved[key]
+        saved = result.records[key]
         assert isinstance(saved, list) and len(saved) == 4  # one per forward pass, in order
+        with pytest.raises(ts.SurgeryError, match=rf"records\['{key}'\]"):
+            result.saved[key]  # several calls: no single tensor, and the error says where
         assert [tuple(t.shape) for t in saved] == [(2, 7, HIDDEN)] + [(2, 1, HIDDEN)] * 3
         for step, (s, w) in enumerate(zip(saved, steps[key], strict=True)):
             assert max_diff(s, w) <= TOL, (key, step)

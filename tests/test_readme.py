@@ -29,5 +29,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_readme_python_example_runs() -> None:
-    for block in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "the README must show torchsurgeon in at least one ```python block"
+    for block in blocks:
         exec(compile(block, "README.md", "exec"), {})

@@ -45,7 +45,8 @@ def test_select_wraps_plain_modules_without_touching_them() -> None:
     selection = ts.select(plain)
     assert ts.is_frozen(selection.model)
     assert not ts.is_frozen(plain)
-    assert selection.model[0].weight is plain[0].weight
+    tree_weight, weight = selection.model[0].weight, plain[0].weight
+    assert tree_weight is not weight and tree_weight.data_ptr() == weight.data_ptr()
 
 
 def test_at_dotted_path_and_parts(gpt2: nn.Module) -> None:
@@ -90,8 +91,16 @@ def test_at_instances_of_selects_outermost(gpt2: nn.Module) -> None:
     assert ts.select(gpt2).at_instances_of(nn.Module).paths == ("",)
 
 
-def test_at_instances_of_type_with_no_instances_is_empty(gpt2: nn.Module) -> None:
-    assert ts.select(gpt2).at_instances_of(nn.Conv2d).count() == 0
+def test_at_instances_of_follows_one_rule_for_classes_and_names(gpt2: nn.Module) -> None:
+    # absent from the whole model: refused for a class as for a name (a typo is likely)
+    with pytest.raises(ts.SelectionError, match="Conv2d"):
+        ts.select(gpt2).at_instances_of(nn.Conv2d)
+    with pytest.raises(ts.SelectionError, match="Conv2d"):
+        ts.select(gpt2).at_instances_of("Conv2d")
+    # present in the model, but not under the selected nodes: empty for both
+    below = ts.select(gpt2).at("transformer.h.0.mlp")
+    assert below.at_instances_of(nn.LayerNorm).count() == 0
+    assert below.at_instances_of("LayerNorm").count() == 0
 
 
 def test_where_layer_index(llama: nn.Module) -> None:
@@ -170,13 +179,13 @@ def test_insert_before_and_after_keep_paths_and_add_nodes(gpt2: nn.Module) -> No
     assert saves.get().site == "transformer.h.0.mlp"
 
 
-def test_later_insertions_wrap_earlier_ones(gpt2: nn.Module) -> None:
+def test_layers_at_one_site_run_in_insertion_order(gpt2: nn.Module) -> None:
     first = ts.layers.Scale(2.0)
     second = ts.layers.Add(torch.ones(32))
     probe = ts.select(gpt2).at("transformer.h.0").insert_before(first)
     probe = ts.select(probe).at("transformer.h.0").insert_before(second)
     before = probe.transformer.h[0].ts_before
-    assert [type(m).__name__ for m in before] == ["Add", "Scale"]
+    assert [type(m).__name__ for m in before] == ["Scale", "Add"]
 
 
 def test_replace_and_apply(gpt2: nn.Module) -> None:

@@ -7,6 +7,8 @@ and so on; see :mod:`torchsurgeon.viz.styles`), which stand for the colours.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,9 +49,29 @@ def _meta_gpt2(n_layer: int = 4) -> GPT2LMHeadModel:
 # ------------------------------------------------------------------------------- tensors
 
 
-def test_treescope_renders_torch_tensors_once_viz_is_imported() -> None:
+def test_importing_torchsurgeon_leaves_treescope_registries_alone() -> None:
+    # A fresh interpreter: registries are process-wide, and this test must see them untouched.
+    code = (
+        "import torch, treescope\n"
+        "from treescope import type_registries as r\n"
+        "r.update_registries_for_imports()\n"
+        "before = (dict(r.TREESCOPE_HANDLER_REGISTRY), dict(r.NDARRAY_ADAPTER_REGISTRY))\n"
+        "import torchsurgeon as ts\n"
+        "after = (dict(r.TREESCOPE_HANDLER_REGISTRY), dict(r.NDARRAY_ADAPTER_REGISTRY))\n"
+        "assert before == after, 'import torchsurgeon changed treescope registries'\n"
+        "m = ts.wrap(torch.nn.Linear(3, 2))\n"
+        "text = treescope.render_to_text(ts.select(m).at('').insert_after(ts.layers.Scale(2.0)))\n"
+        "assert 'Scale' in text and 'Param float32[2, 3]' in text, text\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_opt_in_tensor_support_renders_plain_torch_tensors() -> None:
     # treescope 0.1.10's own torch handler reads Tensor.names, gone in torch 2.13.
     assert not hasattr(torch.ones(1), "names")
+    viz.install_tensor_support()
     html = treescope.render_to_html(nn.Linear(3, 2), compressed=False)
     assert "Param float32[2, 3]" in html
     text = treescope.render_to_text({"t": torch.arange(6).reshape(2, 3)})
@@ -73,7 +95,7 @@ def test_tensor_summary_reads_data_only_when_small() -> None:
 
 
 def test_rewritten_gpt2_to_html(probe: nn.Module, tmp_path: Path) -> None:
-    path = viz.to_html(probe, tmp_path / "pictures" / "probe.html")
+    path = viz.save_html(probe, tmp_path / "pictures" / "probe.html")
     assert path == tmp_path / "pictures" / "probe.html"
     page = path.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "</html>" in page
@@ -102,7 +124,7 @@ def test_inserted_layer_shows_its_spec(model: nn.Module) -> None:
 
 def test_selection_is_outlined_and_the_rest_faded(model: nn.Module, tmp_path: Path) -> None:
     selection = ts.select(model).at_instances_of("GPT2MLP")
-    page = viz.to_html(selection, tmp_path / "selection.html").read_text(encoding="utf-8")
+    page = viz.save_html(selection, tmp_path / "selection.html").read_text(encoding="utf-8")
     assert page.count(styles.SELECTED.box_css()) == 3 + 1  # three boxes and the legend's swatch
     assert DIMMED in page
     text = viz.to_text(selection)
@@ -114,7 +136,7 @@ def test_selection_is_outlined_and_the_rest_faded(model: nn.Module, tmp_path: Pa
 
 def test_empty_selection_and_root_selection_render(model: nn.Module) -> None:
     root = ts.select(model)
-    assert styles.SELECTED.box_css() in viz.render_html(root)
+    assert styles.SELECTED.box_css() in viz.to_html(root)
     nothing = ts.select(model).at("**.c_fc").where(ts.layer_index.isin([99]))
     assert "0 selected" in viz.to_text(nothing)
 
@@ -139,7 +161,7 @@ def test_diff_marks_added_layers(model: nn.Module, probe: nn.Module, tmp_path: P
     assert diff.changes["transformer.h.1.mlp"] is Change.COPIED
     assert diff.changes["transformer.h.0"] is Change.SHARED
     assert diff.counts() == {"added": 1, "changed": 0, "removed": 0}
-    page = viz.to_html(probe, tmp_path / "diff.html", diff=True).read_text(encoding="utf-8")
+    page = viz.save_html(probe, tmp_path / "diff.html", diff=True).read_text(encoding="utf-8")
     assert ADDED in page and INSERTED in page and DIMMED in page
     text = viz.to_text((model, probe))
     assert "+ ts_after=ModuleList(" in text and "+1 added" in text
@@ -153,7 +175,7 @@ def test_diff_marks_changed_and_removed(model: nn.Module) -> None:
     diff = diff_trees(model, shorter)
     assert diff.changes["transformer.h.0.mlp.act"] is Change.CHANGED
     assert diff.removed["transformer.h"] == (("2", "GPT2Block"),)
-    page = viz.render_html(shorter, diff=True)
+    page = viz.to_html(shorter, diff=True)
     assert CHANGED in page and REMOVED in page
     text = viz.to_text(shorter, diff=True)
     assert "~ act=ReLU()" in text and "- (2): GPT2Block(...)" in text
@@ -172,15 +194,15 @@ def test_diff_against_the_plain_model_wrap_copied(
 
 def test_meta_bf16_and_plain_models_render(model: nn.Module) -> None:
     meta = ts.wrap(_meta_gpt2())
-    assert "Param float32[64, 192] meta" in viz.render_html(meta)
+    assert "Param float32[64, 192] meta" in viz.to_html(meta)
     meta_probe = ts.select(meta).at("**.c_fc").insert_before(ts.layers.Scale(2.0))
-    assert INSERTED in viz.render_html(ts.select(meta_probe).at("**.c_fc"), diff=True)
+    assert INSERTED in viz.to_html(ts.select(meta_probe).at("**.c_fc"), diff=True)
 
     bf16 = model.to(torch.bfloat16)
     assert "Param bfloat16[64, 256]" in viz.to_text(bf16)
 
     plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    assert "Sequential" in viz.render_html(plain)
+    assert "Sequential" in viz.to_html(plain)
     assert "Param float32[2, 4]" in treescope.render_to_text(ts.wrap(plain))
 
 

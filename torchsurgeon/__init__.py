@@ -19,8 +19,9 @@ remote host.
 """
 
 # Subpackages that build on the core above: plans (rewrites as data), pictures, converted
-# models, and research methods. ``remote`` imports its web stack lazily.
-from torchsurgeon import layers, methods, models, plans, remote, viz
+# models, research methods and tensor-parallel models. ``remote`` imports its web stack
+# lazily.
+from torchsurgeon import distributed, layers, methods, models, plans, remote, viz
 from torchsurgeon.layers import Index, Result, idx, run
 from torchsurgeon.models import convert, generate, load
 from torchsurgeon.plans import Plan, apply, meta, plan
@@ -36,7 +37,7 @@ from torchsurgeon.surgery import (
     wrap,
 )
 from torchsurgeon.surgery.tree import functional
-from torchsurgeon.viz import show, show_diff, to_html
+from torchsurgeon.viz import save_html, show, show_diff, to_html
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "apply",
     "attr",
     "convert",
+    "distributed",
     "functional",
     "generate",
     "idx",
@@ -70,6 +72,7 @@ __all__ = [
     "plans",
     "remote",
     "run",
+    "save_html",
     "select",
     "show",
     "show_diff",

@@ -17,7 +17,7 @@ from torchsurgeon.layers.index import Index, idx
 from torchsurgeon.layers.lora import LowRankAdapter
 from torchsurgeon.layers.patch import Patch
 from torchsurgeon.layers.record import Save, SaveGrad
-from torchsurgeon.layers.results import Result, run
+from torchsurgeon.layers.results import Result, Saved, run
 
 __all__ = [
     "Add",
@@ -31,6 +31,7 @@ __all__ = [
     "Result",
     "Save",
     "SaveGrad",
+    "Saved",
     "Scale",
     "SetValues",
     "StopGradient",

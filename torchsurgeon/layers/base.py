@@ -21,15 +21,16 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers.index import Index, as_index
+from torchsurgeon.surgery.display import TreescopeRepr
 from torchsurgeon.surgery.frozen import shallow_copy
-from torchsurgeon.surgery.paths import describe
+from torchsurgeon.surgery.paths import describe, layer_index_of
 
 __all__ = ["InterventionLayer", "Recorder", "layer_class", "layer_types", "register_layer"]
 
 _REGISTRY: dict[str, type[InterventionLayer]] = {}
 
 
-class InterventionLayer(nn.Module):
+class InterventionLayer(TreescopeRepr, nn.Module):
     """Base class: subclasses name their config and tensor fields and implement ``forward``.
 
     ``config_fields`` are constructor arguments stored as plain attributes (JSON values);
@@ -125,32 +126,92 @@ class InterventionLayer(nn.Module):
 class Recorder(InterventionLayer):
     """A layer that records tensors into a run's results under a key.
 
-    ``name`` may hold ``{path}`` (the site's path) and ``{n}`` (the site's position in the
-    selection); without a name the key is the site's path. Recording happens only inside
-    ``ts.run``: a plain call of the model passes tensors through and keeps nothing.
+    ``name`` is the key, and may be a template with the fields ``{n}`` (the site's position
+    in the selection), ``{layer}`` (the index of the site's block: the last integer segment
+    of its path, ``12`` in ``model.layers.12.mlp``) and ``{path}`` (the site's path); ``{{``
+    and ``}}`` are literal braces. Without a name the key is the site's path. Recording
+    happens only inside ``ts.run``: a plain call of the model passes tensors through and
+    keeps nothing. Two recording layers with one key in one model are refused when the
+    second is inserted.
     """
 
     config_fields = ("name",)
     takes_index = False
+    ts_records: ClassVar[bool] = True
+    """Marks recording layers for the selectors' duplicate-key check (no import needed)."""
 
     def __init__(self, name: str | None = None, *, on: int | str | None = None) -> None:
         super().__init__(on=on)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"{type(self).__name__}: name must be a str, got {name!r}")
+        if name is not None:
+            _template_parts(name, type(self).__name__)  # refuse a bad template now
         self.name = name
         self.key = name or ""
         self._ts_store: list[torch.Tensor] | None = None
 
     def for_site(self, path: str, n: int) -> InterventionLayer:
         copy = super().for_site(path, n)
-        try:
-            key = self.name.format(path=path, n=n) if self.name else path
-        except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(
-                f"{type(self).__name__}: name {self.name!r} may only use {{path}} and {{n}}"
-            ) from error
+        if self.name is None:
+            key = path
+        else:
+            values = {"n": n, "layer": layer_index_of(path), "path": path}
+            pieces = []
+            for literal, field in _template_parts(self.name, type(self).__name__):
+                pieces.append(literal)
+                if field is not None:
+                    if values[field] is None:
+                        raise ValueError(
+                            f"{type(self).__name__}({self.name!r}) at {describe(path)}: the "
+                            "path has no layer index (no integer segment) for {layer}; use "
+                            "{n} or {path} there"
+                        )
+                    pieces.append(str(values[field]))
+            key = "".join(pieces)
         copy.__dict__["key"] = key or "output"
         return copy
+
+
+TEMPLATE_FIELDS = ("n", "layer", "path")
+_MAX_NAME = 256
+
+
+def _template_parts(template: str, owner: str) -> list[tuple[str, str | None]]:
+    """``template`` as ``(literal text, field or None)`` pairs; ValueError if malformed.
+
+    A small scanner of our own instead of ``str.format``: a name reaches no attribute
+    lookups, indexing or format specs, whatever it holds.
+    """
+    if len(template) > _MAX_NAME:
+        raise ValueError(f"{owner}: name is {len(template)} characters, over {_MAX_NAME}")
+    parts: list[tuple[str, str | None]] = []
+    literal: list[str] = []
+    i = 0
+    while i < len(template):
+        char = template[i]
+        if char in "{}" and template.startswith(char * 2, i):
+            literal.append(char)
+            i += 2
+            continue
+        if char == "}":
+            raise ValueError(f"{owner}: name {template!r} has a single '}}'; write '}}}}'")
+        if char == "{":
+            end = template.find("}", i)
+            field = template[i + 1 : end] if end != -1 else template[i + 1 :]
+            if end == -1 or field not in TEMPLATE_FIELDS:
+                raise ValueError(
+                    f"{owner}: name {template!r} uses {{{field}}}; a name may only use "
+                    "the fields {n}, {layer} and {path} (and {{ }} for literal braces)"
+                )
+            parts.append(("".join(literal), field))
+            literal = []
+            i = end + 1
+            continue
+        literal.append(char)
+        i += 1
+    if literal or not parts:
+        parts.append(("".join(literal), None))
+    return parts
 
 
 def register_layer(cls: type[InterventionLayer]) -> type[InterventionLayer]:

@@ -6,12 +6,21 @@ they recorded, by key. It takes the model, a compiled model, or a bound method s
 ``model.generate`` (every generation step is recorded, in order). Given ``backend=``, the
 same call runs elsewhere — e.g. on a remote host through ``ts.remote.Client`` — and returns
 the same kind of :class:`Result`.
+
+Each run owns its records. The recording layers of a model are claimed by one run at a
+time; a run that finds them claimed — a ``ts.run`` nested inside another on the same model,
+or another thread running the same model — works on a private copy of the recording
+layers' sites (copy-on-write: a few small module objects, no tensor copied), so runs never
+record into each other. (Such a run calls the model eagerly, not through
+``torch.compile``: the compiled code belongs to the claimed model.)
 """
 
 from __future__ import annotations
 
+import threading
+import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,33 +28,83 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers.base import Recorder
+from torchsurgeon.surgery.errors import SurgeryError
 from torchsurgeon.surgery.frozen import is_frozen
 from torchsurgeon.surgery.paths import iter_nodes
+from torchsurgeon.surgery.rewrite import rewrite
 
-__all__ = ["Backend", "Result", "run"]
+__all__ = ["Backend", "Result", "Saved", "run"]
 
-_RECORDERS: weakref.WeakKeyDictionary[nn.Module, tuple[Recorder, ...]] = weakref.WeakKeyDictionary()
+_RECORDERS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, Recorder], ...]] = (
+    weakref.WeakKeyDictionary()
+)
+_CLAIMS = threading.Lock()
+
+
+class Saved(Mapping[str, torch.Tensor]):
+    """The recorded tensors by key, one tensor per key.
+
+    A key whose layer ran once maps to that tensor. A key whose layer ran several times (one
+    call per generation step) has no single tensor: reading it raises an error pointing to
+    ``Result.records[key]``, the list of every call in order. The rule is the same for every
+    key and every run; ``records`` always holds lists.
+    """
+
+    __slots__ = ("_records",)
+
+    def __init__(self, records: Mapping[str, list[torch.Tensor]]) -> None:
+        self._records = records
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        values = self._records.get(key)
+        if not values:
+            known = ", ".join(repr(k) for k in self) or "(nothing)"
+            raise KeyError(f"nothing was saved under {key!r}; saved keys: {known}")
+        if len(values) > 1:
+            raise SurgeryError(
+                f"{key!r} was recorded {len(values)} times in this run (once per call, e.g. per "
+                f"generation step); read result.records[{key!r}], the list of every call in order"
+            )
+        return values[0]
+
+    def __contains__(self, key: object) -> bool:
+        return bool(self._records.get(key))  # type: ignore[call-overload]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, values in self._records.items() if values)
+
+    def __len__(self) -> int:
+        return sum(1 for values in self._records.values() if values)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{k!r}: {_shape(v[0]) if len(v) == 1 else f'{len(v)} calls'}"
+            for k, v in self._records.items()
+            if v
+        )
+        return "Saved({" + shown + "})"
+
+
+def _shape(value: Any) -> str:
+    return f"<{list(value.shape)}>" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 @dataclass
 class Result:
     """What one run gave back: the model's output and the recorded tensors by key.
 
-    ``saved[key]`` is a tensor when the recording layer ran once, and a list of tensors (in
-    call order) when it ran several times, as in ``generate``. Gradients recorded by
-    ``SaveGrad`` appear once ``backward`` has run.
+    ``records[key]`` lists every tensor a recording layer saw, in call order (one per
+    generation step in ``generate``); ``saved[key]`` is the one tensor of a layer that ran
+    once (see :class:`Saved`). Gradients recorded by ``SaveGrad`` appear once ``backward``
+    has run.
     """
 
     output: Any
     records: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     @property
-    def saved(self) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        return {
-            key: values[0] if len(values) == 1 else list(values)
-            for key, values in self.records.items()
-            if values
-        }
+    def saved(self) -> Saved:
+        return Saved(self.records)
 
 
 class Backend(Protocol):
@@ -56,16 +115,20 @@ class Backend(Protocol):
 
 def recorders(model: nn.Module) -> tuple[Recorder, ...]:
     """The recording layers of ``model`` (cached for frozen trees, which never change)."""
+    return tuple(layer for _, layer in _placed_recorders(model))
+
+
+def _placed_recorders(model: nn.Module) -> tuple[tuple[str, Recorder], ...]:
     found = _RECORDERS.get(model) if is_frozen(model) else None
     if found is None:
-        found = tuple(m for _, m in iter_nodes(model) if isinstance(m, Recorder))
+        found = tuple((p, m) for p, m in iter_nodes(model) if isinstance(m, Recorder))
         by_key: dict[str, Recorder] = {}
-        for layer in found:
+        for _, layer in found:
             other = by_key.setdefault(layer.key, layer)
             if other is not layer:
                 raise ValueError(
                     f"two recording layers use the key {layer.key!r} (at {other.site!r} and "
-                    f"{layer.site!r}); give each its own name, e.g. Save('resid_{{n}}'), or "
+                    f"{layer.site!r}); give each its own name, e.g. Save('resid{{layer}}'), or "
                     "Save() to key each by its path"
                 )
         if is_frozen(model):
@@ -85,6 +148,20 @@ def _module_of(target: Callable[..., Any]) -> nn.Module:
     )
 
 
+def _private_sites(model: nn.Module, target: Callable[..., Any]) -> tuple[nn.Module, Any]:
+    """``model`` with its recording layers copied (their sites and ancestors: copy-on-write),
+    and ``target`` re-pointed at the copy."""
+
+    def own(node: nn.Module, path: str) -> nn.Module:
+        node.__dict__["_ts_store"] = None  # the copy must not carry the claimed run's list
+        return node
+
+    private = rewrite(model, {path: own for path, _ in _placed_recorders(model)})
+    if isinstance(target, nn.Module):
+        return private, private
+    return private, types.MethodType(target.__func__, private)  # type: ignore[attr-defined]
+
+
 def run(
     target: nn.Module | Callable[..., Any],
     *args: Any,
@@ -99,13 +176,24 @@ def run(
         return backend.run(model, *args, **kwargs)
     layers = recorders(model)
     records: dict[str, list[torch.Tensor]] = {}
-    # ``_ts_store`` is a plain attribute: writing the instance dict skips nn.Module's (and
-    # the frozen class's) ``__setattr__`` checks, ~3 µs per layer per run.
-    for layer in layers:
-        layer.__dict__["_ts_store"] = records.setdefault(layer.key, [])
+    with _CLAIMS:
+        free = all(layer.__dict__.get("_ts_store") is None for layer in layers)
+        if free:
+            _claim(layers, records)
+    if not free:  # nested, or another thread: record on our own copies of the sites
+        model, target = _private_sites(model, target)
+        layers = recorders(model)
+        _claim(layers, records)
     try:
         output = target(*args, **kwargs)
     finally:
         for layer in layers:
             layer.__dict__["_ts_store"] = None
     return Result(output, records)
+
+
+def _claim(layers: tuple[Recorder, ...], records: dict[str, list[torch.Tensor]]) -> None:
+    # ``_ts_store`` is a plain attribute: writing the instance dict skips nn.Module's (and
+    # the frozen class's) ``__setattr__`` checks, ~3 µs per layer per run.
+    for layer in layers:
+        layer.__dict__["_ts_store"] = records.setdefault(layer.key, [])

@@ -1,129 +1,50 @@
-"""Where the parts of a causal language model live: the small family table every method reads.
+"""Where the parts of a model live, read from the one family table of ``torchsurgeon.models``.
 
 The methods in this package are written once, against *roles* — the list of blocks, the
 token embedding, the final norm, the unembedding, and inside each block the attention
 module, its output projection, the MLP and its down-projection — and a
 :class:`ModelLayout` says at which paths those roles sit in a given model. Per-head work
-uses the *input* of the attention output projection (``attn.c_proj`` in GPT-2,
-``self_attn.o_proj`` in Llama): a ``[batch, pos, n_heads * d_head]`` tensor in which head
-``h`` is the last-dimension slice ``h * d_head : (h + 1) * d_head``. That tensor exists in
-every plain ``transformers`` model, so no re-implementation is needed to reach heads.
+uses the *input* of the attention output projection: a ``[batch, pos, n_heads * d_head]``
+tensor in which head ``h`` is the last-dimension slice ``h * d_head : (h + 1) * d_head``.
+That tensor exists in every plain ``transformers`` model and in every converted one, so no
+re-implementation is needed to reach heads.
 
-:func:`layout_of` finds the layout of a model from the table below (by class name, then by
-trying each known layout's paths), fills in the head count from the model's config and
-checks every path. For a family the table does not know, pass ``layout=ModelLayout(...)``
-to any method; the error for an unknown family says exactly that, with the model's top-level
-children to start from.
+The layouts come from the family table the conversions use
+(:data:`torchsurgeon.models.families.FAMILIES`; the methods read it, the models never read
+the methods): a ``transformers`` language model or base model gets its family's layout, by
+class name; an explicit model from ``ts.load`` / ``ts.convert`` (or a rewrite of one) gets
+:data:`~torchsurgeon.models.families.EXPLICIT`, the same in every family; any other model
+gets the first layout whose paths all exist in it. :func:`layout_of` fills in the head
+count from the model's config and checks every path. For a model none of these fit, pass
+``layout=ModelLayout(...)`` to any method; the error for an unknown family says exactly
+that, with the model's top-level children to start from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 from torch import nn
 
-from torchsurgeon.surgery.errors import PathError
+from torchsurgeon.layers.transformer import Projection, Transformer
+from torchsurgeon.models.families import EXPLICIT, FAMILIES, ModelLayout, family_of_class
+from torchsurgeon.surgery.errors import PathError, SurgeryError
 from torchsurgeon.surgery.frozen import original_class
 from torchsurgeon.surgery.paths import get_at
 
-__all__ = ["FAMILIES", "ModelLayout", "UnknownFamilyError", "layout_of"]
+__all__ = ["FAMILIES", "ModelLayout", "UnknownFamilyError", "layout_of", "require"]
 
 
-class UnknownFamilyError(ValueError):
+class UnknownFamilyError(SurgeryError, ValueError):
     """The model's family is not in the table and no ``layout=`` was given."""
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """The paths of a causal LM's parts (block-relative where noted) and its head count.
-
-    ``blocks`` is the ``ModuleList`` of transformer blocks; ``attn``, ``attn_out``, ``mlp``
-    and ``mlp_down`` are paths *inside a block*. ``n_heads`` may be left ``None`` when the
-    model's config has ``num_attention_heads``.
-    """
-
-    family: str
-    blocks: str
-    embed: str
-    final_norm: str
-    unembed: str
-    attn: str
-    attn_out: str
-    mlp: str
-    mlp_down: str
-    n_heads: int | None = None
-
-    def block(self, layer: int) -> str:
-        """The path of block ``layer``."""
-        return f"{self.blocks}.{layer}"
-
-    def in_block(self, layer: int, role: str) -> str:
-        """The path of the block-relative part ``role`` (a field name) of block ``layer``."""
-        return f"{self.blocks}.{layer}.{getattr(self, role)}"
-
-
-_GPT2 = ModelLayout(
-    family="gpt2",
-    blocks="transformer.h",
-    embed="transformer.wte",
-    final_norm="transformer.ln_f",
-    unembed="lm_head",
-    attn="attn",
-    attn_out="attn.c_proj",
-    mlp="mlp",
-    mlp_down="mlp.c_proj",
-)
-_LLAMA = ModelLayout(
-    family="llama",
-    blocks="model.layers",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-    attn="self_attn",
-    attn_out="self_attn.o_proj",
-    mlp="mlp",
-    mlp_down="mlp.down_proj",
-)
-_NEOX = ModelLayout(
-    family="gpt_neox",
-    blocks="gpt_neox.layers",
-    embed="gpt_neox.embed_in",
-    final_norm="gpt_neox.final_layer_norm",
-    unembed="embed_out",
-    attn="attention",
-    attn_out="attention.dense",
-    mlp="mlp",
-    mlp_down="mlp.dense_4h_to_h",
-)
-
-FAMILIES: dict[str, tuple[ModelLayout, tuple[str, ...]]] = {
-    "gpt2": (_GPT2, ("GPT2LMHeadModel",)),
-    "llama": (
-        _LLAMA,
-        (
-            "LlamaForCausalLM",
-            "MistralForCausalLM",
-            "Qwen2ForCausalLM",
-            "Qwen3ForCausalLM",
-            "GemmaForCausalLM",
-            "Phi3ForCausalLM",
-            "OlmoForCausalLM",
-        ),
-    ),
-    "gpt_neox": (_NEOX, ("GPTNeoXForCausalLM",)),
-}
-"""``family -> (layout, class names)``. A model whose class is listed gets that layout;
-another model gets the first layout whose paths all exist in it."""
 
 
 def _paths(layout: ModelLayout, n_blocks: int) -> list[str]:
     inner = [layout.attn, layout.attn_out, layout.mlp, layout.mlp_down]
     last = n_blocks - 1
+    tops = [layout.embed, layout.final_norm, layout.unembed, layout.head]
     return [
-        layout.embed,
-        layout.final_norm,
-        layout.unembed,
+        *(p for p in tops if p is not None),
         *(f"{layout.blocks}.{i}.{p}" for i in (0, last) for p in inner),
     ]
 
@@ -140,13 +61,48 @@ def _fits(model: nn.Module, layout: ModelLayout) -> bool:
     return True
 
 
+def _explicit(model: nn.Module) -> ModelLayout:
+    """The converted model's layout, without the parts this one lacks (head, unembedding)."""
+    config = model.config
+    missing = {
+        name: None
+        for name in ("final_norm", "unembed", "head")
+        if getattr(model, name, None) is None
+    }
+    return dataclasses.replace(EXPLICIT, family=config.family, n_heads=config.n_heads, **missing)
+
+
+def _known(model: nn.Module) -> ModelLayout | None:
+    cls = original_class(model)
+    if issubclass(cls, Transformer):
+        return _explicit(model)
+    for klass in cls.__mro__:  # a subclass of LlamaForCausalLM is laid out like it
+        family = family_of_class(klass.__name__)
+        if family is not None:
+            return family.layout_for(klass.__name__)
+    return None
+
+
+def _structural() -> list[ModelLayout]:
+    seen: list[ModelLayout] = []
+    for family in FAMILIES.values():
+        for layout in (family.layout, family.layout.without_head(family.prefixes[0])):
+            if layout not in seen:
+                seen.append(layout)
+    return seen
+
+
 def _unknown(model: nn.Module) -> UnknownFamilyError:
     name = original_class(model).__name__
-    known = "; ".join(f"{family} ({', '.join(names)})" for family, (_, names) in FAMILIES.items())
+    known = "; ".join(
+        f"{model_type} ({', '.join((*family.classes, *family.base_classes))})"
+        for model_type, family in FAMILIES.items()
+    )
     children = ", ".join(repr(n) for n, c in model.named_children())
     return UnknownFamilyError(
         f"torchsurgeon.methods does not know where the blocks, final norm, unembedding and "
-        f"attention output projection of a {name} are (known families: {known}). Pass "
+        f"attention output projection of a {name} are (known families: {known}; and every "
+        "model from ts.load / ts.convert). Pass "
         "layout=ts.methods.ModelLayout(family=..., blocks='<ModuleList of blocks>', "
         "embed='<token embedding>', final_norm=..., unembed=..., attn='<attention, in a "
         "block>', attn_out='<attention output projection, in a block>', mlp=..., "
@@ -162,9 +118,8 @@ def layout_of(model: nn.Module, layout: ModelLayout | None = None) -> ModelLayou
     is unknown, and :class:`~torchsurgeon.PathError` when a given layout names a missing path.
     """
     if layout is None:
-        name = original_class(model).__name__
-        by_name = [lay for lay, names in FAMILIES.values() if name in names]
-        candidates = by_name or [lay for lay, _ in FAMILIES.values()]
+        known = _known(model)
+        candidates = [known] if known is not None else _structural()
         layout = next((lay for lay in candidates if _fits(model, lay)), None)
         if layout is None:
             raise _unknown(model)
@@ -174,7 +129,7 @@ def layout_of(model: nn.Module, layout: ModelLayout | None = None) -> ModelLayou
             get_at(model, path)  # raises PathError naming the missing segment
     if layout.n_heads is None:
         config = getattr(model, "config", None)
-        heads = getattr(config, "num_attention_heads", None)
+        heads = getattr(config, "num_attention_heads", getattr(config, "n_heads", None))
         if not isinstance(heads, int):
             raise UnknownFamilyError(
                 f"cannot read the number of attention heads of this "
@@ -183,6 +138,23 @@ def layout_of(model: nn.Module, layout: ModelLayout | None = None) -> ModelLayou
             )
         layout = dataclasses.replace(layout, n_heads=heads)
     return layout
+
+
+def require(model: nn.Module, layout: ModelLayout, role: str, method: str) -> str:
+    """``layout``'s path for ``role`` (``"unembed"``, ``"final_norm"``), or a clear error.
+
+    A base model (``GPT2Model``, a converted ``LlamaModel``) has no unembedding; a method
+    that decodes the residual stream cannot run on it.
+    """
+    path = getattr(layout, role)
+    if path is None:
+        raise ValueError(
+            f"{method} decodes the residual stream, but this {original_class(model).__name__} "
+            f"is a base model without a language-model head (its layout has no {role}); use "
+            "the family's language-model class (…ForCausalLM, GPT2LMHeadModel, "
+            "BertForMaskedLM) or its conversion"
+        )
+    return path
 
 
 def n_layers(model: nn.Module, layout: ModelLayout) -> int:
@@ -203,18 +175,28 @@ def d_head(model: nn.Module, layout: ModelLayout) -> int:
 
 
 def in_features(module: nn.Module) -> int:
-    """The input width of a Linear-like module (``nn.Linear``, GPT-2's ``Conv1D``)."""
-    return features(module)[0]
+    """The input width of a Linear-like module (``nn.Linear``, ``Conv1D``, ``Projection``)."""
+    found = features(module)
+    if found is None:
+        raise TypeError(
+            f"{original_class(module).__name__} is not Linear-like (nn.Linear, transformers' "
+            "Conv1D or an explicit Projection), so its input width is unknown"
+        )
+    return found[0]
 
 
-def features(module: nn.Module) -> tuple[int, int]:
-    """``(in, out)`` of a Linear-like module: ``nn.Linear``, GPT-2's ``Conv1D``."""
+def features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` of a Linear-like module, read from its weight; ``None`` for others.
+
+    ``nn.Linear`` and an explicit model's ``Projection`` (weight ``[out, in]``) and
+    ``transformers``' ``Conv1D`` (weight ``[in, out]``, GPT-2).
+    """
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
+    if isinstance(module, Projection):
+        out, inp = module.weight.shape
+        return int(inp), int(out)
     nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
     if isinstance(nx, int) and isinstance(nf, int):  # transformers' Conv1D: weight [in, out]
         return nx, nf
-    raise TypeError(
-        f"{original_class(module).__name__} is not Linear-like (nn.Linear or transformers' "
-        "Conv1D), so its input/output widths are unknown"
-    )
+    return None

@@ -15,8 +15,9 @@ and class names instead of pytree node types.
 from __future__ import annotations
 
 import fnmatch
+import re
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +25,12 @@ from torch import nn
 
 from torchsurgeon.selectors.expression import SelectorStep
 from torchsurgeon.selectors.predicates import Predicate, as_predicate, class_names, instance_of
+from torchsurgeon.surgery.display import TreescopeRepr
 from torchsurgeon.surgery.errors import PathError, SelectionError, closest
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.lineage import Lineage, RewriteStep, lineage_of, with_lineage
 from torchsurgeon.surgery.paths import (
+    SITE_LISTS,
     child_path,
     describe,
     get_at,
@@ -41,19 +44,47 @@ from torchsurgeon.surgery.sites import add_layers
 
 __all__ = ["Selection", "replay", "select"]
 
-_NODE_INDEX: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = (
+_GLOB_CHARS = frozenset("*?[")
+_BELOW_ROOT: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
-_GLOB_CHARS = frozenset("*?[")
 
 
-def _index(model: nn.Module) -> dict[str, nn.Module]:
-    """``{path: module}`` of a frozen tree (cached: a frozen tree never changes shape)."""
-    found = _NODE_INDEX.get(model)
-    if found is None:
-        found = dict(iter_nodes(model))
-        _NODE_INDEX[model] = found
-    return found
+class _Index(Mapping[str, nn.Module]):
+    """``{path: module}`` of a frozen tree in pre-order (``""`` is the root).
+
+    The paths below the root are cached per tree (a frozen tree never changes shape) in a
+    weak-keyed table whose values never hold the root itself — a value that held its own key
+    would keep every tree, and every tensor of every plan, alive forever.
+    """
+
+    __slots__ = ("_below", "_root")
+
+    def __init__(self, root: nn.Module) -> None:
+        below = _BELOW_ROOT.get(root)
+        if below is None:
+            nodes = iter_nodes(root)
+            next(nodes)
+            below = dict(nodes)
+            _BELOW_ROOT[root] = below
+        self._root, self._below = root, below
+
+    def __getitem__(self, path: str) -> nn.Module:
+        return self._root if path == "" else self._below[path]
+
+    def __iter__(self) -> Iterator[str]:
+        yield ""
+        yield from self._below
+
+    def __len__(self) -> int:
+        return len(self._below) + 1
+
+    def __contains__(self, path: object) -> bool:
+        return path == "" or path in self._below
+
+
+def _index(model: nn.Module) -> _Index:
+    return _Index(model)
 
 
 def select(model: nn.Module) -> Selection:
@@ -71,7 +102,7 @@ def replay(model: nn.Module, steps: tuple[SelectorStep, ...]) -> Selection:
 
 
 @dataclass(frozen=True)
-class Selection:
+class Selection(TreescopeRepr):
     """A frozen model, the paths selected in it, and the steps that selected them."""
 
     model: nn.Module
@@ -81,7 +112,8 @@ class Selection:
     # ----------------------------------------------------------------- refining
 
     def _then(self, step: SelectorStep, paths: Sequence[str]) -> Selection:
-        ordered = [p for p in _index(self.model) if p in set(paths)]
+        wanted = set(paths)
+        ordered = [p for p in _index(self.model) if p in wanted] if len(wanted) > 1 else paths
         return Selection(self.model, tuple(ordered), (*self.steps, step))
 
     def at(self, *path: str | int) -> Selection:
@@ -89,7 +121,10 @@ class Selection:
 
         ``path`` is dotted (``"mlp.down_proj"``) or given as parts (``at("layers", -1)``);
         integer segments index sequences, negative from the end; ``*`` matches one segment
-        and ``**`` any number of them (``at("**.down_proj")``).
+        and ``**`` any number of them (``at("**.down_proj")``). Wildcards never enter the
+        lists of inserted intervention layers (``ts_before`` / ``ts_after``): name them to
+        reach those layers (``at("**.ts_after.*")``), so a plan's later steps never
+        multiply over what its earlier steps inserted.
         """
         pattern = ".".join(str(p) for p in path)
         parts = split(pattern)
@@ -118,15 +153,18 @@ class Selection:
         if isinstance(cls, type) and not issubclass(cls, nn.Module):
             raise TypeError(f"at_instances_of expects an nn.Module class, got {cls.__name__}")
         predicate = instance_of(cls)
-        if isinstance(cls, str):
-            present = set().union(*(class_names(m) for m in _index(self.model).values()))
+        found = self._outermost(predicate)
+        if not found and self.paths:
+            one_of_each = {type(m): m for m in _index(self.model).values()}.values()
+            present = set().union(*map(class_names, one_of_each))
+            if isinstance(cls, type):
+                cls = f"{cls.__module__}.{cls.__qualname__}"
             if cls not in present:
                 guesses = closest(cls, {n for n in present if "." not in n})
                 raise SelectionError(
                     f"at_instances_of({cls!r}): no module of that class anywhere in this "
                     f"{type(self.model).__name__}; did you mean one of: {', '.join(guesses)}?"
                 )
-        found = self._outermost(predicate)
         name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
         return self._then(SelectorStep("at_instances_of", name), found)
 
@@ -171,12 +209,14 @@ class Selection:
     def invert(self) -> Selection:
         """The largest subtrees that neither hold nor lie inside a selected node."""
         chosen = set(self.paths)
+        # every proper ancestor of a selected node (the root's ancestor set includes "")
+        holding = {".".join(split(p)[:i]) for p in chosen for i in range(len(split(p)))}
         found: list[str] = []
 
         def visit(node: nn.Module, path: str) -> None:
             if path in chosen:
                 return
-            if not any(_is_below(c, path) for c in chosen):
+            if path not in holding:
                 found.append(path)
                 return
             for name, child in node._modules.items():
@@ -308,17 +348,40 @@ class Selection:
 
     def _insert(self, operation: str, layer: nn.Module) -> nn.Module:
         _check_module(layer, operation)
+        self._require_nonempty(operation)
         before = operation == "insert_before"
+        placed = {path: _for_site(layer, path, n) for n, path in enumerate(self.paths)}
+        if getattr(type(layer), "ts_records", False):
+            self._check_record_keys(operation, placed)
 
         def make(n: int, path: str) -> Edit:
             def edit(node: nn.Module, _: str) -> nn.Module:
-                site_layer = wrap(_for_site(layer, path, n))
+                site_layer = placed[path]
                 add_layers(node, [site_layer] if before else [], [] if before else [site_layer])
                 return node
 
             return edit
 
         return self._rewrite(operation, layer, make)
+
+    def _check_record_keys(self, operation: str, placed: Mapping[str, nn.Module]) -> None:
+        """Refuse recording layers whose keys collide (with each other or the model's)."""
+        taken = {
+            m.key: m.site
+            for m in _index(self.model).values()
+            if getattr(type(m), "ts_records", False)
+        }
+        for path, site_layer in placed.items():
+            key = site_layer.key
+            if key in taken:
+                raise SelectionError(
+                    f"{operation}: {type(site_layer).__name__} at {describe(path)} would record "
+                    f"under the key {key!r}, which the recording layer at "
+                    f"{describe(taken[key])} already uses. Give each site its own key: a "
+                    "template such as Save('resid{layer}') or Save('x{n}'), or Save() to key "
+                    "each by its path."
+                )
+            taken[key] = path
 
     def _rewrite(self, operation: str, payload: Any, make: Callable[[int, str], Edit]) -> nn.Module:
         self._require_nonempty(operation)
@@ -352,29 +415,52 @@ def _for_site(layer: nn.Module, path: str, n: int) -> nn.Module:
     return for_site(path, n) if callable(for_site) else layer
 
 
-def _is_below(path: str, ancestor: str) -> bool:
-    return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
+_MAX_DEEP_GLOBS = 8
 
 
 def _match(node: nn.Module, path: str, parts: list[str]) -> list[str]:
-    """Paths below ``node`` (at ``path``) matching the segment pattern ``parts``."""
-    if not parts:
-        return [path]
-    head, rest = parts[0], parts[1:]
-    if head == "**":
-        found = _match(node, path, rest)
-        for name, child in node._modules.items():
-            if child is not None:
-                found.extend(_match(child, child_path(path, name), parts))
-        return list(dict.fromkeys(found))
-    if set(head) & _GLOB_CHARS:
-        names = [
-            k for k, c in node._modules.items() if c is not None and fnmatch.fnmatchcase(k, head)
-        ]
-    else:
-        resolved = resolve_segment(node, head)
-        names = [resolved] if resolved is not None else []
-    found = []
-    for name in names:
-        found.extend(_match(node._modules[name], child_path(path, name), rest))
-    return found
+    """Paths below ``node`` (at ``path``) matching the segment pattern ``parts``.
+
+    A walk over (node, pattern position) states, each visited once, so the cost is bounded
+    by nodes x segments whatever the pattern (consecutive ``**`` mean one ``**``).
+    """
+    parts = [p for i, p in enumerate(parts) if not (p == "**" and i and parts[i - 1] == "**")]
+    if parts.count("**") > _MAX_DEEP_GLOBS:
+        raise PathError(
+            f"at({'.'.join(parts)!r}): more than {_MAX_DEEP_GLOBS} '**' segments in one path"
+        )
+    found: dict[str, None] = {}
+    seen: set[tuple[str, int]] = set()
+    # compiled here, not through fnmatch's process-wide cache of 32768 patterns, which user
+    # path segments (from plans a host receives) would otherwise fill
+    globs: dict[str, Callable[[str], Any]] = {}
+
+    def visit(node: nn.Module, path: str, i: int) -> None:
+        if (path, i) in seen:
+            return
+        seen.add((path, i))
+        if i == len(parts):
+            found[path] = None
+            return
+        head = parts[i]
+        if head == "**":
+            visit(node, path, i + 1)
+            for name, child in node._modules.items():
+                if child is not None and name not in SITE_LISTS:
+                    visit(child, child_path(path, name), i)
+            return
+        if set(head) & _GLOB_CHARS:
+            matches = globs.setdefault(head, re.compile(fnmatch.translate(head)).fullmatch)
+            names = [
+                k
+                for k, c in node._modules.items()
+                if c is not None and k not in SITE_LISTS and matches(k)
+            ]
+        else:
+            resolved = resolve_segment(node, head)
+            names = [resolved] if resolved is not None else []
+        for name in names:
+            visit(node._modules[name], child_path(path, name), i + 1)
+
+    visit(node, path, 0)
+    return list(found)

@@ -12,14 +12,38 @@ Because a frozen tree never changes shape, rewrites can share every untouched su
 the tree they came from (see :mod:`torchsurgeon.surgery.rewrite`), and facts derived from a
 tree (which intervention layers it holds, say) can be cached against it.
 
-Device and dtype moves (``.to``, ``.cuda``, ``.half``, ...) are functional on a frozen tree:
-they return a new tree and leave the original where it was, so write ``model =
-model.to("cuda")``. Training-mode flags (``.train()``/``.eval()``) are ordinary attributes
-and are shared with every tree that shares the module.
+Strictness is by allow-list, as in Equinox: a frozen node refuses *every* attribute write
+and delete from outside — submodules, parameters, buffers, plain attributes such as ``eps``
+— except the training flag (``.train()``/``.eval()``), which is shared with every tree that
+shares the module. The one writer allowed is the module's own code, updating caches its
+class keeps (transformers' rotary embeddings store recomputed frequencies during
+``forward``). Device and dtype moves (``.to``, ``.cuda``, ``.half``, ...) are functional on a
+frozen tree: they return a new tree and leave the original where it was, so write ``model =
+model.to("cuda")``.
+
+What is shared, and what is not:
+
+- **Tensor storage** is shared with the wrapped model and between trees (no bytes copied).
+- **Parameter objects** are the tree's own: :func:`wrap` puts a new ``nn.Parameter`` over
+  the same storage in every place (ties kept), with the original's ``requires_grad``, so
+  nothing done to a tree reaches the user's ``Parameter`` objects.
+- **Gradients.** A frozen tree's weights never collect ``.grad``: a backward pass through a
+  tree computes gradients for activations (``SaveGrad``), inputs and intervention tensors,
+  and drops what autograd would accumulate into the shared weights (the first time, with a
+  :class:`SharedWeightGradientWarning`), so one experiment's gradients never land on the
+  user's model or on another tree. Weight gradients are a value, not a side effect:
+  ``torch.autograd.grad(loss, params)`` (which accumulates nothing) or
+  ``torch.func.grad`` over ``ts.functional(model)``.
+- **Pickling** (``pickle``, ``copy.deepcopy``, ``torch.save``) keeps a tree frozen: it is
+  rebuilt on load as the same frozen classes, refusing the same writes.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -27,11 +51,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchsurgeon.surgery.display import TreescopeRepr
 from torchsurgeon.surgery.errors import FrozenModuleError
 from torchsurgeon.surgery.paths import child_path, describe
 
 __all__ = [
+    "WRITABLE_ATTRIBUTES",
     "FrozenModule",
+    "SharedWeightGradientWarning",
     "freeze_tree",
     "frozen_at",
     "frozen_class",
@@ -39,6 +66,7 @@ __all__ = [
     "original_class",
     "recorded_path",
     "shallow_copy",
+    "tree_parameter",
     "wrap",
 ]
 
@@ -46,9 +74,17 @@ _PATH_ATTR = "_ts_path"
 _SEALED_ATTR = "_ts_sealed"
 _FROZEN_CLASSES: dict[type, type] = {}
 _COPIED_CONTAINERS = (dict, OrderedDict, set, list)
+WRITABLE_ATTRIBUTES = frozenset({"training", "_is_torch_compile"})
+"""The only attributes a frozen node lets anyone assign: the training flag (``.train()`` /
+``.eval()``) and the marker ``torch.compile(model)`` sets on the module it wraps."""
+_warned_about_grads = False
 
 
-class FrozenModule:
+class SharedWeightGradientWarning(UserWarning):
+    """A backward pass reached a frozen tree's shared weights; their ``.grad`` is not kept."""
+
+
+class FrozenModule(TreescopeRepr):
     """Mixin placed first in the MRO of every frozen class; see the module docstring."""
 
     _ts_frozen = True
@@ -66,34 +102,16 @@ class FrozenModule:
         )
 
     def __setattr__(self, name: str, value: Any) -> None:
-        modules = self.__dict__.get("_modules", {})
-        params = self.__dict__.get("_parameters", {})
-        if not self._ts_is_sealed():
+        if name in WRITABLE_ATTRIBUTES or not self._ts_is_sealed() or _a_cache(self, name, value):
             super().__setattr__(name, value)
             return
-        if isinstance(value, nn.Parameter) or name in params:
-            raise self._ts_refuse(
-                "assign",
-                name,
-                "Build a model with new tensors instead: ts.tree.map(fn, model), or "
-                "treedef + leaves -> ts.tree.unflatten(treedef, leaves).",
-            )
-        if isinstance(value, nn.Module) or name in modules:
-            raise self._ts_refuse(
-                "assign",
-                name,
-                f"Build a new model instead: ts.select(model).at({name!r}).replace(new_module)"
-                " (paths are relative to the selection).",
-            )
-        super().__setattr__(name, value)
+        raise self._ts_refuse("assign", name, _functional_way(self, name, value))
 
     def __delattr__(self, name: str) -> None:
-        structural = {*self.__dict__.get("_modules", {}), *self.__dict__.get("_parameters", {})}
-        if self._ts_is_sealed() and name in structural:
-            raise self._ts_refuse(
-                "delete", name, "Build a new model instead: ts.select(model).at(...).replace()."
-            )
-        super().__delattr__(name)
+        if not self._ts_is_sealed() or _a_cache(self, name, None):
+            super().__delattr__(name)
+            return
+        raise self._ts_refuse("delete", name, _functional_way(self, name, None))
 
     def add_module(self, name: str, module: nn.Module | None) -> None:
         if not self._ts_is_sealed():
@@ -110,6 +128,13 @@ class FrozenModule:
             return super().register_parameter(name, param)  # type: ignore[misc]
         raise self._ts_refuse("register parameter", name, "Use ts.tree.map or ts.tree.unflatten.")
 
+    def register_buffer(
+        self, name: str, tensor: torch.Tensor | None, persistent: bool = True
+    ) -> None:
+        if not self._ts_is_sealed() or _own_code(self):
+            return super().register_buffer(name, tensor, persistent)  # type: ignore[misc]
+        raise self._ts_refuse("register buffer", name, "Use ts.tree.map or ts.tree.unflatten.")
+
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         raise FrozenModuleError(
             "load_state_dict would write into parameters shared with other models. Build a new "
@@ -122,6 +147,107 @@ class FrozenModule:
 
         return map_tensors(self, fn, recurse=recurse)  # type: ignore[arg-type]
 
+    # -- pickling: a frozen tree is rebuilt frozen (the frozen class itself is not importable
+    # by name: it carries the original class's qualname so that reprs read naturally).
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (_new_frozen, (original_class(self),), dict(self.__dict__))  # type: ignore[arg-type]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for param in self._parameters.values():  # type: ignore[attr-defined]
+            if param is not None:
+                _drop_grads_of(param)
+
+
+def _a_cache(module: nn.Module, name: str, value: Any) -> bool:
+    """Whether this write is the module's own code updating a cache (see :func:`_own_code`)."""
+    structural = isinstance(value, (nn.Module, nn.Parameter))
+    structural = structural or name in module._modules or name in module._parameters
+    return not structural and _own_code(module, depth=3)
+
+
+def _own_code(module: nn.Module, depth: int = 2) -> bool:
+    """Whether the write being refused comes from ``module``'s own code (the frame that
+    called ``__setattr__`` / ``register_buffer`` has it as ``self``). Only caches qualify:
+    submodules and parameters are refused whoever writes them (``ModuleList.__setitem__``
+    is the module's own code too).
+
+    A module may keep caches of its own — transformers' rotary embeddings recompute and
+    store their frequencies during ``forward`` (longrope's ``long_inv_freq``, dynamic
+    scaling's ``inv_freq``) — and refusing those would break the model's own forward. Writes
+    from anywhere else (a user's ``m.eps = ...``, another library) are refused.
+    """
+    return sys._getframe(depth).f_locals.get("self") is module
+
+
+def _new_frozen(cls: type[nn.Module]) -> nn.Module:
+    """An empty frozen ``cls`` for pickle to fill in (its state follows)."""
+    return object.__new__(frozen_class(cls))
+
+
+def _functional_way(module: nn.Module, name: str, value: Any) -> str:
+    """What to do instead of writing ``name`` on a frozen ``module``."""
+    if isinstance(value, nn.Parameter) or name in module._parameters:
+        return (
+            "Build a model with new tensors instead: ts.tree.map(fn, model), or "
+            "treedef + leaves -> ts.tree.unflatten(treedef, leaves)."
+        )
+    if isinstance(value, nn.Module) or name in module._modules:
+        return (
+            f"Build a new model instead: ts.select(model).at({name!r}).replace(new_module) "
+            "(paths are relative to the selection)."
+        )
+    if isinstance(value, torch.Tensor) or name in module._buffers:
+        return (
+            "Buffers are shared with every tree made from this one; build a model with new "
+            "tensors instead: ts.tree.map(fn, model) or ts.tree.unflatten(treedef, leaves)."
+        )
+    return (
+        "Attributes of a frozen node are shared with every tree made from it; set it on the "
+        "plain module before ts.wrap, or replace the node: ts.select(model).at(path)"
+        ".replace(new_module). Only the training flag (.train()/.eval()) may be written."
+    )
+
+
+def tree_parameter(tensor: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    """A tree's own ``Parameter`` over ``tensor``'s storage, whose ``.grad`` is never kept."""
+    param = nn.Parameter(tensor, requires_grad=requires_grad and tensor.is_floating_point())
+    _drop_grads_of(param)
+    return param
+
+
+def _drop_grads_of(param: torch.Tensor) -> None:
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None) or {}
+    if param.requires_grad and not any(h is _drop_grad for h in hooks.values()):
+        param.register_post_accumulate_grad_hook(_drop_grad)
+
+
+def _drop_grad(param: torch.Tensor) -> None:
+    global _warned_about_grads
+    param.grad = None
+    if not _warned_about_grads:
+        _warned_about_grads = True
+        warnings.warn(
+            "a backward pass reached the weights of a torchsurgeon tree; their .grad is not "
+            "kept, because a tree shares its weights with the model it came from and with "
+            "every tree made from it. Activation gradients: ts.layers.SaveGrad. Weight "
+            "gradients: torch.autograd.grad(loss, params) or torch.func.grad over "
+            "ts.functional(model). (Shown once.)",
+            SharedWeightGradientWarning,
+            stacklevel=2,
+        )
+
+
+def _own_parameters(copy: nn.Module, memo: dict[int, nn.Parameter]) -> None:
+    """Give a fresh copy of a *plain* module the tree's own Parameter objects (ties kept)."""
+    params = copy._parameters
+    for name, param in params.items():
+        if type(param) is nn.Parameter:  # subclasses (quantized weights, ...) stay as they are
+            if id(param) not in memo:
+                memo[id(param)] = tree_parameter(param.data, param.requires_grad)
+            params[name] = memo[id(param)]
+
 
 def frozen_class(cls: type[nn.Module]) -> type[nn.Module]:
     """The frozen subclass of ``cls`` (made once per class, then cached)."""
@@ -132,7 +258,7 @@ def frozen_class(cls: type[nn.Module]) -> type[nn.Module]:
         frozen = type(
             cls.__name__,
             (FrozenModule, cls),
-            {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
+            {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_ts_original": cls},
         )
         _FROZEN_CLASSES[cls] = frozen
     return frozen
@@ -146,9 +272,7 @@ def is_frozen(module: nn.Module) -> bool:
 def original_class(module: nn.Module) -> type[nn.Module]:
     """The class a frozen module was made from (the class itself for a plain module)."""
     cls = type(module)
-    if issubclass(cls, FrozenModule):
-        return next(c for c in cls.__mro__[1:] if not issubclass(c, FrozenModule))
-    return cls
+    return cls.__dict__["_ts_original"] if issubclass(cls, FrozenModule) else cls
 
 
 def shallow_copy(module: nn.Module, path: str | None = None) -> nn.Module:
@@ -165,8 +289,43 @@ def shallow_copy(module: nn.Module, path: str | None = None) -> nn.Module:
     state[_SEALED_ATTR] = True
     if path is not None:
         state[_PATH_ATTR] = path
+    for name in _INSTANCE_CALLABLES:
+        if name in state:
+            state[name] = _rebound(module, copy, name, state[name], path)
     object.__setattr__(copy, "__dict__", state)
     return copy
+
+
+_INSTANCE_CALLABLES = ("forward", "_old_forward")
+"""Methods a library may replace on a module *instance* (accelerate's dispatch hooks put
+``forward = partial(new_forward, module)`` and ``_old_forward = module.forward`` there)."""
+
+
+def _rebound(module: nn.Module, copy: nn.Module, name: str, value: Any, path: str | None) -> Any:
+    """``value`` — an instance-level ``forward`` of ``module`` — bound to ``copy`` instead.
+
+    A copy that kept the original's bound ``forward`` would run the *original* module's
+    children and silently bypass every rewrite below it. What binds the module as its first
+    argument (a ``functools.partial``, as accelerate makes, or a bound method) is re-bound to
+    the copy; anything else (a closure, a wrapper from another library) is refused.
+    """
+    if isinstance(value, functools.partial) and value.args and value.args[0] is module:
+        rebound = functools.partial(value.func, copy, *value.args[1:], **value.keywords)
+        return functools.update_wrapper(rebound, value)
+    if isinstance(value, types.MethodType) and value.__self__ is module:
+        return types.MethodType(value.__func__, copy)
+    if getattr(value, "__self__", None) is copy or (
+        isinstance(value, functools.partial) and value.args and value.args[0] is copy
+    ):
+        return value
+    where = "the root" if not path else repr(path)
+    raise FrozenModuleError(
+        f"cannot make a torchsurgeon tree of {type(module).__name__} at {where}: its {name!r} "
+        f"is replaced on the instance ({type(value).__name__} {getattr(value, '__qualname__', '')}"
+        "), e.g. by nnsight or a monkey-patch. A copy would still run the original module and "
+        "silently bypass every rewrite. Wrap the unpatched model instead (accelerate's "
+        "dispatch hooks are handled: a partial or bound method of the module is re-bound)."
+    )
 
 
 def wrap(module: nn.Module) -> nn.Module:
@@ -206,11 +365,14 @@ def recorded_path(module: nn.Module) -> str:
 def freeze_tree(module: nn.Module, path: str) -> nn.Module:
     """Frozen structural copy of ``module`` as it will sit at ``path`` of some tree."""
     copies: dict[int, nn.Module] = {}
+    params: dict[int, nn.Parameter] = {}
 
     def freeze(node: nn.Module, path: str) -> nn.Module:
         if id(node) in copies:
             return copies[id(node)]
         copy = shallow_copy(node, path)
+        if not is_frozen(node):
+            _own_parameters(copy, params)
         copies[id(node)] = copy
         children = copy._modules
         for name, child in list(children.items()):

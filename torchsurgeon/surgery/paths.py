@@ -15,7 +15,20 @@ from torch import nn
 
 from torchsurgeon.surgery.errors import PathError, closest
 
-__all__ = ["child_path", "describe", "get_at", "iter_nodes", "join", "nearest_paths", "split"]
+__all__ = [
+    "SITE_LISTS",
+    "child_path",
+    "describe",
+    "get_at",
+    "iter_nodes",
+    "join",
+    "layer_index_of",
+    "nearest_paths",
+    "split",
+]
+
+SITE_LISTS = ("ts_before", "ts_after")
+"""The child lists that hold intervention layers inserted at a node (see ``sites``)."""
 
 
 def split(path: str) -> list[str]:
@@ -26,6 +39,16 @@ def split(path: str) -> list[str]:
 def join(*parts: str | int) -> str:
     """Join path segments, skipping empty ones: ``join("", "a", 0) == "a.0"``."""
     return ".".join(str(p) for p in parts if str(p) != "")
+
+
+def layer_index_of(path: str) -> int | None:
+    """The index of the block a path sits in: its last integer segment (``12`` in
+    ``model.layers.12.mlp``), not counting positions inside intervention-layer lists."""
+    segments = split(path)
+    for i in range(len(segments) - 1, -1, -1):
+        if segments[i].lstrip("-").isdigit() and (i == 0 or segments[i - 1] not in SITE_LISTS):
+            return int(segments[i])
+    return None
 
 
 def child_path(parent: str, name: str) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from torchsurgeon.surgery.frozen import frozen_at, shallow_copy, wrap
+from torchsurgeon.surgery.frozen import frozen_at, shallow_copy, tree_parameter, wrap
 from torchsurgeon.surgery.paths import child_path, iter_nodes, split
 
 __all__ = ["Edit", "map_tensors", "rewrite", "set_tensors", "setting"]
@@ -59,8 +59,7 @@ def set_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
         if name in module._parameters:
             old = module._parameters[name]
             if not isinstance(value, nn.Parameter):
-                wants_grad = old.requires_grad if old is not None else False
-                value = nn.Parameter(value, requires_grad=wants_grad and value.is_floating_point())
+                value = tree_parameter(value, old.requires_grad if old is not None else False)
             module._parameters[name] = value
         elif name in module._buffers:
             module._buffers[name] = value
@@ -102,7 +101,7 @@ def _apply_keeping_kind(
     if out is tensor:
         return tensor
     if isinstance(tensor, nn.Parameter):
-        return nn.Parameter(out, requires_grad=tensor.requires_grad and out.is_floating_point())
+        return tree_parameter(out, tensor.requires_grad)
     return out
 
 

@@ -15,8 +15,11 @@ of a tuple/list output (the first field of a ``ModelOutput``/dict, or the tensor
 after it. A layer's ``on`` attribute picks another: an ``int`` is a positional argument or
 output element, a ``str`` a keyword argument or output field.
 
-Later insertions wrap earlier ones: a second ``insert_before`` runs first, a second
-``insert_after`` runs last.
+Layers at one site run in the order they were inserted, in the direction the data flows:
+a second ``insert_before`` runs after the first (just before the module), and a second
+``insert_after`` runs after the first. So ``insert_before(SetValues(...))`` followed by
+``insert_before(Save("x"))`` records the value the module receives — the order a reader of
+the code expects, and the order ``ts.show`` lists them in.
 
 A layer inserted *after* a module whose class sets ``reads_input = True`` is called as
 ``layer(target, input=x)``, where ``x`` is the module's primary input as the module
@@ -34,34 +37,44 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchsurgeon.surgery.frozen import freeze_tree, recorded_path
-from torchsurgeon.surgery.paths import child_path, describe
+from torchsurgeon.surgery.frozen import freeze_tree, frozen_at, recorded_path, shallow_copy
+from torchsurgeon.surgery.paths import SITE_LISTS, child_path, describe
 
 __all__ = ["AFTER", "BEFORE", "add_layers", "site_layers"]
 
-BEFORE = "ts_before"
-AFTER = "ts_after"
+BEFORE, AFTER = SITE_LISTS
 _HOOKED = "_ts_hooked"
 
 Accessor = int | str | None
 
 
 def add_layers(node: nn.Module, before: Sequence[nn.Module], after: Sequence[nn.Module]) -> None:
-    """Give a *private copy* ``node`` more intervention layers (and hooks, once)."""
-    modules = node._modules
-    path = recorded_path(node)
-    # The lists are frozen like the rest of the tree: a later rewrite shares this node, so
-    # an ``append`` on a plain list would reach every model made from it.
-    if before:
-        layers = nn.ModuleList([*before, *site_layers(node, BEFORE)])
-        modules[BEFORE] = freeze_tree(layers, child_path(path, BEFORE))
-    if after:
-        layers = nn.ModuleList([*site_layers(node, AFTER), *after])
-        modules[AFTER] = freeze_tree(layers, child_path(path, AFTER))
+    """Give a *private copy* ``node`` more intervention layers (and hooks, once).
+
+    New layers go at the end of the site's list (insertion order is run order). The lists
+    are frozen like the rest of the tree — a later rewrite shares this node, so an ``append``
+    on a plain list would reach every model made from it — but extending one copies only the
+    list object: the layers already there keep their places and are not copied again.
+    """
+    for which, layers in ((BEFORE, before), (AFTER, after)):
+        if layers:
+            node._modules[which] = _extended(node, which, layers)
     if not node.__dict__.get(_HOOKED):
         node.register_forward_pre_hook(_run_before, with_kwargs=True)
         node.register_forward_hook(_run_after, with_kwargs=True)
         node.__dict__[_HOOKED] = True
+
+
+def _extended(node: nn.Module, which: str, layers: Sequence[nn.Module]) -> nn.Module:
+    path = child_path(recorded_path(node), which)
+    old = node._modules.get(which)
+    if old is None:
+        return freeze_tree(nn.ModuleList(layers), path)
+    new = shallow_copy(old, path)  # own _modules dict; the old list is never changed
+    start = len(new._modules)
+    for i, layer in enumerate(layers, start):
+        new._modules[str(i)] = frozen_at(layer, child_path(path, str(i)))
+    return new
 
 
 def site_layers(node: nn.Module, which: str) -> list[nn.Module]:
@@ -123,7 +136,11 @@ def _apply_to_input(
         if not -len(args) <= on < len(args):
             raise _no_target(module, layer, "input", f"{len(args)} positional arguments")
         on %= len(args)
+        if not isinstance(args[on], torch.Tensor):
+            raise _no_target(module, layer, "input", f"argument {on} = {_kind(args[on])}")
         return (*args[:on], layer(args[on]), *args[on + 1 :]), kwargs
+    if not isinstance(kwargs[on], torch.Tensor):
+        raise _no_target(module, layer, "input", f"keyword argument {on!r} = {_kind(kwargs[on])}")
     return args, {**kwargs, on: layer(kwargs[on])}
 
 
@@ -141,6 +158,8 @@ def _apply_to_output(
         if not isinstance(on, int) or not -len(output) <= on < len(output):
             raise _no_target(module, layer, "output", f"a {type(output).__name__} of {len(output)}")
         items = list(output)
+        if not isinstance(items[on], torch.Tensor):
+            raise _no_target(module, layer, "output", f"element {on} = {_kind(items[on])}")
         items[on] = call(items[on])
         return type(output)(items) if type(output) in (tuple, list) else type(output)(*items)
     if isinstance(output, dict):  # includes transformers' ModelOutput
@@ -151,6 +170,8 @@ def _apply_to_output(
             on = keys[on] if -len(keys) <= on < len(keys) else None
         if on not in output:
             raise _no_target(module, layer, "output", f"fields {list(output.keys())}")
+        if not isinstance(output[on], torch.Tensor):
+            raise _no_target(module, layer, "output", f"field {on!r} = {_kind(output[on])}")
         output[on] = call(output[on])
         return output
     raise _no_target(module, layer, "output", type(output).__name__)
@@ -163,6 +184,10 @@ def _positional_index(cls: type, name: str) -> int | None:
     except (TypeError, ValueError):
         return None
     return params.index(name) - 1 if name in params else None  # minus ``self``
+
+
+def _kind(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
 
 
 def _kinds(values: Any) -> str:

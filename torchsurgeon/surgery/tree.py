@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchsurgeon.surgery.frozen import freeze_tree, wrap
+from torchsurgeon.surgery.frozen import freeze_tree, tree_parameter, wrap
 from torchsurgeon.surgery.paths import iter_nodes
 from torchsurgeon.surgery.rewrite import map_tensors, rewrite, setting
 
@@ -68,7 +68,7 @@ def unflatten(treedef: TreeDef, leaves: list[torch.Tensor]) -> nn.Module:
                 f"got {tuple(new.shape)}"
             )
         if isinstance(old, nn.Parameter) and not isinstance(new, nn.Parameter):
-            new = nn.Parameter(new, requires_grad=old.requires_grad and new.is_floating_point())
+            new = tree_parameter(new, old.requires_grad)
         for path, name in places:
             by_path.setdefault(path, {})[name] = new
     return rewrite(treedef.model, {path: setting(values) for path, values in by_path.items()})

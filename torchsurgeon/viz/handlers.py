@@ -1,21 +1,18 @@
-"""Plugging torchsurgeon into treescope: the handlers it registers, and when.
+"""Plugging torchsurgeon into treescope, and the one opt-in global change.
 
-treescope looks a value's type up (along its MRO) in public registries before falling back
-to its generic handlers. :func:`install` — run when :mod:`torchsurgeon.viz` is imported —
-puts these entries there:
+torchsurgeon's own classes — frozen modules, intervention layers, selections and views —
+define ``__treescope_repr__`` (see :mod:`torchsurgeon.surgery.display`); :func:`install`,
+run when :mod:`torchsurgeon.viz` is imported, plugs the drawing code of this package into
+that method. Nothing in treescope's global registries changes, so every other treescope
+user in the process keeps treescope's own handlers; ``treescope.show(tree)``,
+``treescope.show(selection)`` and ``treescope.render_to_html(model)`` still draw the
+torchsurgeon pictures. Inside those pictures tensors are drawn by torchsurgeon's own tensor
+renderer (:mod:`torchsurgeon.viz.tensors`), whatever treescope would do with them.
 
-- ``torch.Tensor`` (and so ``nn.Parameter``): :func:`~torchsurgeon.viz.tensors.render_tensor`
-  and :class:`~torchsurgeon.viz.tensors.TensorAdapter`, replacing treescope 0.1.10's torch
-  support, which fails on torch 2.13 (it reads ``Tensor.names``);
-- ``Selection``: the selection's tree with its nodes outlined, so ``selection.show()``,
-  ``treescope.show(selection)`` and ``treescope.render_to_html(selection)`` all draw it;
-- frozen modules and intervention layers (torchsurgeon's own classes): the torchsurgeon
-  tree, so a rewritten model shows its inserted layers however it is displayed;
-- :class:`~torchsurgeon.viz.view.View`: any view, as built by ``as_view``.
-
-Plain ``nn.Module`` trees keep treescope's own module handler (which works once tensors
-do). treescope sets up its torch support lazily, on the first render after ``torch`` is
-imported; :func:`install` runs that setup first, so it cannot later overwrite our entries.
+treescope 0.1.10's torch support fails on torch 2.13 for *plain* tensors and modules (it
+reads ``Tensor.names``). :func:`install_tensor_support` is the opt-in repair: it registers
+torchsurgeon's tensor handler and array adapter for ``torch.Tensor`` in treescope's global
+registries, for every treescope user in the process.
 """
 
 from __future__ import annotations
@@ -27,49 +24,38 @@ import torch
 from torch import nn
 from treescope import renderers, rendering_parts, type_registries
 
-from torchsurgeon.layers.base import InterventionLayer
 from torchsurgeon.selectors.selection import Selection
-from torchsurgeon.surgery.frozen import FrozenModule
+from torchsurgeon.surgery.display import set_treescope_renderer
 from torchsurgeon.viz.tensors import TensorAdapter, render_tensor
 from torchsurgeon.viz.tree import render_view
 from torchsurgeon.viz.view import View, as_view
 
-__all__ = ["install"]
+__all__ = ["install", "install_tensor_support"]
 
 Result = rendering_parts.RenderableAndLineAnnotations
 
 
 def install() -> None:
-    """Register torchsurgeon's treescope handlers (idempotent; see the module docstring)."""
-    type_registries.update_registries_for_imports()  # run treescope's lazy torch setup now
-    handlers = type_registries.TREESCOPE_HANDLER_REGISTRY
-    handlers[torch.Tensor] = render_tensor
+    """Draw torchsurgeon's objects with this package (idempotent; no global registry change)."""
+    set_treescope_renderer(_render)
+
+
+def install_tensor_support() -> None:
+    """Opt in: render every ``torch.Tensor`` in treescope with torchsurgeon's handler.
+
+    A global change for the whole process (treescope's registry), which repairs treescope
+    0.1.10 on torch 2.13 for plain tensors and plain ``nn.Module`` trees.
+    """
+    type_registries.update_registries_for_imports()  # treescope's lazy torch setup first
+    type_registries.TREESCOPE_HANDLER_REGISTRY[torch.Tensor] = render_tensor
     type_registries.NDARRAY_ADAPTER_REGISTRY[torch.Tensor] = TensorAdapter()
-    handlers[FrozenModule] = _render_module
-    handlers[InterventionLayer] = _render_module
-    handlers[Selection] = _render_selection
-    handlers[View] = _render_view
 
 
-def _render_module(
+def _render(
     node: Any, path: str | None, subtree_renderer: renderers.TreescopeSubtreeRenderer
 ) -> Result | NotImplementedType:
-    if not isinstance(node, nn.Module):
-        return NotImplemented
-    return render_view(as_view(node), path, subtree_renderer)
-
-
-def _render_selection(
-    node: Any, path: str | None, subtree_renderer: renderers.TreescopeSubtreeRenderer
-) -> Result | NotImplementedType:
-    if not isinstance(node, Selection):
-        return NotImplemented
-    return render_view(as_view(node), path, subtree_renderer)
-
-
-def _render_view(
-    node: Any, path: str | None, subtree_renderer: renderers.TreescopeSubtreeRenderer
-) -> Result | NotImplementedType:
-    if not isinstance(node, View):
-        return NotImplemented
-    return render_view(node, path, subtree_renderer)
+    if isinstance(node, View):
+        return render_view(node, path, subtree_renderer)
+    if isinstance(node, (nn.Module, Selection)):
+        return render_view(as_view(node), path, subtree_renderer)
+    return NotImplemented

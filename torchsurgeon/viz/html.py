@@ -1,14 +1,15 @@
 """A picture you can send: a standalone HTML file of a model, a selection or a rewrite.
 
-:func:`to_html` writes one self-contained page — treescope's interactive tree (its
+:func:`save_html` writes one self-contained page — treescope's interactive tree (its
 scripts and styles inline, uncompressed) under a short legend of the highlight colours —
-that any browser opens from disk, with no server and no network. :func:`render_html`
+that any browser opens from disk, with no server and no network. :func:`to_html`
 returns the same page as a string.
 """
 
 from __future__ import annotations
 
 import html
+import warnings
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torchsurgeon.viz import styles
 from torchsurgeon.viz.tree import default_layout
 from torchsurgeon.viz.view import as_view
 
-__all__ = ["render_html", "to_html"]
+__all__ = ["save_html", "to_html"]
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -47,7 +48,7 @@ path for <code>.at(...)</code>.
 """
 
 
-def render_html(
+def _page(
     obj: Any, *, diff: bool = False, title: str | None = None, fold_repeats: bool = True
 ) -> str:
     """The standalone page for ``obj`` (a model, a ``Selection`` or a ``(base, new)`` pair)."""
@@ -63,7 +64,7 @@ def render_html(
     return _PAGE.format(title=html.escape(caption), legend=legend, tree=tree)
 
 
-def to_html(
+def save_html(
     obj: Any,
     path: str | PathLike[str],
     *,
@@ -73,7 +74,32 @@ def to_html(
 ) -> Path:
     """Write the standalone page for ``obj`` to ``path`` (folders made as needed)."""
     target = Path(path)
-    page = render_html(obj, diff=diff, title=title, fold_repeats=fold_repeats)
+    page = _page(obj, diff=diff, title=title, fold_repeats=fold_repeats)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page, encoding="utf-8")
     return target
+
+
+def to_html(
+    obj: Any,
+    path: str | PathLike[str] | None = None,
+    *,
+    diff: bool = False,
+    title: str | None = None,
+    fold_repeats: bool = True,
+) -> str | Path:
+    """The standalone page for ``obj`` as a string, like every ``to_*`` (``to_text``,
+    ``Plan.to_bytes``); write a file with :func:`save_html`.
+
+    Passing ``path`` still writes the file and returns its path, with a
+    ``DeprecationWarning`` (the old meaning of ``to_html``).
+    """
+    if path is not None:
+        warnings.warn(
+            "ts.to_html(x, path) is deprecated: use ts.save_html(x, path) to write a file; "
+            "ts.to_html(x) returns the page as a string",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return save_html(obj, path, diff=diff, title=title, fold_repeats=fold_repeats)
+    return _page(obj, diff=diff, title=title, fold_repeats=fold_repeats)

@@ -39,6 +39,7 @@ from torchsurgeon.surgery.paths import child_path, iter_nodes, split
 from torchsurgeon.surgery.sites import AFTER, BEFORE
 from torchsurgeon.viz import styles
 from torchsurgeon.viz.diff import Change, TreeDiff, diff_trees
+from torchsurgeon.viz.tensors import render_tensor
 from torchsurgeon.viz.view import View
 
 __all__ = ["MAX_UNFOLDED_LINES", "default_layout", "render_view"]
@@ -364,7 +365,9 @@ def _tensors(scene: _Scene, module: nn.Module, path: str) -> list[_Line]:
         for name, tensor in group.items():
             if tensor is None or name in skip:
                 continue
-            lines.append(_field(name, scene.renderer(tensor, path=child_path(path, name))))
+            lines.append(
+                _field(name, render_tensor(tensor, child_path(path, name), scene.renderer))
+            )
     return lines
 
 
@@ -384,7 +387,7 @@ def _layer_fields(scene: _Scene, layer: InterventionLayer, path: str) -> list[_L
         else:
             lines.append(_field(key, scene.renderer(value, path=None)))
     for key, tensor in tensors.items():
-        lines.append(_field(key, scene.renderer(tensor, path=child_path(path, key))))
+        lines.append(_field(key, render_tensor(tensor, child_path(path, key), scene.renderer)))
     return lines
 
 

@@ -18,13 +18,14 @@ from typing import Any
 from torch import nn
 
 from torchsurgeon.selectors.selection import Selection
+from torchsurgeon.surgery.display import TreescopeRepr
 from torchsurgeon.surgery.lineage import lineage_of
 
 __all__ = ["View", "as_view"]
 
 
 @dataclass(frozen=True)
-class View:
+class View(TreescopeRepr):
     """What to draw: ``model``, the ``selected`` paths, and the ``base`` to diff against.
 
     ``selected`` is None when the picture shows no selection; an empty tuple is a selection
