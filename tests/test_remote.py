@@ -38,6 +38,7 @@ from plan_cases import (
     rewrite_with,
     token_ids,
 )
+from requirements import require
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,7 +115,7 @@ class Hosting:
 @pytest.fixture(scope="module", params=["threads", pytest.param("ray", marks=pytest.mark.slow)])
 def host(request: pytest.FixtureRequest, checkpoints: dict[str, Path]) -> Iterator[Hosting]:
     if request.param == "ray":
-        pytest.importorskip("ray", reason="the Ray variant needs `pip install ray`")
+        require("ray", "the Ray variant needs `pip install ray`")
     ray_replicas = 2 if request.param == "ray" else None
     app = create_app(
         checkpoints, api_keys=KEYS, limits=LIMITS, workers=4, ray_replicas=ray_replicas
@@ -243,9 +244,13 @@ def test_text_inputs_go_through_the_host_tokenizer(
     texts = ["the cat sat on the mat", "hello world"]
     got = client.run(probe, texts)
     encoded = AutoTokenizer.from_pretrained(checkpoints["gpt2"])(
-        texts, return_tensors="pt", padding=True
+        texts, return_tensors="pt", padding=True, padding_side="left"
     )
-    want = ts.run(probe, input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+    mask = encoded["attention_mask"]  # left-padded, with positions counted from each row's start
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    want = ts.run(
+        probe, input_ids=encoded["input_ids"], attention_mask=mask, position_ids=positions
+    )
     assert_same_result(got, want)
 
 

@@ -8,6 +8,11 @@ registry (the allow-list, optionally narrowed by :class:`PlanLimits`), every lay
 by rebuilding the layer, tensor references against the tensors the file holds (dtype,
 shape, finite values) and the size limits. Every error is a
 :class:`~torchsurgeon.plans.errors.PlanFormatError` naming the field (``steps.2.layer.type``).
+
+Numbers arrive already strict from the reader (:func:`torchsurgeon.plans.wire.parse_json`:
+64-bit integers, finite floats). A boolean is never an integer here: pydantic's strict mode
+still takes ``true`` for ``Literal[1]`` (``True == 1`` in Python), so the schema version is
+checked by type as well, and so is a layer's ``on``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from torchsurgeon.layers.base import layer_types
 from torchsurgeon.plans.errors import PlanFormatError, PlanLimitError
+from torchsurgeon.plans.returning import Reduction
 from torchsurgeon.plans.spec import OPERATIONS
 from torchsurgeon.selectors.expression import OPERATIONS as SELECTOR_OPERATIONS
 from torchsurgeon.selectors.expression import SelectorStep
@@ -58,6 +64,8 @@ class PlanLimits:
     max_plan_bytes: int = 512 << 20
     max_manifest_bytes: int = 4 << 20
     max_depth: int = 32
+    max_json_items: int = 1 << 22
+    """Array elements and object members in one JSON text (the header, or the manifest)."""
     max_steps: int = 1024
     max_tensors: int = 4096
     max_tensor_bytes: int = 256 << 20
@@ -138,7 +146,7 @@ def validate(manifest: Any, tensors: Mapping[str, torch.Tensor], limits: PlanLim
     if manifest.get("format") != FORMAT:
         raise PlanFormatError(f"expected {FORMAT!r}, got {manifest.get('format')!r}", "format")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # true == 1 == 1.0 in Python
         raise PlanFormatError(
             f"unsupported schema version {version!r}; this torchsurgeon reads version "
             f"{SCHEMA_VERSION}",
@@ -164,8 +172,10 @@ def validate(manifest: Any, tensors: Mapping[str, torch.Tensor], limits: PlanLim
                 f"topk={reduction.topk} is over the limit of {limits.max_topk}",
                 f"returning.reductions.{name}.topk",
             )
-        if reduction.positions is not None and (reduction.positions[2] or 1) <= 0:
-            raise PlanFormatError("the slice step must be > 0", f"returning.reductions.{name}")
+        try:  # the reduction's own checks (a slice step > 0, ...), as the plan will build it
+            Reduction.from_json(reduction.model_dump())
+        except (TypeError, ValueError) as error:
+            raise PlanFormatError(str(error), f"returning.reductions.{name}") from None
     return checked
 
 
@@ -235,9 +245,15 @@ def _check_step(
                 f"{where}.layer.tensors.{name}",
             )
         values[name] = tensors[ref]
+    on = step.layer.config.get("on")
+    if on is not None and type(on) not in (int, str):
+        raise PlanFormatError(
+            f"on must be a position (int), a name (str) or null, got {on!r}",
+            f"{where}.layer.config.on",
+        )
     try:
         kind.from_spec(dict(step.layer.config), values)
-    except (TypeError, ValueError, IndexError, KeyError) as error:
+    except (TypeError, ValueError, IndexError, KeyError, ArithmeticError) as error:
         raise PlanFormatError(
             f"{kind.type_name} cannot be built from this config: {error}", f"{where}.layer"
         ) from None

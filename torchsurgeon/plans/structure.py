@@ -8,12 +8,21 @@ computing (feed it inputs on ``torch.device("meta")``).
 :class:`Structure` is that shape as JSON, which a host serves and a client rebuilds:
 
 - ``kind="transformers"``: the ``transformers`` class name and its config dict; the client
-  builds the class under ``torch.device("meta")``, so it even runs (shape checks). The
-  class is looked up by name in ``transformers``' own exports and must be a
-  ``PreTrainedModel``: data, never code.
+  builds the class under ``torch.device("meta")``, so it even runs (shape checks).
 - ``kind="tree"``: for any other module, every node's path, class name, public scalar
   attributes and tensor shapes; the client builds stand-in modules with those class names
   (selectors, ``ts.attr``, plans all work; it has no ``forward``).
+
+What a host serves is data, and the client builds from it only what an allow-list permits:
+a ``transformers`` class is accepted only if ``transformers``' own auto-class tables list it
+for the config's ``model_type`` (or its modeling module defines it next to one they list)
+and its ``config_class`` is that model type's config class; the config loses every key
+that could make building the model load code or kernels (``attn_implementation``,
+``auto_map``, private ``_...`` keys). A ``tree`` node is a real class only for the
+``torch.nn`` containers; every other node is a stand-in whose class *names* the host's
+class and imports nothing. Nothing named by the host is imported. In the other direction
+:func:`structure_of` serves no host-local facts: ``_name_or_path`` and any string that is a
+filesystem path (absolute, ``~``, ``file:``) are left out.
 
 Either way the rebuilt model is *pinned* to the served model's identity, so a plan made
 against it carries the hosted weights' fingerprint and applies exactly on the host — and
@@ -22,6 +31,8 @@ on a local copy loaded from the same checkpoint.
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +56,22 @@ _CONTAINERS = {
     "torch.nn.modules.container.Sequential": nn.Sequential,
     "torch.nn.modules.container.ModuleDict": nn.ModuleDict,
 }
+# Config keys that say where the host keeps its files (never served).
+_HOST_LOCAL_KEYS = frozenset({"_name_or_path", "name_or_path", "_commit_hash"})
+# Config keys a client never builds from: they choose code to load (attention kernels from
+# the Hub, remote code), quantizers, or are private bookkeeping (every ``_...`` key).
+_UNSAFE_CONFIG_KEYS = frozenset(
+    {
+        "attn_implementation",
+        "experts_implementation",
+        "auto_map",
+        "trust_remote_code",
+        "quantization_config",
+        "name_or_path",
+    }
+)
+_LOCAL_PATH = re.compile(r"^(/|~|\\\\|file:|[A-Za-z]:[\\/])")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|<locals>))*$")
 
 
 def meta(model: nn.Module) -> nn.Module:
@@ -88,13 +115,26 @@ class Structure:
             raise PlanFormatError(f"not a model structure: missing or bad {error}") from None
 
     def build(self) -> nn.Module:
-        """The structure-only model (meta device, frozen), pinned to :attr:`identity`."""
-        if self.kind == "transformers":
-            model = _build_transformers(self.architecture, dict(self.config or {}))
-        elif self.kind == "tree":
-            model = _build_tree(self.nodes)
-        else:
-            raise PlanFormatError(f"unknown structure kind {self.kind!r}", "kind")
+        """The structure-only model (meta device, frozen), pinned to :attr:`identity`.
+
+        :class:`PlanFormatError` when the structure names a class outside the allow-list
+        (see the module docstring) or is malformed.
+        """
+        try:
+            if self.kind == "transformers":
+                if not isinstance(self.config, Mapping):
+                    raise PlanFormatError(
+                        "a transformers structure needs a config object", "config"
+                    )
+                model = _build_transformers(self.architecture, dict(self.config))
+            elif self.kind == "tree":
+                model = _build_tree(self.nodes)
+            else:
+                raise PlanFormatError(f"unknown structure kind {self.kind!r}", "kind")
+        except PlanFormatError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise PlanFormatError(f"malformed structure: {error!r}", "nodes") from None
         model = wrap(model.eval())
         model = with_lineage(model, Lineage(model, ()))
         try:
@@ -111,8 +151,14 @@ def structure_of(model: nn.Module, identity: BaseIdentity | None = None) -> Stru
     identity = identity or identity_of(model)
     cls = original_class(model)
     config = getattr(model, "config", None)
-    if _is_exported_transformers_model(cls) and hasattr(config, "to_dict"):
-        return Structure("transformers", cls.__name__, identity, config=config.to_dict())
+    model_type = getattr(config, "model_type", None)
+    if (
+        hasattr(config, "to_dict")
+        and cls.__module__.startswith("transformers.")
+        and _transformers_class(cls.__name__, model_type) is cls
+    ):
+        served = _without_local_paths(config.to_dict())
+        return Structure("transformers", cls.__name__, identity, config=served)
     nodes = []
     for path, node in iter_nodes(model):
         kind = original_class(node)
@@ -128,7 +174,7 @@ def structure_of(model: nn.Module, identity: BaseIdentity | None = None) -> Stru
         attrs = {
             k: v
             for k, v in vars(node).items()
-            if not k.startswith("_") and k != "training" and _is_scalar(v)
+            if not k.startswith("_") and k != "training" and _is_scalar(v) and not _is_path(v)
         }
         nodes.append(
             {
@@ -146,30 +192,111 @@ def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def _is_exported_transformers_model(cls: type) -> bool:
-    if not cls.__module__.startswith("transformers."):
-        return False
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and _LOCAL_PATH.match(value) is not None
+
+
+def _without_local_paths(value: Any) -> Any:
+    """``value`` (a config's JSON) without host-local keys and strings that are file paths."""
+    if isinstance(value, Mapping):
+        return {
+            k: _without_local_paths(v)
+            for k, v in value.items()
+            if k not in _HOST_LOCAL_KEYS and not _is_path(v)
+        }
+    if isinstance(value, (list, tuple)):
+        return [_without_local_paths(v) for v in value if not _is_path(v)]
+    return value
+
+
+def _buildable_config(value: Any) -> Any:
+    """A served config without the keys a client never builds from (see the module doc)."""
+    if isinstance(value, Mapping):
+        return {
+            k: _buildable_config(v)
+            for k, v in value.items()
+            if isinstance(k, str) and not k.startswith("_") and k not in _UNSAFE_CONFIG_KEYS
+        }
+    if isinstance(value, list):
+        return [_buildable_config(v) for v in value]
+    return value
+
+
+def _architectures(model_type: str) -> list[str]:
+    """The model class names ``transformers``' auto-class tables list for ``model_type``."""
+    from transformers.models.auto import modeling_auto
+
+    names: list[str] = []
+    for table_name, table in vars(modeling_auto).items():
+        if not table_name.endswith("_MAPPING_NAMES") or table_name == "CONFIG_MAPPING_NAMES":
+            continue
+        if not isinstance(table, Mapping):
+            continue
+        entry = table.get(model_type)
+        for name in (entry,) if isinstance(entry, str) else entry or ():
+            if isinstance(name, str) and name not in names:
+                names.append(name)
+    return names
+
+
+def _transformers_class(architecture: str, model_type: Any) -> type | None:
+    """The allow-listed ``transformers`` model class ``architecture`` of ``model_type``, or None.
+
+    Allowed: a class the auto-class tables list for ``model_type``, or a ``PreTrainedModel``
+    defined in the same modeling module as one of those (``GPT2DoubleHeadsModel``), whose
+    ``config_class`` is ``model_type``'s config class. Only names taken from those tables are
+    looked up on ``transformers``; ``architecture`` itself is only compared with them and
+    looked up in an already imported module's own namespace.
+    """
+    from transformers import CONFIG_MAPPING, PreTrainedModel
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return None
     import transformers
 
-    return getattr(transformers, cls.__name__, None) is cls
+    listed = _architectures(model_type)
+    if not listed:
+        return None
+    if architecture in listed:
+        cls = getattr(transformers, architecture, None)
+    else:
+        anchor = getattr(transformers, listed[0], None)
+        module = sys.modules.get(getattr(anchor, "__module__", ""))
+        cls = vars(module).get(architecture) if module is not None else None
+        if not (isinstance(cls, type) and cls.__module__ == getattr(module, "__name__", None)):
+            return None
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        return None
+    config_class = CONFIG_MAPPING[model_type]
+    wanted = getattr(cls, "config_class", None)
+    if not (isinstance(wanted, type) and issubclass(config_class, wanted)):
+        return None
+    return cls
 
 
 def _build_transformers(architecture: str, config: dict[str, Any]) -> nn.Module:
-    import transformers
-    from transformers import CONFIG_MAPPING, PreTrainedModel
+    from transformers import CONFIG_MAPPING
 
-    cls = getattr(transformers, architecture, None) if architecture.isidentifier() else None
-    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-        raise PlanFormatError(
-            f"{architecture!r} is not a model class exported by transformers", "architecture"
-        )
     model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise PlanFormatError(f"unknown transformers model_type {model_type!r}", "config")
-    hf_config = CONFIG_MAPPING[model_type].from_dict(config)
-    dtype = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or ""))
-    with torch.device("meta"):
-        model = cls(hf_config)
+    cls = _transformers_class(architecture, model_type)
+    if cls is None:
+        listed = ", ".join(_architectures(model_type)) or "none"
+        raise PlanFormatError(
+            f"{architecture!r} is not a transformers model class for model_type "
+            f"{model_type!r}; allowed: {listed}",
+            "architecture",
+        )
+    try:
+        hf_config = CONFIG_MAPPING[model_type].from_dict(_buildable_config(config))
+        dtype = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or ""))
+        with torch.device("meta"):
+            model = cls(hf_config)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as error:
+        raise PlanFormatError(
+            f"the served {model_type} config does not build a {architecture}: {error}", "config"
+        ) from None
     if dtype is not None and dtype != torch.float32:
         model = model.to(dtype)
     return model
@@ -190,6 +317,10 @@ def _build_tree(nodes: tuple[Mapping[str, Any], ...]) -> nn.Module:
     classes: dict[tuple[str, str], type[nn.Module]] = {}
     for node in nodes:
         path, module, qualname = str(node["path"]), str(node["module"]), str(node["qualname"])
+        if not (_DOTTED.match(module) and _DOTTED.match(qualname)):
+            raise PlanFormatError(
+                f"node {path!r}: class {module}.{qualname} is not a dotted Python name", "nodes"
+            )
         container = _CONTAINERS.get(f"{module}.{qualname}")
         if container is not None:
             instance: nn.Module = container()

@@ -10,6 +10,16 @@ unpickles or executes anything; ``torch.load`` cannot read the file, and a pickl
 size and JSON nesting depth, every tensor's dtype, shape and byte range, the tensor count
 and sizes — and then lets ``safetensors`` load the bytes. The manifest's *meaning* is
 checked by :mod:`torchsurgeon.plans.schema`.
+
+Every JSON text torchsurgeon reads from the wire goes through :func:`parse_json`, which is
+linear in time in the text's length whatever it holds. The nesting depth is measured before
+parsing: escapes are cut out with ``bytes.replace``, then which bytes lie inside strings and
+the brackets' running depth are vectorised cumulative sums (no regular expression, so
+nothing can backtrack). The parse itself is strict: integers of at most 19 digits inside
+the int64 range (Python's own int parser is quadratic in the digits and refuses more than
+4,300), finite floats only (``1e400`` would parse as infinity), no ``NaN``/``Infinity``, no
+repeated keys in an object, no lone UTF-16 surrogate escape (which no UTF-8 text can hold,
+and which would break every answer that quotes the string).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -30,7 +41,7 @@ from safetensors.torch import save as save_safetensors
 from torchsurgeon.plans.errors import PlanFormatError, PlanLimitError
 from torchsurgeon.plans.schema import PlanLimits
 
-__all__ = ["METADATA_KEY", "json_depth", "pack", "unpack", "unpack_container"]
+__all__ = ["METADATA_KEY", "json_depth", "pack", "parse_json", "unpack", "unpack_container"]
 
 METADATA_KEY = "torchsurgeon.plan"
 _SAFETENSORS_DTYPES = {
@@ -45,8 +56,15 @@ _SAFETENSORS_DTYPES = {
     "U8": 1,
     "BOOL": 1,
 }
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
-_BRACKETS = re.compile(rb"[\[\]{}]")
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+"""A high surrogate escape with no low one after it, or a low one with no high one before."""
+_BRACKET_STEPS = np.zeros(256, dtype=np.int8)
+_BRACKET_STEPS[[ord("["), ord("{")]] = 1
+_BRACKET_STEPS[[ord("]"), ord("}")]] = -1
+INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def pack(
@@ -101,14 +119,14 @@ def unpack_container(
             f"truncated: the header claims {header_size} bytes but the file has only "
             f"{len(data) - 8} after the length prefix"
         )
-    header = _parse_json(data[8 : 8 + header_size], "the safetensors header", limits.max_depth)
+    header = parse_json(data[8 : 8 + header_size], "the safetensors header", limits)
     if not isinstance(header, dict):
         raise PlanFormatError("the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None)
     if not isinstance(metadata, dict) or not isinstance(metadata.get(key), str):
         raise PlanFormatError(f"no {key!r} entry in the file's metadata: not a {what}")
     _check_entries(header, len(data) - 8 - header_size, limits)
-    manifest = _parse_json(metadata[key].encode(), f"the {what}'s JSON", limits.max_depth)
+    manifest = parse_json(metadata[key], f"the {what}'s JSON", limits)
     try:
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as error:
@@ -178,26 +196,120 @@ def _check_entries(header: dict[str, Any], data_size: int, limits: PlanLimits) -
 
 
 def json_depth(text: bytes) -> int:
-    """The deepest nesting of ``[``/``{`` in a JSON text (strings skipped), without parsing."""
-    depth = deepest = 0
-    for bracket in _BRACKETS.findall(_STRINGS.sub(b"", text)):
-        if bracket in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+    """The deepest nesting of ``[``/``{`` in a JSON text (strings skipped), without parsing.
+
+    Linear in ``len(text)`` whatever it holds (see :func:`parse_json`).
+    """
+    return _shape(_unescaped(bytes(text)))[0]
 
 
-def _parse_json(text: bytes, what: str, max_depth: int) -> Any:
-    depth = json_depth(text)
-    if depth > max_depth:
-        raise PlanLimitError(f"{what} nests {depth} levels deep, over the limit of {max_depth}")
+def _unescaped(text: bytes) -> bytes:
+    """``text`` without escaped backslashes and escaped quotes.
+
+    ``bytes.replace`` pairs backslashes left to right, as JSON does, so after the first
+    replacement every backslash left escapes the byte after it, and after the second every
+    quote left opens or closes a string.
+    """
+    return text.replace(b"\\\\", b"").replace(b'\\"', b"")
+
+
+def _shape(unescaped: bytes) -> tuple[int, int]:
+    """``(deepest nesting, number of items)`` of a JSON text, counted outside strings.
+
+    A byte is inside a string when an odd number of quotes precede it; the depth is the
+    running sum of the brackets outside strings; the items are the commas and brackets
+    outside strings (every array element and object member but a container's first is
+    preceded by a comma). All vectorised: cumulative sums over the bytes.
+    """
+    if not unescaped:
+        return 0, 0
+    codes = np.frombuffer(unescaped, dtype=np.uint8)
+    outside = (np.cumsum(codes == ord('"'), dtype=np.int32) & 1) == 0
+    steps = _BRACKET_STEPS[codes] * outside
+    deepest = int(np.cumsum(steps, dtype=np.int32).max())
+    items = np.count_nonzero(steps == 1) + np.count_nonzero((codes == ord(",")) & outside)
+    return max(0, deepest), int(items)
+
+
+def parse_json(text: bytes | str, what: str, limits: PlanLimits) -> Any:
+    """The JSON value of ``text`` (UTF-8 when bytes), read strictly (see the module docstring).
+
+    Before parsing, the text's nesting depth and its number of items (array elements and
+    object members) are measured against ``limits.max_depth`` and ``limits.max_json_items``:
+    every item is a Python object to build, maybe a container the garbage collector walks
+    again and again, maybe a list entry a layer's constructor loops over.
+    :class:`PlanLimitError` when over either; :class:`PlanFormatError` naming ``what`` for
+    anything that is not strict JSON.
+    """
+    if isinstance(text, str):
+        data = text.encode("utf-8", "surrogatepass")
+    else:
+        data = bytes(text)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise PlanFormatError(f"{what} is not UTF-8: {error}") from None
+    unescaped = _unescaped(data)
+    depth, items = _shape(unescaped)
+    if depth > limits.max_depth:
+        raise PlanLimitError(
+            f"{what} nests {depth} levels deep, over the limit of {limits.max_depth}"
+        )
+    if items > limits.max_json_items:
+        raise PlanLimitError(
+            f"{what} holds about {items} items (array elements and object members), over the "
+            f"limit of {limits.max_json_items}"
+        )
+    if b"\\u" in unescaped and _LONE_SURROGATE.search(unescaped):
+        raise PlanFormatError(
+            f"{what} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff not in a pair)"
+        )
 
     def refuse_constant(name: str) -> Any:
         raise PlanFormatError(f"{what} holds the non-JSON constant {name}")
 
+    def read_int(digits: str) -> int:
+        if len(digits.lstrip("-")) > 19:
+            raise PlanFormatError(
+                f"{what} holds an integer of {len(digits.lstrip('-'))} digits; integers must "
+                f"fit in 64 bits ({INT64[0]}..{INT64[1]})"
+            )
+        value = int(digits)
+        if not INT64[0] <= value <= INT64[1]:
+            raise PlanFormatError(
+                f"{what} holds the integer {digits}, outside the 64-bit range "
+                f"{INT64[0]}..{INT64[1]}"
+            )
+        return value
+
+    def read_float(digits: str) -> float:
+        value = float(digits)
+        if not math.isfinite(value):
+            shown = digits if len(digits) <= 40 else digits[:40] + "..."
+            raise PlanFormatError(
+                f"{what} holds the number {shown}, which is not a finite 64-bit float"
+            )
+        return value
+
+    def read_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        value = dict(pairs)
+        if len(value) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise PlanFormatError(f"{what} repeats the key {key[:100]!r} in one object")
+                seen.add(key)
+        return value
+
     try:
-        return json.loads(text, parse_constant=refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return json.loads(
+            text,
+            parse_int=read_int,
+            parse_float=read_float,
+            parse_constant=refuse_constant,
+            object_pairs_hook=read_object,
+        )
+    except json.JSONDecodeError as error:
         raise PlanFormatError(f"{what} is not valid JSON: {error}") from None
+    except RecursionError:  # not reached under the depth limit; never let it escape
+        raise PlanLimitError(f"{what} nests too deep (over {limits.max_depth} levels)") from None

@@ -8,29 +8,36 @@ Endpoints, all under ``/v1`` (JSON unless noted; errors are
   a client builds a structure-only model (``Client.meta``).
 - ``POST /v1/models/{name}/jobs`` — body: a request file (safetensors: the plan's bytes and
   the inputs; see :mod:`torchsurgeon.remote.transfer`). ``202`` with the job's id and
-  queue position once every up-front check passed.
+  queue position once every up-front check passed. An ``Idempotency-Key`` header (the
+  client's request id) makes a retried POST return the job the first one made.
 - ``GET  /v1/jobs/{id}?since=V&wait=S`` — status (``queued`` + ``position``, ``running``,
   ``done``, ``error`` + message); with ``since``, waits up to ``S`` seconds for a change.
+  A job whose result expired is a ``410``.
 - ``GET  /v1/jobs/{id}/result`` — the result file (safetensors), once ``done``.
 - ``DELETE /v1/jobs/{id}`` — forget a job and its result.
 
 With API keys configured, every endpoint wants ``Authorization: Bearer <key>`` (or
-``X-API-Key``), and a key sees only its own jobs (another key's job is a ``404``).
+``X-API-Key``), and a key sees only its own jobs (another key's job is a ``404``). Jobs and
+results persist in ``state_dir`` (see :mod:`torchsurgeon.remote.jobs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+import asyncio
+import re
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from torch import nn
 
+from torchsurgeon.remote.compat import import_anyio
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.host import Host
 from torchsurgeon.remote.limits import Limits
@@ -38,6 +45,8 @@ from torchsurgeon.remote.limits import Limits
 __all__ = ["create_app"]
 
 _MAX_WAIT = 30.0
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_CHUNK = 1 << 20
 
 
 def create_app(
@@ -48,15 +57,19 @@ def create_app(
     workers: int = 2,
     ray_replicas: int | None = None,
     ray_threads: int | None = None,
+    state_dir: str | Path | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``models`` (modules, or local checkpoint directories).
 
     Each model is loaded once and never changed; each request runs its own rewritten view.
     ``workers`` threads run jobs (or, with ``ray_replicas``, dispatch them to that many Ray
     actors, each running torch with ``ray_threads`` threads; see
-    :mod:`torchsurgeon.remote.ray_pool`). The app's ``state.host`` is the
-    :class:`~torchsurgeon.remote.host.Host`.
+    :mod:`torchsurgeon.remote.ray_pool`). Jobs and results are kept in ``state_dir`` (a
+    SQLite table and result files; a temporary directory, removed at shutdown, if ``None``),
+    so a host started again on the same directory finishes what was queued or running.
+    The app's ``state.host`` is the :class:`~torchsurgeon.remote.host.Host`.
     """
+    import_anyio()  # before serving: see torchsurgeon.remote.compat
     host = Host(
         models,
         api_keys=api_keys,
@@ -64,6 +77,7 @@ def create_app(
         workers=workers,
         ray_replicas=ray_replicas,
         ray_threads=ray_threads,
+        state_dir=state_dir,
     )
 
     @asynccontextmanager
@@ -72,7 +86,7 @@ def create_app(
         try:
             yield
         finally:
-            await run_in_threadpool(host.stop)
+            host.stop()  # bounded; called directly: the thread pool may be full at shutdown
 
     app = FastAPI(title="torchsurgeon host", version="1", lifespan=lifespan)
     app.state.host = host
@@ -95,8 +109,12 @@ def create_app(
         return host.owner(key or request.headers.get("x-api-key"))
 
     @app.get("/v1/health")
-    async def health() -> dict[str, Any]:
-        return {"ok": True}
+    async def health() -> JSONResponse:
+        if host.pool is None:
+            return JSONResponse({"ok": True})
+        replicas = await run_in_threadpool(host.pool.health)  # Ray replicas: live, replaced
+        status = 503 if replicas["state"] == "down" else 200
+        return JSONResponse({"ok": replicas["state"] == "ok", "replicas": replicas}, status)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -112,8 +130,17 @@ def create_app(
     async def submit(name: str, request: Request) -> dict[str, Any]:
         who = owner(request)
         host.model(name)
-        body = await _read_body(request, host.limits.max_request_bytes)
-        job = await run_in_threadpool(host.submit, who, name, body)
+        request_key = request.headers.get("idempotency-key")
+        if request_key is not None and not _REQUEST_ID.fullmatch(request_key):
+            raise ApiError(
+                400,
+                "bad_request",
+                "Idempotency-Key must be 1 to 128 letters, digits or '._:-' (a UUID fits)",
+                "Idempotency-Key",
+            )
+        limits = host.limits
+        body = await _read_body(request, limits.max_request_bytes, limits.request_idle_seconds)
+        job = await run_in_threadpool(host.submit, who, name, body, request_key)
         return host.queue.status(job)
 
     @app.get("/v1/jobs/{job_id}")
@@ -126,13 +153,22 @@ def create_app(
         return host.queue.status(job)
 
     @app.get("/v1/jobs/{job_id}/result")
-    async def result(job_id: str, request: Request) -> Response:
+    async def result(job_id: str, request: Request) -> StreamingResponse:
         job = host.queue.get(job_id, owner(request))
+        host.queue.status(job)  # an expired job: 410
         if job.state == "error" and job.error is not None:
             raise ApiError(422, job.error.code, job.error.message, job.error.field)
-        if job.state != "done" or job.result is None:
+        if job.state != "done":
             raise ApiError(409, "not_ready", f"job {job_id!r} is {job.state}", "job")
-        return Response(job.result, media_type="application/octet-stream")
+        try:  # opened here, so a sweep that deletes the file meanwhile cannot cut it short
+            stream = open(host.queue.store.result_path(job.id), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            raise ApiError(410, "expired", f"the result of job {job_id!r} is gone", "job") from None
+        return StreamingResponse(
+            _chunks(stream),
+            media_type="application/octet-stream",
+            headers={"Content-Length": str(job.result_bytes or 0)},
+        )
 
     @app.delete("/v1/jobs/{job_id}")
     async def forget(job_id: str, request: Request) -> dict[str, Any]:
@@ -143,8 +179,8 @@ def create_app(
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
+async def _read_body(request: Request, limit: int, idle: float) -> bytes:
+    """The request body: 413 as soon as it is known to exceed ``limit``, 408 if it stalls."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(
@@ -152,9 +188,29 @@ async def _read_body(request: Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), idle)
+        except StopAsyncIteration:
+            break
+        except ClientDisconnect:  # nobody is left to answer: a 400 that is never sent
+            raise ApiError(400, "client_disconnected", "the client hung up mid-body") from None
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408,
+                "request_timeout",
+                f"the request body stalled for request_idle_seconds={idle:g} s",
+                "request_idle_seconds",
+            ) from None
         size += len(chunk)
         if size > limit:
             raise ApiError(413, "too_large", f"the request is over max_request_bytes={limit}")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _chunks(stream: Any) -> Iterator[bytes]:
+    with stream:
+        while chunk := stream.read(_CHUNK):
+            yield chunk

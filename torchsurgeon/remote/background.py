@@ -4,6 +4,9 @@
 free port (the socket is bound before the thread starts, so there is no race for the
 port), runs uvicorn in a daemon thread, waits until it accepts requests, and on exit asks
 it to stop and joins the thread — which also stops the host's workers (app lifespan).
+The server runs the same configuration as ``torchsurgeon serve``
+(:func:`~torchsurgeon.remote.server.server_config`: connection cap, request-head timeout,
+keep-alive, bounded shutdown).
 """
 
 from __future__ import annotations
@@ -16,13 +19,23 @@ from typing import Any
 
 import uvicorn
 
+from torchsurgeon.remote.compat import import_anyio
+from torchsurgeon.remote.server import ServerLimits, server_config
+
 __all__ = ["BackgroundServer", "serve_in_thread"]
 
 
 class BackgroundServer:
     """A uvicorn server running in a thread; ``url`` is where it listens."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        import_anyio()  # an app made elsewhere still needs it: see torchsurgeon.remote.compat
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # Accepted connections inherit this: without it, small responses wait ~40 ms for
@@ -31,7 +44,9 @@ class BackgroundServer:
         self._socket.bind((host, port))
         self.host, self.port = self._socket.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        config = server_config(
+            app, host=self.host, port=self.port, limits=limits, log_level="warning"
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
@@ -65,6 +80,8 @@ class BackgroundServer:
         self.stop()
 
 
-def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> BackgroundServer:
+def serve_in_thread(
+    app: Any, host: str = "127.0.0.1", port: int = 0, limits: ServerLimits | None = None
+) -> BackgroundServer:
     """Start serving ``app`` in a background thread; stop it with ``.stop()`` or ``with``."""
-    return BackgroundServer(app, host, port).start()
+    return BackgroundServer(app, host, port, limits).start()

@@ -14,11 +14,22 @@ class a local ``ts.run`` does, so ``ts.run(model, ids, backend=client)`` works.
 Which hosted model runs a plan: ``model_name=`` if given, else the client's default
 ``model=``, else the hosted model whose identity the plan's base has (fingerprint first,
 then structure).
+
+**When the host goes away.** Every call that cannot reach the host (refused, reset, timed
+out) is retried with exponential backoff for up to ``reconnect_seconds``; after that it is a
+:class:`~torchsurgeon.remote.errors.RemoteError` ``unreachable`` — never a raw ``httpx``
+exception. Each submission carries a request id (``Idempotency-Key``, a fresh UUID unless
+``request_id=`` names one), so a POST retried after a lost answer returns the job the first
+one made instead of running it twice. A job waited on across a host restart is found again
+in the host's state directory; if the restarted host does not know it (it keeps no state
+directory) the error says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -38,6 +49,8 @@ if TYPE_CHECKING:
 __all__ = ["Client", "Job", "JobStatus"]
 
 _POLL_SECONDS = 10.0
+_FIRST_BACKOFF = 0.2
+_MAX_BACKOFF = 5.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,20 @@ class Job:
         params: dict[str, Any] = {}
         if since is not None:
             params = {"since": since, "wait": wait}
-        data = self.client._json("GET", f"/v1/jobs/{self.id}", params=params)
+        reconnects = self.client.reconnects
+        try:
+            data = self.client._json("GET", f"/v1/jobs/{self.id}", params=params)
+        except RemoteError as error:
+            if error.status == 404 and self.client.reconnects > reconnects:
+                raise RemoteError(
+                    404,
+                    "job_lost",
+                    f"job {self.id} is unknown to the host after it came back; it keeps jobs "
+                    "across restarts only with a state directory (torchsurgeon serve "
+                    "--state-dir)",
+                    "job",
+                ) from None
+            raise
         error = data.get("error")
         return JobStatus(
             id=self.id,
@@ -103,6 +129,11 @@ class Job:
             response = self.client._request("GET", f"/v1/jobs/{self.id}/result")
             return decode_result(response.content)
 
+    def delete(self) -> None:
+        """Forget the job on the host, with its result (it then no longer counts against the
+        key's ``max_result_bytes_per_key``); a queued job leaves the queue."""
+        self.client._request("DELETE", f"/v1/jobs/{self.id}")
+
     def __repr__(self) -> str:
         return f"Job({self.id!r}, model={self.model_name!r})"
 
@@ -118,13 +149,18 @@ class Client:
         model: str | None = None,
         timeout: float = 60.0,
         progress: bool = True,
+        reconnect_seconds: float = 60.0,
     ) -> None:
+        """``timeout``: seconds for one HTTP call; ``reconnect_seconds``: how long to keep
+        retrying when the host cannot be reached (restarting, overloaded) before giving up."""
         import httpx  # the client's one dependency beyond torchsurgeon's own
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
         self.model = model
         self.progress = progress
+        self.reconnect_seconds = reconnect_seconds
+        self.reconnects = 0  # calls that reached the host only after retrying
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self._metas: dict[str, nn.Module] = {}
         self._hosted: list[dict[str, Any]] | None = None
@@ -156,12 +192,15 @@ class Client:
         plan_or_model: Plan | nn.Module,
         *inputs: Any,
         model_name: str | None = None,
+        request_id: str | None = None,
         **kwargs: Any,
     ) -> Job:
         """Send a plan (or a rewritten model, planned here) and inputs; returns the :class:`Job`.
 
         ``inputs`` are tensors (token ids), or one text / list of texts for a model with a
         tokenizer; ``kwargs`` are keyword arguments of the model call (tensors or scalars).
+        ``request_id`` (default: a fresh UUID) is the submission's ``Idempotency-Key``: the
+        host runs one job per id and key, however often the request arrives.
         """
         plan = plan_or_model if isinstance(plan_or_model, Plan) else plan_of(plan_or_model)
         name = model_name or self.model or self._model_for(plan)
@@ -170,7 +209,10 @@ class Client:
             "POST",
             f"/v1/models/{name}/jobs",
             content=body,
-            headers={"Content-Type": "application/octet-stream"},
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Idempotency-Key": request_id or uuid.uuid4().hex,
+            },
         )
         return Job(self, data["id"], name)
 
@@ -183,9 +225,16 @@ class Client:
         timeout: float | None = None,
         **kwargs: Any,
     ) -> Result:
-        """Run remotely and wait: the :class:`Result`, as a local ``ts.run`` would give."""
+        """Run remotely and wait: the :class:`Result`, as a local ``ts.run`` would give.
+
+        The job is deleted on the host once its result is here (it no longer counts against
+        the key's ``max_result_bytes_per_key``).
+        """
         job = self.submit(plan_or_model, *inputs, model_name=model_name, **kwargs)
-        return job.result(timeout, progress=self.progress if progress is None else progress)
+        result = job.result(timeout, progress=self.progress if progress is None else progress)
+        with contextlib.suppress(RemoteError):  # else the host forgets it after its TTL
+            self._request("DELETE", f"/v1/jobs/{job.id}", retry=False)
+        return result
 
     def _model_for(self, plan: Plan) -> str:
         """The hosted model whose identity the plan's base has (the list is fetched once)."""
@@ -208,8 +257,33 @@ class Client:
 
     # ----------------------------------------------------------------- http
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, path, **kwargs)
+    def _request(
+        self, method: str, path: str, *, retry: bool = True, **kwargs: Any
+    ) -> httpx.Response:
+        """One call, retried with backoff while the host cannot be reached (``retry``)."""
+        import httpx
+
+        give_up = time.monotonic() + (self.reconnect_seconds if retry else 0.0)
+        backoff, attempts = _FIRST_BACKOFF, 0
+        while True:
+            attempts += 1
+            try:
+                response = self._http.request(method, path, **kwargs)
+                break
+            except httpx.TransportError as failure:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise RemoteError(
+                        503,
+                        "unreachable",
+                        f"the host at {self.url} did not answer {method} {path} "
+                        f"({attempts} attempts over reconnect_seconds={self.reconnect_seconds:g}"
+                        f"; last: {type(failure).__name__}: {failure})",
+                    ) from None
+                time.sleep(min(backoff, left))
+                backoff = min(2 * backoff, _MAX_BACKOFF)
+        if attempts > 1:
+            self.reconnects += 1
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
@@ -221,7 +295,16 @@ class Client:
         return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        return self._request(method, path, **kwargs).json()
+        response = self._request(method, path, **kwargs)
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise RemoteError(
+                502, "bad_response", f"{method} {path} answered {response.text[:200]!r}, not JSON"
+            )
+        return data
 
     def close(self) -> None:
         self._http.close()

@@ -9,13 +9,16 @@ with a 4xx at once and never occupies a worker.
 
 Jobs run in worker threads in this process, or, with ``ray_replicas``, in Ray actors
 (:mod:`torchsurgeon.remote.ray_pool`) while this process validates against a
-structure-only stand-in and holds no weights.
+structure-only stand-in and holds no weights. Jobs and results live in ``state_dir``
+(:mod:`torchsurgeon.remote.store`); a job read back after a restart is validated again from
+its stored bytes before it runs. A client's request id (``Idempotency-Key``) is looked up
+before any validation, so a retried submission costs the host almost nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from torchsurgeon.remote.execution import run_request
 from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.jobs import JobQueue, JobRecord
 from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.store import JobStore
 from torchsurgeon.remote.transfer import decode_request
 
 __all__ = ["ANONYMOUS", "Host"]
@@ -47,6 +51,7 @@ class Host:
         workers: int = 2,
         ray_replicas: int | None = None,
         ray_threads: int | None = None,
+        state_dir: str | Path | None = None,
     ) -> None:
         if not models:
             raise ValueError("a host needs at least one model")
@@ -70,9 +75,12 @@ class Host:
             self.models = self.pool.hosted(sources)
         else:
             self.models = {name: HostedModel.load(name, src) for name, src in models.items()}
-        self.queue = JobQueue(
-            workers, self.limits.max_queue_per_key, self.limits.result_ttl_seconds
-        )
+        store = JobStore(state_dir)
+        try:
+            self.queue = JobQueue(workers, self.limits, store, revive=self._rerun)
+        except BaseException:
+            store.close()
+            raise
 
     def start(self) -> None:
         self.queue.start()
@@ -112,8 +120,31 @@ class Host:
 
     # ----------------------------------------------------------------- submissions
 
-    def submit(self, owner: str, name: str, body: bytes) -> JobRecord:
-        """Check a submission completely, then queue it; :class:`ApiError` if refused."""
+    def submit(
+        self, owner: str, name: str, body: bytes, request_key: str | None = None
+    ) -> JobRecord:
+        """Check a submission completely, then queue it; :class:`ApiError` if refused.
+
+        With ``request_key``, the job this key already made with it is returned as it is.
+        """
+        digest = hashlib.sha256(body).hexdigest()
+        if request_key is not None:
+            found = self.queue.find(owner, request_key, digest)
+            if found is not None:
+                return found
+        self.queue.admit(owner)  # refuse before paying for validation
+        work = self._prepare(name, body)
+        self.queue.start()
+        return self.queue.submit(
+            owner, name, work, request=body, request_key=request_key, digest=digest
+        )
+
+    def _rerun(self, name: str, body: bytes) -> bytes:
+        """Validate and run a job read back from the store (in a worker thread)."""
+        return self._prepare(name, body)()
+
+    def _prepare(self, name: str, body: bytes) -> Callable[[], bytes]:
+        """The job's work, once every up-front check passed; :class:`ApiError` if one fails."""
         hosted = self.model(name)
         plan_bytes, inputs = decode_request(body, self.limits)
         try:
@@ -122,7 +153,7 @@ class Host:
             raise ApiError(422, "limit_exceeded", error.reason, error.field) from None
         except PlanFormatError as error:
             raise ApiError(422, "invalid_plan", error.reason, error.field) from None
-        view = hosted.prepare(plan, self.limits)
+        view = hosted.prepare(plan, self.limits, inputs)  # inputs: checked, cost estimated
         if inputs.text is not None and not hosted.takes_text:
             raise ApiError(422, "no_tokenizer", f"model {name!r} has no tokenizer", "text")
         if self.pool is not None:
@@ -136,8 +167,7 @@ class Host:
             def work() -> bytes:
                 return run_request(hosted, plan, view, inputs, limits)
 
-        self.queue.start()
-        return self.queue.submit(owner, name, work)
+        return work
 
     def models_json(self) -> list[dict[str, Any]]:
         return [m.describe() for m in self.models.values()]

@@ -1,11 +1,27 @@
 """A hosted model: the base a host serves, loaded once, wrapped, never changed.
 
 :class:`HostedModel` holds what the host knows about one model: the frozen base (or, on a
-host whose weights live in Ray workers, its structure-only stand-in), its identity and
-structure (computed once), and its tokenizer if the checkpoint has one. :meth:`prepare`
-turns a plan into this request's own rewritten view — copy-on-write, so the base and every
-other request's view are untouched — after the checks a host owes its users: identity, the
-layer allow-list, the number of saves.
+host whose weights live in Ray workers, its structure-only stand-in), a structure-only
+(meta) copy of it for cost estimates, its identity and structure (computed once), and its
+tokenizer if the checkpoint has one. :meth:`prepare` turns a plan into this request's own
+rewritten view — copy-on-write, so the base and every other request's view are untouched —
+after the checks a host owes its users: identity, the layer allow-list, the number of
+saves, and, given the request's inputs, what running it would cost
+(:func:`~torchsurgeon.remote.limits.estimate`).
+
+:meth:`call_arguments` is the schema of a model call. A ``transformers`` model takes
+``input_ids``, ``attention_mask``, ``position_ids``, ``token_type_ids`` and
+``inputs_embeds`` (those its ``forward`` names) as tensors of the right dtype, rank and
+shape, with token ids inside the vocabulary and positions inside the model's
+``max_position_embeddings``, and the flags ``use_cache``, ``output_hidden_states`` and
+``output_attentions`` as booleans. Anything else — a ``cache``, ``labels``, a name the
+model would swallow into ``**kwargs`` and ignore — is a 422 naming it. Another module
+takes the parameters its ``forward`` names, as tensors or JSON scalars.
+
+Texts are tokenized here, padded on the *left* unless the request asks for
+``padding_side="right"``, with the ``attention_mask`` and the matching ``position_ids``
+(``attention_mask.cumsum(-1) - 1``, clamped at 0): every row's last position is its last
+token, as if each prompt ran alone.
 
 Checkpoints are local directories loaded with ``transformers.AutoModelForCausalLM``; the
 host never downloads anything.
@@ -13,10 +29,13 @@ host never downloads anything.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import inspect
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchsurgeon.layers.base import Recorder
@@ -26,14 +45,23 @@ from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.replay import apply
 from torchsurgeon.plans.structure import Structure, structure_of
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.limits import Estimates, Limits, keep_values
 from torchsurgeon.remote.transfer import Inputs
-from torchsurgeon.surgery.frozen import wrap
+from torchsurgeon.surgery.frozen import original_class, wrap
+from torchsurgeon.surgery.lineage import Lineage, with_lineage
 from torchsurgeon.surgery.paths import iter_nodes
+from torchsurgeon.surgery.tree import map as map_tensors
 
 __all__ = ["HostedModel", "load_checkpoint"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_INT_DTYPES = (torch.int64, torch.int32)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MASK_DTYPES = (torch.int64, torch.int32, torch.bool)
+_TOKEN_TENSORS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+_TENSORS = (*_TOKEN_TENSORS, "inputs_embeds")
+_FLAGS = ("use_cache", "output_hidden_states", "output_attentions")
+_MADE_FROM_TEXT = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
 
 
 @dataclass(frozen=True)
@@ -48,6 +76,9 @@ class HostedModel:
     source: str | None = None
     takes_text: bool = False
     """Whether text inputs are accepted (a tokenizer here, or in the Ray workers)."""
+    structure_only: nn.Module | None = None
+    """``base`` on the meta device (``base`` itself when it is already): for estimates."""
+    estimates: Estimates = field(default_factory=Estimates, compare=False, repr=False)
 
     @classmethod
     def load(cls, name: str, source: nn.Module | str | Path) -> HostedModel:
@@ -62,15 +93,29 @@ class HostedModel:
         base = wrap(module).eval()  # the flags of our own frozen copy, not of `source`
         identity = identity_of(base)
         structure = structure_of(base, identity)
-        return cls(name, base, identity, structure, tokenizer, path, tokenizer is not None)
+        return cls(
+            name,
+            base,
+            identity,
+            structure,
+            tokenizer,
+            path,
+            tokenizer is not None,
+            _structure_only(base),
+        )
 
     @classmethod
     def from_structure(
         cls, name: str, structure: Structure, source: str, takes_text: bool
     ) -> HostedModel:
-        """A stand-in for a model whose weights live elsewhere (in Ray workers)."""
+        """A stand-in for a model whose weights live elsewhere (in Ray workers).
+
+        It loads the checkpoint's tokenizer (not its weights) when the model takes text, so
+        texts are tokenized, checked and their cost estimated before a job is queued.
+        """
         base = structure.build()
-        return cls(name, base, structure.identity, structure, None, source, takes_text)
+        tokenizer = load_tokenizer(source) if takes_text else None
+        return cls(name, base, structure.identity, structure, tokenizer, source, takes_text, base)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -80,15 +125,16 @@ class HostedModel:
             "tokenizer": self.takes_text,
         }
 
-    def prepare(self, plan: Plan, limits: Limits) -> nn.Module:
-        """This request's rewritten view of the base; :class:`ApiError` when it cannot be."""
+    def prepare(self, plan: Plan, limits: Limits, inputs: Inputs | None = None) -> nn.Module:
+        """This request's rewritten view of the base; :class:`ApiError` when it cannot be.
+
+        Given the request's ``inputs``, they are checked (:meth:`call_arguments`) and the
+        run's cost is estimated on the structure-only copy of the view, so a request over
+        ``max_activation_bytes``, ``max_tensor_ops`` or ``max_result_bytes``, or one that
+        would fail, is refused here, before it is queued.
+        """
         match = "exact" if plan.base.fingerprint is not None else "structure"
-        try:
-            view = apply(plan, self.base, match=match, base_identity=self.identity)
-        except IdentityMismatchError as error:
-            raise ApiError(409, "identity_mismatch", f"model {self.name!r}: {error}") from None
-        except PlanError as error:
-            raise ApiError(422, "plan_does_not_fit", str(error), "steps") from None
+        view = self._apply(plan, self.base, match)
         saves = sum(isinstance(m, Recorder) for _, m in iter_nodes(view))
         if saves > limits.max_saves:
             raise ApiError(
@@ -98,32 +144,279 @@ class HostedModel:
                 f"{limits.max_saves}",
                 "steps",
             )
+        if inputs is not None:
+            args, kwargs = self.call_arguments(inputs)
+
+            def view_on_meta() -> nn.Module:
+                if self.structure_only is None or self.structure_only is self.base:
+                    return view
+                return self._apply(plan, self.structure_only, match)
+
+            self.estimates.check(plan, args, kwargs, limits, view_on_meta)
         return view
 
+    def _apply(self, plan: Plan, base: nn.Module, match: str) -> nn.Module:
+        try:
+            return apply(plan, base, match=match, base_identity=self.identity)  # type: ignore[arg-type]
+        except IdentityMismatchError as error:
+            raise ApiError(409, "identity_mismatch", f"model {self.name!r}: {error}") from None
+        except PlanError as error:
+            raise ApiError(422, "plan_does_not_fit", str(error), "steps") from None
+
+    # ----------------------------------------------------------------- the call's schema
+
     def call_arguments(self, inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The model call for ``inputs`` (texts go through the tokenizer, padded)."""
+        """The checked model call for ``inputs`` (texts tokenized here, left-padded).
+
+        :class:`ApiError` 422 ``bad_input`` naming the argument at the first problem.
+        """
         if inputs.text is None:
-            return tuple(inputs.args), dict(inputs.kwargs)
+            args, kwargs = tuple(inputs.args), dict(inputs.kwargs)
+        else:
+            made = [name for name in inputs.kwargs if name in _MADE_FROM_TEXT]
+            if made:
+                raise _bad_input(
+                    f"with text the host makes input_ids, attention_mask and position_ids; "
+                    f"do not send {made[0]!r} too",
+                    made[0],
+                )
+            args, kwargs = (), {**self._tokenize(inputs), **inputs.kwargs}
+        if _is_transformers(self.base):
+            _check_transformers_call(self.base, args, kwargs)
+        else:
+            _check_module_call(self.base, args, kwargs)
+        return args, kwargs
+
+    def _tokenize(self, inputs: Inputs) -> dict[str, torch.Tensor]:
         if self.tokenizer is None:
             raise ApiError(
                 422, "no_tokenizer", f"model {self.name!r} has no tokenizer; send token ids", "text"
             )
-        encoded = self.tokenizer(list(inputs.text), return_tensors="pt", padding=True)
-        kwargs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-        return (), {**kwargs, **inputs.kwargs}
+        side = inputs.padding_side or "left"
+        encoded = self.tokenizer(
+            list(inputs.text or ()), return_tensors="pt", padding=True, padding_side=side
+        )
+        mask = encoded["attention_mask"]
+        empty = [i for i, n in enumerate(mask.sum(-1).tolist()) if n == 0]
+        if mask.shape[-1] == 0 or empty:
+            raise _bad_input(f"text {empty[0] if empty else 0} has no tokens", "text")
+        out = {"input_ids": encoded["input_ids"], "attention_mask": mask}
+        if "position_ids" in _parameters(original_class(self.base)):
+            out["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return out
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    return any(
+        cls.__module__.startswith("transformers.") and cls.__name__ == "PreTrainedModel"
+        for cls in original_class(model).__mro__
+    )
+
+
+@functools.cache
+def _parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The parameters of ``cls.forward`` after ``self``."""
+    try:
+        parameters = list(inspect.signature(cls.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p for p in parameters[1:]}
+
+
+def _bound(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``{parameter name: value}`` of the call, by the model's ``forward`` signature.
+
+    Positional arguments take the names of the positional parameters (``args.<i>`` past
+    them, for a ``*args`` parameter); keywords keep theirs. Whether a name is one the model
+    takes — and not one only a ``**kwargs`` parameter would swallow, and maybe ignore — is
+    for the caller to check.
+    """
+    cls = original_class(model)
+    parameters = _parameters(cls).values()
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(positional) and not any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        raise _bad_input(
+            f"{cls.__name__}.forward takes at most {len(positional)} positional arguments "
+            f"({', '.join(p.name for p in positional)}), got {len(args)}",
+            f"args.{len(positional)}",
+        )
+    bound = {p.name: value for p, value in zip(positional, args, strict=False)}
+    bound.update({f"args.{i}": v for i, v in enumerate(args[len(positional) :], len(positional))})
+    for name, value in kwargs.items():
+        if name in bound:
+            raise _bad_input(f"{name!r} is given both by position and by name", name)
+        bound[name] = value
+    return bound
+
+
+def _check_transformers_call(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    cls = original_class(model)
+    parameters = _parameters(cls)
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    allowed = [n for n in _TENSORS if n in parameters] + [
+        n for n in _FLAGS if n in parameters or takes_kwargs
+    ]
+    bound = _bound(model, args, kwargs)
+    for name, value in bound.items():
+        if name not in allowed:
+            raise _bad_input(
+                f"{cls.__name__} on this host takes {', '.join(allowed)}; {name!r} is not one "
+                "of them",
+                name,
+            )
+        if name in _FLAGS:
+            if type(value) is not bool:
+                raise _bad_input(f"{name} must be true or false, got {value!r}", name)
+        elif not isinstance(value, torch.Tensor):
+            raise _bad_input(
+                f"{name} must be a tensor, got {type(value).__name__} {value!r}; leave it out "
+                "rather than sending null",
+                name,
+            )
+    ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
+    if (ids is None) == (embeds is None):
+        raise _bad_input("give exactly one of input_ids and inputs_embeds", "input_ids")
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = _positive(getattr(text_config, "vocab_size", None))
+    positions = _positive(getattr(text_config, "max_position_embeddings", None))
+    hidden = _positive(getattr(text_config, "hidden_size", None))
+    if ids is not None:
+        _check_tensor("input_ids", ids, _INT_DTYPES, 2)
+        _check_range("input_ids", ids, vocab, "vocab_size")
+        batch, length = ids.shape
+    else:
+        _check_tensor("inputs_embeds", embeds, _FLOAT_DTYPES, 3)
+        if hidden is not None and embeds.shape[-1] != hidden:
+            raise _bad_input(
+                f"inputs_embeds has {embeds.shape[-1]} features, the model's hidden_size is "
+                f"{hidden}",
+                "inputs_embeds",
+            )
+        batch, length = embeds.shape[:2]
+    if positions is not None and length > positions:
+        raise _bad_input(
+            f"the input has {length} positions, over the model's max_position_embeddings="
+            f"{positions}",
+            "input_ids" if ids is not None else "inputs_embeds",
+        )
+    mask = bound.get("attention_mask")
+    if mask is not None:
+        _check_tensor("attention_mask", mask, _MASK_DTYPES, 2, (batch, length))
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise _bad_input("attention_mask holds values other than 0 and 1", "attention_mask")
+    position_ids = bound.get("position_ids")
+    if position_ids is not None:
+        _check_tensor("position_ids", position_ids, _INT_DTYPES, 2)
+        if position_ids.shape[-1] != length or position_ids.shape[0] not in (1, batch):
+            raise _bad_input(
+                f"position_ids has shape {list(position_ids.shape)}; expected [{batch}, "
+                f"{length}] or [1, {length}]",
+                "position_ids",
+            )
+        _check_range("position_ids", position_ids, positions, "max_position_embeddings")
+    token_types = bound.get("token_type_ids")
+    if token_types is not None:
+        _check_tensor("token_type_ids", token_types, _INT_DTYPES, 2, (batch, length))
+        types = _positive(getattr(text_config, "type_vocab_size", None)) or vocab
+        _check_range("token_type_ids", token_types, types, "type_vocab_size")
+
+
+def _check_module_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    cls = original_class(model)
+    parameters = _parameters(cls)
+    for name, value in _bound(model, args, kwargs).items():
+        parameter = parameters.get(name)
+        if not name.startswith("args.") and (
+            parameter is None or parameter.kind == parameter.VAR_KEYWORD
+        ):
+            named = [
+                n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ]
+            raise _bad_input(
+                f"{cls.__name__}.forward has no parameter {name!r} (it has "
+                f"{', '.join(named) or 'none by name'})",
+                name,
+            )
+        if isinstance(value, torch.Tensor):
+            _check_tensor(name, value, None, None)
+
+
+def _check_tensor(
+    name: str,
+    tensor: torch.Tensor,
+    dtypes: tuple[torch.dtype, ...] | None,
+    rank: int | None,
+    shape: tuple[int, ...] | None = None,
+) -> None:
+    if dtypes is not None and tensor.dtype not in dtypes:
+        raise _bad_input(
+            f"{name} has dtype {tensor.dtype}; expected "
+            + " or ".join(str(d).removeprefix("torch.") for d in dtypes),
+            name,
+        )
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise _bad_input(f"{name} holds NaN or infinite values", name)
+    if rank is not None and tensor.dim() != rank:
+        raise _bad_input(f"{name} has shape {list(tensor.shape)}; expected {rank} dimensions", name)
+    if rank is not None and 0 in tensor.shape:
+        raise _bad_input(f"{name} has shape {list(tensor.shape)}, which holds nothing", name)
+    if shape is not None and tuple(tensor.shape) != shape:
+        raise _bad_input(f"{name} has shape {list(tensor.shape)}; expected {list(shape)}", name)
+
+
+def _check_range(name: str, tensor: torch.Tensor, size: int | None, what: str) -> None:
+    low, high = int(tensor.min()), int(tensor.max())
+    if low < 0 or (size is not None and high >= size):
+        bad = low if low < 0 else high
+        bound = f"0..{size - 1} (the model's {what}={size})" if size is not None else ">= 0"
+        raise _bad_input(f"{name} holds {bad}; values must be in {bound}", name)
+
+
+def _positive(value: Any) -> int | None:
+    return value if type(value) is int and value > 0 else None
+
+
+def _bad_input(message: str, field: str) -> ApiError:
+    return ApiError(422, "bad_input", message, f"inputs.{field}"[:128])
+
+
+def _structure_only(base: nn.Module) -> nn.Module:
+    """``base`` on the meta device; its small buffers keep their values (for estimates).
+
+    (Not pinned like ``ts.meta``'s: plans are applied to it with the host's own identity.)
+    """
+    copy = map_tensors(lambda t: t.to("meta"), base)
+    copy = with_lineage(copy, Lineage(copy, ()))
+    real = dict(base.named_buffers())
+    for name, buffer in copy.named_buffers():
+        source = real.get(name)
+        if source is not None:
+            keep_values(buffer, source)
+    return copy
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, Any]:
     """``(model, tokenizer or None)`` from a local checkpoint directory; never downloads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a local checkpoint directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
-    tokenizer = None
-    if any((directory / name).is_file() for name in _TOKENIZER_FILES):
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return model, tokenizer
+    return model, load_tokenizer(directory)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The checkpoint directory's tokenizer (a pad token set), or None; never downloads."""
+    from transformers import AutoTokenizer
+
+    directory = Path(path)
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer

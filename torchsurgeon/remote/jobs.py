@@ -1,106 +1,232 @@
-"""The host's job queue: submitted work, worker threads, and status that clients can await.
+"""The host's jobs: a durable record of each, a fair turn for each key, workers, a watchdog.
 
-A submission becomes a :class:`JobRecord` owned by the API key that sent it, waits in one
-FIFO queue (its ``position`` is how many jobs are ahead of it), and is run by one of a few
-worker threads — several at once is safe because each job carries its own rewritten view
-of the shared base. A record moves ``queued -> running -> done | error``; each change bumps
-its ``version``, and :meth:`JobQueue.wait` lets an async request handler sleep until the
-next change (long polling) instead of clients polling in a loop.
+A submission becomes a :class:`JobRecord` owned by the API key that sent it and a row in
+the host's :class:`~torchsurgeon.remote.store.JobStore` (with the submission's bytes, so it
+can run again after a restart). A record moves ``queued -> running -> done | error``, and a
+finished one becomes ``expired`` when its result is dropped after ``result_ttl_seconds``;
+each change bumps its ``version``, and :meth:`JobQueue.wait` lets an async request handler
+sleep until the next change (long polling) instead of clients polling in a loop.
 
-Finished jobs keep their result for ``result_ttl_seconds``; a key may hold at most
-``max_queue_per_key`` unfinished jobs.
+**Fair turns.** Each key has its own FIFO; the keys with queued work take turns (round
+robin), and one key may have at most ``max_running_per_key`` jobs running (by default every
+worker but one), so a key that floods the host cannot hold every worker: another key's job
+waits for at most the jobs already running, never behind the flood. A queued job's
+``position`` is how many jobs start before it in that order.
+
+**Bounds per key.** A key may hold ``max_queue_per_key`` unfinished jobs, and while the
+finished results it holds (files in the store) exceed ``max_result_bytes_per_key`` its new
+submissions are refused with a 429 — the host never drops a result nobody fetched to make
+room. A failed job keeps only plain error data (code, message, field), never the exception,
+whose traceback would hold the run's tensors alive.
+
+**The watchdog.** A job still running ``watchdog_grace_seconds`` after ``max_run_seconds``
+(the run checks its deadline itself; this is the backstop for a run stuck inside one call)
+is failed with ``timeout`` and its worker replaced, so the queue keeps moving. A Python
+thread cannot be killed: the abandoned one finishes its call in the background and its
+result is dropped. While ``max_abandoned_runs`` such threads are alive the host refuses new
+work with a 503.
+
+**Restarts.** On start the queue reads the store back: queued jobs run, a job that was
+running runs once more (one that was already running when the host stopped before is failed
+with ``host_restarted``), done jobs keep their result files. A client may send its own
+request id (``Idempotency-Key``): the same id from the same key returns the job it already
+made, so a retried submission never runs twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+import sqlite3
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torchsurgeon.remote.errors import ApiError
+from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.store import JobStore, StoredJob
 
-__all__ = ["JobQueue", "JobRecord", "State"]
+__all__ = ["JobError", "JobQueue", "JobRecord", "State"]
 
-State = Literal["queued", "running", "done", "error"]
+State = Literal["queued", "running", "done", "error", "expired"]
+
+MAX_ATTEMPTS = 2
+"""Runs a job gets in all: a job running when the host stopped runs once more."""
+TOMBSTONE_SECONDS = 24 * 3600.0
+"""How long an expired job still answers ``410 expired`` (then: ``404``, like any unknown id)."""
+
+_FINISHED = ("done", "error", "expired")
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed, as plain data (never an exception: its traceback holds tensors)."""
+
+    code: str
+    message: str
+    field: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message, "field": self.field}
+
+    @classmethod
+    def of(cls, error: ApiError) -> JobError:
+        return cls(str(error.code), str(error.message), str(error.field))
 
 
 @dataclass(eq=False)  # a job is itself: compared by identity in the queue
 class JobRecord:
-    """One submitted job. ``work`` runs in a worker thread and returns the result bytes."""
+    """One job. ``work`` runs in a worker thread and returns the result bytes."""
 
     id: str
     owner: str
     model: str
     work: Callable[[], bytes] | None
     state: State = "queued"
-    submitted: float = field(default_factory=time.monotonic)
+    submitted: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
-    result: bytes | None = None
-    error: ApiError | None = None
+    result_bytes: int | None = None
+    """The size of the result file, once done."""
+    error: JobError | None = None
     version: int = 0
+    request_key: str | None = None
+    digest: str = ""
+    attempts: int = 0
+    deadline: float | None = None
+    """While running: the watchdog's ``time.monotonic()`` deadline."""
+    worker: threading.Thread | None = None
+    """While running: the thread that runs it (``None`` once the watchdog gave up on it)."""
 
 
 class JobQueue:
-    """FIFO queue + worker threads + per-job change notification."""
+    """Per-key queues taking turns, worker threads, a watchdog and change notification."""
 
-    def __init__(self, workers: int, max_per_key: int, result_ttl: float) -> None:
+    def __init__(
+        self,
+        workers: int,
+        limits: Limits,
+        store: JobStore,
+        revive: Callable[[str, bytes], bytes] | None = None,
+    ) -> None:
+        """``revive(model, request_bytes)`` validates and runs a job read back from the store."""
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if limits.max_running_per_key is not None and limits.max_running_per_key < 1:
+            raise ValueError(
+                f"max_running_per_key must be >= 1 or None (every worker but one), got "
+                f"{limits.max_running_per_key}"
+            )
+        if limits.max_abandoned_runs < 1:
+            raise ValueError(
+                f"max_abandoned_runs must be >= 1, got {limits.max_abandoned_runs}: at 0 the host "
+                "would refuse all work"
+            )
+        self.limits = limits
+        self.store = store
+        self._revive = revive
+        self._workers = workers
+        per_key = limits.max_running_per_key
+        self._per_key = max(1, workers - 1) if per_key is None else per_key
         self._jobs: dict[str, JobRecord] = {}
-        self._pending: deque[JobRecord] = deque()
+        self._by_key: dict[tuple[str, str], JobRecord] = {}
+        self._queues: dict[str, deque[JobRecord]] = {}
+        self._turns: deque[str] = deque()  # keys with queued jobs, in turn order
+        self._running: Counter[str] = Counter()
         self._lock = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, str]] = []
-        self._max_per_key = max_per_key
-        self._ttl = result_ttl
-        self._stopping = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"torchsurgeon-worker-{i}", daemon=True)
-            for i in range(workers)
-        ]
+        self._active: set[threading.Thread] = set()
+        self._abandoned: set[threading.Thread] = set()
+        self._watchdog: threading.Thread | None = None
+        self._started = self._stopping = self._closed = False
+        self._next_sweep = 0.0
+        self._spawned = 0
+        self._restore()
 
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        for thread in self._threads:
-            if not thread.is_alive():
-                thread.start()
+        with self._lock:
+            if self._started or self._stopping:
+                return
+            self._started = True
+            self._spawn()
+            self._watchdog = threading.Thread(
+                target=self._watch, name="torchsurgeon-watchdog", daemon=True
+            )
+            self._watchdog.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop dispatching, give running jobs up to ``timeout`` s in all, close the store.
+
+        A job still running then stays ``running`` in the store and runs again on restart.
+        """
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-        for thread in self._threads:
-            if thread.is_alive():
-                thread.join(timeout)
+            threads = [*self._active, *([self._watchdog] if self._watchdog else [])]
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._closed = True
+        self.store.close()
 
     # ----------------------------------------------------------------- clients
 
-    def submit(self, owner: str, model: str, work: Callable[[], bytes]) -> JobRecord:
-        """Queue ``work`` for ``owner``; :class:`ApiError` 429 when the key's quota is full."""
+    def find(self, owner: str, request_key: str, digest: str) -> JobRecord | None:
+        """The job ``owner`` already made with this request id (409 if the body differs)."""
         with self._lock:
-            self._sweep()
-            active = sum(
-                1
-                for j in self._jobs.values()
-                if j.owner == owner and j.state in ("queued", "running")
+            return self._replay(owner, request_key, digest)
+
+    def admit(self, owner: str) -> None:
+        """Refuse (:class:`ApiError`) if ``owner`` may not submit now; checks again at submit."""
+        with self._lock:
+            self._admit(owner)
+
+    def submit(
+        self,
+        owner: str,
+        model: str,
+        work: Callable[[], bytes],
+        *,
+        request: bytes | None = None,
+        request_key: str | None = None,
+        digest: str = "",
+    ) -> JobRecord:
+        """Queue ``work`` for ``owner`` (``request``: the bytes to run it again after a restart).
+
+        With ``request_key``, a second submission of it returns the first job.
+        """
+        with self._lock:
+            if request_key is not None:
+                existing = self._replay(owner, request_key, digest)
+                if existing is not None:
+                    return existing
+            self._admit(owner)
+            job = JobRecord(
+                secrets.token_urlsafe(12),
+                owner,
+                model,
+                work,
+                request_key=request_key,
+                digest=digest,
             )
-            if active >= self._max_per_key:
+            try:
+                self.store.insert(job.id, owner, model, job.submitted, request_key, digest, request)
+            except (sqlite3.Error, OSError) as failure:
                 raise ApiError(
-                    429,
-                    "queue_full",
-                    f"this key has {active} unfinished jobs, the limit max_queue_per_key="
-                    f"{self._max_per_key}; wait for some to finish",
-                )
-            job = JobRecord(secrets.token_urlsafe(12), owner, model, work)
-            self._jobs[job.id] = job
-            self._pending.append(job)
-            self._lock.notify()
+                    503, "store_failed", f"the host could not record the job: {failure}"
+                ) from None
+            self._add(job)
+            self._enqueue(job)
+            self._lock.notify_all()
         return job
 
     def get(self, job_id: str, owner: str) -> JobRecord:
@@ -114,26 +240,49 @@ class JobQueue:
     def forget(self, job: JobRecord) -> None:
         """Drop a job and its result (a queued job leaves the queue; a running one finishes)."""
         with self._lock:
-            self._jobs.pop(job.id, None)
+            if self._jobs.pop(job.id, None) is None:
+                return
+            if job.request_key is not None:
+                self._by_key.pop((job.owner, job.request_key), None)
             if job.state == "queued":
-                self._pending.remove(job)
+                self._dequeue(job)
+            if not self._closed:
+                self._persist(self.store.delete, job.id)
 
     def status(self, job: JobRecord) -> dict[str, Any]:
-        """The job's status as JSON (``position``: jobs ahead of it, while queued)."""
+        """The job's status as JSON (``position``: jobs that start before it, while queued).
+
+        An expired job is a ``410`` naming when its result was dropped.
+        """
         with self._lock:
+            if job.state == "expired":
+                raise ApiError(
+                    410,
+                    "expired",
+                    f"job {job.id!r} finished {time.time() - (job.finished or 0):.0f} s ago; "
+                    f"its result was dropped after result_ttl_seconds="
+                    f"{self.limits.result_ttl_seconds:g}",
+                    "job",
+                )
             out: dict[str, Any] = {"id": job.id, "model": job.model, "state": job.state}
             if job.state == "queued":
-                out["position"] = self._pending.index(job) if job in self._pending else 0
+                out["position"] = self._position(job)
             if job.error is not None:
-                out["error"] = job.error.to_json()["error"]
-            if job.state == "done" and job.result is not None:
-                out["result_bytes"] = len(job.result)
+                out["error"] = job.error.to_json()
+            if job.state == "done" and job.result_bytes is not None:
+                out["result_bytes"] = job.result_bytes
             if job.started is not None:
                 out["queued_seconds"] = job.started - job.submitted
             if job.finished is not None and job.started is not None:
                 out["run_seconds"] = job.finished - job.started
+            out["attempts"] = job.attempts
             out["version"] = job.version
             return out
+
+    def held_bytes(self, owner: str) -> int:
+        """The bytes of finished results ``owner`` holds on this host."""
+        with self._lock:
+            return self._held(owner)
 
     async def wait(self, job: JobRecord, since: int, timeout: float) -> None:
         """Return once ``job.version`` differs from ``since`` (or after ``timeout`` seconds).
@@ -148,38 +297,264 @@ class JobQueue:
             self._waiters.append(entry)
         try:
             await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             pass
         finally:
             with self._lock:
                 if entry in self._waiters:
                     self._waiters.remove(entry)
 
+    # ----------------------------------------------------------------- admission
+
+    def _admit(self, owner: str) -> None:
+        """Holds the lock."""
+        limits = self.limits
+        if self._stopping:
+            raise ApiError(503, "shutting_down", "the host is shutting down; retry shortly")
+        if len(self._abandoned) >= limits.max_abandoned_runs:
+            raise ApiError(
+                503,
+                "overloaded",
+                f"{len(self._abandoned)} runs the watchdog gave up on are still finishing, the "
+                f"limit max_abandoned_runs={limits.max_abandoned_runs}; retry later",
+                "max_abandoned_runs",
+            )
+        active = sum(
+            1 for j in self._jobs.values() if j.owner == owner and j.state in ("queued", "running")
+        )
+        if active >= limits.max_queue_per_key:
+            raise ApiError(
+                429,
+                "queue_full",
+                f"this key has {active} unfinished jobs, the limit max_queue_per_key="
+                f"{limits.max_queue_per_key}; wait for some to finish",
+                "max_queue_per_key",
+            )
+        held = self._held(owner)
+        if held > limits.max_result_bytes_per_key:
+            raise ApiError(
+                429,
+                "result_budget",
+                f"this key holds {held} bytes of finished results, over the limit "
+                f"max_result_bytes_per_key={limits.max_result_bytes_per_key}; fetch and "
+                "delete some (DELETE /v1/jobs/{id}) or wait result_ttl_seconds="
+                f"{limits.result_ttl_seconds:g} for them to expire",
+                "max_result_bytes_per_key",
+            )
+
+    def _held(self, owner: str) -> int:
+        mine = (j for j in self._jobs.values() if j.owner == owner and j.state == "done")
+        return sum(j.result_bytes or 0 for j in mine)
+
+    def _replay(self, owner: str, request_key: str, digest: str) -> JobRecord | None:
+        """Holds the lock."""
+        job = self._by_key.get((owner, request_key))
+        if job is not None and job.digest != digest:
+            raise ApiError(
+                409,
+                "idempotency_conflict",
+                f"request id {request_key!r} was used for another request (job {job.id!r}); "
+                "send a new Idempotency-Key for a new request",
+                "Idempotency-Key",
+            )
+        return job
+
+    # ----------------------------------------------------------------- turns
+
+    def _add(self, job: JobRecord) -> None:
+        self._jobs[job.id] = job
+        if job.request_key is not None:
+            self._by_key[(job.owner, job.request_key)] = job
+
+    def _enqueue(self, job: JobRecord) -> None:
+        """Holds the lock. A key that had nothing queued joins the end of the turns."""
+        queue = self._queues.get(job.owner)
+        if queue is None:
+            queue = self._queues[job.owner] = deque()
+            self._turns.append(job.owner)
+        queue.append(job)
+
+    def _dequeue(self, job: JobRecord) -> None:
+        queue = self._queues[job.owner]
+        queue.remove(job)
+        if not queue:
+            del self._queues[job.owner]
+            self._turns.remove(job.owner)
+
+    def _take(self) -> JobRecord | None:
+        """The next job in turn whose key is under its running limit. Holds the lock."""
+        for _ in range(len(self._turns)):
+            owner = self._turns[0]
+            self._turns.rotate(-1)  # this key goes to the end of the turns either way
+            if self._running[owner] >= self._per_key:
+                continue
+            queue = self._queues[owner]
+            job = queue.popleft()
+            if not queue:
+                del self._queues[owner]
+                self._turns.remove(owner)
+            return job
+        return None
+
+    def _position(self, job: JobRecord) -> int:
+        """Jobs that start before ``job`` (running limits aside). Holds the lock.
+
+        If it is ``i``-th in its key's queue, every key first takes ``i`` turns (or as many
+        as it has jobs), then the keys ahead of its key in this round take one more.
+        """
+        queue = self._queues.get(job.owner)
+        if queue is None or job not in queue:
+            return 0
+        index, turn = queue.index(job), self._turns.index(job.owner)
+        return sum(
+            min(len(self._queues[owner]), index + (n < turn)) for n, owner in enumerate(self._turns)
+        )
+
     # ----------------------------------------------------------------- workers
 
+    def _spawn(self) -> None:
+        """Start workers up to ``workers``, while abandoned threads leave room. Holds the lock."""
+        room = self._workers + self.limits.max_abandoned_runs - len(self._abandoned)
+        while len(self._active) < min(self._workers, room) and not self._stopping:
+            self._spawned += 1
+            thread = threading.Thread(
+                target=self._work, name=f"torchsurgeon-worker-{self._spawned}", daemon=True
+            )
+            self._active.add(thread)
+            thread.start()
+
     def _work(self) -> None:
+        me = threading.current_thread()
         while True:
             with self._lock:
-                while not self._pending and not self._stopping:
+                job = None
+                while not self._stopping and me in self._active:
+                    job = self._take()
+                    if job is not None:
+                        break
                     self._lock.wait()
+                if job is None:
+                    self._active.discard(me)
+                    return
+                self._begin(job, me)
+            result, error = _run(job.work)
+            if result is not None and error is None and job.worker is me:
+                try:
+                    self.store.write_result(job.id, result)
+                except OSError as failure:
+                    error = JobError("store_failed", f"the result could not be stored: {failure}")
+            with self._lock:
+                if job.worker is not me:  # the watchdog gave up on this run: drop its result
+                    self.store.remove_result(job.id)
+                    self._abandoned.discard(me)
+                    self._spawn()
+                    self._lock.notify_all()
+                    return
+                self._end(job, result, error)
+            del result, error
+
+    def _begin(self, job: JobRecord, worker: threading.Thread) -> None:
+        """Holds the lock."""
+        job.state, job.started, job.worker = "running", time.time(), worker
+        job.attempts += 1
+        job.deadline = (
+            time.monotonic() + self.limits.max_run_seconds + self.limits.watchdog_grace_seconds
+        )
+        self._running[job.owner] += 1
+        self._persist(
+            self.store.update, job.id, state="running", started=job.started, attempts=job.attempts
+        )
+        self._changed([job, *(j for q in self._queues.values() for j in q)])
+
+    def _end(self, job: JobRecord, result: bytes | None, error: JobError | None) -> None:
+        """Record a run's outcome. Holds the lock."""
+        self._running[job.owner] -= 1
+        job.worker, job.work, job.deadline = None, None, None
+        job.finished = time.time()
+        if error is None and result is not None:
+            job.state, job.result_bytes = "done", len(result)
+        else:
+            job.state = "error"
+            job.error = error or JobError("internal", "the run returned no result")
+        if job.id not in self._jobs or self._closed:  # forgotten meanwhile, or host closed
+            if not self._closed:
+                self.store.remove_result(job.id)
+        else:
+            self._persist(
+                self.store.update,
+                job.id,
+                state=job.state,
+                finished=job.finished,
+                result_bytes=job.result_bytes,
+                error=None if job.error is None else job.error.to_json(),
+            )
+        self._changed([job])
+        self._lock.notify_all()  # a running slot of this key is free
+
+    # ----------------------------------------------------------------- the watchdog
+
+    def _watch(self) -> None:
+        limits = self.limits
+        tick = min(1.0, max(0.05, (limits.max_run_seconds + limits.watchdog_grace_seconds) / 4))
+        while True:
+            with self._lock:
+                self._lock.wait(tick)
                 if self._stopping:
                     return
-                job = self._pending.popleft()
-                job.state, job.started = "running", time.monotonic()
-                self._changed([job, *self._pending])  # and every queued job moved up
-            try:
-                assert job.work is not None
-                result, error = job.work(), None
-            except ApiError as failure:
-                result, error = None, failure
-            except Exception as failure:  # a worker must survive anything a job does
-                result = None
-                error = ApiError(500, "internal", f"{type(failure).__name__}: {failure}")
-            with self._lock:
-                job.result, job.error, job.work = result, error, None
-                job.state = "done" if error is None else "error"
-                job.finished = time.monotonic()
+                now = time.monotonic()
+                for job in list(self._jobs.values()):
+                    if job.state == "running" and job.deadline is not None and now > job.deadline:
+                        self._abandon(job)
+                if now >= self._next_sweep:
+                    self._sweep()
+                    self._next_sweep = now + 1.0
+
+    def _abandon(self, job: JobRecord) -> None:
+        """Fail a run past its deadline and replace its worker. Holds the lock."""
+        limits = self.limits
+        thread = job.worker
+        if thread is not None:
+            self._active.discard(thread)
+            self._abandoned.add(thread)
+        error = JobError(
+            "timeout",
+            f"the run went past the limit max_run_seconds={limits.max_run_seconds:g} and the "
+            f"watchdog's grace of watchdog_grace_seconds={limits.watchdog_grace_seconds:g}; "
+            "it was stopped (its thread finishes in the background, its result is dropped)",
+        )
+        self._end(job, None, error)
+        self._spawn()
+
+    def _sweep(self) -> None:
+        """Expire results past the TTL; forget expired jobs after a day. Holds the lock."""
+        now = time.time()
+        ttl = self.limits.result_ttl_seconds
+        for job in list(self._jobs.values()):
+            if job.finished is None or job.state not in _FINISHED:
+                continue
+            if job.state == "expired" and now - job.finished > ttl + TOMBSTONE_SECONDS:
+                self._jobs.pop(job.id)
+                if job.request_key is not None:
+                    self._by_key.pop((job.owner, job.request_key), None)
+                self._persist(self.store.delete, job.id)
+            elif job.state != "expired" and now - job.finished > ttl:
+                job.state, job.result_bytes, job.error = "expired", None, None
+                self._persist(
+                    self.store.update, job.id, state="expired", result_bytes=None, error=None
+                )
+                self.store.remove_result(job.id)
                 self._changed([job])
+
+    def _persist(self, change: Callable[..., None], *args: Any, **fields: Any) -> None:
+        """Write a change to the store; a failure is logged, never raised into a worker.
+
+        The record in memory stays right for this process; only that change may not survive
+        a restart.
+        """
+        try:
+            change(*args, **fields)
+        except (sqlite3.Error, OSError, RuntimeError) as failure:
+            _log.error("torchsurgeon host: could not store a job change: %s", failure)
 
     def _changed(self, jobs: list[JobRecord]) -> None:
         """Bump these jobs' versions and wake whoever awaits them. Holds the lock."""
@@ -193,12 +568,80 @@ class JobQueue:
                 except RuntimeError:  # that request's event loop has closed
                     self._waiters.remove((loop, event, job_id))
 
-    def _sweep(self) -> None:
-        """Forget finished jobs older than the result TTL. Holds the lock."""
-        now = time.monotonic()
-        for job_id in [
-            j.id
-            for j in self._jobs.values()
-            if j.finished is not None and now - j.finished > self._ttl
-        ]:
-            del self._jobs[job_id]
+    # ----------------------------------------------------------------- restarts
+
+    def _restore(self) -> None:
+        """Read the store back: queued jobs queue again, interrupted runs run once more."""
+        now = time.time()
+        for row in self.store.rows():
+            job = _record(row)
+            if row.state in ("queued", "running") and row.attempts < MAX_ATTEMPTS:
+                if row.has_request and self._revive is not None:
+                    job.state, job.work = "queued", self._revived(row.id, row.model)
+                    self.store.update(job.id, state="queued")
+                    self._add(job)
+                    self._enqueue(job)
+                    continue
+                failure = JobError(
+                    "host_restarted",
+                    "the host restarted before this job finished, and its request was not kept",
+                )
+            elif row.state == "running":
+                failure = JobError(
+                    "host_restarted",
+                    f"the host restarted while this job ran (it had been started {row.attempts} "
+                    "times, each interrupted); it is not run again",
+                )
+            elif row.state == "done" and not self.store.result_path(row.id).is_file():
+                failure = JobError("result_lost", "the result file of this job is missing")
+            else:
+                self._add(job)
+                continue
+            job.state, job.error, job.finished, job.result_bytes = "error", failure, now, None
+            self.store.update(
+                job.id, state="error", finished=now, result_bytes=None, error=failure.to_json()
+            )
+            self._add(job)
+        self.store.remove_stray_files({j.id for j in self._jobs.values() if j.state == "done"})
+
+    def _revived(self, job_id: str, model: str) -> Callable[[], bytes]:
+        revive, store = self._revive, self.store
+        assert revive is not None
+
+        def work() -> bytes:
+            request = store.request(job_id)
+            if request is None:
+                raise ApiError(500, "result_lost", "the request of this job is no longer kept")
+            return revive(model, request)
+
+        return work
+
+
+def _record(row: StoredJob) -> JobRecord:
+    error = None if row.error is None else JobError(**row.error)
+    return JobRecord(
+        row.id,
+        row.owner,
+        row.model,
+        None,
+        state=row.state,  # type: ignore[arg-type]
+        submitted=row.submitted,
+        started=row.started,
+        finished=row.finished,
+        result_bytes=row.result_bytes,
+        error=error,
+        request_key=row.request_key,
+        digest=row.digest,
+        attempts=row.attempts,
+    )
+
+
+def _run(work: Callable[[], bytes] | None) -> tuple[bytes | None, JobError | None]:
+    """Run a job; its outcome as plain data (the exception and its frames are let go here)."""
+    try:
+        assert work is not None
+        return work(), None
+    except ApiError as failure:
+        return None, JobError.of(failure)
+    except Exception as failure:  # a worker must survive anything a job does
+        return None, JobError("internal", f"{type(failure).__name__}: {failure}")

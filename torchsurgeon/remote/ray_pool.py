@@ -1,25 +1,71 @@
-"""Scale-out on Ray: model replicas as Ray actors, requests spread over them.
+"""Scale-out on Ray: model replicas as Ray actors, in a private Ray cluster bound to loopback.
 
 With ``--ray --replicas N`` the host process keeps the HTTP side (keys, limits, queue) and
 holds no weights: each of N :class:`ModelWorker` actors loads every checkpoint once and
 runs requests. The host validates each plan against a structure-only stand-in built from
-what the first actor reports, then sends the *request bytes* (safetensors) to the least
-busy replica and gets *result bytes* back — only ``bytes`` and ``str`` cross to Ray, never
-a module or a plan object. (Ray moves those with its own serializer; torchsurgeon itself
-never pickles anything.)
+what the replicas report, then hands the *request bytes* (safetensors) to the pool and gets
+*result bytes* back — only ``bytes`` and JSON cross to Ray, never a module or a plan object.
+(Ray moves those with its own serializer; torchsurgeon itself never pickles anything.)
 
-``ray.init()`` starts a local Ray cluster when none is running (or joins the one in
-``RAY_ADDRESS``). Each replica runs torch with ``threads`` intra-op threads (default: this
-process's thread count divided among the replicas, at least 1), so N replicas on one machine
-do not oversubscribe its cores. A CPU matmul split over another number of threads sums in
-another order: results equal a local run bit for bit when the thread counts match.
+**A private cluster, owned by one process.** An unauthenticated Ray cluster runs code for
+anyone who reaches one of its ports, and API keys do not guard those ports. So the host
+never joins a cluster (``RAY_ADDRESS`` is ignored) and never calls ``ray.init`` itself: it
+starts one child process, the *pool owner*, which starts a fresh single-node cluster of its
+own (``ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)``)
+and speaks to the host through its stdin and stdout. The owner runs with
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` — Ray's single-machine mode, which makes the node's
+address the loopback address, where Ray then binds its GCS, raylet, object manager, agents
+and workers — and with a fresh random ``RAY_AUTH_TOKEN`` (Ray versions with token
+authentication check it; nothing is written to ``~/.ray``). After starting, the owner lists
+every socket of every process of its cluster and refuses to serve if one is bound to any
+address but loopback. Usage statistics are off (a private host does not phone home), and
+so is Ray's auto-connect (no Ray call after shutdown may start a cluster again).
+
+Why our own replacement rather than Ray's ``max_restarts``: a restarted actor reloads the
+checkpoints by itself and would run the retried job before anyone could check that it
+loaded the same weights, and the host could not tell a restarting replica from a live one.
+
+**Dying together.** The owner reads requests until its stdin closes, which happens when
+the host process exits in any way, a SIGKILL included. Then it shuts Ray down and kills
+every process its cluster started that is still alive (it keeps a list, refreshed twice a
+second — Ray's agents outlive a killed raylet), removes its temporary directory and exits.
+If the owner itself is killed, the host kills what the owner last reported.
+
+**Dead replicas.** Twice a second the owner pings every replica (a ping queued behind a
+long job simply waits: only an actor's death fails it). A replica whose process died is
+replaced by a fresh actor that loads the checkpoints again and must report the very
+structure and identity the others do. A job whose replica died under it runs once more on
+another live (or the fresh) replica — a job is a forward pass, it has no side effects to
+repeat; if that replica dies too, the job fails with ``replica_died``. :meth:`RayPool.health`
+(``/v1/health``) says how many replicas are live and how many were replaced.
+
+Each replica runs torch with ``threads`` intra-op threads (default: this process's thread
+count divided among the replicas, at least 1), so N replicas on one machine do not
+oversubscribe its cores. A CPU matmul split over another number of threads sums in another
+order: results equal a local run bit for bit when the thread counts match.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
+import itertools
+import json
+import os
+import secrets
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from collections.abc import Mapping
-from typing import Any
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import IO, Any
 
 import torch
 
@@ -33,6 +79,14 @@ from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.transfer import decode_request
 
 __all__ = ["ModelWorker", "RayPool"]
+
+_OWNER = "from torchsurgeon.remote.ray_pool import _owner_main; _owner_main()"
+_MONITOR_SECONDS = 0.5
+_REPLACE_ATTEMPTS = 3
+_WAIT_FOR_REPLICA = 600.0
+_HEALTH_TIMEOUT = 5.0
+_LOOPBACK_PREFIXES = ("127.", "::1", "::ffff:127.")
+_DROPPED_ENV = frozenset({"RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"})  # never join, own token
 
 
 class ModelWorker:
@@ -73,9 +127,16 @@ class ModelWorker:
     def count(self) -> int:
         return self.served
 
+    def ping(self) -> int:
+        """This replica's process id (the monitor's sign of life)."""
+        return os.getpid()
+
+
+# --------------------------------------------------------------------------- the host's side
+
 
 class RayPool:
-    """N replicas of :class:`ModelWorker`; :meth:`run` picks the least busy one."""
+    """N replicas of :class:`ModelWorker` in a private Ray cluster; :meth:`run` runs a job."""
 
     def __init__(
         self,
@@ -84,25 +145,60 @@ class RayPool:
         limits: Limits,
         threads: int | None = None,
     ) -> None:
-        import ray
-
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
-        self._ray = ray
-        self._started_ray = not ray.is_initialized()
-        if self._started_ray:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        actor = ray.remote(num_cpus=0)(ModelWorker)
+        if importlib.util.find_spec("ray") is None:
+            raise ImportError("serving with Ray needs Ray: pip install 'torchsurgeon[ray]'")
         if threads is None:
             threads = max(1, torch.get_num_threads() // replicas)
         self.threads = threads
-        self.actors = [
-            actor.remote(dict(sources), limits.to_json(), threads) for _ in range(replicas)
-        ]
-        self._busy = [0] * replicas
-        self._lock = threading.Lock()
-        replies = ray.get([a.structures.remote() for a in self.actors])  # waits for loading
-        self.described = replies[0]
+        self.replicas = replicas
+        env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+        env.update(
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # single machine: every port on loopback
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=secrets.token_hex(32),
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_ENABLE_AUTO_CONNECT="0",  # a Ray call after shutdown must not start a cluster
+        )
+        self._owner = subprocess.Popen(
+            [sys.executable, "-c", _OWNER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # the terminal's Ctrl-C is the host's to handle
+        )
+        assert self._owner.stdin is not None and self._owner.stdout is not None
+        self._to_owner: IO[bytes] = self._owner.stdin
+        self._from_owner: IO[bytes] = self._owner.stdout
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, Future[tuple[dict[str, Any], bytes]]] = {}
+        self._waiting_lock = threading.Lock()
+        self._pids: list[tuple[int, float]] = []
+        self._closed = False
+        start = {
+            "sources": dict(sources),
+            "replicas": replicas,
+            "limits": limits.to_json(),
+            "threads": threads,
+        }
+        try:
+            _send(self._to_owner, self._send_lock, {"id": 0, "op": "start", **start})
+            ready = _receive(self._from_owner)
+        except OSError:
+            ready = None
+        if ready is None or "failed" in ready[0]:
+            self._stop_owner()
+            why = ready[0]["failed"] if ready else f"it exited with status {self._owner.poll()}"
+            raise RuntimeError(f"the Ray pool did not start: {why}")
+        self.described: dict[str, dict[str, Any]] = ready[0]["described"]
+        self._pids = [tuple(p) for p in ready[0].get("pids", [])]
+        self.owner_pid = self._owner.pid
+        self._reader = threading.Thread(
+            target=self._read, name="torchsurgeon-ray-pool", daemon=True
+        )
+        self._reader.start()
 
     def hosted(self, sources: Mapping[str, str]) -> dict[str, HostedModel]:
         """Structure-only stand-ins the host validates plans against."""
@@ -116,29 +212,498 @@ class RayPool:
             for name in sources
         }
 
-    def fingerprints(self) -> list[dict[str, str | None]]:
-        """Every replica's fingerprint of every base, computed now."""
-        return list(self._ray.get([a.fingerprints.remote() for a in self.actors]))
-
     def run(self, name: str, request: bytes) -> bytes:
-        with self._lock:
-            replica = min(range(len(self.actors)), key=self._busy.__getitem__)
-            self._busy[replica] += 1
-        try:
-            result, error = self._ray.get(self.actors[replica].run.remote(name, request))
-        finally:
-            with self._lock:
-                self._busy[replica] -= 1
+        """Run one request on a live replica: its result bytes, or :class:`ApiError`."""
+        reply, result = self._call({"op": "run", "model": name}, request)
+        error = reply.get("error")
         if error is not None:
             raise ApiError(error["status"], error["code"], error["message"], error["field"])
         return result
 
+    def fingerprints(self) -> list[dict[str, str | None]]:
+        """Every live replica's fingerprint of every base, computed now."""
+        return list(self._call({"op": "fingerprints"})[0]["value"])
+
     def served(self) -> list[int]:
-        """How many requests each replica has run."""
-        return list(self._ray.get([a.count.remote() for a in self.actors]))
+        """How many requests each live replica has run."""
+        return list(self._call({"op": "served"})[0]["value"])
+
+    def health(self, detail: bool = False) -> dict[str, Any]:
+        """``state`` (``ok``, ``degraded``, ``down``), live / wanted replicas, replacements.
+
+        With ``detail``, also each replica's state and process id (for operators and tests;
+        ``/v1/health`` serves the summary only).
+        """
+        down = {"state": "down", "live": 0, "replicas": self.replicas}
+        if self._closed:
+            return down
+        try:
+            reply, _ = self._call({"op": "health"}, timeout=_HEALTH_TIMEOUT)
+        except ApiError:
+            return down
+        except FutureTimeout:
+            return {"state": "unresponsive", "live": None, "replicas": self.replicas}
+        health = dict(reply["value"])
+        if not detail:
+            health.pop("members", None)
+        return health
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            self._ray.kill(actor)
-        if self._started_ray:
+        """Stop the owner (which stops Ray and every process it started), then check."""
+        self._stop_owner()
+        self._reader.join(10)
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _call(
+        self, header: dict[str, Any], payload: bytes = b"", timeout: float | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        future: Future[tuple[dict[str, Any], bytes]] = Future()
+        with self._waiting_lock:
+            if self._closed:
+                raise _pool_down()
+            call_id = next(self._ids)
+            self._waiting[call_id] = future
+        try:
+            _send(self._to_owner, self._send_lock, {**header, "id": call_id}, payload)
+        except (OSError, ValueError):  # the owner is gone (its pipe is closed)
+            with self._waiting_lock:
+                self._waiting.pop(call_id, None)
+            raise _pool_down() from None
+        try:
+            return future.result(timeout)
+        finally:
+            with self._waiting_lock:
+                self._waiting.pop(call_id, None)
+
+    def _read(self) -> None:
+        """Hand each reply to its caller; when the owner's pipe closes, fail the rest."""
+        while True:
+            try:
+                message = _receive(self._from_owner)
+            except (OSError, ValueError):
+                message = None
+            if message is None:
+                break
+            header, payload = message
+            if header.get("op") == "pids":
+                self._pids = [tuple(p) for p in header["pids"]]
+                continue
+            with self._waiting_lock:
+                future = self._waiting.get(header.get("id", -1))
+            if future is not None:
+                future.set_result((header, payload))
+        with self._waiting_lock:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting.values()), {}
+        for future in waiting:
+            future.set_exception(_pool_down())
+        if self._owner.poll() is None:  # stdout closed but alive: do not leave it behind
+            self._stop_owner()
+        else:
+            _kill_all(self._pids)
+
+    def _stop_owner(self) -> None:
+        with contextlib.suppress(OSError):
+            self._to_owner.close()  # end of input: the owner shuts its cluster down
+        try:
+            self._owner.wait(60)
+        except subprocess.TimeoutExpired:
+            self._owner.kill()
+            self._owner.wait(10)
+        _kill_all(self._pids)  # a no-op unless the owner could not clean up
+        _kill_all(_session_members(self._owner.pid))  # and what it started after its last list
+
+
+def _pool_down() -> ApiError:
+    return ApiError(
+        503,
+        "pool_down",
+        "the host's Ray pool has stopped (its owner process exited); restart the host",
+    )
+
+
+# --------------------------------------------------------------------------- the wire
+
+
+def _send(
+    stream: IO[bytes], lock: threading.Lock, header: dict[str, Any], payload: bytes = b""
+) -> None:
+    """One message: 4-byte header length, JSON header (with the payload's size), payload."""
+    head = json.dumps({**header, "size": len(payload)}).encode()
+    with lock:
+        stream.write(struct.pack("<I", len(head)) + head)
+        stream.write(payload)
+        stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> tuple[dict[str, Any], bytes] | None:
+    """The next message, or None at the end of the stream."""
+    prefix = stream.read(4)
+    if len(prefix) < 4:
+        return None
+    (size,) = struct.unpack("<I", prefix)
+    head = stream.read(size)
+    if len(head) < size:
+        return None
+    header = json.loads(head)
+    payload = stream.read(header["size"]) if header["size"] else b""
+    if len(payload) < header["size"]:
+        return None
+    return header, payload
+
+
+def _session_members(session: int) -> list[tuple[int, float]]:
+    """``(pid, create_time)`` of the processes left in ``session`` (the owner's: it started a
+    new session, and every Ray process it spawns stays in it)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    found = []
+    for process in psutil.process_iter(["pid", "create_time"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.pid != os.getpid() and os.getsid(process.pid) == session:
+                found.append((process.pid, process.info["create_time"]))
+    return found
+
+
+def _kill_all(pids: list[tuple[int, float]], grace: float = 3.0) -> None:
+    """Kill the processes ``(pid, create_time)`` that still run (checked: no reused pid)."""
+    if not pids:
+        return
+    try:
+        import psutil
+    except ImportError:
+        try:
+            importlib.import_module("ray")  # Ray ships psutil and puts it on sys.path
+            import psutil
+        except ImportError:
+            return
+    alive = []
+    for pid, created in pids:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            if abs(process.create_time() - created) < 1e-3:
+                alive.append(process)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, left = psutil.wait_procs(alive, timeout=grace)
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(left, timeout=grace)
+
+
+# --------------------------------------------------------------------------- the owner's side
+
+
+@dataclass
+class _Replica:
+    actor: Any
+    state: str = "starting"  # starting -> live -> dead (replaced) | failed
+    pid: int | None = None
+    busy: int = 0
+    dispatched: int = 0
+    ping: Any = None
+    reason: str = ""
+
+
+class _Owner:
+    """The Ray driver: starts the cluster and the replicas, runs jobs, replaces the dead."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self._ray = ray
+        self._temp = tempfile.mkdtemp(prefix="tsray-")
+        self._lock = threading.Condition()
+        self._stopping = False
+        self.replaced = 0
+        self.rerun = 0
+        self.replicas: list[_Replica] = []
+        self.pids: list[tuple[int, float]] = []
+        self.monitoring: threading.Thread | None = None
+
+    def boot(self, start: dict[str, Any]) -> None:
+        """Start the cluster and the replicas, and check both; raises if it cannot serve."""
+        ray = self._ray
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            _temp_dir=self._temp,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            num_cpus=start["replicas"],
+        )
+        self.pids = self._descendants()
+        self._args = (start["sources"], start["limits"], start["threads"])
+        self._actor = ray.remote(num_cpus=0)(ModelWorker)
+        self.replicas = [
+            _Replica(self._actor.remote(*self._args)) for _ in range(start["replicas"])
+        ]
+        described = ray.get([r.actor.structures.remote() for r in self.replicas])
+        pids = ray.get([r.actor.ping.remote() for r in self.replicas])
+        if any(d != described[0] for d in described):
+            raise RuntimeError("the replicas loaded different models from the same paths")
+        self.described = described[0]
+        for replica, pid in zip(self.replicas, pids, strict=True):
+            replica.state, replica.pid = "live", pid
+        self.pids = self._descendants()
+        exposed = _exposed_sockets([os.getpid(), *(p for p, _ in self.pids)])
+        if exposed:
+            raise RuntimeError(
+                f"Ray {ray.__version__} listens beyond loopback ({'; '.join(exposed[:3])}); "
+                "torchsurgeon serves only from a loopback-only Ray cluster"
+            )
+
+    # ----------------------------------------------------------------- jobs
+
+    def run(self, name: str, request: bytes) -> tuple[bytes, dict[str, Any] | None]:
+        from ray.exceptions import RayActorError
+
+        for attempt in range(2):
+            replica = self._pick()
+            if replica is None:
+                return b"", _error(503, "no_replica", self._no_replica_reason())
+            try:
+                return self._ray.get(replica.actor.run.remote(name, request))
+            except RayActorError:
+                self._lost(replica)
+                if attempt == 0:
+                    with self._lock:
+                        self.rerun += 1
+            finally:
+                with self._lock:
+                    replica.busy -= 1
+        return b"", _error(
+            503,
+            "replica_died",
+            "the replica running this job died, and so did the one it was retried on; the "
+            "host is replacing them (see /v1/health)",
+        )
+
+    def _pick(self) -> _Replica | None:
+        """The least busy live replica (waiting while replacements start), or None."""
+        deadline = time.monotonic() + _WAIT_FOR_REPLICA
+        with self._lock:
+            while True:
+                live = [r for r in self.replicas if r.state == "live"]
+                if live:
+                    chosen = min(live, key=lambda r: (r.busy, r.dispatched))
+                    chosen.busy += 1
+                    chosen.dispatched += 1
+                    return chosen
+                starting = any(r.state == "starting" for r in self.replicas)
+                left = deadline - time.monotonic()
+                if not starting or left <= 0 or self._stopping:
+                    return None
+                self._lock.wait(left)
+
+    def _no_replica_reason(self) -> str:
+        reasons = sorted({r.reason for r in self.replicas if r.reason})
+        return "no replica is live" + (f": {'; '.join(reasons)}" if reasons else "")
+
+    def each_live(self, method: str) -> list[Any]:
+        with self._lock:
+            live = [r for r in self.replicas if r.state == "live"]
+        return self._ray.get([getattr(r.actor, method).remote() for r in live])
+
+    # ----------------------------------------------------------------- replicas
+
+    def _lost(self, replica: _Replica) -> None:
+        """``replica``'s actor died: take it out of rotation and start a fresh one."""
+        with self._lock:
+            if replica.state != "live" or self._stopping:
+                return
+            replica.state = "dead"
+            index = self.replicas.index(replica)
+            fresh = _Replica(self._actor.remote(*self._args))
+            self.replicas[index] = fresh
+        with contextlib.suppress(Exception):
+            self._ray.kill(replica.actor, no_restart=True)
+        threading.Thread(target=self._start, args=(fresh,), daemon=True).start()
+
+    def _start(self, replica: _Replica) -> None:
+        """Wait for a fresh replica to load; it goes live only if it loaded the same models."""
+        from ray.exceptions import RayError
+
+        reason = ""
+        for attempt in range(_REPLACE_ATTEMPTS):
+            try:
+                described = self._ray.get(replica.actor.structures.remote())
+                pid = self._ray.get(replica.actor.ping.remote())
+            except RayError as error:
+                reason = f"a replacement replica failed to start: {type(error).__name__}"
+                if attempt + 1 < _REPLACE_ATTEMPTS and not self._stopping:
+                    with self._lock:
+                        replica.actor = self._actor.remote(*self._args)
+                    continue
+                break
+            if described != self.described:
+                reason = "a replacement replica loaded a different model from the same path"
+                with contextlib.suppress(Exception):
+                    self._ray.kill(replica.actor, no_restart=True)
+                break
+            with self._lock:
+                replica.state, replica.pid = "live", pid
+                self.replaced += 1
+                self._lock.notify_all()
+            return
+        with self._lock:
+            replica.state, replica.reason = "failed", reason
+            self._lock.notify_all()
+
+    def monitor(self, report: Any) -> None:
+        """Ping the live replicas, replace dead ones, keep (and report) the process list."""
+        while not self._stopping:
+            time.sleep(_MONITOR_SECONDS)
+            try:
+                self._check(report)
+            except Exception as error:  # keep watching; a failed round is retried
+                if not self._stopping:
+                    print(f"torchsurgeon ray pool monitor: {error!r}", file=sys.stderr)
+
+    def _check(self, report: Any) -> None:
+        """One round of :meth:`monitor`."""
+        from ray.exceptions import RayActorError
+
+        with self._lock:
+            live = [r for r in self.replicas if r.state == "live"]
+        pending = [r.ping for r in live if r.ping is not None]
+        done, _ = (
+            self._ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
+        )
+        for replica in live:
+            if replica.ping is not None and replica.ping in done:
+                ref, replica.ping = replica.ping, None
+                try:
+                    self._ray.get(ref)
+                except RayActorError:
+                    self._lost(replica)
+                    continue
+            if replica.ping is None:
+                replica.ping = replica.actor.ping.remote()
+        pids = self._descendants()
+        if pids != self.pids:
+            self.pids = pids
+            report(pids)
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            members = [
+                {"state": r.state, "pid": r.pid, "busy": r.busy, "reason": r.reason}
+                for r in self.replicas
+            ]
+            replaced, rerun = self.replaced, self.rerun
+        live = sum(m["state"] == "live" for m in members)
+        state = "ok" if live == len(members) else "degraded" if live else "down"
+        return {
+            "state": state,
+            "live": live,
+            "replicas": len(members),
+            "replaced": replaced,
+            "rerun": rerun,
+            "members": members,
+        }
+
+    def _descendants(self) -> list[tuple[int, float]]:
+        import psutil
+
+        found = []
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                found.append((process.pid, process.create_time()))
+        return sorted(found)
+
+    def close(self) -> None:
+        """Shut Ray down and kill whatever of its processes outlives that."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self.monitoring is not None:
+            self.monitoring.join(10)
+        started = self._descendants()
+        with contextlib.suppress(Exception):
             self._ray.shutdown()
+        _kill_all(sorted({*self.pids, *started}))
+        _kill_all(_session_members(os.getsid(0)))  # anything started since (ours: setsid)
+        shutil.rmtree(self._temp, ignore_errors=True)
+
+
+def _error(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"status": status, "code": code, "message": message, "field": ""}
+
+
+def _exposed_sockets(pids: list[int]) -> list[str]:
+    """``"address:port (process)"`` of every socket of ``pids`` bound beyond loopback."""
+    import psutil
+
+    exposed = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            sockets = getattr(process, "net_connections", None) or process.connections
+            for connection in sockets(kind="inet"):
+                address = connection.laddr
+                if address and not str(address.ip).startswith(_LOOPBACK_PREFIXES):
+                    exposed.append(f"{address.ip}:{address.port} ({process.name()})")
+    return exposed
+
+
+def _owner_main() -> None:
+    """The pool owner's process: requests on stdin, replies on stdout, until stdin closes."""
+    requests = os.fdopen(os.dup(0), "rb")
+    replies = os.fdopen(os.dup(1), "wb")
+    quiet = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(quiet, 0)  # Ray's processes inherit neither end of the host's pipe
+    os.dup2(2, 1)  # and whatever anything prints goes to stderr, not into the replies
+    lock = threading.Lock()
+    message = _receive(requests)
+    if message is None:
+        return
+    owner = _Owner()
+    try:
+        owner.boot(message[0])
+    except Exception as error:
+        with contextlib.suppress(OSError, ValueError):
+            _send(replies, lock, {"id": 0, "failed": f"{type(error).__name__}: {error}"})
+        owner.close()
+        os._exit(1)
+    _send(replies, lock, {"id": 0, "described": owner.described, "pids": owner.pids})
+
+    def report(pids: list[tuple[int, float]]) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            _send(replies, lock, {"op": "pids", "pids": pids})
+
+    def answer(header: dict[str, Any], payload: bytes) -> None:
+        reply: dict[str, Any] = {"id": header["id"]}
+        result = b""
+        try:
+            if header["op"] == "run":
+                result, reply["error"] = owner.run(header["model"], payload)
+            elif header["op"] == "health":
+                reply["value"] = owner.health()
+            elif header["op"] == "fingerprints":
+                reply["value"] = owner.each_live("fingerprints")
+            elif header["op"] == "served":
+                reply["value"] = owner.each_live("count")
+        except Exception as error:  # reported to the caller, the owner keeps serving
+            reply["error"] = _error(500, "internal", f"{type(error).__name__}: {error}")
+        with contextlib.suppress(OSError, ValueError):
+            _send(replies, lock, reply, result)
+
+    owner.monitoring = threading.Thread(target=owner.monitor, args=(report,), daemon=True)
+    owner.monitoring.start()
+    try:
+        while (message := _receive(requests)) is not None:
+            header, payload = message
+            if header.get("op") == "health":
+                answer(header, payload)  # cheap: no Ray call
+            else:
+                threading.Thread(target=answer, args=message, daemon=True).start()
+    finally:  # the host closed our stdin or died (or we were told to stop): nothing stays
+        owner.close()
+        os._exit(0)

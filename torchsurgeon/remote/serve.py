@@ -1,12 +1,18 @@
 """``torchsurgeon serve``: run a host from the command line.
 
     torchsurgeon serve --model gpt2=/ckpt/gpt2 --model llama=/ckpt/llama \\
-        --host 127.0.0.1 --port 8000 --api-keys keys.txt [--ray --replicas 2]
+        --host 127.0.0.1 --port 8000 --api-keys keys.txt --state-dir /var/lib/ts \\
+        [--ray --replicas 2]
 
 ``--model NAME=PATH`` (repeatable) names a local checkpoint directory; ``--api-keys`` is a
-file with one key per line (blank lines and ``#`` comments ignored); ``--ray --replicas N``
-runs N model replicas as Ray actors on a local Ray cluster. The parser is added to the
-``torchsurgeon`` command by :func:`add_serve_parser`; :func:`serve_main` runs it.
+file with one key per line (blank lines and ``#`` comments ignored); ``--state-dir`` is
+where jobs and results persist (a host started again on it finishes what was queued or
+running); ``--ray --replicas N`` runs N model replicas as Ray actors on a local Ray
+cluster. The connection limits (``--max-connections``, ``--header-timeout``, ...) are
+:class:`~torchsurgeon.remote.server.ServerLimits`. SIGTERM stops the host within about
+``--shutdown-timeout`` seconds plus a few, even with jobs running (they run again on restart).
+The parser is added to the ``torchsurgeon`` command by :func:`add_serve_parser`;
+:func:`serve_main` runs it.
 """
 
 from __future__ import annotations
@@ -16,17 +22,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from torchsurgeon.remote.server import ServerLimits
+
 __all__ = ["add_serve_parser", "read_api_keys", "serve_main"]
 
 DESCRIPTION = """Serve models to remote plans over HTTP.
 
   torchsurgeon serve --model gpt2=/ckpt/gpt2 --model llama=/ckpt/llama \\
-      --host 127.0.0.1 --port 8000 --api-keys keys.txt [--ray --replicas 2]
+      --host 127.0.0.1 --port 8000 --api-keys keys.txt --state-dir /var/lib/ts \\
+      [--ray --replicas 2]
 
 Each --model NAME=PATH names a local checkpoint directory. --api-keys is a file with one
 key per line (blank lines and # comments ignored); clients send it as
-'Authorization: Bearer KEY'. --ray --replicas N runs N model replicas as Ray actors on a
-local Ray cluster."""
+'Authorization: Bearer KEY'. --state-dir keeps jobs and results (SQLite + files) so that a
+restarted host finishes queued and interrupted jobs; without it they live in a temporary
+directory. --ray --replicas N runs N model replicas as Ray actors on a local Ray cluster."""
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -58,6 +68,39 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-run-seconds", type=float, default=None, help="run-time limit per job"
+    )
+    parser.add_argument(
+        "--max-running-per-key",
+        type=int,
+        default=None,
+        help="jobs of one API key running at once (default: every worker but one)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="directory for jobs and results, kept across restarts (default: a temporary one)",
+    )
+    server = ServerLimits()
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=server.max_connections,
+        help=f"open connections at most (default {server.max_connections})",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=server.header_timeout_seconds,
+        help="seconds a client has to send a request's head "
+        f"(default {server.header_timeout_seconds:g})",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=server.shutdown_seconds,
+        help="seconds open requests get on SIGTERM before they are cancelled "
+        f"(default {server.shutdown_seconds})",
     )
     parser.set_defaults(handler=serve_main)
     return parser
@@ -96,12 +139,15 @@ def serve_main(args: argparse.Namespace) -> int:
 
     from torchsurgeon.remote.app import create_app
     from torchsurgeon.remote.limits import Limits
+    from torchsurgeon.remote.server import server_config
 
     if args.replicas < 1:
         raise ValueError("--replicas must be at least 1")
     limits = Limits()
     if args.max_run_seconds is not None:
         limits = dataclasses.replace(limits, max_run_seconds=args.max_run_seconds)
+    if args.max_running_per_key is not None:
+        limits = dataclasses.replace(limits, max_running_per_key=args.max_running_per_key)
     app = create_app(
         parse_models(args.model),
         api_keys=read_api_keys(args.api_keys) if args.api_keys else None,
@@ -109,8 +155,15 @@ def serve_main(args: argparse.Namespace) -> int:
         workers=max(args.workers, 2 * args.replicas if args.ray else 1),
         ray_replicas=args.replicas if args.ray else None,
         ray_threads=args.threads_per_replica,
+        state_dir=args.state_dir,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    connections = ServerLimits(
+        max_connections=args.max_connections,
+        header_timeout_seconds=args.header_timeout,
+        shutdown_seconds=args.shutdown_timeout,
+    )
+    config = server_config(app, host=args.host, port=args.port, limits=connections)
+    uvicorn.Server(config).run()
     return 0
 
 

@@ -8,16 +8,16 @@ no pickle in either direction.
   or JSON scalars, or a list of texts for a host-side tokenizer.
 - A *result* holds the tensors of a :class:`~torchsurgeon.layers.results.Result` (``r0``,
   ``r1``, ...) and the tree they sit in: the output (a tensor, a tuple, a dict, a
-  ``transformers`` ``ModelOutput`` — rebuilt by class name from ``transformers`` only), the
-  saved entries, and ``topk`` reductions as ``torch.return_types.topk``. Values that are
-  neither tensors nor JSON scalars (a KV cache object) do not travel.
+  ``transformers`` ``ModelOutput`` — rebuilt only as an output class the client already
+  knows, never by importing a name from the file), the saved entries, and ``topk``
+  reductions as ``torch.return_types.topk``. Values that are neither tensors nor JSON
+  scalars (a KV cache object) do not travel.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 import math
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +29,7 @@ from torchsurgeon.layers.results import Result
 from torchsurgeon.plans.errors import PlanFormatError, PlanLimitError
 from torchsurgeon.plans.schema import PlanLimits
 from torchsurgeon.plans.wire import pack, unpack_container
-from torchsurgeon.remote.errors import ApiError
+from torchsurgeon.remote.errors import ApiError, RemoteError
 from torchsurgeon.remote.limits import Limits
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
 REQUEST_KEY = "torchsurgeon.request"
 RESULT_KEY = "torchsurgeon.result"
 _SCALARS = (bool, int, float, str, type(None))
-_OUTPUT_MODULE = re.compile(r"^transformers(\.[A-Za-z0-9_]+)+$")
 
 
 @dataclass(frozen=True)
@@ -54,18 +53,25 @@ class Inputs:
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     text: tuple[str, ...] | None = None
+    padding_side: str | None = None
+    """For texts: ``"left"``, ``"right"``, or ``None`` (the host's default: left)."""
 
 
 # --------------------------------------------------------------------------- requests
 
 
 def encode_request(plan_bytes: bytes, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
-    """A submission: the plan file's bytes and the call's inputs (texts, tensors, scalars)."""
+    """A submission: the plan file's bytes and the call's inputs (texts, tensors, scalars).
+
+    With texts, ``kwargs`` may hold ``padding_side="left"`` or ``"right"``: how the host's
+    tokenizer pads them (default: left, so the last position is every row's last token).
+    """
     tensors: dict[str, torch.Tensor] = {
         "plan": torch.frombuffer(bytearray(plan_bytes), dtype=torch.uint8)
         if plan_bytes
         else torch.zeros(0, dtype=torch.uint8)
     }
+    kwargs = dict(kwargs)
     texts: list[str] | None = None
     described_args: list[dict[str, Any]] = []
     for i, value in enumerate(args):
@@ -80,6 +86,11 @@ def encode_request(plan_bytes: bytes, args: Sequence[Any], kwargs: Mapping[str, 
             described_args.append({"tensor": f"a{i}"})
         else:
             described_args.append({"value": _scalar(value, f"argument {i}")})
+    padding_side = kwargs.pop("padding_side", None)
+    if padding_side is not None and (texts is None or padding_side not in _PADDING_SIDES):
+        raise TypeError(
+            f"padding_side={padding_side!r}: it is 'left' or 'right', and only for text inputs"
+        )
     described_kwargs: dict[str, dict[str, Any]] = {}
     for name, value in kwargs.items():
         if isinstance(value, torch.Tensor):
@@ -87,7 +98,14 @@ def encode_request(plan_bytes: bytes, args: Sequence[Any], kwargs: Mapping[str, 
             described_kwargs[name] = {"tensor": f"k.{name}"}
         else:
             described_kwargs[name] = {"value": _scalar(value, f"keyword argument {name!r}")}
-    description = {"version": 1, "args": described_args, "kwargs": described_kwargs, "text": texts}
+    description: dict[str, Any] = {
+        "version": 1,
+        "args": described_args,
+        "kwargs": described_kwargs,
+        "text": texts,
+    }
+    if padding_side is not None:
+        description["padding_side"] = padding_side
     return pack(description, tensors, key=REQUEST_KEY)
 
 
@@ -100,8 +118,19 @@ def _scalar(value: Any, what: str) -> Any:
     )
 
 
+_PADDING_SIDES = ("left", "right")
+_DESCRIPTION_KEYS = {"version", "args", "kwargs", "text", "padding_side"}
+_MAX_ARGUMENTS = 64
+
+
 def decode_request(data: bytes, limits: Limits) -> tuple[bytes, Inputs]:
-    """``(plan bytes, inputs)`` of a submission; :class:`ApiError` (4xx) naming the problem."""
+    """``(plan bytes, inputs)`` of a submission; :class:`ApiError` (4xx) naming the problem.
+
+    This checks the request's *form* — the container, the description's fields, which
+    tensor each argument names, the texts' sizes. Whether the model takes these arguments
+    (names, dtypes, shapes, token ids in range) is checked against the model by
+    :meth:`~torchsurgeon.remote.hosted.HostedModel.call_arguments`.
+    """
     try:
         description, tensors = unpack_container(
             data, REQUEST_KEY, limits.request_limits(), "request"
@@ -110,8 +139,22 @@ def decode_request(data: bytes, limits: Limits) -> tuple[bytes, Inputs]:
         raise ApiError(413, "too_large", error.reason, error.field) from None
     except PlanFormatError as error:
         raise ApiError(400, "bad_request", error.reason, error.field) from None
-    if not isinstance(description, dict) or description.get("version") != 1:
-        raise ApiError(400, "bad_request", "unsupported request version", "version")
+    if not isinstance(description, dict):
+        raise ApiError(400, "bad_request", "the request description is not a JSON object")
+    version = description.get("version")
+    if type(version) is not int or version != 1:  # true == 1 in Python: checked by type
+        raise ApiError(
+            400, "bad_request", f"unsupported request version {_shown(version)}", "version"
+        )
+    unknown = sorted(set(description) - _DESCRIPTION_KEYS)
+    if unknown:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"unknown request field(s) {_shown(unknown)}; a request has "
+            f"{', '.join(sorted(_DESCRIPTION_KEYS))}",
+            unknown[0][:64],
+        )
     plan = tensors.pop("plan", None)
     if plan is None or plan.dtype != torch.uint8 or plan.dim() != 1:
         raise ApiError(400, "bad_request", "the request holds no plan (a 1-D uint8 tensor)", "plan")
@@ -136,7 +179,16 @@ def decode_request(data: bytes, limits: Limits) -> tuple[bytes, Inputs]:
     used: set[str] = set()
 
     def read(entry: Any, where: str) -> Any:
-        if isinstance(entry, dict) and set(entry) == {"tensor"} and entry["tensor"] in tensors:
+        if (
+            isinstance(entry, dict)
+            and set(entry) == {"tensor"}
+            and isinstance(entry["tensor"], str)
+            and entry["tensor"] in tensors
+        ):
+            if entry["tensor"] in used:
+                raise ApiError(
+                    400, "bad_request", f"tensor {entry['tensor']!r} is used twice", where
+                )
             used.add(entry["tensor"])
             return tensors[entry["tensor"]]
         if (
@@ -145,26 +197,47 @@ def decode_request(data: bytes, limits: Limits) -> tuple[bytes, Inputs]:
             and isinstance(entry["value"], _SCALARS)
         ):
             return entry["value"]
-        raise ApiError(400, "bad_request", f"malformed input entry {entry!r}", where)
+        raise ApiError(400, "bad_request", f"malformed input entry {_shown(entry)}", where)
 
     raw_args, raw_kwargs = description.get("args"), description.get("kwargs")
     if not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict):
         raise ApiError(400, "bad_request", "args must be a list and kwargs an object", "inputs")
+    if len(raw_args) + len(raw_kwargs) > _MAX_ARGUMENTS:
+        raise ApiError(
+            413,
+            "too_large",
+            f"{len(raw_args) + len(raw_kwargs)} arguments, over the limit of {_MAX_ARGUMENTS}",
+            "inputs",
+        )
     args = tuple(read(entry, f"args.{i}") for i, entry in enumerate(raw_args))
     kwargs = {}
     for name, entry in raw_kwargs.items():
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ApiError(400, "bad_request", f"bad keyword argument name {name!r}", "kwargs")
+        if not name.isidentifier() or len(name) > 64:
+            raise ApiError(
+                400, "bad_request", f"bad keyword argument name {_shown(name)}", "kwargs"
+            )
         kwargs[name] = read(entry, f"kwargs.{name}")
     unused = sorted(set(tensors) - used)
     if unused:
         raise ApiError(
-            400, "bad_request", f"tensors {unused} are not used by any argument", "inputs"
+            400,
+            "bad_request",
+            f"tensors {_shown(unused)} are not used by any argument",
+            "inputs",
         )
     text = _read_text(description.get("text"), limits)
     if text is not None and args:
         raise ApiError(400, "bad_request", "give text or positional tensors, not both", "text")
-    return plan.numpy().tobytes(), Inputs(args, kwargs, text)
+    padding_side = description.get("padding_side")
+    if padding_side is not None and (text is None or padding_side not in _PADDING_SIDES):
+        raise ApiError(
+            400,
+            "bad_request",
+            f"padding_side is 'left' or 'right' (or absent: left), and only with text; got "
+            f"{_shown(padding_side)}",
+            "padding_side",
+        )
+    return plan.numpy().tobytes(), Inputs(args, kwargs, text, padding_side)
 
 
 def _read_text(text: Any, limits: Limits) -> tuple[str, ...] | None:
@@ -181,6 +254,12 @@ def _read_text(text: Any, limits: Limits) -> tuple[str, ...] | None:
             "text",
         )
     return tuple(text)
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut short: an error message quotes what was sent, never all of it."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # --------------------------------------------------------------------------- results
@@ -238,49 +317,127 @@ def encode_result(result: Result) -> bytes:
 
 
 def decode_result(data: bytes) -> Result:
-    """A :class:`Result` from a host's result file (the same class local ``ts.run`` returns)."""
+    """A :class:`Result` from a host's result file (the same class local ``ts.run`` returns).
+
+    The client trusts the host with numbers, not with code: the file is read with the same
+    checked reader as a plan, every entry must be one the encoder writes, and nothing it
+    names is imported. A mapping comes back as the ``transformers`` output class it names
+    only if that class is a known ``ModelOutput`` (:func:`_output_class`), else as a plain
+    ``dict``. A malformed file raises :class:`RemoteError` ``bad_result`` naming the entry.
+    """
     limits = PlanLimits(
         max_plan_bytes=len(data),
         max_tensor_bytes=len(data),
         max_total_tensor_bytes=len(data),
         max_tensors=1 << 20,
     )
-    description, tensors = unpack_container(data, RESULT_KEY, limits, "result")
+    try:
+        description, tensors = unpack_container(data, RESULT_KEY, limits, "result")
+    except PlanFormatError as error:  # PlanLimitError included
+        raise _bad_result(error.reason, error.field) from None
+    if not isinstance(description, dict) or description.get("version") != 1:
+        raise _bad_result("unsupported result version", "version")
+    saved = description.get("saved")
+    if "output" not in description or not isinstance(saved, dict):
+        raise _bad_result("a result has an 'output' entry and a 'saved' object", "saved")
 
-    def build(entry: dict[str, Any]) -> Any:
-        if "tensor" in entry:
-            return tensors[entry["tensor"]]
-        if "topk" in entry:
-            values, indices = entry["topk"]
-            return torch.return_types.topk((tensors[values], tensors[indices]))
-        if "mapping" in entry:
-            fields = {k: build(v) for k, v in entry["fields"].items()}
+    def tensor(ref: Any, where: str) -> torch.Tensor:
+        if not isinstance(ref, str) or ref not in tensors:
+            raise _bad_result(f"no tensor {ref!r} in the result file", where)
+        return tensors[ref]
+
+    def build(entry: Any, where: str) -> Any:
+        kind = set(entry) if isinstance(entry, dict) else None
+        if kind == {"tensor"}:
+            return tensor(entry["tensor"], where)
+        if kind == {"topk"} and isinstance(entry["topk"], list) and len(entry["topk"]) == 2:
+            values, indices = (tensor(ref, where) for ref in entry["topk"])
+            return torch.return_types.topk((values, indices))
+        if kind == {"mapping", "fields"} and isinstance(entry["fields"], dict):
+            fields = {k: build(v, f"{where}.{k}") for k, v in entry["fields"].items()}
             return _mapping(entry["mapping"], fields)
-        if "sequence" in entry:
-            items = [build(v) for v in entry["items"]]
+        if (
+            kind == {"sequence", "items"}
+            and entry["sequence"] in ("list", "tuple")
+            and isinstance(entry["items"], list)
+        ):
+            items = [build(v, f"{where}.{i}") for i, v in enumerate(entry["items"])]
             return items if entry["sequence"] == "list" else tuple(items)
-        if "float" in entry:
+        if kind == {"float"} and entry["float"] in ("nan", "inf", "-inf"):
             return float(entry["float"])
-        return entry.get("value")
+        if kind == {"value"} and isinstance(entry["value"], _SCALARS):
+            return entry["value"]
+        if kind == set():  # a value that did not travel (a cache object)
+            return None
+        raise _bad_result(f"malformed result entry {str(entry)[:200]}", where)
 
-    output = build(description["output"])
-    records = {str(key): [build(v) for v in values] for key, values in description["saved"].items()}
+    output = build(description["output"], "output")
+    records: dict[str, list[Any]] = {}
+    for key, values in saved.items():
+        if not isinstance(values, list):
+            raise _bad_result("a saved entry is a list of values", f"saved.{key}")
+        records[str(key)] = [build(v, f"saved.{key}.{i}") for i, v in enumerate(values)]
     return Result(output, records)
 
 
-def _mapping(name: str | None, fields: dict[str, Any]) -> Any:
-    """A ``ModelOutput`` of the named ``transformers`` class, else a plain dict."""
-    if name is None:
-        return fields
-    module_name, _, qualname = name.rpartition(".")
-    if not _OUTPUT_MODULE.match(module_name) or not qualname.isidentifier():
+def _bad_result(message: str, field: str = "") -> RemoteError:
+    return RemoteError(502, "bad_result", f"the host sent a malformed result: {message}", field)
+
+
+def _mapping(name: Any, fields: dict[str, Any]) -> Any:
+    """An instance of the known output class ``name``, else ``fields`` as a plain dict."""
+    cls = _output_class(name) if isinstance(name, str) else None
+    if cls is None:
         return fields
     try:
-        module = sys.modules.get(module_name) or importlib.import_module(module_name)
+        return cls(**fields)
+    except (TypeError, ValueError):  # fields this transformers version's class lacks
+        return fields
+
+
+def _output_class(name: str) -> type | None:
+    """The ``ModelOutput`` class a result names, looked up without importing anything.
+
+    Known: the classes ``transformers.modeling_outputs`` defines (a table built from that
+    module's own namespace), and ``ModelOutput`` classes a ``transformers.models`` module
+    that this process has *already imported* defines (``Qwen2VLCausalLMOutputWithPast``:
+    its modeling module is loaded once the model was built or loaded here). The name is
+    only compared with those tables, never imported or passed to ``getattr``.
+    """
+    known = _output_classes()
+    if name in known:
+        return known[name]
+    module_name, _, qualname = name.rpartition(".")
+    if not module_name.startswith("transformers.models."):
+        return None
+    module = sys.modules.get(module_name)
+    if module is None:
+        return None
+    from transformers.utils import ModelOutput  # loaded: a transformers module is
+
+    cls = vars(module).get(qualname)
+    if (
+        isinstance(cls, type)
+        and issubclass(cls, ModelOutput)
+        and cls.__module__ == module_name
+        and cls.__qualname__ == qualname
+    ):
+        return cls
+    return None
+
+
+@functools.cache
+def _output_classes() -> dict[str, type]:
+    """``"module.Class" -> class`` of each ``ModelOutput`` in ``transformers.modeling_outputs``."""
+    try:
+        from transformers import modeling_outputs
         from transformers.utils import ModelOutput
     except ImportError:
-        return fields
-    cls = getattr(module, qualname, None)
-    if isinstance(cls, type) and issubclass(cls, ModelOutput):
-        return cls(**fields)
-    return fields
+        return {}
+    return {
+        f"{cls.__module__}.{cls.__qualname__}": cls
+        for cls in vars(modeling_outputs).values()
+        if isinstance(cls, type)
+        and issubclass(cls, ModelOutput)
+        and cls.__module__ == modeling_outputs.__name__
+    }

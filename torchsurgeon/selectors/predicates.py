@@ -10,21 +10,34 @@ and ``~``. ``instance_of("LlamaMLP")`` tests the class by name.
 A Python callable (taking the module, or ``(path, module)``) is accepted anywhere a
 predicate is; it works locally and makes any plan built from it refuse to serialize, with a
 message naming the step.
+
+Predicates run on a host against its models, from plans anyone with a key may send, so a
+predicate reads only what is meant to be compared and never raises. ``attr(name)`` reads a
+plain config-like value — an int, float, bool, a string of at most
+:data:`MAX_ATTR_STRING` characters, or None — from the module's own ``__dict__``: never a
+property or anything computed, never a class attribute, a dunder or a private name, never
+a tensor or a submodule, never where the model was loaded from (``name_or_path``, or a
+string that looks like a local path); those read as missing. A name that could not be
+such a value (not an identifier, or starting with ``_``) is refused when the predicate is
+built or parsed. Compared values are JSON scalars (lists of them for ``isin``), and ``matches``
+compiles its glob once, when built, to an expression of its own (``fnmatch`` would keep
+every pattern it ever saw in a process-wide cache).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import inspect
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from torchsurgeon.surgery.errors import SerializationError
 from torchsurgeon.surgery.frozen import original_class
-from torchsurgeon.surgery.sites import AFTER, BEFORE
+from torchsurgeon.surgery.paths import layer_index_of
 
 __all__ = [
     "Field",
@@ -40,6 +53,15 @@ __all__ = [
 
 JSONValue = Any
 _MISSING = object()
+_FIELDS = ("layer_index", "path", "attr")
+_SCALARS = (int, float, bool, str, type(None))
+MAX_ATTR_STRING = 256
+"""The longest string attribute ``attr(name)`` reads (longer ones read as missing)."""
+_HOST_LOCAL = frozenset({"name_or_path"})
+"""Attributes that say where a model was loaded from (transformers sets this one)."""
+_LOCAL_PATH = re.compile(r"^(/|~|\\\\|file:|[A-Za-z]:[\\/])")
+_MAX_NAME = 64
+_MAX_GLOB = 1024
 
 
 def class_names(module: nn.Module) -> set[str]:
@@ -49,14 +71,6 @@ def class_names(module: nn.Module) -> set[str]:
         names.add(cls.__name__)
         names.add(f"{cls.__module__}.{cls.__qualname__}")
     return names
-
-
-def _layer_index(path: str, module: nn.Module) -> int | None:
-    segments = path.split(".") if path else []
-    for i in range(len(segments) - 1, -1, -1):
-        if segments[i].lstrip("-").isdigit() and (i == 0 or segments[i - 1] not in (BEFORE, AFTER)):
-            return int(segments[i])
-    return None
 
 
 class Predicate:
@@ -85,17 +99,32 @@ class Field:
     kind: str  # "layer_index" | "path" | "attr"
     name: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.kind not in _FIELDS:
+            raise ValueError(f"unknown field kind {self.kind!r}; known: {', '.join(_FIELDS)}")
+        if self.kind == "attr":
+            _check_attr_name(self.name)
+        elif self.name is not None:
+            raise ValueError(f"the field {self.kind!r} takes no name, got {self.name!r}")
+
     def read(self, path: str, module: nn.Module) -> Any:
         if self.kind == "layer_index":
-            return _layer_index(path, module)
+            return layer_index_of(path)
         if self.kind == "path":
             return path
-        return getattr(module, self.name or "", _MISSING)
+        value = vars(module).get(self.name, _MISSING)  # the instance's own, never computed
+        if type(value) not in _SCALARS or self.name in _HOST_LOCAL:
+            return _MISSING
+        if type(value) is str and (len(value) > MAX_ATTR_STRING or _LOCAL_PATH.match(value)):
+            return _MISSING  # not a config value, or a path on the machine that loaded it
+        return value
 
     def to_json(self) -> dict[str, JSONValue]:
         return {"kind": self.kind, "name": self.name} if self.name else {"kind": self.kind}
 
     def isin(self, values: Sequence[Any]) -> Predicate:
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | set | frozenset):
+            raise TypeError(f"isin(...) takes a list of values, got {_shown(values)}")
         return _Compare("isin", self, tuple(values))
 
     def matches(self, glob: str) -> Predicate:
@@ -131,19 +160,44 @@ path = Field("path")
 
 
 def attr(name: str) -> Field:
-    """The attribute ``name`` of a node (a node without it satisfies no comparison)."""
+    """The plain attribute ``name`` of a node: an int, float, bool, short string or None.
+
+    It is read from the module's own ``__dict__`` (``in_features``, ``num_heads``, ...); a
+    node without it, or whose ``name`` is a tensor, a module, a property or a long string,
+    satisfies no comparison. ``name`` must be a public identifier (no leading ``_``).
+    """
     return Field("attr", name)
 
 
+def _check_attr_name(name: Any) -> None:
+    if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+        raise ValueError(
+            f"attr({name!r}): the name must be a public attribute name (an identifier not "
+            "starting with '_'), e.g. attr('in_features')"
+        )
+    if len(name) > _MAX_NAME:
+        raise ValueError(f"attr(...): the name is {len(name)} characters, over {_MAX_NAME}")
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """``a == b``, except that a bool equals only a bool (``True == 1`` in Python)."""
+    return (type(a) is bool) == (type(b) is bool) and a == b
+
+
+def _ordered(compare: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
+    """An ordering that never holds with a bool on either side."""
+    return lambda a, b: type(a) is not bool and type(b) is not bool and compare(a, b)
+
+
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
-    "==": lambda a, b: a == b,
-    "!=": lambda a, b: a != b,
-    "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b,
-    ">": lambda a, b: a > b,
-    ">=": lambda a, b: a >= b,
-    "isin": lambda a, b: a in b,
-    "matches": lambda a, b: isinstance(a, str) and fnmatch.fnmatchcase(a, b),
+    "==": _equal,
+    "!=": lambda a, b: not _equal(a, b),
+    "<": _ordered(lambda a, b: a < b),
+    "<=": _ordered(lambda a, b: a <= b),
+    ">": _ordered(lambda a, b: a > b),
+    ">=": _ordered(lambda a, b: a >= b),
+    "isin": lambda a, b: any(_equal(a, v) for v in b),
+    "matches": lambda a, b: isinstance(a, str) and b.fullmatch(a) is not None,
 }
 
 
@@ -152,14 +206,37 @@ class _Compare(Predicate):
     op: str
     field: Field
     value: Any
+    _glob: re.Pattern[str] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.op not in _COMPARISONS:
+            raise ValueError(f"unknown comparison {self.op!r}; known: {', '.join(_COMPARISONS)}")
+        if self.op == "matches":
+            if not isinstance(self.value, str) or len(self.value) > _MAX_GLOB:
+                raise ValueError(
+                    f"matches(...) takes a glob string of at most {_MAX_GLOB} characters, "
+                    f"got {_shown(self.value)}"
+                )
+            object.__setattr__(self, "_glob", re.compile(fnmatch.translate(self.value)))
+            return
+        values = self.value if self.op == "isin" else (self.value,)
+        if self.op == "isin" and not isinstance(self.value, tuple):
+            raise ValueError(f"isin(...) takes a list of values, got {_shown(self.value)}")
+        bad = [v for v in values if type(v) not in _SCALARS]
+        if bad:
+            raise ValueError(
+                f"a predicate compares with ints, floats, bools, strings or None (JSON "
+                f"scalars), got {_shown(bad[0])}"
+            )
 
     def __call__(self, path: str, module: nn.Module) -> bool:
         found = self.field.read(path, module)
         if found is None or found is _MISSING:
             return False
+        compared = self._glob if self.op == "matches" else self.value
         try:
-            return bool(_COMPARISONS[self.op](found, self.value))
-        except TypeError:
+            return bool(_COMPARISONS[self.op](found, compared))
+        except TypeError:  # ordering a str against a number: no comparison holds
             return False
 
     def to_json(self) -> dict[str, JSONValue]:
@@ -266,10 +343,12 @@ def predicate_from_json(data: dict[str, JSONValue]) -> Predicate:
     if op == "instance_of":
         return instance_of(str(data.get("class", "")))
     if op in _COMPARISONS:
-        field = data.get("field")
-        if not isinstance(field, dict) or field.get("kind") not in ("layer_index", "path", "attr"):
-            raise ValueError(f"predicate {op!r} has no valid 'field': {field!r}")
-        if field["kind"] == "attr" and not isinstance(field.get("name"), str):
+        found = data.get("field")
+        if not isinstance(found, dict) or found.get("kind") not in _FIELDS:
+            raise ValueError(f"predicate {op!r} has no valid 'field': {_shown(found)}")
+        if set(found) - {"kind", "name"}:
+            raise ValueError(f"a field has only 'kind' and 'name', got {sorted(found)}")
+        if found["kind"] == "attr" and not isinstance(found.get("name"), str):
             raise ValueError("an attr field needs a string 'name'")
         value = data.get("value")
         if op == "isin":
@@ -278,7 +357,13 @@ def predicate_from_json(data: dict[str, JSONValue]) -> Predicate:
             value = tuple(value)
         if op == "matches" and not isinstance(value, str):
             raise ValueError("predicate 'matches' needs a string 'value'")
-        return _Compare(op, Field(field["kind"], field.get("name")), value)
+        return _Compare(op, Field(found["kind"], found.get("name")), value)
     raise ValueError(
         f"unknown predicate op {op!r}; known: and, or, not, instance_of, " + ", ".join(_COMPARISONS)
     )
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: messages quote what was sent, never all of it."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
