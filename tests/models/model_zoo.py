@@ -144,15 +144,32 @@ FAMILIES: dict[str, FamilySpec] = {
     )
 }
 CAUSAL = [name for name, spec in FAMILIES.items() if spec.causal]
+BASE_CLASSES: dict[str, Callable[..., nn.Module]] = {
+    "gpt2": transformers.GPT2Model,
+    "llama": transformers.LlamaModel,
+    "mistral": transformers.MistralModel,
+    "qwen2": transformers.Qwen2Model,
+    "gpt_neox": transformers.GPTNeoXModel,
+    "gemma": transformers.GemmaModel,
+    "gemma2": transformers.Gemma2Model,
+    "phi3": transformers.Phi3Model,
+    "bert": transformers.BertModel,  # with its pooler, as sentence-embedding checkpoints have
+}
+"""Each family's base model (no language-model head), written out independently."""
 
 
-def make_hf_model(name: str, attn_implementation: str = "eager") -> nn.Module:
-    """The seeded random test model of family ``name`` (the same weights on every call)."""
+def make_hf_model(
+    name: str, attn_implementation: str = "eager", *, base: bool = False
+) -> nn.Module:
+    """The seeded random test model of family ``name`` (the same weights on every call).
+
+    ``base=True``: the family's base model (``BASE_CLASSES``) instead of its LM class.
+    """
     spec = FAMILIES[name]
     config = spec.config()
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)
-    model = spec.model_class(config).eval()
+    model = (BASE_CLASSES[name] if base else spec.model_class)(config).eval()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param_name, param in model.named_parameters():

@@ -1,13 +1,20 @@
 """Interpretability methods, each a few lines for the user and a rewrite underneath.
 
-Every method here takes a ``transformers`` causal LM (plain or already wrapped) and does its
-work with selectors and intervention layers — ``Save``, ``SaveGrad``, ``Patch``, ``Noise``,
-``Zero``, ``MeanAblate``, ``SetValues``, ``Add``, ``LowRankAdapter`` — never with hand-written
-hooks, so each experiment is also a model (or a set of models) that could be saved as a plan.
-Where a method needs the parts of a model (blocks, final norm, unembedding, the attention
-output projection that heads are read from) it finds them in a small family table
-(:mod:`~torchsurgeon.methods.layout`; GPT-2, the Llama family, GPT-NeoX) or takes
-``layout=ModelLayout(...)``.
+Every method here takes a ``transformers`` causal LM (plain or already wrapped) or an
+explicit model from ``ts.load`` / ``ts.convert`` (the same results, to float rounding) and
+does its work with selectors and intervention layers — ``Save``, ``SaveGrad``, ``Patch``,
+``Noise``, ``Zero``, ``MeanAblate``, ``SetValues``, ``Add``, ``LowRankAdapter`` — never with
+hand-written hooks, so each experiment is also a model (or a set of models) that could be
+saved as a plan. Where a method needs the parts of a model (blocks, final norm, unembedding,
+the attention output projection that heads are read from) it finds them in the one family
+table of :mod:`torchsurgeon.models.families` (see :mod:`~torchsurgeon.methods.layout`) or
+takes ``layout=ModelLayout(...)``.
+
+Padded batches: every method takes the batch's ``attention_mask`` (pairs of prompts share
+one; a method of two independent batches takes one mask for each) and then reads each row
+at its own positions — ``-1`` is a row's last real token, left or right padding alike —
+averages over real tokens only, and calls the model with position ids that skip padding,
+so a padded row gives what the prompt gives alone (see :mod:`~torchsurgeon.methods.tokens`).
 
 ==========================  ====================================================  ==============
 method                      question                                              returns
@@ -37,10 +44,16 @@ from torchsurgeon.methods.knockout import head_knockout, head_means, knockout_he
 from torchsurgeon.methods.layout import FAMILIES, ModelLayout, UnknownFamilyError, layout_of
 from torchsurgeon.methods.lens import LogitLens, logit_lens
 from torchsurgeon.methods.lora import LoraResult, train_lora
-from torchsurgeon.methods.metrics import AnswerProbability, LogitDiff, Metric
+from torchsurgeon.methods.metrics import AnswerProbability, LogitDiff, Metric, on_real_tokens
 from torchsurgeon.methods.neurons import NeuronForcing, force_neurons
 from torchsurgeon.methods.patching import activation_patching
-from torchsurgeon.methods.probing import Probe, ProbeResult, fit_probe, train_probe
+from torchsurgeon.methods.probing import (
+    Probe,
+    ProbeResult,
+    fit_probe,
+    residual_features,
+    train_probe,
+)
 from torchsurgeon.methods.steering import Steering, steer, steering_model, steering_vector
 from torchsurgeon.methods.tracing import causal_tracing, embedding_noise_std
 
@@ -69,6 +82,8 @@ __all__ = [
     "knockout_heads",
     "layout_of",
     "logit_lens",
+    "on_real_tokens",
+    "residual_features",
     "steer",
     "steering_model",
     "steering_vector",

@@ -13,6 +13,11 @@ small; where it is not, compare with :func:`~torchsurgeon.methods.activation_pat
 The gradient flows into a zero vector added after the token embedding (an ``Add`` layer whose
 vector requires grad), and ``backward`` accumulates into that vector only: the model's own
 parameters get no ``.grad``, and it works on a model whose parameters do not require grad.
+
+Padded pairs share one ``attention_mask`` (a clean prompt and its corrupted copy have the
+same tokens but one, so the same padding). The metric then reads each row's own last real
+token (:func:`~torchsurgeon.methods.metrics.on_real_tokens`), and the residual-stream grid's
+column ``p`` is every pair's ``p``-th real token, whichever side they were padded on.
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ from torchsurgeon.layers.results import run
 from torchsurgeon.methods.batching import Side, logits_of, rewrite_at
 from torchsurgeon.methods.grid import EffectGrid
 from torchsurgeon.methods.layout import ModelLayout, d_head, layout_of, n_layers
-from torchsurgeon.methods.metrics import Metric, mean_metric
+from torchsurgeon.methods.metrics import Metric, mean_metric, on_real_tokens
 from torchsurgeon.methods.patching import MEASURE, pair, pick_layers, pick_positions
-from torchsurgeon.methods.tokens import Decoder, position_labels
+from torchsurgeon.methods.tokens import Decoder, aligned, forward_kwargs, inputs, position_labels
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
 
@@ -55,6 +60,7 @@ def attribution_patching(
     over: Literal["resid", "heads"] = "resid",
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
     decoder: Decoder = None,
 ) -> EffectGrid:
@@ -62,11 +68,15 @@ def attribution_patching(
 
     Same arguments and same grid shape as ``activation_patching`` (``over="resid"``: layer
     x position; ``over="heads"``: layer x head, summed over positions and the head's
-    features); the values estimate ``metric(patched) - metric(corrupted)``.
+    features); the values estimate ``metric(patched) - metric(corrupted)``. With
+    ``attention_mask`` (the one mask of both, padded pairs) positions count real tokens.
     """
     model = wrap(model)
     layout = layout_of(model, layout)
+    clean, mask = inputs(clean, attention_mask, "clean")
+    corrupted, _ = inputs(corrupted, mask, "corrupted")
     clean, corrupted = pair(clean, corrupted)
+    read = on_real_tokens(metric, mask)
     n = clean.shape[0]
     rows_of = pick_layers(layers, n_layers(model, layout))
     side: Side
@@ -87,19 +97,23 @@ def attribution_patching(
         probe = rewrite_at(probe, path, side, Save(f"act{i}"))
         probe = rewrite_at(probe, path, side, SaveGrad(f"grad{i}"))
 
+    both = None if mask is None else torch.cat([mask, mask])
     with torch.enable_grad():
-        result = run(probe, torch.cat([clean, corrupted]))
+        result = run(probe, torch.cat([clean, corrupted]), **forward_kwargs(both))
         logits = logits_of(result.output)
-        value = mean_metric(metric, logits[n:])
+        value = mean_metric(read, logits[n:])
         torch.autograd.backward(value, inputs=[entry])
-    clean_value = float(mean_metric(metric, logits[:n].detach()))
+    clean_value = float(mean_metric(read, logits[:n].detach()))
     saved = result.records
 
     columns: list[torch.Tensor] = []
     for i in range(len(paths)):
         act, grad = saved[f"act{i}"][0].detach(), saved[f"grad{i}"][0]
-        delta = act[:n] - act[n:]
-        product = (delta * grad[n:]).sum(0)  # [pos, features], summed over prompt pairs
+        product = (act[:n] - act[n:]) * grad[n:]  # [n, pos, features]
+        if mask is not None:  # padding carries nothing; column p: each pair's p-th token
+            real = mask.to(product.device, product.dtype)[..., None]
+            product = aligned(product * real, mask, end=False)
+        product = product.sum(0)  # [pos, features], summed over prompt pairs
         if over == "resid":
             columns.append(product.sum(-1))
         else:
@@ -107,9 +121,11 @@ def attribution_patching(
             columns.append(product.reshape(product.shape[0], heads, -1).sum((0, 2)))
     values = torch.stack(columns)
     if over == "resid":
-        cols = pick_positions(positions, clean.shape[1])
+        longest = 0 if mask is None else int(mask.sum(-1).argmax())
+        tokens = clean[longest] if mask is None else clean[longest][mask[longest].bool()]
+        cols = pick_positions(positions, tokens.shape[0])
         values = values[:, cols]
-        labels = position_labels(clean[0], decoder)
+        labels = position_labels(tokens, decoder)
         col_labels, col_name = tuple(labels[p] for p in cols), "position"
     else:
         d_head(model, layout)  # checks that the heads split the projection's input

@@ -5,8 +5,10 @@ model's own final norm and unembedding (nostalgebraist, 2020). Early layers ofte
 rank the eventual answer high; the lens shows at which depth a prediction forms.
 
 As a rewrite it is one ``Save`` after every block, one forward pass, and the final norm and
-unembedding modules of the same model applied to what was saved. The last layer's row is the
-model's own output distribution.
+unembedding modules of the same model applied to what was saved (BERT: its MLM transform
+first). The last layer's row is the model's own output distribution. A prompt padded to a
+batch's length comes with its ``attention_mask``: the lens then covers its real tokens only,
+and equals the lens of the unpadded prompt.
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ from torch import nn
 from torchsurgeon.layers.record import Save
 from torchsurgeon.layers.results import run
 from torchsurgeon.methods.batching import rewrite_at
-from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
+from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers, require
 from torchsurgeon.methods.patching import pick_layers
-from torchsurgeon.methods.tokens import Decoder, as_batch, position_labels, token_label
+from torchsurgeon.methods.tokens import (
+    Decoder,
+    forward_kwargs,
+    inputs,
+    position_labels,
+    token_label,
+)
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
 
@@ -57,24 +65,40 @@ def logit_lens(
     *,
     layers: Sequence[int] | None = None,
     top_k: int = 5,
+    attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
     decoder: Decoder = None,
 ) -> LogitLens:
-    """Decode the residual stream after each block (or ``layers``) of one prompt."""
+    """Decode the residual stream after each block (or ``layers``) of one prompt.
+
+    With ``attention_mask`` (the prompt padded, on either side) the result covers the real
+    tokens only: ``pos`` counts them, and padding is neither attended to nor decoded.
+    """
     model = wrap(model)
     layout = layout_of(model, layout)
-    ids = as_batch(input_ids)
+    ids, mask = inputs(input_ids, attention_mask)
     if ids.shape[0] != 1:
         raise ValueError(f"logit_lens reads one prompt, got a batch of {ids.shape[0]}")
     picked = pick_layers(layers, n_layers(model, layout))
     probe = model
     for layer in picked:
         probe = rewrite_at(probe, layout.block(layer), "insert_after", Save(f"resid{layer}"))
-    final_norm, unembed = get_at(model, layout.final_norm), get_at(model, layout.unembed)
+    decode = [
+        get_at(model, path)
+        for path in (
+            layout.head,
+            require(model, layout, "final_norm", "logit_lens"),
+            require(model, layout, "unembed", "logit_lens"),
+        )
+        if path is not None
+    ]
+    real = slice(None) if mask is None else mask[0].bool()
     with torch.no_grad():
-        saved = run(probe, ids).records
-        resid = torch.stack([saved[f"resid{layer}"][0][0] for layer in picked])
-        log_probs = torch.log_softmax(unembed(final_norm(resid)).float(), dim=-1)
+        saved = run(probe, ids, **forward_kwargs(mask)).records
+        resid = torch.stack([saved[f"resid{layer}"][0][0][real] for layer in picked])
+        for module in decode:
+            resid = module(resid)
+        log_probs = torch.log_softmax(resid.float(), dim=-1)
     top = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
     labels = tuple(
         tuple(tuple(token_label(decoder, t) for t in row) for row in layer)
@@ -86,5 +110,5 @@ def logit_lens(
         top_log_probs=top.values,
         top_labels=labels,
         layer_labels=tuple(f"L{layer}" for layer in picked),
-        position_labels=position_labels(ids[0], decoder),
+        position_labels=position_labels(ids[0][real], decoder),
     )

@@ -12,9 +12,17 @@ and the base — shared with every other model made from it — is never written
 holds a new model, the base plus adapters with the trained tensors, which is an ordinary
 rewrite: it runs, generates and saves as a plan.
 
+A target is any module whose (primary) input and output are tensors mapping the last
+dimension ``in -> out``: an ``nn.Linear``, GPT-2's ``Conv1D``, a converted model's
+``Projection`` (widths read from the weight), or a whole MLP — ``GPT2MLP``, ``LlamaMLP``,
+a converted ``mlp`` — whose widths are measured once, on one row of the input, with
+``Save`` layers on its input and output.
+
 The loss is next-token cross-entropy on ``input_ids`` (``loss_mask [batch, pos]`` marks
-the positions whose token counts as a target). The model runs in its current train/eval
-mode; call ``.eval()`` on it first for no dropout.
+the positions whose token counts as a target). A padded batch comes with its
+``attention_mask``: the model is called with it (and with position ids that skip padding),
+and a token counts as a target only when it and the token before it are real. The model
+runs in its current train/eval mode; call ``.eval()`` on it first for no dropout.
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers.lora import LowRankAdapter
+from torchsurgeon.layers.record import Save
+from torchsurgeon.layers.results import run
 from torchsurgeon.methods.batching import logits_of, rewrite_at
 from torchsurgeon.methods.layout import ModelLayout, features, layout_of, n_layers
-from torchsurgeon.methods.tokens import as_batch
+from torchsurgeon.methods.tokens import forward_kwargs, inputs
 from torchsurgeon.selectors.selection import select
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
@@ -79,6 +89,33 @@ def _targets(
     return paths
 
 
+def _widths(
+    model: nn.Module, paths: list[str], ids: torch.Tensor, mask: torch.Tensor | None
+) -> dict[str, tuple[int, int]]:
+    """``(in, out)`` of each target: from its weight if Linear-like, else measured."""
+    widths = {}
+    unknown = []
+    for path in paths:
+        found = features(get_at(model, path))
+        if found is None:
+            unknown.append(path)
+        else:
+            widths[path] = found
+    if unknown:
+        probe = model
+        for i, path in enumerate(unknown):
+            probe = rewrite_at(probe, path, "insert_before", Save(f"in{i}"))
+            probe = rewrite_at(probe, path, "insert_after", Save(f"out{i}"))
+        row_mask = None if mask is None else mask[:1]
+        with torch.no_grad():
+            saved = run(probe, ids[:1], **forward_kwargs(row_mask)).records
+        for i, path in enumerate(unknown):
+            if not saved.get(f"in{i}") or not saved.get(f"out{i}"):
+                raise ValueError(f"train_lora: the module at {path!r} did not run on input_ids")
+            widths[path] = (int(saved[f"in{i}"][0].shape[-1]), int(saved[f"out{i}"][0].shape[-1]))
+    return widths
+
+
 def add_adapters(
     model: nn.Module,
     adapters: dict[str, LowRankAdapter],
@@ -101,28 +138,36 @@ def train_lora(
     lr: float = 1e-2,
     batch_size: int | None = None,
     loss_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     seed: int = 0,
     layout: ModelLayout | None = None,
 ) -> LoraResult:
     """Train rank-``rank`` adapters after ``targets`` on ``input_ids``; the base stays frozen.
 
-    ``targets`` are selector paths (``at`` patterns, ``*`` globs allowed); by default every
-    block's attention output projection and MLP down-projection. Adam with learning rate
-    ``lr`` runs ``steps`` steps over minibatches of ``batch_size`` rows (all rows when None),
-    drawn with a generator seeded by ``seed``.
+    ``targets`` are selector paths (``at`` patterns, ``*`` globs allowed) of Linear-like
+    modules or whole sublayers (see the module docstring); by default every block's
+    attention output projection and MLP down-projection. Adam with learning rate ``lr``
+    runs ``steps`` steps over minibatches of ``batch_size`` rows (all rows when None),
+    drawn with a generator seeded by ``seed``. ``attention_mask`` marks padding.
     """
     model = wrap(model)
-    ids = as_batch(input_ids)
+    ids, mask = inputs(input_ids, attention_mask)
     if loss_mask is not None and tuple(loss_mask.shape) != tuple(ids.shape):
         raise ValueError(
             f"loss_mask has shape {tuple(loss_mask.shape)}; it must match input_ids "
             f"{tuple(ids.shape)}"
         )
+    if mask is not None:  # a target is real, and so is the token it is predicted from
+        real = mask * torch.cat([mask[:, :1], mask[:, :-1]], dim=1)
+        loss_mask = real if loss_mask is None else loss_mask * real
     paths = _targets(model, layout, targets)
+    if not paths:
+        raise ValueError(f"train_lora: targets {targets!r} select no module")
     dtype = next(model.parameters()).dtype
+    widths = _widths(model, paths, ids, mask)
     fresh: dict[str, LowRankAdapter] = {}
     for i, path in enumerate(paths):
-        width_in, width_out = features(get_at(model, path))
+        width_in, width_out = widths[path]
         fresh[path] = LowRankAdapter.init(
             width_in, width_out, rank, alpha=alpha, seed=seed + i, dtype=dtype
         )
@@ -145,8 +190,10 @@ def train_lora(
 
     def loss_on(rows: torch.Tensor | None) -> torch.Tensor:
         batch = ids if rows is None else ids[rows]
-        mask = loss_mask if rows is None or loss_mask is None else loss_mask[rows]
-        return lm_loss(logits_of(fn({**frozen, **trainable}, batch)), batch, mask)
+        targets = loss_mask if rows is None or loss_mask is None else loss_mask[rows]
+        padding = mask if rows is None or mask is None else mask[rows]
+        output = fn({**frozen, **trainable}, batch, **forward_kwargs(padding))
+        return lm_loss(logits_of(output), batch, targets)
 
     with torch.no_grad():
         initial = float(loss_on(None))

@@ -7,6 +7,11 @@ rows. The two most used are here as small frozen dataclasses (so they print clea
 compare equal): :class:`LogitDiff` — the logit of the right answer minus that of the wrong
 one, at the last position — and :class:`AnswerProbability`, what causal tracing measures.
 Answers may be one token for every row or one per row (a batch of prompt pairs).
+
+On a padded batch a method hands the metric each row's logits *right-aligned*
+(:func:`on_real_tokens`): position ``-1`` is the row's last real token, ``-2`` the one before,
+whichever side the batch was padded on — so the same metric reads the same tokens padded
+or not.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AnswerProbability", "LogitDiff", "Metric", "mean_metric"]
+from torchsurgeon.methods.tokens import aligned
+
+__all__ = ["AnswerProbability", "LogitDiff", "Metric", "mean_metric", "on_real_tokens"]
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 Answers = int | Sequence[int] | torch.Tensor
@@ -67,3 +74,21 @@ def mean_metric(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         value = torch.as_tensor(value, dtype=logits.dtype)
     return value.float().mean()
+
+
+def on_real_tokens(metric: Metric, mask: torch.Tensor | None) -> Metric:
+    """``metric`` on a padded group of rows (``mask [n, pos]``): it sees each row's logits
+    rolled so that the row's real tokens end at position ``-1``. ``metric`` itself when
+    there is no mask."""
+    if mask is None:
+        return metric
+
+    def read(logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[0] != mask.shape[0]:
+            raise ValueError(
+                f"a metric on a padded batch reads groups of {mask.shape[0]} rows (one per "
+                f"prompt), got {logits.shape[0]}"
+            )
+        return metric(aligned(logits, mask, end=True))
+
+    return read

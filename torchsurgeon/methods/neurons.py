@@ -11,7 +11,10 @@ An MLP neuron's activation is the input of the down-projection (``mlp.down_proj`
 
 :func:`force_neurons` builds that rewrite for any number of layers, runs the forced and the
 unforced model on the same batch, and returns both, with the tokens whose log-probability
-rose the most — and the forced model itself, which is a plan like any other rewrite.
+rose the most in each forced row — and the forced model itself, which is a plan like any
+other rewrite. On a padded batch (``attention_mask=``) "the last position" is each row's own
+last real token: rows of one length share one ``SetValues``, so left padding (every row ends
+at the last column) is still one layer per MLP.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ from torchsurgeon.layers.index import Index
 from torchsurgeon.methods.batching import logits_of, rewrite_at
 from torchsurgeon.methods.layout import ModelLayout, in_features, layout_of, n_layers
 from torchsurgeon.methods.patching import pick_layers
-from torchsurgeon.methods.tokens import Decoder, as_batch, token_label
+from torchsurgeon.methods.tokens import (
+    Decoder,
+    forward_kwargs,
+    inputs,
+    token_index,
+    token_label,
+)
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
 
@@ -38,17 +47,73 @@ __all__ = ["NeuronForcing", "force_neurons"]
 class NeuronForcing:
     """The forced model, its logits and the unforced model's on the same input.
 
-    ``shift`` is the change of log-probability at ``position`` (``[batch, vocab]``);
-    ``top_ids`` / ``top_labels`` are, per row, the ``k`` tokens it raised the most.
+    ``position`` is the position asked for (``-1`` when forcing every position);
+    ``positions`` is, per row, the column the shift is read at (each row's own last real
+    token on a padded batch); ``shift`` the change of log-probability there
+    (``[batch, vocab]``). ``forced_rows`` are the rows that were forced: for each of them
+    ``top_ids`` / ``top_labels`` are the ``k`` tokens forcing raised the most. A row that
+    was not forced has no such tokens — its shift is zero everywhere — so its ``top_ids``
+    row is ``-1`` and its ``top_labels`` entry is empty, ``()``.
     """
 
     model: nn.Module
     logits: torch.Tensor
     base_logits: torch.Tensor
     position: int
+    positions: torch.Tensor
     shift: torch.Tensor
     top_ids: torch.Tensor
     top_labels: tuple[tuple[str, ...], ...]
+    forced_rows: tuple[int, ...]
+
+
+def _rows(rows: int | slice | None, batch: int) -> list[int]:
+    if rows is None:
+        return list(range(batch))
+    if isinstance(rows, bool) or not isinstance(rows, (int, slice)):
+        raise TypeError(f"rows must be an int, a slice or None, got {rows!r}")
+    if isinstance(rows, int):
+        if not -batch <= rows < batch:
+            raise IndexError(f"row {rows} is out of range for a batch of {batch}")
+        return [rows % batch]
+    picked = list(range(batch))[rows]
+    if not picked:
+        raise IndexError(f"rows {rows} select no row of a batch of {batch}")
+    return picked
+
+
+def _runs(rows: list[int]) -> list[slice]:
+    """Sorted ``rows`` as the fewest contiguous slices."""
+    runs: list[slice] = []
+    for row in sorted(rows):
+        if runs and runs[-1].stop == row:
+            runs[-1] = slice(runs[-1].start, row + 1)
+        else:
+            runs.append(slice(row, row + 1))
+    return runs
+
+
+def _indices(
+    rows: int | slice | None,
+    picked: list[int],
+    position: int | None,
+    columns: torch.Tensor,
+    mask: torch.Tensor | None,
+    neurons: list[int],
+) -> list[Index]:
+    """Where to force: ``ts.idx[rows, position, neurons]``, per row's own column if padded."""
+    if position is None:
+        return [Index((slice(None) if rows is None else rows, slice(None), neurons))]
+    if mask is None:
+        return [Index((slice(None) if rows is None else rows, position, neurons))]
+    by_column: dict[int, list[int]] = {}
+    for row in picked:
+        by_column.setdefault(int(columns[row]), []).append(row)
+    return [
+        Index((run, column, neurons))
+        for column, group in sorted(by_column.items())
+        for run in _runs(group)
+    ]
 
 
 def force_neurons(
@@ -60,6 +125,7 @@ def force_neurons(
     rows: int | slice | None = None,
     position: int | None = -1,
     top_k: int = 10,
+    attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
     decoder: Decoder = None,
 ) -> NeuronForcing:
@@ -67,18 +133,18 @@ def force_neurons(
 
     ``rows`` picks batch rows (an int or a slice; all when None) and ``position`` one
     position (all when None); the shift and top tokens are read at ``position`` (the last
-    one when ``position`` is None).
+    one when ``position`` is None). With ``attention_mask`` (a padded batch) ``position``
+    counts each row's real tokens: ``-1`` is each row's own last token.
     """
     model = wrap(model)
     layout = layout_of(model, layout)
-    ids = as_batch(input_ids)
+    ids, mask = inputs(input_ids, attention_mask)
     if not neurons:
         raise ValueError("neurons is empty: give {layer: [neuron, ...]}")
     total = n_layers(model, layout)
-    row_entry = slice(None) if rows is None else rows
-    if not isinstance(row_entry, (int, slice)):
-        raise TypeError(f"rows must be an int, a slice or None, got {rows!r}")
-    pos_entry = slice(None) if position is None else position
+    picked = _rows(rows, ids.shape[0])
+    read = -1 if position is None else position
+    columns = token_index(mask, read, ids.shape[1], ids.shape[0])
     forced = model
     for layer, chosen in neurons.items():
         layer = pick_layers([layer], total)[0]
@@ -91,13 +157,22 @@ def force_neurons(
                 f"neurons {bad or chosen} of layer {layer}: its MLP has {width} neurons "
                 f"(valid 0..{width - 1})"
             )
-        index = Index((row_entry, pos_entry, chosen))
-        forced = rewrite_at(forced, site, "insert_before", SetValues(index, value))
+        for index in _indices(rows, picked, position, columns, mask, chosen):
+            forced = rewrite_at(forced, site, "insert_before", SetValues(index, value))
+    extra = forward_kwargs(mask)
     with torch.no_grad():
-        logits = logits_of(forced(ids))
-        base = logits_of(model(ids))
-    read = -1 if position is None else position
-    shift = logits[:, read].float().log_softmax(-1) - base[:, read].float().log_softmax(-1)
-    top = shift.topk(min(top_k, shift.shape[-1]), dim=-1).indices
-    labels = tuple(tuple(token_label(decoder, t) for t in row) for row in top.tolist())
-    return NeuronForcing(forced, logits, base, read, shift, top, labels)
+        logits = logits_of(forced(ids, **extra))
+        base = logits_of(model(ids, **extra))
+    everyone = torch.arange(ids.shape[0], device=logits.device)
+    at = columns.to(logits.device)
+    shift = logits[everyone, at].float().log_softmax(-1) - base[everyone, at].float().log_softmax(
+        -1
+    )
+    k = min(top_k, shift.shape[-1])
+    top = torch.full((ids.shape[0], k), -1, dtype=torch.long, device=shift.device)
+    top[picked] = shift[picked].topk(k, dim=-1).indices
+    labels = tuple(
+        tuple(token_label(decoder, t) for t in top[row].tolist()) if row in picked else ()
+        for row in range(ids.shape[0])
+    )
+    return NeuronForcing(forced, logits, base, read, columns, shift, top, labels, tuple(picked))

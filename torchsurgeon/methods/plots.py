@@ -226,7 +226,13 @@ def loss_curve(result: LoraResult, *, title: str | None = None, path: PathLike =
 def token_shift(
     result: NeuronForcing, *, row: int = -1, title: str | None = None, path: PathLike = None
 ) -> Figure:
-    """The tokens whose log-probability forcing raised the most, for one batch row."""
+    """The tokens whose log-probability forcing raised the most, for one forced batch row."""
+    batch = result.top_ids.shape[0]
+    if not -batch <= row < batch or row % batch not in result.forced_rows:
+        raise ValueError(
+            f"row {row} was not forced (forced rows: {list(result.forced_rows)}); its shift is "
+            "zero and it has no raised tokens to show"
+        )
     ids = result.top_ids[row].tolist()
     labels = result.top_labels[row]
     shifts = [float(result.shift[row, t]) for t in ids]

@@ -10,7 +10,9 @@ forward pass per ``batch_size`` prompts) and fits one probe per layer with
 :func:`fit_probe`: features standardised with the training split's mean and deviation,
 weights trained full-batch with Adam and a little weight decay, a seeded train/test split
 shared by every layer. Labels are one per prompt (read at ``position``) or one per token
-(``position=None``, labels ``[batch, pos]``).
+(``position=None``, labels ``[batch, pos]``). On a padded batch (``attention_mask=``) each
+prompt is read at its own ``position`` (``-1``: its last real token) and, per token, the
+padding positions are no examples at all: their labels are ignored.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torchsurgeon.layers.results import run
 from torchsurgeon.methods.batching import rewrite_at
 from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
 from torchsurgeon.methods.patching import pick_layers
-from torchsurgeon.methods.tokens import as_batch
+from torchsurgeon.methods.tokens import forward_kwargs, inputs, token_index
 from torchsurgeon.surgery.frozen import wrap
 
 __all__ = ["Probe", "ProbeResult", "fit_probe", "residual_features", "train_probe"]
@@ -126,15 +128,17 @@ def residual_features(
     layers: Sequence[int] | None = None,
     position: int | None = -1,
     batch_size: int | None = None,
+    attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
 ) -> torch.Tensor:
     """The residual stream after each block: ``[layer, example, d_model]``.
 
-    Examples are the prompts (read at ``position``) or, with ``position=None``, every token.
+    Examples are the prompts (read at ``position``) or, with ``position=None``, every token
+    (every real token, row by row, when ``attention_mask`` marks padding).
     """
     model = wrap(model)
     layout = layout_of(model, layout)
-    ids = as_batch(input_ids)
+    ids, mask = inputs(input_ids, attention_mask)
     picked = pick_layers(layers, n_layers(model, layout))
     probe = model
     for layer in picked:
@@ -142,13 +146,20 @@ def residual_features(
     step = batch_size or ids.shape[0]
     chunks: list[torch.Tensor] = []
     for start in range(0, ids.shape[0], step):
+        part = slice(start, start + step)
+        rows = ids[part]
+        part_mask = None if mask is None else mask[part]
         with torch.no_grad():
-            saved = run(probe, ids[start : start + step]).records
+            saved = run(probe, rows, **forward_kwargs(part_mask)).records
         resid = torch.stack([saved[f"resid{layer}"][0] for layer in picked]).float()
         if position is None:
+            if part_mask is not None:
+                resid = resid[:, part_mask.bool().to(resid.device)]
             chunks.append(resid.reshape(len(picked), -1, resid.shape[-1]))
         else:
-            chunks.append(resid[:, :, position])
+            columns = token_index(part_mask, position, ids.shape[1], rows.shape[0])
+            everyone = torch.arange(rows.shape[0])
+            chunks.append(resid[:, everyone, columns.to(everyone.device)])
     return torch.cat(chunks, dim=1)
 
 
@@ -165,16 +176,18 @@ def train_probe(
     weight_decay: float = 1e-3,
     seed: int = 0,
     batch_size: int | None = None,
+    attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
 ) -> ProbeResult:
     """Train a linear probe on each layer's residual stream; held-out accuracy per layer.
 
     ``labels`` is ``[batch]`` (read at ``position``) or ``[batch, pos]`` with
-    ``position=None`` (one example per token).
+    ``position=None`` (one example per token; with ``attention_mask``, per real token —
+    the labels at padding are ignored).
     """
     model = wrap(model)
     layout = layout_of(model, layout)
-    ids = as_batch(input_ids)
+    ids, mask = inputs(input_ids, attention_mask)
     labels = torch.as_tensor(labels).long()
     expected = tuple(ids.shape) if position is None else (ids.shape[0],)
     if tuple(labels.shape) != expected:
@@ -184,9 +197,16 @@ def train_probe(
         )
     picked = pick_layers(layers, n_layers(model, layout))
     features = residual_features(
-        model, ids, layers=picked, position=position, batch_size=batch_size, layout=layout
+        model,
+        ids,
+        layers=picked,
+        position=position,
+        batch_size=batch_size,
+        attention_mask=mask,
+        layout=layout,
     )
-    flat = labels.reshape(-1)
+    per_token = position is None and mask is not None
+    flat = labels[mask.bool().to(labels.device)] if per_token else labels.reshape(-1)
     probes = tuple(
         fit_probe(
             layer_features,

@@ -20,10 +20,16 @@ ordinary rewrites of the same base:
 ``[p, ...]``        ``Add(index=ts.idx[:, [p, ...]])``      nothing
 ==================  ======================================  ==========================
 
-The switch is two ``generate`` calls: the first makes one token and returns its KV cache, the
-second continues from that cache (``past_key_values=``), so nothing is recomputed. Greedy and
-sampled decoding, logits processors and stopping work as in one call; a row whose first new
-token is an end-of-sequence token is padded from there, as ``generate`` would.
+For a ``transformers`` model the switch is two ``generate`` calls: the first makes one token
+and returns its KV cache, the second continues from that cache, so nothing is recomputed.
+Greedy and sampled decoding, logits processors and stopping work as in one call; a row whose
+first new token is an end-of-sequence token is padded from there, as ``generate`` would. An
+explicit model (``ts.load`` / ``ts.convert``) generates with
+:func:`torchsurgeon.models.generate`, whose ``prompt_model=`` is the same switch.
+
+Prompts padded on the left come with ``attention_mask=``: a list of prompt positions then
+counts each row's real tokens (``-1`` is each row's last token), and
+:func:`steering_vector` reads each row's own last token and averages over real rows only.
 """
 
 from __future__ import annotations
@@ -43,7 +49,14 @@ from torchsurgeon.layers.results import run
 from torchsurgeon.methods.batching import rewrite_at
 from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
 from torchsurgeon.methods.patching import pick_layers, pick_positions
-from torchsurgeon.methods.tokens import Decoder, as_batch, token_label
+from torchsurgeon.methods.tokens import (
+    Decoder,
+    forward_kwargs,
+    inputs,
+    token_index,
+    token_label,
+)
+from torchsurgeon.models.generate import generate
 from torchsurgeon.surgery.frozen import wrap
 
 __all__ = ["Steering", "steer", "steering_model", "steering_vector"]
@@ -112,19 +125,32 @@ def steering_vector(
     *,
     layer: int,
     position: int = -1,
+    positive_mask: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
 ) -> torch.Tensor:
     """Mean residual stream after block ``layer`` at ``position`` on ``positive`` minus
-    the same on ``negative`` (each ``[pos]`` or ``[batch, pos]``)."""
+    the same on ``negative`` (each ``[pos]`` or ``[batch, pos]``, or a tokenizer's output).
+
+    Padded batches take their attention masks as ``positive_mask`` / ``negative_mask``;
+    ``position`` then counts each row's real tokens (``-1``: its last real token).
+    """
     model = wrap(model)
     layout = layout_of(model, layout)
     layer = pick_layers([layer], n_layers(model, layout))[0]
     probe = rewrite_at(model, layout.block(layer), "insert_after", Save("resid"))
     means = []
-    for ids in (positive, negative):
+    for name, given, given_mask in (
+        ("positive", positive, positive_mask),
+        ("negative", negative, negative_mask),
+    ):
+        ids, mask = inputs(given, given_mask, name)
         with torch.no_grad():
-            resid = run(probe, as_batch(ids)).records["resid"][0]
-        means.append(resid[:, position].float().mean(0))
+            resid = run(probe, ids, **forward_kwargs(mask)).records["resid"][0]
+        columns = token_index(mask, position, ids.shape[1], ids.shape[0]).to(resid.device)
+        means.append(
+            resid[torch.arange(ids.shape[0], device=resid.device), columns].float().mean(0)
+        )
     return means[0] - means[1]
 
 
@@ -137,23 +163,35 @@ def steer(
     scale: float = 1.0,
     positions: Positions = "all",
     max_new_tokens: int = 20,
+    attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
     decoder: Decoder = None,
     **generate_kwargs: Any,
 ) -> Steering:
     """Generate from ``input_ids`` with ``scale * vector`` added after ``layers``.
 
-    ``positions`` picks where (see the module docstring). Other keyword arguments go to
-    ``generate`` (``do_sample``, ``attention_mask``, ``pad_token_id``, ...).
+    ``positions`` picks where (see the module docstring); with ``attention_mask`` (prompts
+    padded on the left) a list of prompt positions counts each row's real tokens. Other
+    keyword arguments go to the model's ``generate`` (``do_sample``, ``pad_token_id``, ...)
+    for a ``transformers`` model, to :func:`torchsurgeon.models.generate` (``do_sample``,
+    ``temperature``, ``top_k``, ``seed``) for an explicit one.
     """
     model = wrap(model)
     layout = layout_of(model, layout)
-    ids = as_batch(input_ids)
+    ids, mask = inputs(input_ids, attention_mask)
     managed = sorted(set(generate_kwargs) & set(_MANAGED))
     if managed:
         raise TypeError(f"steer manages {', '.join(managed)} itself; do not pass it")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    explicit = not callable(getattr(model, "generate", None))
+    if explicit:
+        extra = sorted(set(generate_kwargs) - {"do_sample", "temperature", "top_k", "seed"})
+        if extra:
+            raise TypeError(
+                f"steer on an explicit model generates with ts.generate, which takes "
+                f"do_sample, temperature, top_k and seed, not {', '.join(extra)}"
+            )
     picked = tuple(pick_layers(layers, n_layers(model, layout)))
     if isinstance(positions, str):
         if positions not in ("all", "prompt", "generated"):
@@ -164,27 +202,53 @@ def steer(
         shown: str | tuple[int, ...] = positions
         prompt_index = None
     else:
-        shown = tuple(pick_positions(list(positions), ids.shape[1]))
-        prompt_index = idx[:, list(shown)]
+        prompt_index = _prompt_index(list(positions), ids, mask)
+        given = [int(p) for p in positions]
+        shown = tuple(given if mask is not None else pick_positions(given, ids.shape[1]))
     steered = steering_model(model, vector, layers=picked, scale=scale, layout=layout)
     if shown == "all":
-        sequences = steered.generate(ids, max_new_tokens=max_new_tokens, **generate_kwargs)
+        prompt_model, step_model = steered, steered
+    elif shown == "generated":
+        prompt_model, step_model = model, steered
+    elif shown == "prompt":
+        prompt_model, step_model = steered, model
     else:
-        if shown == "generated":
-            prompt_model, step_model = model, steered
-        elif shown == "prompt":
-            prompt_model, step_model = steered, model
-        else:
-            prompt_model = steering_model(
-                model, vector, layers=picked, scale=scale, index=prompt_index, layout=layout
-            )
-            step_model = model
-        sequences = _generate_in_two(
-            prompt_model, step_model, ids, max_new_tokens, dict(generate_kwargs)
+        prompt_model = steering_model(
+            model, vector, layers=picked, scale=scale, index=prompt_index, layout=layout
         )
+        step_model = model
+    if explicit:
+        sequences = generate(
+            step_model,
+            ids,
+            max_new_tokens,
+            attention_mask=mask,
+            prompt_model=prompt_model,
+            **generate_kwargs,
+        )
+    else:
+        kwargs = dict(generate_kwargs)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        if prompt_model is step_model:
+            sequences = steered.generate(ids, max_new_tokens=max_new_tokens, **kwargs)
+        else:
+            sequences = _generate_in_two(prompt_model, step_model, ids, max_new_tokens, kwargs)
     new = sequences[:, ids.shape[1] :].tolist()
     labels = tuple(tuple(token_label(decoder, t) for t in row) for row in new)
     return Steering(sequences, ids.shape[1], picked, float(scale), shown, labels)
+
+
+def _prompt_index(positions: list[int], ids: torch.Tensor, mask: torch.Tensor | None) -> Index:
+    """``ts.idx[:, positions]``, or with a mask each row's own columns (joint row/col lists)."""
+    if mask is None:
+        return idx[:, pick_positions(positions, ids.shape[1])]
+    rows, columns = [], []
+    for position in positions:
+        found = token_index(mask, position, ids.shape[1], ids.shape[0])
+        rows.extend(range(ids.shape[0]))
+        columns.extend(found.tolist())
+    return Index((rows, columns))
 
 
 def _generate_in_two(

@@ -14,6 +14,10 @@ site's group — one forward pass (or a few, with ``max_rows``) for the whole sw
 
 Restorable states (``over``): ``"resid"``, the output of each block (ROME's hidden states);
 ``"mlp"`` and ``"attn"``, the output of each block's MLP or attention module.
+
+A prompt padded to some batch's length comes with its ``attention_mask``: its padding is
+dropped first (one prompt needs none), so positions, the subject and the grid's columns
+count its real tokens, and the result is that of the unpadded prompt.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torchsurgeon.methods.grid import EffectGrid
 from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
 from torchsurgeon.methods.metrics import AnswerProbability, Metric
 from torchsurgeon.methods.patching import pick_layers, pick_positions
-from torchsurgeon.methods.tokens import Decoder, as_batch, position_labels
+from torchsurgeon.methods.tokens import Decoder, inputs, position_labels
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
 
@@ -62,6 +66,7 @@ def causal_tracing(
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     max_rows: int | None = None,
+    attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
     decoder: Decoder = None,
 ) -> EffectGrid:
@@ -71,13 +76,16 @@ def causal_tracing(
     probability of ``answer`` at the last position (``answer`` defaults to the clean run's
     top token). ``std`` defaults to :func:`embedding_noise_std`; each of the ``samples``
     corrupted rows draws its own noise (seeded by ``seed``). Values are
-    ``metric(restored) - metric(corrupted)``, layer x position.
+    ``metric(restored) - metric(corrupted)``, layer x position. With ``attention_mask`` the
+    prompt's padding is dropped and positions count its real tokens.
     """
     model = wrap(model)
     layout = layout_of(model, layout)
-    ids = as_batch(input_ids)
+    ids, mask = inputs(input_ids, attention_mask)
     if ids.shape[0] != 1:
         raise ValueError(f"causal_tracing takes one prompt, got a batch of {ids.shape[0]}")
+    if mask is not None:
+        ids = ids[:, mask[0].bool()]
     length = ids.shape[1]
     subject = pick_positions(list(subject), length)
     if not subject:

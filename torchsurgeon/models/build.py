@@ -7,6 +7,9 @@ and layouts and hands over :class:`ModelWeights` in one layout for all families:
 - every other linear weight ``[out, in]`` (``nn.Linear``'s layout) with bias ``[out]``;
 - norms as ``(weight, bias)``; embedding tables ``[rows, d_model]``.
 
+A base model (no language-model head) has ``unembed=None`` — and BERT's, ``final_norm=None``
+and, where the checkpoint has one, a ``pooler`` — and the built model returns hidden states.
+
 Where a checkpoint's layout differs (GPT-2's transposed ``Conv1D``, fused QKV tensors) the
 family makes views, never copies. This module knows the explicit architecture and wires
 those tensors into it; it never looks at a checkpoint name.
@@ -27,6 +30,7 @@ from torchsurgeon.layers.transformer import (
     HeadTransform,
     LayerNorm,
     ParallelBlock,
+    Pooler,
     PositionEmbedding,
     PostNormBlock,
     PreNormBlock,
@@ -72,12 +76,14 @@ class ModelWeights:
 
     embed: torch.Tensor
     blocks: list[BlockWeights]
-    final_norm: Linear
-    unembed: Linear
+    final_norm: Linear | None
+    unembed: Linear | None
+    """``None`` for a base model, which returns hidden states."""
     pos_embed: torch.Tensor | None = None
     type_embed: torch.Tensor | None = None
     embed_norm: Linear | None = None
     head: Linear | None = None
+    pooler: Linear | None = None
 
 
 def build_transformer(config: TransformerConfig, weights: ModelWeights) -> Transformer:
@@ -85,11 +91,13 @@ def build_transformer(config: TransformerConfig, weights: ModelWeights) -> Trans
     if len(weights.blocks) != config.n_layers:
         raise ValueError(f"config has {config.n_layers} layers, weights {len(weights.blocks)}")
     embed = TokenEmbedding(weights.embed, scale=config.embed_scale)
-    unembed = Unembedding(
-        weights.unembed.weight, weights.unembed.bias, softcap=config.final_softcap
-    )
-    if config.tied_embeddings and weights.unembed.weight is weights.embed:
-        unembed.weight = embed.weight  # one parameter object at both sites, as in the original
+    unembed = None
+    if weights.unembed is not None:
+        unembed = Unembedding(
+            weights.unembed.weight, weights.unembed.bias, softcap=config.final_softcap
+        )
+        if config.tied_embeddings and weights.unembed.weight is weights.embed:
+            unembed.weight = embed.weight  # one parameter object at both sites, as the original
     return Transformer(
         config,
         embed=embed,
@@ -102,8 +110,13 @@ def build_transformer(config: TransformerConfig, weights: ModelWeights) -> Trans
             if weights.head is not None
             else None
         ),
-        final_norm=_norm(config, weights.final_norm),
+        final_norm=_norm(config, weights.final_norm) if weights.final_norm is not None else None,
         unembed=unembed,
+        pooler=(
+            Pooler(Projection(weights.pooler.weight, weights.pooler.bias))
+            if weights.pooler is not None
+            else None
+        ),
     )
 
 

@@ -12,8 +12,9 @@ from torch import nn
 
 from torchsurgeon.layers.transformer import Transformer
 from torchsurgeon.models.build import build_transformer
-from torchsurgeon.models.families import FAMILIES, family_for
+from torchsurgeon.models.families import family_for, family_of_class
 from torchsurgeon.models.source import TensorSource
+from torchsurgeon.surgery.frozen import original_class
 
 __all__ = ["convert"]
 
@@ -21,8 +22,11 @@ __all__ = ["convert"]
 def convert(hf_model: nn.Module) -> Transformer:
     """The explicit-layer version of ``hf_model``, sharing every parameter tensor with it.
 
-    ``hf_model`` is a ``transformers`` model of a supported family (e.g.
-    ``LlamaForCausalLM``, ``GPT2LMHeadModel``, ``BertForMaskedLM``). Raises
+    ``hf_model`` is a ``transformers`` model of a supported family: a language model
+    (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ``BertForMaskedLM``), which converts to a
+    model returning logits, or a base model (``LlamaModel``, ``GPT2Model``, ``BertModel``),
+    which converts to one returning its last hidden state (BERT with a pooler: an
+    :class:`~torchsurgeon.layers.transformer.EncoderOutput`). Raises
     :class:`~torchsurgeon.models.errors.UnsupportedArchitectureError` for any other model;
     ``ts.wrap(model)`` works on those.
     """
@@ -32,16 +36,14 @@ def convert(hf_model: nn.Module) -> Transformer:
     model_type = getattr(hf_config, "model_type", None)
     # The first class in the MRO that a family names (a user subclass of LlamaForCausalLM
     # converts like LlamaForCausalLM); the model's own class name if none does.
-    names = [cls.__name__ for cls in type(hf_model).__mro__]
-    family = family_for(model_type, next((n for n in names if _named(n)), names[0]))
+    names = [cls.__name__ for cls in original_class(hf_model).__mro__]
+    name = next((n for n in names if family_of_class(n) is not None), names[0])
+    family = family_for(model_type, name)
+    assert family.config is not None and family.weights is not None  # family_for checked
     tensors = dict(hf_model.named_parameters(remove_duplicate=False))
     tensors.update(hf_model.named_buffers(remove_duplicate=False))
     config = family.config(hf_config)
     source = TensorSource(
         tensors, tensors.__getitem__, where=type(hf_model).__name__, prefixes=family.prefixes
     )
-    return build_transformer(config, family.weights(config, source))
-
-
-def _named(class_name: str) -> bool:
-    return any(class_name in family.classes for family in FAMILIES.values())
+    return build_transformer(config, family.weights(config, source, name in family.classes))

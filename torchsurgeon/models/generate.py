@@ -1,29 +1,46 @@
-"""Text generation with the explicit models: greedy or sampled, one KV cache per call.
+"""Text generation, greedy or sampled, through a KV cache: one loop for every causal LM.
 
-``generate`` runs the prompt through the model once, then feeds back one token at a time,
-keeping keys and values in a :class:`~torchsurgeon.layers.transformer.KVCache` it creates
-for the call. Because the model is called at every step, interventions inserted in it
-(forward hooks, intervention layers) apply at every step.
+``generate`` runs the prompt through the model once, then feeds back one token at a time
+through a KV cache created for the call. It takes the explicit models of this package
+(:func:`~torchsurgeon.models.load`, :func:`~torchsurgeon.models.convert`, or a rewrite of
+one; the cache is a :class:`~torchsurgeon.layers.transformer.KVCache`) and ``transformers``
+causal LMs, plain, wrapped or rewritten (the cache is the model's own, passed back to its
+``forward`` as ``generate`` would; positions skip left padding as ``generate`` computes
+them). The loop, the token choice and the seeded sampler are the same for both, so a
+``transformers`` model and its conversion generate the same tokens, sampled ones included.
+For ``transformers``' own decoding options (beam search, stopping criteria, logits
+processors) call the model's ``.generate``: interventions inserted in a wrapped model apply
+there too.
 
-Restricting an intervention to part of the sequence needs no special machinery:
+Because the model is called at every step, interventions inserted in it (forward hooks,
+intervention layers) apply at every step. Restricting an intervention to part of the
+sequence needs no special machinery:
 
 - **prompt only / generated only**: pass two models that share their weights — the
   rewritten one and the base — as ``prompt_model`` and ``model``. ``generate(base, ids, n,
   prompt_model=probe)`` intervenes while reading the prompt only; ``generate(probe, ids, n,
   prompt_model=base)`` intervenes on generated tokens only. Both share the one cache.
-- **by position**: hook points (``resid_pre``, ``resid_mid``, ``resid_post``,
-  ``attn.head_out``) receive ``positions``, the sequence index of each token of the call;
-  a forward hook can act only where ``positions >= prompt_length``.
+- **by position** (explicit models): hook points (``resid_pre``, ``resid_mid``,
+  ``resid_post``, ``attn.head_out``) receive ``positions``, the sequence index of each token
+  of the call; a forward hook can act only where ``positions >= prompt_length``.
 """
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from torchsurgeon.layers.transformer import KVCache
+from torchsurgeon.surgery.frozen import original_class
 
 __all__ = ["generate"]
+
+Step = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``step(module, new_tokens, mask_so_far) -> logits``, keeping the cache between calls."""
 
 
 def generate(
@@ -40,25 +57,31 @@ def generate(
 ) -> torch.Tensor:
     """``input_ids`` followed by ``max_new_tokens`` generated tokens, ``[batch, pos + new]``.
 
-    Greedy by default (the most likely token each step); with ``do_sample`` tokens are drawn
-    from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely, using a
-    generator seeded with ``seed`` (the same seed gives the same tokens). Pad prompts on the
-    left and pass ``attention_mask`` (1 = token, 0 = padding). Exactly ``max_new_tokens`` are
-    generated (no stopping at an end-of-sequence token). ``prompt_model`` (default:
-    ``model``) reads the prompt; see the module docstring.
+    ``model`` is an explicit model or a ``transformers`` causal LM (plain, wrapped or
+    rewritten). Greedy by default (the most likely token each step); with ``do_sample``
+    tokens are drawn from ``softmax(logits / temperature)`` restricted to the ``top_k`` most
+    likely, using a generator seeded with ``seed`` (the same seed gives the same tokens).
+    Pad prompts on the left and pass ``attention_mask`` (1 = token, 0 = padding). Exactly
+    ``max_new_tokens`` are generated (no stopping at an end-of-sequence token; the model's
+    generation config is not read). ``prompt_model`` (default: ``model``, of the same kind)
+    reads the prompt; see the module docstring.
     """
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "n_layers"):
+    step = _stepper(model, "model")
+    if prompt_model is not None and _stepper(prompt_model, "prompt_model") is not step:
         raise TypeError(
-            "generate expects an explicit model from torchsurgeon.models.load or convert (or a "
-            f"rewrite of one), got {type(model).__name__}"
+            "prompt_model and model must both be explicit models or both transformers models "
+            f"(they share one KV cache); got {type(prompt_model).__name__} and "
+            f"{type(model).__name__}"
         )
-    if not config.causal:
-        raise ValueError(f"{config.family} is not a causal language model; it cannot generate")
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(
             f"input_ids must be integer token ids [batch, pos], got {input_ids.dtype} "
             f"{tuple(input_ids.shape)}"
+        )
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask must be [batch, pos] like input_ids {tuple(input_ids.shape)}, got "
+            f"{tuple(attention_mask.shape)}"
         )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -71,19 +94,77 @@ def generate(
         generator = torch.Generator(device=input_ids.device)
         generator.manual_seed(seed if seed is not None else torch.seed())
 
-    cache = KVCache.empty(config.n_layers)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    call = step(model)
     new_tokens: list[torch.Tensor] = []
     with torch.no_grad():
         reader = prompt_model if prompt_model is not None else model
-        logits = reader(input_ids, attention_mask=attention_mask, cache=cache)
-        for step in range(max_new_tokens):
+        logits = call(reader, input_ids, mask)
+        for index in range(max_new_tokens):
             token = _next_token(logits[:, -1], do_sample, temperature, top_k, generator)
             new_tokens.append(token)
-            if step + 1 < max_new_tokens:
-                logits = model(token[:, None], cache=cache)
+            if index + 1 < max_new_tokens:
+                mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=1)
+                logits = call(model, token[:, None].to(input_ids.dtype), mask)
     if not new_tokens:
         return input_ids
     return torch.cat((input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)), dim=1)
+
+
+def _explicit(model: nn.Module) -> Step:
+    cache = KVCache.empty(model.config.n_layers)
+
+    def step(module: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return module(ids, attention_mask=mask, cache=cache)
+
+    return step
+
+
+def _transformers(model: nn.Module) -> Step:
+    forward = inspect.signature(original_class(model).forward).parameters
+    name = "cache" if "cache" in forward else "past_key_values"  # transformers 5.24 renamed it
+    state: dict[str, Any] = {name: None}
+
+    def step(module: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Positions count real tokens only, as transformers' generate computes them.
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1] :]
+        output = module(ids, attention_mask=mask, position_ids=positions, use_cache=True, **state)
+        state[name] = getattr(output, name, None)
+        logits = getattr(output, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"{type(module).__name__} returned no logits; it cannot generate")
+        return logits
+
+    return step
+
+
+def _stepper(model: nn.Module, argument: str) -> Callable[[nn.Module], Step]:
+    """How to call ``model`` step by step, or a ``TypeError`` saying what generates."""
+    config = getattr(model, "config", None)
+    name = original_class(model).__name__
+    if config is not None and hasattr(config, "n_layers"):  # an explicit Transformer
+        if not config.causal:
+            raise ValueError(f"{config.family} is not a causal language model; it cannot generate")
+        if getattr(model, "unembed", None) is None:
+            raise ValueError(
+                f"this {config.family} model is a base model (converted from a class without a "
+                "language-model head): it returns hidden states, not logits; convert or load "
+                "the ...ForCausalLM / LMHeadModel class to generate"
+            )
+        return _explicit
+    can_generate = getattr(model, "can_generate", None)
+    if config is not None and callable(can_generate):  # a transformers PreTrainedModel
+        if not can_generate():
+            raise ValueError(
+                f"{name} cannot generate (transformers' can_generate() is False: no causal "
+                "language-model head); use its ...ForCausalLM / LMHeadModel class"
+            )
+        return _transformers
+    raise TypeError(
+        f"generate expects, as {argument}, an explicit model (torchsurgeon.models.load or "
+        "convert, or a rewrite of one) or a transformers causal LM (plain or ts.wrap-ped), "
+        f"got {name}"
+    )
 
 
 def _next_token(

@@ -49,6 +49,10 @@ def load(
         model_type = checkpoint.config.get("model_type")
         architectures = checkpoint.config.get("architectures") or [None]
         family = family_for(model_type, architectures[0])
+        assert family.config is not None and family.weights is not None  # family_for checked
+        # A checkpoint saved from a base model (a sentence-embedding BertModel) says so in
+        # its architectures; without any, it is read as the family's language model.
+        with_head = architectures[0] is None or architectures[0] in family.classes
         hf_config = _hf_config(model_type, checkpoint.config)
         config = family.config(hf_config)
         show = progress if progress is not None else checkpoint.nbytes >= PROGRESS_BYTES
@@ -68,7 +72,7 @@ def load(
                 device=device,
                 on_take=lambda tensor: bar.update(tensor.numel() * tensor.element_size()),
             )
-            model = build_transformer(config, family.weights(config, source))
+            model = build_transformer(config, family.weights(config, source, with_head))
             bar.update(bar.total - bar.n)  # tensors a tied model never takes, file headers
             return model
     finally:

@@ -28,11 +28,11 @@ from torchsurgeon.layers.transformer.context import ForwardContext, attention_ma
 from torchsurgeon.layers.transformer.embedding import PositionEmbedding, TokenEmbedding
 from torchsurgeon.layers.transformer.hook import HookPoint
 from torchsurgeon.layers.transformer.mlp import MLP, GatedMLP
-from torchsurgeon.layers.transformer.model import Transformer
+from torchsurgeon.layers.transformer.model import EncoderOutput, Transformer
 from torchsurgeon.layers.transformer.norm import LayerNorm, RMSNorm
 from torchsurgeon.layers.transformer.projection import HeadProjection, Projection
 from torchsurgeon.layers.transformer.rotary import ApplyRotary, Rotary, RotaryConfig
-from torchsurgeon.layers.transformer.unembed import HeadTransform, Unembedding
+from torchsurgeon.layers.transformer.unembed import HeadTransform, Pooler, Unembedding
 
 __all__ = [
     "ACTIVATIONS",
@@ -42,6 +42,7 @@ __all__ = [
     "Attention",
     "AttentionPattern",
     "AttentionScores",
+    "EncoderOutput",
     "ForwardContext",
     "GatedActivation",
     "GatedMLP",
@@ -53,6 +54,7 @@ __all__ = [
     "MaskScores",
     "MixValues",
     "ParallelBlock",
+    "Pooler",
     "PositionEmbedding",
     "PostNormBlock",
     "PreNormBlock",

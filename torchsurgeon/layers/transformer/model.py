@@ -6,6 +6,12 @@ has them, and BERT's ``embed_norm``), the ``blocks``, an optional ``head`` (BERT
 ``[batch, pos, vocab]`` (BERT: masked-language-model logits). The site names are the same
 in every family; ``docs/models.md`` lists them with their TransformerLens equivalents.
 
+A *base* model (``LlamaModel``, ``GPT2Model``, ``BertModel``: no language-model head) has
+``unembed=None`` (and, for BERT, ``final_norm=None``) and returns its last hidden state
+``[batch, pos, d_model]`` instead — or, when it has a ``pooler`` (``BertModel``), an
+:class:`EncoderOutput` ``(last_hidden_state, pooler_output)``, the tuple ``transformers``
+returns with ``return_dict=False``.
+
 Call it as ``model(input_ids, attention_mask=None, cache=None, position_ids=None)``:
 
 - ``attention_mask`` (``[batch, pos]``, 1 = real token, 0 = padding) may pad on the left
@@ -24,6 +30,8 @@ computed in ``forward`` and handed down in a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -32,13 +40,24 @@ from torchsurgeon.layers.transformer.config import TransformerConfig
 from torchsurgeon.layers.transformer.context import ForwardContext, attention_masks
 from torchsurgeon.layers.transformer.embedding import PositionEmbedding, TokenEmbedding
 from torchsurgeon.layers.transformer.rotary import Rotary
-from torchsurgeon.layers.transformer.unembed import HeadTransform, Unembedding
+from torchsurgeon.layers.transformer.unembed import HeadTransform, Pooler, Unembedding
 
-__all__ = ["Transformer"]
+__all__ = ["EncoderOutput", "Transformer"]
+
+
+class EncoderOutput(NamedTuple):
+    """What a base model with a pooler returns: ``[batch, pos, d_model]`` and ``[batch, d]``."""
+
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor
 
 
 class Transformer(nn.Module):
-    """A decoder (or, for BERT, encoder) transformer built from explicit layers."""
+    """A decoder (or, for BERT, encoder) transformer built from explicit layers.
+
+    Without ``unembed`` it is a base model and returns hidden states (see the module
+    docstring).
+    """
 
     def __init__(
         self,
@@ -46,12 +65,13 @@ class Transformer(nn.Module):
         *,
         embed: TokenEmbedding,
         blocks: nn.ModuleList,
-        final_norm: nn.Module,
-        unembed: Unembedding,
+        final_norm: nn.Module | None,
+        unembed: Unembedding | None,
         pos_embed: PositionEmbedding | None = None,
         type_embed: TokenEmbedding | None = None,
         embed_norm: nn.Module | None = None,
         head: HeadTransform | None = None,
+        pooler: Pooler | None = None,
     ) -> None:
         super().__init__()
         if len(blocks) != config.n_layers:
@@ -66,6 +86,7 @@ class Transformer(nn.Module):
         self.head = head
         self.final_norm = final_norm
         self.unembed = unembed
+        self.pooler = pooler
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for this model."""
@@ -78,8 +99,12 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits ``[batch, pos, vocab]`` for ``input_ids`` ``[batch, pos]``."""
+    ) -> torch.Tensor | EncoderOutput:
+        """Logits ``[batch, pos, vocab]`` for ``input_ids`` ``[batch, pos]``.
+
+        A base model returns its last hidden state ``[batch, pos, d_model]`` (with a pooler:
+        an :class:`EncoderOutput`).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
         if cache is not None and not self.config.causal:
@@ -98,7 +123,11 @@ class Transformer(nn.Module):
             x = block(x, context)
         if self.head is not None:
             x = self.head(x)
-        return self.unembed(self.final_norm(x))
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.pooler is not None:
+            return EncoderOutput(x, self.pooler(x))
+        return x if self.unembed is None else self.unembed(x)
 
     def _context(
         self,
@@ -157,7 +186,9 @@ class Transformer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        base = ", base model (no unembedding)" if self.unembed is None else ""
         return (
             f"family={c.family!r}, layers={c.n_layers}, d_model={c.d_model}, heads={c.n_heads}, "
             f"kv_heads={c.n_kv_heads}, d_head={c.d_head}, d_mlp={c.d_mlp}, vocab={c.vocab_size}"
+            f"{base}"
         )

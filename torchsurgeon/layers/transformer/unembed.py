@@ -7,7 +7,9 @@ embedding table itself — the same parameter object as ``embed.weight``.
 
 BERT's masked-language-model head first applies a dense layer and an activation
 (:class:`HeadTransform`, the ``head`` site) and a LayerNorm (``final_norm``) before the
-tied, biased unembedding.
+tied, biased unembedding. A BERT base model (``BertModel``) has no such head; its
+:class:`Pooler` (``tanh(dense(x[:, 0]))``, the ``pooler`` site) reads the first token's
+final state instead.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch.nn import functional as F
 from torchsurgeon.layers.transformer.activation import Activation
 from torchsurgeon.layers.transformer.projection import Projection, as_parameter
 
-__all__ = ["HeadTransform", "Unembedding"]
+__all__ = ["HeadTransform", "Pooler", "Unembedding"]
 
 
 class Unembedding(nn.Module):
@@ -60,3 +62,15 @@ class HeadTransform(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Transform the final residual stream before the last norm."""
         return self.act(self.proj(x))
+
+
+class Pooler(nn.Module):
+    """``tanh(proj(x[:, 0]))``: BERT's pooler, a dense layer on the first token's state."""
+
+    def __init__(self, proj: Projection) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, d_model]`` from the final residual stream ``[batch, pos, d_model]``."""
+        return torch.tanh(self.proj(x[:, 0]))

@@ -4,8 +4,10 @@ Embeddings are token + token-type + learned position, then a LayerNorm (``embed_
 Blocks are :class:`~torchsurgeon.layers.transformer.PostNormBlock` (norm after each residual
 addition). The MLM head is a dense layer and activation (``head``), a LayerNorm
 (``final_norm``) and the unembedding tied to the token embeddings with its own bias
-(``unembed``). Checkpoints from the original TensorFlow conversion name LayerNorm scales
-``gamma``/``beta``; both spellings are read.
+(``unembed``). A base ``BertModel`` (a sentence-embedding checkpoint, say) has no MLM head:
+it returns the last block's output, and its pooler (``tanh(dense(x[:, 0]))``) where the
+checkpoint has one. Checkpoints from the original TensorFlow conversion name LayerNorm
+scales ``gamma``/``beta``; both spellings are read.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from torchsurgeon.layers.transformer import TransformerConfig
 from torchsurgeon.models.build import BlockWeights, Linear, ModelWeights
 from torchsurgeon.models.families.common import Family, HFConfig, head_bias, head_rows, refuse
+from torchsurgeon.models.families.layout import ModelLayout
 from torchsurgeon.models.source import TensorSource
 
 __all__ = ["BERT"]
@@ -57,7 +60,7 @@ def _layer_norm(source: TensorSource, name: str, d: int) -> Linear:
     return Linear(source.take(f"{name}.gamma", (d,)), source.take(f"{name}.beta", (d,)))
 
 
-def bert_weights(config: TransformerConfig, source: TensorSource) -> ModelWeights:
+def bert_weights(config: TransformerConfig, source: TensorSource, with_head: bool) -> ModelWeights:
     """Map ``bert.encoder.layer.{i}...`` and ``cls.predictions...`` into the common layout."""
     d, h, dh, f = config.d_model, config.n_heads, config.d_head, config.d_mlp
 
@@ -85,30 +88,51 @@ def bert_weights(config: TransformerConfig, source: TensorSource) -> ModelWeight
             )
         )
     embed = source.take("embeddings.word_embeddings.weight", (config.vocab_size, d))
-    decoder = (
-        embed
-        if config.tied_embeddings
-        else source.take("cls.predictions.decoder.weight", embed.shape)
-    )
     assert config.max_positions is not None
     e = "embeddings"
-    return ModelWeights(
+    weights = ModelWeights(
         embed=embed,
         pos_embed=source.take(f"{e}.position_embeddings.weight", (config.max_positions, d)),
         type_embed=source.take(f"{e}.token_type_embeddings.weight", (config.n_token_types, d)),
         embed_norm=_layer_norm(source, "embeddings.LayerNorm", d),
         blocks=blocks,
-        head=linear("cls.predictions.transform.dense", d, d),
-        final_norm=_layer_norm(source, "cls.predictions.transform.LayerNorm", d),
-        unembed=Linear(decoder, source.take("cls.predictions.bias", (config.vocab_size,))),
+        final_norm=None,
+        unembed=None,
     )
+    if not with_head:
+        if source.has("pooler.dense.weight"):  # BertModel(add_pooling_layer=False) has none
+            weights.pooler = linear("pooler.dense", d, d)
+        return weights
+    decoder = (
+        embed
+        if config.tied_embeddings
+        else source.take("cls.predictions.decoder.weight", embed.shape)
+    )
+    weights.head = linear("cls.predictions.transform.dense", d, d)
+    weights.final_norm = _layer_norm(source, "cls.predictions.transform.LayerNorm", d)
+    weights.unembed = Linear(decoder, source.take("cls.predictions.bias", (config.vocab_size,)))
+    return weights
 
 
 BERT = Family(
     name="BERT",
     model_types=("bert",),
     classes=("BertForMaskedLM",),
+    base_classes=("BertModel",),
     prefixes=("bert.", ""),
+    # The MLM transform (dense, activation, LayerNorm) is one module in transformers: it is
+    # the "final norm" a decoded residual stream goes through.
+    layout=ModelLayout(
+        family="bert",
+        blocks="bert.encoder.layer",
+        embed="bert.embeddings.word_embeddings",
+        final_norm="cls.predictions.transform",
+        unembed="cls.predictions.decoder",
+        attn="attention.output.dense",
+        attn_out="attention.output.dense",
+        mlp="output.dense",
+        mlp_down="output.dense",
+    ),
     config=bert_config,
     weights=bert_weights,
 )

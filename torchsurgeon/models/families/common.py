@@ -1,8 +1,12 @@
 """What the family mappings share: reading rotary settings, cutting heads, the family record.
 
-A :class:`Family` is one entry of the conversion table: the ``transformers`` model types
-and classes it accepts, the checkpoint prefixes it looks under, and two functions — the
-config translation and the weight mapping.
+A :class:`Family` is one entry of the one family table, read by the conversions
+(:mod:`torchsurgeon.models`) and by the research methods (:mod:`torchsurgeon.methods`)
+alike: the ``transformers`` model types it covers, its language-model classes and its base
+(headless) classes, the checkpoint prefixes it looks under, where its parts sit in the
+``transformers`` model (a :class:`~torchsurgeon.models.families.layout.ModelLayout`), and
+two functions — the config translation and the weight mapping — or ``None`` for a family
+the methods know but no conversion covers.
 """
 
 from __future__ import annotations
@@ -18,24 +22,55 @@ from torchsurgeon.layers.transformer import RotaryConfig, TransformerConfig
 from torchsurgeon.layers.transformer.rotary import ROTARY_KINDS
 from torchsurgeon.models.build import Linear, ModelWeights
 from torchsurgeon.models.errors import UnsupportedArchitectureError
+from torchsurgeon.models.families.layout import ModelLayout
 from torchsurgeon.models.source import TensorSource
 
-__all__ = ["Family", "head_bias", "head_rows", "norm", "refuse", "rotary_config", "setting"]
+__all__ = [
+    "Family",
+    "HFConfig",
+    "Weights",
+    "head_bias",
+    "head_rows",
+    "norm",
+    "refuse",
+    "rotary_config",
+    "setting",
+]
 
 HFConfig = Any  # a transformers PretrainedConfig; typed loosely to keep imports light
+Weights = Callable[[TransformerConfig, TensorSource, bool], ModelWeights]
+"""``weights(config, source, with_head)``: the tensors; ``with_head=False`` for a base model."""
 
 
 @dataclass(frozen=True)
 class Family:
-    """How to convert one family of ``transformers`` models."""
+    """One family of ``transformers`` models: its classes, its layout, its conversion."""
 
     name: str
     model_types: tuple[str, ...]
     classes: tuple[str, ...]
-    """``transformers`` classes accepted (the LM-head class first, then the base model)."""
+    """Language-model classes (with an unembedding): ``LlamaForCausalLM``."""
+    base_classes: tuple[str, ...]
+    """Base-model classes (no head; they return hidden states): ``LlamaModel``."""
     prefixes: tuple[str, ...]
-    config: Callable[[HFConfig], TransformerConfig]
-    weights: Callable[[TransformerConfig, TensorSource], ModelWeights]
+    """Where the base model sits in the LM class (``"model."``), then ``""`` (itself)."""
+    layout: ModelLayout
+    """The parts' paths in the language-model class."""
+    config: Callable[[HFConfig], TransformerConfig] | None = None
+    weights: Weights | None = None
+
+    @property
+    def converts(self) -> bool:
+        """Whether :func:`torchsurgeon.models.convert` / ``load`` build this family."""
+        return self.config is not None and self.weights is not None
+
+    def layout_for(self, class_name: str) -> ModelLayout | None:
+        """The layout of ``class_name`` (an LM or base class of this family), else None."""
+        if class_name in self.classes:
+            return self.layout
+        if class_name in self.base_classes:
+            return self.layout.without_head(self.prefixes[0])
+        return None
 
 
 def setting(hf_config: HFConfig, *names: str, default: Any = None) -> Any:

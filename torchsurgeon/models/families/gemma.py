@@ -14,7 +14,11 @@ from dataclasses import replace
 from torchsurgeon.layers.transformer import TransformerConfig
 from torchsurgeon.models.build import ModelWeights
 from torchsurgeon.models.families.common import Family, HFConfig, norm, refuse, setting
-from torchsurgeon.models.families.llama import llama_like_config, llama_like_weights
+from torchsurgeon.models.families.llama import (
+    llama_like_config,
+    llama_like_family,
+    llama_like_weights,
+)
 from torchsurgeon.models.source import TensorSource
 
 __all__ = ["GEMMA", "GEMMA2"]
@@ -43,9 +47,9 @@ def gemma_config(hf_config: HFConfig) -> TransformerConfig:
     )
 
 
-def gemma_weights(config: TransformerConfig, source: TensorSource) -> ModelWeights:
+def gemma_weights(config: TransformerConfig, source: TensorSource, with_head: bool) -> ModelWeights:
     """Llama's mapping, plus Gemma 2's post-attention and post-MLP norms."""
-    weights = llama_like_weights(config, source)
+    weights = llama_like_weights(config, source, with_head)
     if config.post_norms:
         for i, block in enumerate(weights.blocks):
             # Gemma 2 names: input_layernorm -> attn -> post_attention_layernorm (on the
@@ -59,20 +63,9 @@ def gemma_weights(config: TransformerConfig, source: TensorSource) -> ModelWeigh
     return weights
 
 
-GEMMA = Family(
-    name="Gemma",
-    model_types=("gemma",),
-    classes=("GemmaForCausalLM", "GemmaModel"),
-    prefixes=("model.", ""),
-    config=gemma_config,
-    weights=gemma_weights,
+GEMMA: Family = llama_like_family(
+    "Gemma", "gemma", "Gemma", config=gemma_config, weights=gemma_weights
 )
-
-GEMMA2 = Family(
-    name="Gemma 2",
-    model_types=("gemma2",),
-    classes=("Gemma2ForCausalLM", "Gemma2Model"),
-    prefixes=("model.", ""),
-    config=gemma_config,
-    weights=gemma_weights,
+GEMMA2: Family = llama_like_family(
+    "Gemma 2", "gemma2", "Gemma2", config=gemma_config, weights=gemma_weights
 )

@@ -13,6 +13,7 @@ import torch
 from torchsurgeon.layers.transformer import TransformerConfig
 from torchsurgeon.models.build import BlockWeights, Linear, ModelWeights
 from torchsurgeon.models.families.common import Family, HFConfig, norm, refuse, setting
+from torchsurgeon.models.families.layout import ModelLayout
 from torchsurgeon.models.source import TensorSource
 
 __all__ = ["GPT2"]
@@ -66,7 +67,7 @@ def _fused_qkv(source: TensorSource, name: str, config: TransformerConfig) -> li
     return parts
 
 
-def gpt2_weights(config: TransformerConfig, source: TensorSource) -> ModelWeights:
+def gpt2_weights(config: TransformerConfig, source: TensorSource, with_head: bool) -> ModelWeights:
     """Map ``transformer.h.{i}...`` tensors into the common layout."""
     d, f = config.d_model, config.d_mlp
     blocks = []
@@ -86,24 +87,36 @@ def gpt2_weights(config: TransformerConfig, source: TensorSource) -> ModelWeight
             )
         )
     embed = source.take("wte.weight", (config.vocab_size, d))
-    unembed: torch.Tensor = (
-        embed if config.tied_embeddings else source.take("lm_head.weight", embed.shape)
-    )
+    unembed: torch.Tensor | None = None
+    if with_head:
+        unembed = embed if config.tied_embeddings else source.take("lm_head.weight", embed.shape)
     assert config.max_positions is not None
     return ModelWeights(
         embed=embed,
         pos_embed=source.take("wpe.weight", (config.max_positions, d)),
         blocks=blocks,
         final_norm=norm(source, "ln_f", d, bias=True),
-        unembed=Linear(unembed),
+        unembed=Linear(unembed) if unembed is not None else None,
     )
 
 
 GPT2 = Family(
     name="GPT-2",
     model_types=("gpt2",),
-    classes=("GPT2LMHeadModel", "GPT2Model"),
+    classes=("GPT2LMHeadModel",),
+    base_classes=("GPT2Model",),
     prefixes=("transformer.", ""),
+    layout=ModelLayout(
+        family="gpt2",
+        blocks="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        attn="attn",
+        attn_out="attn.c_proj",
+        mlp="mlp",
+        mlp_down="mlp.c_proj",
+    ),
     config=gpt2_config,
     weights=gpt2_weights,
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torchsurgeon.layers.transformer import TransformerConfig
 from torchsurgeon.models.build import BlockWeights, Linear, ModelWeights
 from torchsurgeon.models.families.common import Family, HFConfig, norm, rotary_config
+from torchsurgeon.models.families.layout import ModelLayout
 from torchsurgeon.models.source import TensorSource
 
 __all__ = ["GPT_NEOX"]
@@ -44,7 +45,9 @@ def gpt_neox_config(hf_config: HFConfig) -> TransformerConfig:
     )
 
 
-def gpt_neox_weights(config: TransformerConfig, source: TensorSource) -> ModelWeights:
+def gpt_neox_weights(
+    config: TransformerConfig, source: TensorSource, with_head: bool
+) -> ModelWeights:
     """Map ``gpt_neox.layers.{i}...`` tensors into the common layout."""
     d, h, dh, f = config.d_model, config.n_heads, config.d_head, config.d_mlp
 
@@ -82,22 +85,36 @@ def gpt_neox_weights(config: TransformerConfig, source: TensorSource) -> ModelWe
             )
         )
     embed = source.take("embed_in.weight", (config.vocab_size, d))
-    # transformers 5 names the unembedding lm_head; checkpoints saved before it, embed_out.
-    out_name = "lm_head.weight" if source.has("lm_head.weight") else "embed_out.weight"
-    unembed = embed if config.tied_embeddings else source.take(out_name, embed.shape)
+    unembed = None
+    if with_head:
+        # transformers 5 names the unembedding lm_head; checkpoints saved before, embed_out.
+        out_name = "lm_head.weight" if source.has("lm_head.weight") else "embed_out.weight"
+        unembed = embed if config.tied_embeddings else source.take(out_name, embed.shape)
     return ModelWeights(
         embed=embed,
         blocks=blocks,
         final_norm=norm(source, "final_layer_norm", d, bias=True),
-        unembed=Linear(unembed),
+        unembed=Linear(unembed) if unembed is not None else None,
     )
 
 
 GPT_NEOX = Family(
     name="GPT-NeoX",
     model_types=("gpt_neox",),
-    classes=("GPTNeoXForCausalLM", "GPTNeoXModel"),
+    classes=("GPTNeoXForCausalLM",),
+    base_classes=("GPTNeoXModel",),
     prefixes=("gpt_neox.", ""),
+    layout=ModelLayout(
+        family="gpt_neox",
+        blocks="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="lm_head",
+        attn="attention",
+        attn_out="attention.dense",
+        mlp="mlp",
+        mlp_down="mlp.dense_4h_to_h",
+    ),
     config=gpt_neox_config,
     weights=gpt_neox_weights,
 )

@@ -10,6 +10,8 @@ every layer (``sliding_window``), Qwen2 over the layers ``layer_types`` marks
 
 from __future__ import annotations
 
+from typing import Any
+
 from torchsurgeon.layers.transformer import TransformerConfig
 from torchsurgeon.models.build import BlockWeights, Linear, ModelWeights
 from torchsurgeon.models.families.common import (
@@ -21,9 +23,33 @@ from torchsurgeon.models.families.common import (
     rotary_config,
     setting,
 )
+from torchsurgeon.models.families.layout import ModelLayout
 from torchsurgeon.models.source import TensorSource
 
-__all__ = ["LLAMA", "MISTRAL", "QWEN2", "llama_like_config", "llama_like_weights"]
+__all__ = [
+    "LLAMA",
+    "LLAMA_LAYOUT",
+    "MISTRAL",
+    "OLMO",
+    "QWEN2",
+    "QWEN3",
+    "llama_like_config",
+    "llama_like_family",
+    "llama_like_weights",
+]
+
+LLAMA_LAYOUT = ModelLayout(
+    family="llama",
+    blocks="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    unembed="lm_head",
+    attn="self_attn",
+    attn_out="self_attn.o_proj",
+    mlp="mlp",
+    mlp_down="mlp.down_proj",
+)
+"""Where the parts sit in every Llama-shaped ``...ForCausalLM`` (Mistral, Qwen, Gemma, Phi-3)."""
 
 
 def sliding_windows(hf_config: HFConfig, n_layers: int) -> tuple[int | None, ...]:
@@ -65,7 +91,9 @@ def llama_like_config(hf_config: HFConfig) -> TransformerConfig:
     )
 
 
-def llama_like_weights(config: TransformerConfig, source: TensorSource) -> ModelWeights:
+def llama_like_weights(
+    config: TransformerConfig, source: TensorSource, with_head: bool
+) -> ModelWeights:
     """Map ``model.layers.{i}...`` tensors into the common layout."""
     d, h, g, dh, f = config.d_model, config.n_heads, config.n_kv_heads, config.d_head, config.d_mlp
     qkv_bias = config.attn_bias
@@ -98,35 +126,49 @@ def llama_like_weights(config: TransformerConfig, source: TensorSource) -> Model
                 mlp_out=linear(p + "mlp.down_proj", d, f, config.mlp_bias),
             )
         )
-    return llama_like_model_weights(config, source, blocks)
+    return llama_like_model_weights(config, source, blocks, with_head)
 
 
 def llama_like_model_weights(
-    config: TransformerConfig, source: TensorSource, blocks: list[BlockWeights]
+    config: TransformerConfig, source: TensorSource, blocks: list[BlockWeights], with_head: bool
 ) -> ModelWeights:
     """Add Llama's token embedding, final RMSNorm and (possibly tied) unembedding to blocks."""
     d = config.d_model
     embed = source.take("embed_tokens.weight", (config.vocab_size, d))
-    unembed = embed if config.tied_embeddings else source.take("lm_head.weight", embed.shape)
+    unembed = None
+    if with_head:
+        unembed = embed if config.tied_embeddings else source.take("lm_head.weight", embed.shape)
     return ModelWeights(
         embed=embed,
         blocks=blocks,
         final_norm=norm(source, "norm", d, bias=False),
-        unembed=Linear(unembed),
+        unembed=Linear(unembed) if unembed is not None else None,
     )
 
 
-def _family(name: str, model_type: str, prefix: str) -> Family:
+def llama_like_family(
+    name: str, model_type: str, prefix: str, *, convert: bool = True, **conversion: Any
+) -> Family:
+    """A family laid out like Llama: ``{prefix}ForCausalLM`` and its base ``{prefix}Model``.
+
+    ``convert=False`` makes a family the methods know but no conversion covers.
+    """
+    functions = {"config": llama_like_config, "weights": llama_like_weights, **conversion}
     return Family(
         name=name,
         model_types=(model_type,),
-        classes=(f"{prefix}ForCausalLM", f"{prefix}Model"),
+        classes=(f"{prefix}ForCausalLM",),
+        base_classes=(f"{prefix}Model",),
         prefixes=("model.", ""),
-        config=llama_like_config,
-        weights=llama_like_weights,
+        layout=LLAMA_LAYOUT,
+        **(functions if convert else {}),
     )
 
 
-LLAMA = _family("Llama", "llama", "Llama")
-MISTRAL = _family("Mistral", "mistral", "Mistral")
-QWEN2 = _family("Qwen2", "qwen2", "Qwen2")
+LLAMA = llama_like_family("Llama", "llama", "Llama")
+MISTRAL = llama_like_family("Mistral", "mistral", "Mistral")
+QWEN2 = llama_like_family("Qwen2", "qwen2", "Qwen2")
+# Laid out like Llama, but with parts the explicit layers do not have (Qwen3's query/key
+# norms, OLMo's weightless LayerNorm): the methods read them wrapped; convert refuses them.
+QWEN3 = llama_like_family("Qwen3", "qwen3", "Qwen3", convert=False)
+OLMO = llama_like_family("OLMo", "olmo", "Olmo", convert=False)

@@ -11,7 +11,11 @@ from __future__ import annotations
 from torchsurgeon.layers.transformer import TransformerConfig
 from torchsurgeon.models.build import BlockWeights, Linear, ModelWeights
 from torchsurgeon.models.families.common import Family, HFConfig, head_rows, norm
-from torchsurgeon.models.families.llama import llama_like_config, llama_like_model_weights
+from torchsurgeon.models.families.llama import (
+    llama_like_config,
+    llama_like_family,
+    llama_like_model_weights,
+)
 from torchsurgeon.models.source import TensorSource
 
 __all__ = ["PHI3"]
@@ -22,7 +26,7 @@ def phi3_config(hf_config: HFConfig) -> TransformerConfig:
     return llama_like_config(hf_config)
 
 
-def phi3_weights(config: TransformerConfig, source: TensorSource) -> ModelWeights:
+def phi3_weights(config: TransformerConfig, source: TensorSource, with_head: bool) -> ModelWeights:
     """Map ``model.layers.{i}...`` tensors, cutting the fused ones into views."""
     d, h, g, dh, f = config.d_model, config.n_heads, config.n_kv_heads, config.d_head, config.d_mlp
     blocks = []
@@ -45,14 +49,7 @@ def phi3_weights(config: TransformerConfig, source: TensorSource) -> ModelWeight
                 mlp_out=Linear(source.take(p + "mlp.down_proj.weight", (d, f))),
             )
         )
-    return llama_like_model_weights(config, source, blocks)
+    return llama_like_model_weights(config, source, blocks, with_head)
 
 
-PHI3 = Family(
-    name="Phi-3",
-    model_types=("phi3",),
-    classes=("Phi3ForCausalLM", "Phi3Model"),
-    prefixes=("model.", ""),
-    config=phi3_config,
-    weights=phi3_weights,
-)
+PHI3: Family = llama_like_family("Phi-3", "phi3", "Phi3", config=phi3_config, weights=phi3_weights)
