@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _timing import cpu_name
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -278,16 +279,6 @@ def table(methods: Sequence[Method], sizes: Sequence[tuple[int, int]]) -> str:
                 f"{quantile(ms, 0.25):.2f}-{quantile(ms, 0.75):.2f} | {' | '.join(ratios)} |"
             )
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> str:

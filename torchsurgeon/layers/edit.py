@@ -1,18 +1,92 @@
 """Layers that write: set, add, scale, zero, mean-ablate, noise, or cut the gradient.
 
-Each returns a new tensor (the input is cloned before any in-place write, so an activation
-another module still holds is never changed) and, given ``index=ts.idx[...]``, acts only on
-that part of the tensor. Values broadcast against the indexed part, as in PyTorch.
+Each returns a new tensor (an activation another module still holds is never changed: the
+input is cloned before an in-place write, or the output is built fresh) and, given
+``index=ts.idx[...]``, acts only on that part of the tensor. Values broadcast against the
+indexed part, as in PyTorch.
+
+These layers run on every forward pass — on every token of ``generate`` — so what does not
+depend on the input is computed once and kept: the index checked and turned into index
+tensors (per shape and device, in :meth:`Index.for_tensor`), ``scale * vector`` and any
+dtype conversion of a layer's tensors (per dtype, while the layer holds the very same tensor
+objects and nothing has written to them in place), and ``Noise``'s draw (per shape, dtype
+and device: the draw is a function of those and the seed). A layer is frozen and ``.to()``
+makes new layer objects, so a kept value never outlives what it was computed from. Nothing
+is kept under ``torch.compile`` (the graph holds it), for tensors that require grad (the
+value would carry a stale autograd graph) or are inference tensors (which have no version
+counter to tell a write), or under ``torch.func`` transforms.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from torchsurgeon.layers.base import InterventionLayer, register_layer
-from torchsurgeon.layers.index import Index
+from torchsurgeon.layers.index import Index, remember
 
 __all__ = ["Add", "MeanAblate", "Noise", "Scale", "SetValues", "StopGradient", "Zero"]
+
+_KEPT = "_ts_kept"
+_MAX_NOISE_ELEMENTS = 1 << 20
+"""Draws kept per Noise layer are at most this big (4 MiB in fp32); bigger ones are redrawn."""
+
+
+def _part(layer: InterventionLayer, x: torch.Tensor) -> tuple[Any, ...]:
+    """The layer's index for ``x`` (checked, cached per shape); ``(...,)`` without one."""
+    if layer.index is None:
+        return (Ellipsis,)
+    return layer.index.for_tensor(x, layer._where)
+
+
+def _kept(
+    layer: InterventionLayer,
+    slot: str,
+    sources: tuple[torch.Tensor, ...],
+    key: Any,
+    make: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """``make()``, computed once per ``key`` while the layer holds the same ``sources``.
+
+    "The same" is the same tensor objects at the same version: an in-place write to a source
+    (``layer.vector.mul_(2)``) bumps its version counter and the value is made again. The
+    kept entry holds the sources themselves, so their ids cannot be reused by other tensors
+    while it lives. The value is made outside inference mode, so it may meet tensors that
+    autograd tracks. Inference tensors have no version counter: with one, nothing is kept.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return make()
+    versions = []
+    for t in sources:
+        if t.requires_grad or t.is_inference():
+            return make()
+        versions.append(t._version)
+    kept: dict[Any, Any] = layer.__dict__.setdefault(_KEPT, {})
+    entry = kept.get((slot, key))
+    if entry is not None and entry[1] == versions and all(map(operator.is_, entry[0], sources)):
+        return entry[2]
+    with torch.inference_mode(False), torch.no_grad():
+        value = make()
+    remember(kept, (slot, key), (sources, versions, value))
+    return value
+
+
+def _as_dtype(layer: InterventionLayer, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's tensor ``name`` in ``dtype`` (itself when it already is)."""
+    tensor: torch.Tensor = layer._buffers[name]  # type: ignore[assignment]
+    if tensor.dtype == dtype:
+        return tensor
+    return _kept(layer, name, (tensor,), dtype, lambda: tensor.to(dtype))
+
+
+def _filled(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A new tensor like ``x`` holding ``value`` broadcast (no copy of ``x`` is made)."""
+    out = torch.empty_like(x)
+    out[...] = value  # the very assignment the indexed case makes, broadcasting and all
+    return out
 
 
 @register_layer
@@ -33,9 +107,12 @@ class SetValues(InterventionLayer):
         self._set_tensor("value", value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index = self._checked_index(x)
+        value = _as_dtype(self, "value", x.dtype)
+        if self.index is None:
+            return _filled(x, value)
+        index = _part(self, x)
         out = x.clone()
-        out[index] = self.value.to(out.dtype)
+        out[index] = value
         return out
 
 
@@ -61,10 +138,11 @@ class Add(InterventionLayer):
         self._set_tensor("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = (self.scale * self.vector).to(x.dtype)
+        scale, vector = self._buffers["scale"], self._buffers["vector"]  # (getattr is slower)
+        delta = _kept(self, "delta", (scale, vector), x.dtype, lambda: (scale * vector).to(x.dtype))
         if self.index is None:
             return x + delta
-        index = self._checked_index(x)
+        index = _part(self, x)
         out = x.clone()
         out[index] = out[index] + delta
         return out
@@ -88,10 +166,10 @@ class Scale(InterventionLayer):
         self._set_tensor("factor", factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        factor = self.factor.to(x.dtype)
+        factor = _as_dtype(self, "factor", x.dtype)
         if self.index is None:
             return x * factor
-        index = self._checked_index(x)
+        index = _part(self, x)
         out = x.clone()
         out[index] = out[index] * factor
         return out
@@ -109,9 +187,10 @@ class Zero(InterventionLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.index is None:
             return torch.zeros_like(x)
-        index = self._checked_index(x)
+        index = _part(self, x)
+        zero = _kept(self, "zero", (), (x.dtype, x.device), lambda: x.new_zeros(()))
         out = x.clone()
-        out[index] = 0
+        out[index] = zero
         return out
 
 
@@ -135,9 +214,12 @@ class MeanAblate(InterventionLayer):
         self._set_tensor("mean", mean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index = self._checked_index(x)
+        mean = _as_dtype(self, "mean", x.dtype)
+        if self.index is None:
+            return _filled(x, mean)
+        index = _part(self, x)
         out = x.clone()
-        out[index] = self.mean.to(out.dtype)
+        out[index] = mean
         return out
 
 
@@ -145,8 +227,9 @@ class MeanAblate(InterventionLayer):
 class Noise(InterventionLayer):
     """Add Gaussian noise of standard deviation ``std`` (causal tracing's corruption).
 
-    The noise is drawn from a generator seeded with ``seed`` at every call, so the same
-    tensor shape gets the same noise in every run: corrupted runs are reproducible.
+    The noise is drawn from a generator seeded with ``seed``, so the same tensor shape gets
+    the same noise in every run and every call: corrupted runs are reproducible. (A draw of
+    up to a million elements is kept per shape, dtype and device rather than drawn again.)
     """
 
     type_name = "Noise"
@@ -169,15 +252,25 @@ class Noise(InterventionLayer):
         self.seed = seed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index = self._checked_index(x)
+        index = _part(self, x)
         if x.is_meta:  # a structure-only run checks shapes; there is no generator on meta
             return x.clone()
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(self.seed)
         part = x[index]
-        noise = torch.randn(part.shape, generator=generator, device=x.device, dtype=x.dtype)
+        shape, dtype, device = part.shape, x.dtype, x.device
+
+        def draw() -> torch.Tensor:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            return self.std * torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+        if part.numel() > _MAX_NOISE_ELEMENTS:
+            noise = draw()
+        else:  # no sources: the draw depends only on the config (seed, std) and the key
+            noise = _kept(self, "noise", (), (tuple(shape), dtype, device), draw)
+        if self.index is None:
+            return x + noise
         out = x.clone()
-        out[index] = part + self.std * noise
+        out[index] = part + noise
         return out
 
 

@@ -7,14 +7,26 @@ counts from the end), slices of ints, lists of ints and at most one ``...``. It 
 tensor exactly as the same expression would in PyTorch (several lists index jointly, as in
 PyTorch), checks itself against a tensor's shape with a message that names the offending
 dimension, and round-trips through JSON.
+
+An index is applied on every call of the layer that holds it — once per generated token in
+``generate`` — so :meth:`Index.for_tensor` does the work once per tensor shape and device:
+the check against the shape, and turning each list into the index tensor PyTorch would
+otherwise build from it on every call. The index is immutable, so what it cached can never
+go stale; under ``torch.compile`` nothing is cached (the graph holds the index instead).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 __all__ = ["Index", "IndexBuilder", "as_index", "idx"]
+
+_MAX_CACHED = 8
+"""Shapes remembered per index (a sweep of prompt lengths must not grow without bound)."""
 
 Entry = int | slice | tuple[int, ...] | type(Ellipsis)
 
@@ -64,11 +76,61 @@ class Index:
         if sum(e is Ellipsis for e in checked) > 1:
             raise ValueError("ts.idx: an index can have at most one '...'")
         object.__setattr__(self, "entries", checked)
+        # Not a dataclass field: equality, hashing and repr ignore it.
+        object.__setattr__(self, "_for_shape", {})
 
     @property
     def torch(self) -> tuple[Any, ...]:
         """The index in the form PyTorch's ``__getitem__``/``__setitem__`` take."""
         return tuple(list(e) if isinstance(e, tuple) else e for e in self.entries)
+
+    def for_tensor(self, x: torch.Tensor, where: str | Callable[[], str] = "") -> tuple[Any, ...]:
+        """:attr:`torch`, checked against ``x``'s shape, lists as index tensors on its device.
+
+        ``where`` (a string, or a function making one, called only on an error) starts the
+        message of the ``IndexError`` raised when the index does not fit.
+        """
+        if torch.compiler.is_compiling():
+            self.check(tuple(x.shape), where if isinstance(where, str) else where())
+            return self.torch
+        key = (tuple(x.shape), x.device)
+        found = self._for_shape.get(key)
+        if found is None:
+            self.check(key[0], where if isinstance(where, str) else where())
+            # A plain tensor even inside inference mode: autograd saves index tensors for
+            # backward, and an inference tensor cannot be saved.
+            with torch.inference_mode(False):
+                found = tuple(
+                    torch.tensor(e, dtype=torch.long, device=x.device)
+                    if isinstance(e, tuple)
+                    else e
+                    for e in self.entries
+                )
+            remember(self._for_shape, key, found)
+        return found
+
+    def per_dimension(self, shape: tuple[int, ...]) -> tuple[int | slice | tuple[int, ...], ...]:
+        """One entry per dimension this index names in ``shape``, ``...`` written out.
+
+        Ints and list items count from the start (``-1`` becomes ``size - 1``) and slices
+        have explicit bounds (``slice.indices``); the dimensions after the last entry, which
+        the index leaves whole, are not listed. Call :meth:`check` first.
+        """
+        consumed = len(self.entries) - (Ellipsis in self.entries)
+        out: list[int | slice | tuple[int, ...]] = []
+        for entry in self.entries:
+            if entry is Ellipsis:
+                for size in shape[len(out) : len(out) + len(shape) - consumed]:
+                    out.append(slice(*slice(None).indices(size)))
+                continue
+            size = shape[len(out)]
+            if isinstance(entry, slice):
+                out.append(slice(*entry.indices(size)))
+            elif isinstance(entry, tuple):
+                out.append(tuple(v % size for v in entry))
+            else:
+                out.append(entry % size)
+        return tuple(out)
 
     def check(self, shape: tuple[int, ...], where: str = "") -> None:
         """Raise ``IndexError`` naming the dimension if this index does not fit ``shape``."""
@@ -150,6 +212,16 @@ class IndexBuilder:
 
 
 idx = IndexBuilder()
+
+
+def remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """``cache[key] = value``, first emptying a cache that holds :data:`_MAX_CACHED` keys.
+
+    Each step is one dict operation, so threads sharing a layer at worst recompute.
+    """
+    if len(cache) >= _MAX_CACHED:
+        cache.clear()
+    cache[key] = value
 
 
 def as_index(value: Index | None) -> Index | None:

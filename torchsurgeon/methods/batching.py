@@ -14,6 +14,11 @@ group's rows. Rows never interact in a transformer (no padding here, so attentio
 inside a row), so each group computes what its own forward pass would. With ``max_rows`` the
 sites are split into chunks, one forward pass each.
 
+A chunk's layers go in with one rewrite (:func:`insert_all`), and the ``Patch`` layers that
+land on one module become one ``Patch`` table (:meth:`~torchsurgeon.layers.Patch.combine`):
+a sweep of 16 positions puts one layer on each block, which copies the activation once per
+call, instead of 16 layers copying it 16 times.
+
 A group is ``n`` rows: ``n`` prompts (or prompt pairs) measured together; the metric is
 averaged over them. The *fixed* groups (clean and corrupted, or just the unablated base)
 lead every chunk's batch. ``prepare`` lets a method add layers once the row layout is known
@@ -23,17 +28,24 @@ lead every chunk's batch. ``prepare`` lets a method add layers once the row layo
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from torchsurgeon.layers.patch import Patch
 from torchsurgeon.methods.metrics import Metric, mean_metric
+from torchsurgeon.selectors.expression import SelectorStep
 from torchsurgeon.selectors.selection import select
+from torchsurgeon.surgery.frozen import wrap
+from torchsurgeon.surgery.lineage import Lineage, RewriteStep, lineage_of, with_lineage
+from torchsurgeon.surgery.paths import get_at, resolve_segment, split
+from torchsurgeon.surgery.rewrite import rewrite
+from torchsurgeon.surgery.sites import add_layers
 
-__all__ = ["Edit", "RowLayout", "Side", "logits_of", "rewrite_at", "run_variants"]
+__all__ = ["Edit", "RowLayout", "Side", "insert_all", "logits_of", "rewrite_at", "run_variants"]
 
 Side = Literal["insert_before", "insert_after"]
 Edit = tuple[str, Side, nn.Module]
@@ -66,6 +78,82 @@ def rewrite_at(model: nn.Module, path: str, side: Side, layer: nn.Module) -> nn.
     if side == "insert_before":
         return selection.insert_before(layer)
     return selection.insert_after(layer)
+
+
+def insert_all(model: nn.Module, edits: Iterable[Edit]) -> nn.Module:
+    """Every edit applied as :func:`rewrite_at` would one after the other, in one rewrite.
+
+    The layers for one site keep their order; a run of ``Patch`` layers at one site becomes
+    one ``Patch`` where that computes the same (:meth:`Patch.combine`). The new model's
+    lineage holds one ``at(path)`` step per layer inserted, as the one-by-one rewrites would
+    record. Edits a one-pass rewrite cannot stand for — a wildcard path, or a recording
+    layer (whose keys the selection checks) — are made one by one instead.
+    """
+    model = wrap(model)
+    edits = list(edits)
+    if not edits:
+        return model
+    exact: dict[str, str | None] = {}
+    for path, side, layer in edits:
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"{side} expects an nn.Module, got {type(layer).__name__}")
+        if path not in exact:
+            exact[path] = _exact_path(model, path)
+    if None in exact.values() or any(getattr(type(e[2]), "ts_records", False) for e in edits):
+        for path, side, layer in edits:
+            model = rewrite_at(model, path, side, layer)
+        return model
+    # Grouped by the node itself (``h.-1`` and ``h.11`` are one site), in insertion order.
+    sites: dict[tuple[str, Side], list[tuple[str, nn.Module]]] = {}
+    for path, side, layer in edits:
+        sites.setdefault((exact[path], side), []).append((path, layer))  # type: ignore[arg-type]
+    placed: dict[str, tuple[list[nn.Module], list[nn.Module]]] = {}
+    steps: list[RewriteStep] = []
+    for (path, side), spelled in sites.items():
+        target = placed.setdefault(path, ([], []))[side == "insert_after"]
+        for layer in _combined_patches([layer for _, layer in spelled]):
+            steps.append(RewriteStep((SelectorStep("at", spelled[0][0]),), side, layer))
+            target.append(_for_site(layer, path))
+
+    def edit(before: list[nn.Module], after: list[nn.Module]) -> Callable[..., nn.Module]:
+        def apply(node: nn.Module, _: str) -> nn.Module:
+            add_layers(node, before, after)
+            return node
+
+        return apply
+
+    new = rewrite(model, {path: edit(*layers) for path, layers in placed.items()})
+    old = lineage_of(model)
+    return with_lineage(new, Lineage(old.base, (*old.steps, *steps)))
+
+
+def _exact_path(model: nn.Module, path: str) -> str | None:
+    """``path`` with every segment the child's own name (``-1`` resolved); None for a glob."""
+    if set(path) & set("*?["):
+        return None
+    node, names = model, []
+    for segment in split(path):
+        name = resolve_segment(node, segment)
+        if name is None:
+            get_at(model, path)  # raises a PathError naming the nearest valid paths
+        node = node._modules[name]
+        names.append(name)
+    return ".".join(names)
+
+
+def _for_site(layer: nn.Module, path: str) -> nn.Module:
+    """The copy of ``layer`` at ``path``, as a one-path selection places it (``n`` = 0)."""
+    for_site = getattr(layer, "for_site", None)
+    return wrap(for_site(path, 0)) if callable(for_site) else wrap(layer)
+
+
+def _combined_patches(layers: list[nn.Module]) -> list[nn.Module]:
+    """``layers`` with each run of consecutive ``Patch`` layers combined where it can be."""
+    out: list[nn.Module] = []
+    for is_patch, run in itertools.groupby(layers, key=lambda layer: type(layer) is Patch):
+        run_list = list(run)
+        out.extend(Patch.combine(run_list) if is_patch else run_list)
+    return out
 
 
 def run_variants(
@@ -102,9 +190,10 @@ def run_variants(
             tuple(range(lead + j * n, lead + (j + 1) * n) for j in range(count)),
         )
         rewritten = model if prepare is None else prepare(model, layout)
-        for j, rows in enumerate(layout.variants):
-            for path, side, layer in edits(start + j, rows):
-                rewritten = rewrite_at(rewritten, path, side, layer)
+        rewritten = insert_all(
+            rewritten,
+            (edit for j, rows in enumerate(layout.variants) for edit in edits(start + j, rows)),
+        )
         ids = torch.cat([*fixed, variant_ids.repeat(count, 1)])
         with torch.no_grad():
             logits = logits_of(rewritten(ids, **(forward_kwargs or {})))

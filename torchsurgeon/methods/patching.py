@@ -9,10 +9,16 @@ carries information the model uses.
 
 Written as a rewrite, every patched run of the sweep goes into one batch (see
 :mod:`torchsurgeon.methods.batching`): one ``Patch(source_rows=clean rows, target_rows=that
-site's rows, index=position or head slice)`` per site, and one forward pass (or a few, with
-``max_rows``) instead of one per site. Heads are patched at the input of the attention
-output projection, head ``h`` being the slice ``h * d_head : (h + 1) * d_head`` of its last
-dimension, at every position.
+site's rows, index=position or head slice)`` per site — combined into one ``Patch`` table
+per block — and one forward pass (or a few, with ``max_rows``) instead of one per site.
+Heads are patched at the input of the attention output projection, head ``h`` being the
+slice ``h * d_head : (h + 1) * d_head`` of its last dimension, at every position.
+
+Over the residual stream, a site where the clean and the corrupted activations are equal
+(bit for bit, in every pair) is not run: patching it writes the values already there, so
+the patched run *is* the corrupted run and its effect is exactly 0. One forward pass of the
+clean and corrupted prompts finds those sites — in a causal model, every position before
+the first token where the prompts differ, at every layer.
 
     grid = activation_patching(model, clean, corrupted, LogitDiff(correct=7, wrong=9))
     plots.heatmap(grid)
@@ -32,7 +38,9 @@ from torch import nn
 
 from torchsurgeon.layers.index import idx
 from torchsurgeon.layers.patch import Patch
-from torchsurgeon.methods.batching import Edit, run_variants
+from torchsurgeon.layers.record import Save
+from torchsurgeon.layers.results import run
+from torchsurgeon.methods.batching import Edit, insert_all, run_variants
 from torchsurgeon.methods.grid import EffectGrid
 from torchsurgeon.methods.layout import ModelLayout, d_head, layout_of, n_layers
 from torchsurgeon.methods.metrics import Metric
@@ -111,9 +119,11 @@ def activation_patching(
         cols = pick_positions(positions, clean.shape[1])
         col_labels = tuple(position_labels(clean[0], decoder)[p] for p in cols)
         col_name = "position"
+        sites = _differing_sites(model, layout, clean, corrupted, rows_of, cols, forward_kwargs)
 
         def edits(k: int, rows: range) -> Sequence[Edit]:
-            layer, position = rows_of[k // len(cols)], cols[k % len(cols)]
+            site = sites[k]
+            layer, position = rows_of[site // len(cols)], cols[site % len(cols)]
             patch = Patch(sources, list(rows), index=idx[position])
             return [(layout.block(layer), "insert_after", patch)]
 
@@ -124,6 +134,7 @@ def activation_patching(
         cols = list(range(layout.n_heads or 0))
         col_labels = tuple(f"H{h}" for h in cols)
         col_name = "head"
+        sites = list(range(len(rows_of) * len(cols)))
 
         def edits(k: int, rows: range) -> Sequence[Edit]:
             layer, head = rows_of[k // len(cols)], cols[k % len(cols)]
@@ -138,14 +149,19 @@ def activation_patching(
         model,
         [clean, corrupted],
         corrupted,
-        len(rows_of) * len(cols),
+        len(sites),
         edits,
         metric,
         max_rows=max_rows,
         forward_kwargs=forward_kwargs,
     )
+    values = torch.full(
+        (len(rows_of) * len(cols),), corrupted_value, dtype=patched.dtype, device=patched.device
+    )
+    if sites:
+        values[sites] = patched
     return EffectGrid(
-        values=(patched - corrupted_value).reshape(len(rows_of), len(cols)),
+        values=(values - corrupted_value).reshape(len(rows_of), len(cols)),
         row_labels=tuple(f"L{layer}" for layer in rows_of),
         col_labels=col_labels,
         row_name="layer",
@@ -155,3 +171,33 @@ def activation_patching(
         clean_metric=clean_value,
         corrupted_metric=corrupted_value,
     )
+
+
+def _differing_sites(
+    model: nn.Module,
+    layout: ModelLayout,
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    layers: Sequence[int],
+    cols: Sequence[int],
+    forward_kwargs: dict[str, Any] | None,
+) -> list[int]:
+    """The sites ``k`` (layer ``layers[k // len(cols)]``, position ``cols[k % len(cols)]``)
+    where some pair's clean and corrupted residual streams differ: the ones worth running."""
+    blocks = sorted(set(layers))
+    probe = insert_all(
+        model, [(layout.block(b), "insert_after", Save(f"resid{b}")) for b in blocks]
+    )
+    n = clean.shape[0]
+    with torch.no_grad():
+        saved = run(probe, torch.cat([clean, corrupted]), **(forward_kwargs or {})).saved
+    moved: dict[int, list[bool]] = {}
+    for b in blocks:
+        resid = saved[f"resid{b}"]
+        equal = (resid[:n] == resid[n:]).reshape(n, resid.shape[1], -1).all(-1).all(0)
+        moved[b] = (~equal).tolist()
+    return [
+        k
+        for k in range(len(layers) * len(cols))
+        if moved[layers[k // len(cols)]][cols[k % len(cols)]]
+    ]
