@@ -1,0 +1,656 @@
+"""Tensor parallel on 2 gloo ranks: every layer, at every kind of site, equals the unsharded model.
+
+A Llama (MLP 9472 wide, so the seed experiment's neurons exist: 2519 on rank 0, 7171 on
+rank 1 as its local neuron 2435) is sharded with its own ``base_model_tp_plan`` (q/k/v and
+gate/up column-wise, o and down row-wise), a GPT-2 with its MLP's ``Conv1D`` projections
+column-/row-wise. Plans are made in this process against the *unsharded* models, sent to
+the ranks as bytes and replayed there with ``ts.distributed.apply``; logits, saved tensors
+and saved gradients must equal the unsharded model's under the same plan (max abs diff
+<= 1e-5), and every edit must change the logits (an edit that does nothing proves nothing).
+The seed experiment is also checked against a hand-written ``register_forward_pre_hook`` on
+the plain model.
+
+One launch runs the whole battery (both models, all cases, the refusals, the selector
+paths); the launcher's failure and timeout paths have launches of their own. All
+multi-process tests are ``slow`` (they run in CI) and bounded by the launcher's timeout.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from hook_reference import hooks, max_diff, replace_input
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, SequenceParallel, parallelize_module
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import torchsurgeon as ts
+import torchsurgeon.distributed as tsd
+import torchsurgeon.distributed.sharded as sharded_module
+from torchsurgeon.distributed.launch import _build, _loopback_store
+from torchsurgeon.layers import (
+    Add,
+    InterventionLayer,
+    LowRankAdapter,
+    MeanAblate,
+    Noise,
+    Patch,
+    Save,
+    SaveGrad,
+    Scale,
+    SetValues,
+    StopGradient,
+    Zero,
+)
+
+WORLD = 2
+WIDTH = 9472
+TOLERANCE = 1e-5
+MLP = "model.layers.1.mlp"
+GPT2_PLAN = {"transformer.h.*.mlp.c_fc": "colwise", "transformer.h.*.mlp.c_proj": "rowwise"}
+SEED_INDEX = ts.idx[3:, -1, [7171, 2519]]
+
+
+def make_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=WIDTH,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_gpt2(n_inner: int | None = None) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_inner=n_inner,
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=64,
+        n_positions=32,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def token_ids() -> torch.Tensor:
+    return torch.randint(2, 64, (5, 6), generator=torch.Generator().manual_seed(7))
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+class Normalize(InterventionLayer):
+    """Not local to a shard (a norm over the sharded dimension): gathered, edited, scattered."""
+
+    type_name = "TestNormalize"
+    takes_index = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm(dim=-1, keepdim=True) * 3.0
+
+
+Probe = Callable[[nn.Module], nn.Module]
+
+
+def at(model: nn.Module, path: str) -> ts.Selection:
+    return ts.select(model).at(path)
+
+
+def chain(*steps: Callable[[nn.Module], nn.Module]) -> Probe:
+    def probe(model: nn.Module) -> nn.Module:
+        for step in steps:
+            model = step(model)
+        return model
+
+    return probe
+
+
+def before(path: str, layer: nn.Module) -> Probe:
+    return lambda m: at(m, path).insert_before(layer)
+
+
+def after(path: str, layer: nn.Module) -> Probe:
+    return lambda m: at(m, path).insert_after(layer)
+
+
+DOWN, GATE, UP = f"{MLP}.down_proj", f"{MLP}.gate_proj", f"{MLP}.up_proj"
+ATTN = "model.layers.0.self_attn"
+
+LLAMA_CASES: dict[str, Probe] = {
+    "seed experiment": chain(before(DOWN, SetValues(SEED_INDEX, 5.0)), before(DOWN, Save("h"))),
+    "save hidden, every layer": lambda m: (
+        ts.select(m)
+        .at_instances_of("LlamaMLP")
+        .at("down_proj")
+        .insert_before(Save("hidden{layer}"))
+    ),
+    "add to hidden": before(DOWN, Add(rand(WIDTH, seed=1), 0.5)),
+    "scale neurons (strided slice)": before(
+        DOWN, Scale(rand(334, seed=2), index=ts.idx[..., 4000:5000:3])
+    ),
+    "zero across the shard boundary": before(DOWN, Zero(ts.idx[:, 1:4, 4700:4800])),
+    "mean-ablate last position": before(DOWN, MeanAblate(rand(WIDTH, seed=3), index=ts.idx[:, -1])),
+    "noise": before(DOWN, Noise(0.3, seed=7, index=ts.idx[1:3])),
+    "patch neurons": chain(
+        before(DOWN, Patch(0, [2, 4], ts.idx[-1, [7171, 100, 4736]])), before(DOWN, Save("h"))
+    ),
+    "gate output (column-wise shard)": chain(
+        after(GATE, SetValues(ts.idx[..., [5000, 10]], -3.0)), after(GATE, Save("gate"))
+    ),
+    "LoRA after column-wise up": after(
+        UP, LowRankAdapter(rand(4, 32, seed=4), rand(WIDTH, 4, seed=5) * 0.1, 0.7)
+    ),
+    "LoRA after row-wise down": after(
+        DOWN, LowRankAdapter(rand(3, WIDTH, seed=6) * 0.05, rand(32, 3, seed=7), 1.5)
+    ),
+    "heads (o_proj input)": chain(
+        before(f"{ATTN}.o_proj", Zero(ts.idx[..., 8:16])),
+        before(f"{ATTN}.o_proj", Scale(2.0, index=ts.idx[..., 24:32])),
+        before(f"{ATTN}.o_proj", Save("heads")),
+    ),
+    "q, k, v": chain(
+        after(f"{ATTN}.q_proj", Save("q")),
+        after(f"{ATTN}.k_proj", Scale(0.5, index=ts.idx[..., 0:8])),
+        after(f"{ATTN}.k_proj", Save("k")),
+        after(f"{ATTN}.v_proj", SetValues(ts.idx[:, 2, 12], 4.0)),
+        after(f"{ATTN}.v_proj", Save("v")),
+    ),
+    "gate input (replicated DTensor)": chain(
+        before(GATE, Add(rand(32, seed=8), 1.0)), before(GATE, Save("gate_in"))
+    ),
+    "down output (replicated, all-reduced)": chain(
+        after(DOWN, Save("down_out")), after(DOWN, Scale(rand(32, seed=9)))
+    ),
+    "residual stream": chain(
+        after("model.layers.0", Add(rand(32, seed=10), 2.0)),
+        after("model.layers.0", Save("resid")),
+        after(MLP, Save("mlp_out")),
+        before(MLP, SetValues(ts.idx[0, -1], 1.0)),
+    ),
+}
+GRAD_CASE: Probe = chain(
+    before(DOWN, SetValues(SEED_INDEX, 5.0)),
+    before(DOWN, SaveGrad("g_hidden")),
+    after(GATE, SaveGrad("g_gate")),
+    after("model.layers.0.mlp.up_proj", StopGradient()),
+    after("model.layers.0", SaveGrad("g_resid")),
+)
+GATHERED_CASE: Probe = chain(
+    before("model.layers.0.mlp.down_proj", Normalize()),
+    after("model.layers.0.mlp.gate_proj", SaveGrad("g_gate0")),
+    before("model.layers.0.mlp.down_proj", Save("normalized")),
+)
+
+C_FC, C_PROJ = "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"
+GPT2_CASES: dict[str, Probe] = {
+    "save hidden, every block": lambda m: (
+        ts.select(m).at_instances_of("GPT2MLP").at("c_proj").insert_before(Save("hidden{layer}"))
+    ),
+    "neurons": chain(
+        before(C_PROJ, SetValues(ts.idx[3:, -1, [70, 5]], 5.0)), before(C_PROJ, Save("h"))
+    ),
+    "c_fc output": chain(
+        after(C_FC, Add(rand(128, seed=11), index=ts.idx[:, -1])), after(C_FC, Save("fc"))
+    ),
+    "LoRA on both projections": chain(
+        after(C_FC, LowRankAdapter(rand(2, 32, seed=12), rand(128, 2, seed=13), 0.5)),
+        after(C_PROJ, LowRankAdapter(rand(2, 128, seed=14), rand(32, 2, seed=15), 0.5)),
+    ),
+    "mlp output and attention (replicated)": chain(
+        after("transformer.h.1.mlp", Scale(1.5)),
+        after("transformer.h.1.mlp", Save("mlp")),
+        after("transformer.h.0.attn.c_attn", Save("qkv")),
+    ),
+}
+
+
+def entries(result: ts.Result) -> dict[str, torch.Tensor]:
+    out = {"logits": result.output.logits}
+    out.update({key: values[0] for key, values in result.records.items() if values})
+    return {key: value.detach().clone() for key, value in out.items()}
+
+
+def weights(vocab: int) -> torch.Tensor:
+    """The loss's weights: a weighted mean over the 30 positions, so the gradients are of order
+    one, like the activations, and the absolute tolerance means the same for both."""
+    return rand(5, 6, vocab, seed=99) / 30
+
+
+def with_backward(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    result = ts.run(model, ids)
+    (result.output.logits * weights(result.output.logits.shape[-1])).sum().backward()
+    return entries(result)
+
+
+def errors_of(tree: nn.Module, ids: torch.Tensor) -> dict[str, str]:
+    """What the sharded model refuses, and how it says so."""
+    found: dict[str, str] = {}
+
+    def attempt(name: str, make: Callable[[], Any]) -> None:
+        try:
+            make()
+        except tsd.TensorParallelError as error:
+            found[name] = str(error)
+        else:
+            found[name] = "(nothing raised)"
+
+    unplaced = before(DOWN, SetValues(SEED_INDEX, 5.0))(tree)
+    attempt("unplaced", lambda: unplaced(ids))
+    attempt("inside", lambda: tsd.localize(after(f"{MLP}.act_fn", Save("act"))(tree)))
+    attempt("replaced", lambda: tsd.localize(at(tree, f"{MLP}.act_fn").replace(Scale(2.0))))
+    placed = tsd.localize(before(DOWN, Save("h"))(tree))
+    attempt("inserted after localize", lambda: before(UP, Zero())(placed)(ids))
+    return found
+
+
+def counting_gathers() -> list[int]:
+    """Count the activation gathers of placed layers (on this rank, from now on)."""
+    calls: list[int] = []
+    original = sharded_module.gather
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    sharded_module.gather = counted
+    return calls
+
+
+def llama_rank(plans: dict[str, bytes], ids: torch.Tensor, mesh: Any) -> dict[str, Any]:
+    tree = tsd.parallelize(make_llama(), mesh, "auto")
+    out: dict[str, Any] = {"cases": {}, "gathers": {}}
+    gathers = counting_gathers()
+    for name, data in plans.items():
+        gathers.clear()
+        plan = ts.Plan.from_bytes(data)
+        view = tsd.apply(plan, tree)
+        if name == "grads":
+            out["cases"][name] = with_backward(view, ids)
+        else:
+            with torch.no_grad():
+                out["cases"][name] = entries(ts.run(view, ids))
+        out["gathers"][name] = len(gathers)
+        if name == "seed experiment":
+            out["plan round trip"] = tsd.plan(view) == plan
+            generated = ts.run(view.generate, ids, max_new_tokens=3, do_sample=False)
+            out["generate"] = (generated.output, generated.records["h"])
+    gathers.clear()
+    out["cases"]["gathered"] = with_backward(tsd.localize(GATHERED_CASE(tree)), ids)
+    out["gathers"]["gathered"] = len(gathers)
+    rank0 = tsd.apply(
+        ts.Plan.from_bytes(plans["save hidden, every layer"]), tree, record_on="rank0"
+    )
+    with torch.no_grad():
+        keys = sorted(ts.run(rank0, ids).saved)
+    everyone: list[Any] = [None] * WORLD
+    dist.all_gather_object(everyone, keys)
+    out["rank0 keys"] = everyone
+    out["errors"] = errors_of(tree, ids)
+    out["paths"] = list(ts.select(tree).at("**").paths)
+    out["mlp paths"] = list(ts.select(tree).at_instances_of("LlamaMLP").paths)
+    out["layouts"] = {p: layout.describe() for p, layout in tsd.site_layouts(tree).items()}
+    return out
+
+
+def gpt2_rank(plans: dict[str, bytes], ids: torch.Tensor, mesh: Any) -> dict[str, Any]:
+    tree = tsd.parallelize(make_gpt2(), mesh, GPT2_PLAN)
+    out: dict[str, Any] = {"cases": {}}
+    for name, data in plans.items():
+        view = tsd.apply(ts.Plan.from_bytes(data), tree)
+        if name == "grads":
+            out["cases"][name] = with_backward(view, ids)
+            continue
+        with torch.no_grad():
+            out["cases"][name] = entries(ts.run(view, ids))
+    try:
+        tsd.localize(after("transformer.h.0.mlp.act", Save("act"))(tree))
+    except tsd.TensorParallelError as error:
+        out["inside"] = str(error)
+    out["conv1d paths"] = list(ts.select(tree).at_instances_of("Conv1D").paths)
+    try:
+        tsd.parallelize(make_gpt2(n_inner=127), mesh, GPT2_PLAN)
+    except tsd.TensorParallelError as error:
+        out["odd width"] = str(error)
+    return out
+
+
+def battery(llama: dict[str, bytes], gpt2: dict[str, bytes], ids: torch.Tensor) -> dict:
+    mesh = init_device_mesh("cpu", (WORLD,))
+    return {"llama": llama_rank(llama, ids, mesh), "gpt2": gpt2_rank(gpt2, ids, mesh)}
+
+
+def plans_of(base: nn.Module, cases: dict[str, Probe]) -> dict[str, bytes]:
+    return {name: ts.plan(probe(base)).to_bytes() for name, probe in cases.items()}
+
+
+def unsharded(base: nn.Module, cases: dict[str, Probe], ids: torch.Tensor) -> dict[str, dict]:
+    out = {}
+    for name, probe in cases.items():
+        view = probe(base)
+        if name in ("grads", "gathered"):
+            out[name] = with_backward(view, ids)
+        else:
+            with torch.no_grad():
+                out[name] = entries(ts.run(view, ids))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks() -> dict[str, Any]:
+    ids = token_ids()
+    llama, gpt2 = ts.wrap(make_llama()), ts.wrap(make_gpt2())
+    llama_plans = plans_of(llama, {**LLAMA_CASES, "grads": GRAD_CASE})
+    gpt2_plans = plans_of(gpt2, {**GPT2_CASES, "grads": after(C_PROJ, SaveGrad("g"))})
+    start = time.monotonic()
+    out = tsd.launch(battery, llama_plans, gpt2_plans, ids, world_size=WORLD, timeout=300)
+    out["seconds"] = time.monotonic() - start
+    llama_cases = {**LLAMA_CASES, "grads": GRAD_CASE, "gathered": GATHERED_CASE}
+    out["llama"]["reference"] = unsharded(llama, llama_cases, ids)
+    gpt2_cases = {**GPT2_CASES, "grads": after(C_PROJ, SaveGrad("g"))}
+    out["gpt2"]["reference"] = unsharded(gpt2, gpt2_cases, ids)
+    base = {}
+    with torch.no_grad():
+        base["llama"] = llama(ids).logits
+        base["gpt2"] = gpt2(ids).logits
+    out["base logits"] = base
+    return out
+
+
+def compare(family: str, ranks: dict[str, Any]) -> dict[str, float]:
+    got, want = ranks[family]["cases"], ranks[family]["reference"]
+    assert sorted(got) == sorted(want)
+    diffs = {}
+    for case, values in want.items():
+        assert sorted(got[case]) == sorted(values), case
+        for key, value in values.items():
+            diffs[f"{case} / {key}"] = max_diff(got[case][key], value)
+    print(f"\n{family}: max abs diff per case/entry (sharded over {WORLD} ranks vs unsharded)")
+    for name, diff in diffs.items():
+        print(f"  {diff:.2e}  {name}")
+    return diffs
+
+
+@pytest.mark.slow
+def test_every_llama_layer_at_every_site_equals_the_unsharded_model(ranks: dict) -> None:
+    diffs = compare("llama", ranks)
+    assert max(diffs.values()) <= TOLERANCE, {k: v for k, v in diffs.items() if v > TOLERANCE}
+    base = ranks["base logits"]["llama"]
+    for case, values in ranks["llama"]["reference"].items():
+        if case not in ("save hidden, every layer", "grads", "gathered"):
+            assert max_diff(values["logits"], base) > 1e-4, f"{case} changes nothing"
+    print(f"  (battery launch: {ranks['seconds']:.1f} s)")
+
+
+@pytest.mark.slow
+def test_every_gpt2_layer_at_every_site_equals_the_unsharded_model(ranks: dict) -> None:
+    diffs = compare("gpt2", ranks)
+    assert max(diffs.values()) <= TOLERANCE, {k: v for k, v in diffs.items() if v > TOLERANCE}
+    base = ranks["base logits"]["gpt2"]
+    for case in ("neurons", "c_fc output", "LoRA on both projections"):
+        assert max_diff(ranks["gpt2"]["reference"][case]["logits"], base) > 1e-4, case
+
+
+@pytest.mark.slow
+def test_the_seed_experiment_equals_a_hand_written_hook(ranks: dict) -> None:
+    plain, ids = make_llama(), token_ids()
+
+    def edit(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[3:, -1, [7171, 2519]] = 5.0
+        return x
+
+    with torch.no_grad(), hooks(plain, pre={DOWN: replace_input(edit)}):
+        want = plain(ids).logits
+    got = ranks["llama"]["cases"]["seed experiment"]
+    assert max_diff(got["logits"], want) <= TOLERANCE
+    assert (got["h"][3:, -1, [7171, 2519]] == 5.0).all()
+    assert (got["h"][:3, -1, [7171, 2519]] != 5.0).all()
+    assert ranks["llama"]["plan round trip"]
+
+
+@pytest.mark.slow
+def test_generation_on_the_sharded_model_equals_the_unsharded_one(ranks: dict) -> None:
+    probe = LLAMA_CASES["seed experiment"](ts.wrap(make_llama()))
+    want = ts.run(probe.generate, token_ids(), max_new_tokens=3, do_sample=False)
+    tokens, records = ranks["llama"]["generate"]
+    assert torch.equal(tokens, want.output)
+    assert len(records) == len(want.records["h"]) == 3  # one per step, with the KV cache
+    for got, expected in zip(records, want.records["h"], strict=True):
+        assert max_diff(got, expected) <= TOLERANCE
+
+
+# How many activations each case gathers on a rank: one per recording layer at a sharded
+# site (a saved gradient is gathered in the backward pass); none for an edit of a shard.
+GATHERS = {
+    "seed experiment": 1,
+    "save hidden, every layer": 2,
+    "add to hidden": 0,
+    "scale neurons (strided slice)": 0,
+    "zero across the shard boundary": 0,
+    "mean-ablate last position": 0,
+    "noise": 0,
+    "patch neurons": 1,
+    "gate output (column-wise shard)": 1,
+    "LoRA after column-wise up": 0,
+    "LoRA after row-wise down": 0,
+    "heads (o_proj input)": 1,
+    "q, k, v": 3,
+    "gate input (replicated DTensor)": 0,
+    "down output (replicated, all-reduced)": 0,
+    "residual stream": 0,
+    "grads": 2,
+    "gathered": 3,  # Normalize needs the whole tensor: gather-edit-scatter (and its backward)
+}
+
+
+@pytest.mark.slow
+def test_edits_of_a_shard_communicate_nothing_and_recordings_gather_once(ranks: dict) -> None:
+    assert ranks["llama"]["gathers"] == GATHERS
+
+
+@pytest.mark.slow
+def test_recording_on_rank_0_only_leaves_the_other_ranks_empty(ranks: dict) -> None:
+    assert ranks["llama"]["rank0 keys"] == [["hidden0", "hidden1"], []]
+
+
+@pytest.mark.slow
+def test_layers_that_cannot_be_placed_are_refused_with_the_way_out(ranks: dict) -> None:
+    errors = ranks["llama"]["errors"]
+    assert "was not placed for tensor parallelism" in errors["unplaced"]
+    assert "ts.distributed.localize" in errors["unplaced"]
+    assert "rank 0 holds 0..4735" in errors["unplaced"]  # (the battery's rank 0 reports)
+    assert "inside the tensor-parallel region" in errors["inside"]
+    assert "model.layers.1.mlp.down_proj" in errors["inside"]
+    assert "was replaced" in errors["replaced"]
+    assert "was not placed" in errors["inserted after localize"]
+    assert "inside the tensor-parallel region" in ranks["gpt2"]["inside"]
+    assert "127 features do not split evenly over 2 ranks" in ranks["gpt2"]["odd width"]
+
+
+@pytest.mark.slow
+def test_selectors_see_the_unsharded_paths(ranks: dict) -> None:
+    llama, gpt2 = ts.wrap(make_llama()), ts.wrap(make_gpt2())
+    assert ranks["llama"]["paths"] == list(ts.select(llama).at("**").paths)
+    assert ranks["llama"]["mlp paths"] == list(ts.select(llama).at_instances_of("LlamaMLP").paths)
+    assert ranks["gpt2"]["conv1d paths"] == list(ts.select(gpt2).at_instances_of("Conv1D").paths)
+    layouts = ranks["llama"]["layouts"]
+    assert layouts[DOWN].startswith("rowwise (input: dimension -1 of 9472 split over 2 ranks")
+    assert layouts[f"{MLP}.act_fn"] == "inside the sharded region 'model.layers.1.mlp'"
+    assert layouts[MLP].startswith("a module holding sharded projections")
+
+
+# --------------------------------------------------------------------- the launcher
+
+
+def fails_on_rank_1() -> None:
+    if dist.get_rank() == 1:
+        raise ValueError("rank one says no")
+    time.sleep(600)  # rank 0 would wait for ever: the launcher must stop it
+
+
+def sleeps() -> None:
+    time.sleep(600)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_every_rank_and_names_itself() -> None:
+    start = time.monotonic()
+    with pytest.raises(tsd.RankFailed, match="rank one says no") as caught:
+        tsd.launch(fails_on_rank_1, world_size=2, timeout=240)
+    assert caught.value.rank == 1
+    assert time.monotonic() - start < 200
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.slow
+def test_a_launch_past_its_timeout_is_stopped() -> None:
+    start = time.monotonic()
+    with pytest.raises(tsd.LaunchTimeout, match="timeout of 3 s"):
+        tsd.launch(sleeps, world_size=1, timeout=3)
+    assert time.monotonic() - start < 3 + 10
+    assert multiprocessing.active_children() == []
+
+
+def test_the_launcher_checks_its_arguments_before_starting_anything() -> None:
+    with pytest.raises(ValueError, match="world_size"):
+        tsd.launch(sleeps, world_size=0)
+    with pytest.raises(ValueError, match="'cpu' \\(gloo\\) or 'cuda' \\(NCCL\\)"):
+        tsd.launch(sleeps, device="tpu")
+    with pytest.raises(ValueError, match="timeout"):
+        tsd.launch(sleeps, timeout=0)
+    with pytest.raises(TypeError, match=r"list of ts\.Plan"):
+        tsd.run_plans([], make_llama)
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.slow
+def test_run_plan_sends_the_plan_as_bytes_and_returns_rank_0s_result() -> None:
+    ids, mask = token_ids(), torch.ones(5, 6, dtype=torch.long)
+    probe = LLAMA_CASES["seed experiment"](ts.wrap(make_llama()))
+    plan = ts.plan(probe).returning("logits", topk=3).returning("h", mean=[1])
+    got = tsd.run_plan(plan, make_llama, ids, world_size=WORLD, timeout=300, attention_mask=mask)
+    want = ts.plans.execute(plan, ts.wrap(make_llama()), ids, attention_mask=mask)
+    assert torch.equal(got.output.logits.indices, want.output.logits.indices)
+    assert max_diff(got.output.logits.values, want.output.logits.values) <= TOLERANCE
+    assert max_diff(got.saved["h"], want.saved["h"]) <= TOLERANCE
+    assert got.saved["h"].shape == (5, WIDTH)  # the full hidden width, from rank 0
+
+
+# --------------------------------------------------------------------- one process
+
+
+@pytest.fixture(scope="module")
+def mesh1() -> Any:
+    """A one-rank process group in this process (no spawn): plans, refusals, the fast paths."""
+    if dist.is_initialized():
+        pytest.fail("a process group is already initialised in the test process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_runs_a_plan_as_the_unsharded_model_does(mesh1: Any) -> None:
+    ids = token_ids()
+    probe = LLAMA_CASES["seed experiment"](ts.wrap(make_llama()))
+    tree = tsd.parallelize(make_llama(), mesh1, "auto")
+    view = tsd.apply(ts.plan(probe), tree)
+    with torch.no_grad():
+        got, want = ts.run(view, ids), ts.run(probe, ids)
+    assert max_diff(got.output.logits, want.output.logits) <= TOLERANCE
+    assert max_diff(got.saved["h"], want.saved["h"]) <= TOLERANCE
+    assert tsd.plan(view) == ts.plan(probe)
+    placed = view.get_submodule(f"{DOWN}.ts_before.0")
+    assert isinstance(placed, tsd.Sharded) and isinstance(placed.layer, SetValues)
+    assert tsd.localize(view) is view  # placed layers stay placed: nothing is wrapped twice
+    with pytest.raises(ValueError, match="record_on must be one of"):
+        tsd.localize(tree, record_on="rank1")
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        ({"model.layers.*.mlp.gate_proj": "colwise"}, "no RowwiseParallel module under"),
+        ({"model.layers.*.mlp.down_proj": "rowwise"}, "no ColwiseParallel module under"),
+        ({"model.layers.*.mlp.gate": "colwise"}, "matches no module \\(nearest: "),
+        ({"model.layers.*.mlp.gate_proj": "colwise_rep"}, "style 'colwise_rep' is not supported"),
+        ({"model.layers.*.input_layernorm": SequenceParallel()}, "SequenceParallel"),
+        ({"model.layers.*.mlp.act_fn": "colwise"}, "the styles shard nn.Linear"),
+        (
+            {"lm_head": ColwiseParallel(use_local_output=False)},
+            "use_local_output=False is not supported",
+        ),
+        ({}, "non-empty dict"),
+    ],
+)
+def test_plans_torchsurgeon_cannot_follow_are_refused(mesh1: Any, plan: dict, message: str) -> None:
+    model = make_llama()
+    with pytest.raises(tsd.TensorParallelError, match=message):
+        tsd.parallelize(model, mesh1, plan)
+    assert not any(isinstance(p, DTensor) for p in model.parameters())  # refused before sharding
+
+
+def test_models_torchsurgeon_cannot_follow_are_refused(mesh1: Any) -> None:
+    with pytest.raises(tsd.TensorParallelError, match=r"before ts\.wrap"):
+        tsd.parallelize(ts.wrap(make_llama()), mesh1, "auto")
+    with pytest.raises(tsd.TensorParallelError, match=r"no config\.base_model_tp_plan"):
+        tsd.parallelize(make_gpt2(), mesh1, "auto")
+    bare = make_llama()
+    parallelize_module(bare, mesh1, {"model.layers.0.mlp.gate_proj": ColwiseParallel()})
+    with pytest.raises(tsd.TensorParallelError, match="already parallelized"):
+        tsd.parallelize(bare, mesh1, "auto")
+    with pytest.raises(
+        tsd.TensorParallelError, match=r"not sharded by ts\.distributed\.parallelize"
+    ):
+        tsd.localize(ts.wrap(bare))
+    with pytest.raises(tsd.TensorParallelError, match=r"for an unsharded model use ts\.apply"):
+        tsd.apply(ts.plan(before(DOWN, Save())(ts.wrap(make_llama()))), ts.wrap(make_llama()))
+
+
+def test_a_checkpoint_directory_is_loaded_from_disk_only(tmp_path: Any) -> None:
+    make_llama().save_pretrained(tmp_path)
+    loaded = _build(str(tmp_path))
+    assert not loaded.training
+    with torch.no_grad():
+        assert max_diff(loaded(token_ids()).logits, make_llama()(token_ids()).logits) == 0
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        tsd.run_plan(ts.plan(ts.wrap(make_llama())), tmp_path / "missing")
+
+
+def test_the_rendezvous_listens_on_loopback_only() -> None:
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not tables[0].exists():
+        pytest.skip("reads Linux's /proc/net/tcp")
+    store = _loopback_store(2, 10.0)
+    port = f":{store.port:04X}"
+    listening = [
+        line.split()[1]
+        for table in tables
+        if table.exists()
+        for line in table.read_text().splitlines()[1:]
+        if line.split()[3] == "0A" and line.split()[1].endswith(port)
+    ]
+    assert listening == ["0100007F" + port]  # 127.0.0.1, and no other address

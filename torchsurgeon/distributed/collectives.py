@@ -1,0 +1,72 @@
+"""The three collectives a sharded site needs: gather a shard, gather it to rank 0, sum.
+
+- :func:`gather` builds the full tensor on every rank from the shards (an all-gather along
+  the split dimension). It is differentiable: the gradient of the full tensor, which each
+  rank may compute differently, is summed over the ranks and cut back to each shard (a
+  reduce-scatter) — what a gather-edit-scatter needs for ``backward`` to be right.
+- :func:`gather_to_first` builds it on rank 0 only (a gather: rank 0 receives ``N - 1``
+  shards and nobody else receives anything). The result is detached.
+- :func:`sum_over_ranks` adds a small tensor over the ranks (a LoRA adapter's low-rank
+  partial products at a row-wise projection), differentiably, in rank order so every rank
+  gets the same bits.
+
+They run on torch's functional collectives (``torch.distributed._functional_collectives``),
+over the process group of the model's device mesh.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+
+from torchsurgeon.distributed.split import Split
+
+__all__ = ["gather", "gather_to_first", "settled", "sum_over_ranks"]
+
+
+def settled(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a plain tensor: an asynchronous collective's result waited for.
+
+    A row-wise projection's output is an ``AsyncCollectiveTensor`` (its all-reduce still in
+    flight) until something reads it; waiting keeps the autograd graph.
+    """
+    if isinstance(x, funcol.AsyncCollectiveTensor):
+        return funcol.wait_tensor(x)
+    return x
+
+
+def _all_gather_first_dim(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    return settled(funcol.all_gather_single_autograd(x.contiguous(), 0, mesh.get_group()))
+
+
+def gather(local: torch.Tensor, split: Split, mesh: DeviceMesh) -> torch.Tensor:
+    """The full tensor, on every rank, from each rank's ``local`` shard."""
+    if split.parts == 1:
+        return local
+    dim = split.dim % local.dim()
+    full = _all_gather_first_dim(local.movedim(dim, 0), mesh)
+    return full.movedim(0, dim)
+
+
+def gather_to_first(local: torch.Tensor, split: Split, mesh: DeviceMesh) -> torch.Tensor | None:
+    """The full tensor on rank 0 (detached), ``None`` on the other ranks."""
+    if split.parts == 1:
+        return local.detach()
+    group = mesh.get_group()
+    shard = local.detach().contiguous()
+    pieces = [torch.empty_like(shard) for _ in range(split.parts)] if split.part == 0 else None
+    dist.gather(shard, pieces, group_dst=0, group=group)
+    if pieces is None:
+        return None
+    return torch.cat(pieces, dim=split.dim % local.dim())
+
+
+def sum_over_ranks(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """``x`` summed over the ranks of ``mesh`` (the same on every rank; differentiable)."""
+    parts = mesh.size()
+    if parts == 1:
+        return x
+    stacked = _all_gather_first_dim(x.unsqueeze(0), mesh)
+    return stacked.sum(0)

@@ -1,0 +1,298 @@
+"""``Sharded``: an intervention layer placed at a tensor-parallel site.
+
+Each rank runs the same model on its own shard of the sharded activations, so a layer at a
+sharded site sees part of the tensor the unsharded model's layer would see. ``Sharded``
+holds the layer (as its child ``layer``, where selectors and ``ts.run`` find it) and the
+:class:`~torchsurgeon.distributed.split.Split` of its site, and makes the layer act on the
+full tensor's elements:
+
+- **Recording** (``Save``, ``SaveGrad``): the shards are gathered once, into the full tensor,
+  which is recorded on every rank (or on rank 0 only, ``record_on="rank0"``); the shard
+  itself passes on unchanged. Nothing is gathered outside ``ts.run``.
+- **Editing where the edit is local to each shard** (``SetValues``, ``Add``, ``Scale``,
+  ``Zero``, ``MeanAblate``, ``Noise``, ``Patch``, ``StopGradient``): each rank runs a copy of
+  the layer cut to its shard — the index translated, the value cut the same way
+  (:mod:`~torchsurgeon.distributed.split`) — or nothing, if it holds no element the index
+  names. No communication. ``Noise`` draws the full tensor's noise (the same seed on every
+  rank) and keeps its part.
+- **LowRankAdapter** after a column-wise projection adds ``B``'s local rows' share; after a
+  row-wise one it sums the low-rank products of the input shards over the ranks (a tensor
+  of ``batch x pos x rank`` elements).
+- **Anything else** (a layer of another type, a subclass): gather, run the layer on the full
+  tensor, keep this rank's part (gather-edit-scatter). Correct for any layer that keeps the
+  tensor's shape; it costs one all-gather per call.
+
+At a site whose tensor is replicated (the input of a column-wise projection, the output of
+a row-wise one) the layer runs as it is, on the local copy of the full tensor. The DTensor a
+projection's pre-hook makes of its input is taken apart and put back together around the
+layer, with its placement, global shape and stride unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from torchsurgeon.distributed.collectives import gather, gather_to_first, settled, sum_over_ranks
+from torchsurgeon.distributed.parallelize import SiteLayout, TensorParallelError
+from torchsurgeon.distributed.split import Split, cut, local_part
+from torchsurgeon.layers.base import InterventionLayer, Recorder
+from torchsurgeon.layers.edit import Add, MeanAblate, Noise, Scale, SetValues, StopGradient, Zero
+from torchsurgeon.layers.index import remember
+from torchsurgeon.layers.lora import LowRankAdapter
+from torchsurgeon.layers.patch import Patch
+from torchsurgeon.layers.record import SaveGrad
+from torchsurgeon.surgery.frozen import original_class
+from torchsurgeon.surgery.paths import SITE_LISTS, describe
+
+__all__ = ["RECORD_ON", "Sharded"]
+
+RECORD_ON = ("all", "rank0")
+_GATHER = object()
+"""What :func:`_local_copy` returns for a layer that needs the full tensor."""
+
+
+class Sharded(nn.Module):
+    """``layer`` at the ``which`` side (``ts_before``/``ts_after``) of the site ``layout``."""
+
+    ts_sharded = True
+    """Marks placed layers for the sites' guards (see ``parallelize.SiteGuard``)."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        layout: SiteLayout,
+        which: str,
+        mesh: DeviceMesh,
+        record_on: str = "all",
+    ) -> None:
+        super().__init__()
+        if record_on not in RECORD_ON:
+            raise ValueError(f"record_on must be one of {RECORD_ON}, got {record_on!r}")
+        on = getattr(layer, "on", None)
+        if on not in (None, 0):
+            raise TensorParallelError(
+                f"{type(layer).__name__} at {describe(layout.path)} has on={on!r}; at a "
+                "tensor-parallel projection only the primary tensor (on=None) is supported"
+            )
+        self.layer = layer
+        self.on = on
+        self.reads_input = bool(getattr(layer, "reads_input", False))
+        self.split = layout.side(which)
+        self.input_split = layout.input if which == SITE_LISTS[1] else None
+        self.site = layout.path
+        self.which = which
+        self.mesh = mesh
+        self.record_on = record_on
+        self._ts_local: dict[Any, Any] = {}
+
+    def extra_repr(self) -> str:
+        side = "input" if self.which == SITE_LISTS[0] else "output"
+        shape = self.split.describe() if self.split is not None else "replicated"
+        return f"{side} of {describe(self.site)}: {shape}, record_on={self.record_on!r}"
+
+    # -- the call ------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, input: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(x, DTensor):
+            self._check_placement(x, self.split, "tensor")
+            out = self._run(x.to_local(), self._local_input(input))
+            return DTensor.from_local(
+                out, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride()
+            )
+        return self._run(settled(x), self._local_input(input))
+
+    def _local_input(self, input: torch.Tensor | None) -> torch.Tensor | None:
+        if input is None:
+            return None
+        if isinstance(input, DTensor):
+            self._check_placement(input, self.input_split, "input")
+            return input.to_local()
+        return settled(input)
+
+    def _check_placement(self, x: DTensor, split: Split | None, what: str) -> None:
+        placement = x.placements[0]
+        fits = (
+            split is None
+            if isinstance(placement, Replicate)
+            else isinstance(placement, Shard)
+            and split is not None
+            and placement.dim % x.dim() == split.dim % x.dim()
+        )
+        if not fits:
+            expected = split.describe() if split is not None else "replicated"
+            raise TensorParallelError(
+                f"{self._where()}the {what} is a DTensor placed {placement}, but the plan says "
+                f"it is {expected}"
+            )
+
+    def _where(self) -> str:
+        side = "before" if self.which == SITE_LISTS[0] else "after"
+        return f"{type(self.layer).__name__} {side} {describe(self.site)} (tensor parallel): "
+
+    def _run(self, x: torch.Tensor, input: torch.Tensor | None) -> torch.Tensor:
+        split, layer = self.split, self.layer
+        if split is not None and (x.dim() < -split.dim or x.shape[split.dim] != split.width):
+            raise TensorParallelError(
+                f"{self._where()}this rank's tensor has shape {tuple(x.shape)}, but the site "
+                f"is {split.describe()}"
+            )
+        if self.reads_input:
+            return self._with_input(x, input)
+        if split is None:
+            return layer(x)
+        if original_class(layer) is SaveGrad:
+            return self._record_grad(x, split)
+        if isinstance(layer, Recorder):
+            return self._record(x, split)
+        local = self._local_layer(x, split)
+        if local is None:
+            return x
+        if local is _GATHER:
+            return self._gathered(x, split, lambda full: layer(full))
+        return local(x)
+
+    # -- recording -----------------------------------------------------------------------
+
+    def _record(self, x: torch.Tensor, split: Split) -> torch.Tensor:
+        if self.layer._ts_store is None:  # not inside ts.run: nothing to gather
+            return x
+        full = self._full(x, split)
+        if full is not None:
+            self.layer(full)
+        return x
+
+    def _record_grad(self, x: torch.Tensor, split: Split) -> torch.Tensor:
+        store = self.layer._ts_store
+        if store is None:
+            return x
+        if not x.requires_grad:
+            return self.layer(x)  # raises SaveGrad's own error
+
+        def keep(grad: torch.Tensor) -> None:
+            full = self._full(grad, split)
+            if full is not None:
+                store.append(full)
+
+        x.register_hook(keep)
+        return x
+
+    def _full(self, x: torch.Tensor, split: Split) -> torch.Tensor | None:
+        if self.record_on == "all":
+            return gather(x, split, self.mesh)
+        return gather_to_first(x, split, self.mesh)
+
+    # -- editing -------------------------------------------------------------------------
+
+    def _local_layer(self, x: torch.Tensor, split: Split) -> Any:
+        """The layer cut to this shard, ``None`` (nothing here) or ``_GATHER``; kept per shape."""
+        layer = self.layer
+        tensors = layer.tensors() if isinstance(layer, InterventionLayer) else {}
+        keep = not torch.compiler.is_compiling() and not any(
+            t.requires_grad for t in tensors.values()
+        )
+        key = (tuple(x.shape), x.dtype, x.device)
+        if keep and key in self._ts_local:
+            return self._ts_local[key]
+        shape = split.full_shape(tuple(x.shape))
+        if not keep:  # the layer's tensors carry gradients: cut them afresh, in the graph
+            return _local_copy(layer, shape, split, x.dtype, x.device)
+        # Kept across calls, so made as plain tensors even inside inference mode.
+        with torch.inference_mode(False), torch.no_grad():
+            local = _local_copy(layer, shape, split, x.dtype, x.device)
+        remember(self._ts_local, key, local)
+        return local
+
+    def _gathered(self, x: torch.Tensor, split: Split, run: Any) -> torch.Tensor:
+        full = gather(x, split, self.mesh)
+        out = run(full)
+        if not isinstance(out, torch.Tensor) or out.shape != full.shape:
+            shown = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise TensorParallelError(
+                f"{self._where()}the layer turned the full tensor {tuple(full.shape)} into "
+                f"{shown}; at a sharded site a layer must keep the tensor's shape"
+            )
+        dim = split.dim % out.dim()
+        return out.narrow(dim, split.offset, split.width).contiguous()
+
+    def _with_input(self, x: torch.Tensor, input: torch.Tensor | None) -> torch.Tensor:
+        """A layer that reads the module's input too (LoRA), after the module."""
+        layer, split, split_in = self.layer, self.split, self.input_split
+        if input is None:
+            return layer(x)  # the layer says what it needs
+        if original_class(layer) is not LowRankAdapter or (
+            split is not None and split_in is not None
+        ):
+            full_in = gather(input, split_in, self.mesh) if split_in is not None else input
+            if split is None:
+                return layer(x, input=full_in)
+            return self._gathered(x, split, lambda full: layer(full, input=full_in))
+        a, b = layer.a, layer.b
+        if split is None and split_in is None:
+            return layer(x, input=input)
+        full_in = split_in.size if split_in is not None else input.shape[-1]
+        full_out = split.size if split is not None else x.shape[-1]
+        if a.shape[1] != full_in or b.shape[0] != full_out:
+            raise ValueError(
+                f"{self._where()}the adapter maps {a.shape[1]} -> {b.shape[0]} features, but "
+                f"the module maps {full_in} -> {full_out}"
+            )
+        if split is not None:  # column-wise: this rank's output features are B's local rows
+            return self._local_layer(x, split)(x, input=input)
+        assert split_in is not None  # row-wise: sum the input shards' low-rank products
+        a_local = a.narrow(1, split_in.offset, split_in.width)
+        low = sum_over_ranks(input.to(a.dtype) @ a_local.T, self.mesh)
+        return x + (low @ b.T * layer.scale).to(x.dtype)
+
+
+def _local_copy(
+    layer: nn.Module,
+    shape: tuple[int, ...],
+    split: Split,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Any:
+    """``layer`` cut to this rank's shard of a full tensor of ``shape``: a new layer, ``None``
+    (this rank holds nothing the layer touches) or ``_GATHER`` (it needs the full tensor)."""
+    kind = original_class(layer)  # a tree's layers are frozen subclasses of their classes
+    if kind is StopGradient:
+        return layer
+    if kind is Patch:
+        return _local_patch(layer, shape, split)
+    if kind is LowRankAdapter:  # after a column-wise projection: B's rows of this shard
+        return LowRankAdapter(layer.a, layer.b.narrow(0, split.offset, split.width), layer.scale)
+    if kind not in (SetValues, Add, Scale, Zero, MeanAblate, Noise):
+        return _GATHER
+    part = local_part(layer.index, shape, split)
+    if part is None:
+        return None
+    index = part.index
+    if kind is SetValues:
+        return SetValues(index, cut(layer.value, part, "value"))
+    if kind is Scale:
+        return Scale(cut(layer.factor, part, "factor"), index=index)
+    if kind is Zero:
+        return Zero(index)
+    if kind is MeanAblate:
+        return MeanAblate(cut(layer.mean, part, "mean"), index=index)
+    if kind is Add:
+        return Add(cut(layer.scale * layer.vector, part, "vector"), index=index)
+    # Noise: the full part's draw (every rank draws the same), this rank's positions of it.
+    with torch.no_grad():
+        noise = Noise(layer.std, layer.seed)(torch.zeros(part.shape, dtype=dtype, device=device))
+    return Add(cut(noise, part, "noise"), index=index)
+
+
+def _local_patch(layer: Patch, shape: tuple[int, ...], split: Split) -> Any:
+    if split.dim % len(shape) == 0:
+        return _GATHER  # the batch itself is split: rows move between ranks
+    entries = []
+    for sources, targets, index in layer.entries:
+        part = local_part(index, shape[1:], split)
+        if part is not None:
+            entries.append((list(sources), list(targets), part.index))
+    return Patch.table(entries) if entries else None
