@@ -59,10 +59,13 @@ def add_layers(node: nn.Module, before: Sequence[nn.Module], after: Sequence[nn.
     for which, layers in ((BEFORE, before), (AFTER, after)):
         if layers:
             node._modules[which] = _extended(node, which, layers)
-    if not node.__dict__.get(_HOOKED):
-        node.register_forward_pre_hook(_run_before, with_kwargs=True)
-        node.register_forward_hook(_run_after, with_kwargs=True)
-        node.__dict__[_HOOKED] = True
+            hooked = node.__dict__.setdefault(_HOOKED, set())
+            if which not in hooked:  # only the hook a side needs: each one costs every call
+                if which == BEFORE:
+                    node.register_forward_pre_hook(_run_before, with_kwargs=True)
+                else:
+                    node.register_forward_hook(_run_after, with_kwargs=True)
+                node.__dict__[_HOOKED] = {*hooked, which}  # a new set: copies share the old
 
 
 def _extended(node: nn.Module, which: str, layers: Sequence[nn.Module]) -> nn.Module:
@@ -89,7 +92,7 @@ def _run_before(
     layers = module._modules.get(BEFORE)
     if not layers:
         return None
-    for layer in layers:
+    for layer in layers._modules.values():
         args, kwargs = _apply_to_input(module, layer, args, kwargs)
     return args, kwargs
 
@@ -98,9 +101,9 @@ def _run_after(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
     layers = module._modules.get(AFTER)
     if not layers:
         return None
-    for layer in layers:
+    for layer in layers._modules.values():
         call = layer
-        if getattr(layer, "reads_input", False):
+        if getattr(type(layer), "reads_input", False):  # a class attribute: no __getattr__
             call = functools.partial(layer, input=_primary_input(module, layer, args, kwargs))
         output = _apply_to_output(module, layer, output, call)
     return output
