@@ -118,6 +118,9 @@ def kill_all(psutil: Any, processes: list[Any]) -> None:
 def hosting(psutil: Any, checkpoint: Path) -> Iterator[tuple[str, Any]]:
     """A host with two Ray replicas; on teardown, checks its stop left no process behind."""
     marker = secrets.token_hex(8)
+    # children this process had before (multiprocessing's resource tracker, started by
+    # other tests' spawned ranks, lives as long as this process): not the host's
+    before = {(p.pid, p.create_time()) for p in descendants(psutil)}
     os.environ[MARKER] = marker  # the pool's owner and every Ray process inherit it
     try:
         app = create_app({"gpt2": checkpoint}, api_keys=[KEY], workers=4, ray_replicas=2)
@@ -127,7 +130,7 @@ def hosting(psutil: Any, checkpoint: Path) -> Iterator[tuple[str, Any]]:
     try:
         with serve_in_thread(app) as server:
             yield server.url, app
-            tree = descendants(psutil)
+            tree = [p for p in descendants(psutil) if (p.pid, p.create_time()) not in before]
         deadline = time.monotonic() + 30
         while survivors(psutil, tree, marker) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -43,6 +43,9 @@ class InterventionLayer(TreescopeRepr, nn.Module):
     config_fields: ClassVar[tuple[str, ...]] = ()
     tensor_fields: ClassVar[tuple[str, ...]] = ()
     takes_index: ClassVar[bool] = True
+    reads_input: ClassVar[bool] = False
+    """Whether an ``insert_after`` site also passes the module's input (see ``sites``); a
+    class attribute here, so the site's lookup never falls through to ``__getattr__``."""
 
     def __init__(self, *, on: int | str | None = None, index: Index | None = None) -> None:
         super().__init__()

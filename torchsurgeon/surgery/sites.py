@@ -103,7 +103,7 @@ def _run_after(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         return None
     for layer in layers._modules.values():
         call = layer
-        if getattr(type(layer), "reads_input", False):  # a class attribute: no __getattr__
+        if getattr(layer, "reads_input", False):
             call = functools.partial(layer, input=_primary_input(module, layer, args, kwargs))
         output = _apply_to_output(module, layer, output, call)
     return output
