@@ -85,7 +85,8 @@ LayerCase = tuple[str, str, nn.Module]  # (path below the blocks, operation, lay
 
 
 def layer_cases(seed: int = 0) -> dict[str, LayerCase]:
-    """One site and instance per registered layer type (SaveGrad apart: it needs backward)."""
+    """One site and instance per registered layer type (SaveGrad apart: it needs backward;
+    Stop apart: it ends the run, tested on its own)."""
     g = torch.Generator().manual_seed(seed)
     L = ts.layers
     return {
@@ -98,6 +99,14 @@ def layer_cases(seed: int = 0) -> dict[str, LayerCase]:
         "Noise": ("0", "insert_after", L.Noise(0.1, seed=3)),
         "StopGradient": ("0", "insert_after", L.StopGradient()),
         "Patch": ("1", "insert_after", L.Patch(0, 1, index=ts.idx[-1])),
+        "Compute": (  # reads a value saved at an earlier block, and a constant
+            "1",
+            "insert_after",
+            L.Compute(
+                ts.ops.where(ts.here > 0, ts.here, 0.1 * ts.here)
+                + ts.saved("out0").mean(-1, keepdim=True) * torch.randn(HIDDEN, generator=g)
+            ),
+        ),
         "LowRankAdapter": (
             "0.mlp",
             "insert_after",

@@ -602,3 +602,24 @@ def test_padding_side_is_checked(url: str, local: nn.Module) -> None:
     extra = '{"version": 1, "args": [], "kwargs": {}, "text": ["a"], "run": "this"}'
     response = post(url, raw_request(plan(local).to_bytes(), extra))
     assert_refused(response, 400, "bad_request", "unknown request field")
+
+
+def test_the_estimate_follows_inputs_indexed_by_python_lists() -> None:
+    """``if pad in input_ids[:, [-1, 0]]`` (transformers' padding check) reads known values."""
+
+    class ListIndexed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            if 0 in input_ids[:, [-1, 0]]:
+                return self.emb(input_ids) * 0
+            return self.emb(input_ids)
+
+    module = ListIndexed()
+    hosted = HostedModel.load("toy", module)
+    _, cost = hosted.prepare(
+        plan(ts.wrap(module)), Limits(), Inputs(args=(torch.tensor([[1, 2, 3]]),))
+    )
+    assert cost is not None and cost.consulted == {"args.0"}

@@ -233,3 +233,14 @@ def test_selection_is_immutable(gpt2: nn.Module) -> None:
     assert refined.paths == ("transformer",)
     with pytest.raises(AttributeError):
         selection.paths = ()  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path", ["", "1"])
+def test_inserting_on_a_container_is_refused(path: str) -> None:
+    """A layer on a Sequential would be iterated as one more element: refuse, naming it."""
+    net = ts.wrap(nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.ReLU())))
+    with pytest.raises(ts.SelectionError, match=r"is a container .* Insert on a child"):
+        ts.select(net).at(path).insert_after(ts.layers.Save("x"))
+    every = ts.select(net).at("**").where(~ts.instance_of("Sequential"))
+    probe = every.insert_after(ts.layers.Save())
+    assert set(ts.run(probe, torch.randn(2, 4)).saved) == {"0", "1.0", "1.1"}

@@ -22,7 +22,19 @@ remote host.
 # models, research methods and tensor-parallel models. ``remote`` imports its web stack
 # lazily.
 from torchsurgeon import distributed, layers, methods, models, plans, remote, viz
-from torchsurgeon.layers import Index, Result, idx, run
+from torchsurgeon.layers import (
+    Index,
+    Result,
+    Session,
+    call,
+    here,
+    idx,
+    ops,
+    out,
+    run,
+    saved,
+    session,
+)
 from torchsurgeon.models import convert, generate, load
 from torchsurgeon.plans import Plan, apply, meta, plan
 from torchsurgeon.selectors import Selection, attr, instance_of, layer_index, path, select
@@ -50,14 +62,17 @@ __all__ = [
     "Selection",
     "SelectionError",
     "SerializationError",
+    "Session",
     "SurgeryError",
     "__version__",
     "apply",
     "attr",
+    "call",
     "convert",
     "distributed",
     "functional",
     "generate",
+    "here",
     "idx",
     "instance_of",
     "is_frozen",
@@ -67,13 +82,17 @@ __all__ = [
     "meta",
     "methods",
     "models",
+    "ops",
+    "out",
     "path",
     "plan",
     "plans",
     "remote",
     "run",
     "save_html",
+    "saved",
     "select",
+    "session",
     "show",
     "show_diff",
     "to_html",

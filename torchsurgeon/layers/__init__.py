@@ -5,6 +5,8 @@ recording ones kept with ``ts.run``. Every layer here is in the registry, the al
 remote host rebuilds plans from.
 """
 
+from torchsurgeon.layers import ops
+from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import (
     InterventionLayer,
     Recorder,
@@ -12,15 +14,21 @@ from torchsurgeon.layers.base import (
     layer_types,
     register_layer,
 )
+from torchsurgeon.layers.compute import Compute, Stop, StopRun
 from torchsurgeon.layers.edit import Add, MeanAblate, Noise, Scale, SetValues, StopGradient, Zero
+from torchsurgeon.layers.expr import Expr, call, here, out, saved
 from torchsurgeon.layers.index import Index, idx
 from torchsurgeon.layers.lora import LowRankAdapter
 from torchsurgeon.layers.patch import Patch
 from torchsurgeon.layers.record import Save, SaveGrad
 from torchsurgeon.layers.results import Result, Saved, run
+from torchsurgeon.layers.session import Session, session
 
 __all__ = [
     "Add",
+    "Compute",
+    "Expr",
+    "ExpressionError",
     "Index",
     "InterventionLayer",
     "LowRankAdapter",
@@ -33,12 +41,21 @@ __all__ = [
     "SaveGrad",
     "Saved",
     "Scale",
+    "Session",
     "SetValues",
+    "Stop",
     "StopGradient",
+    "StopRun",
     "Zero",
+    "call",
+    "here",
     "idx",
     "layer_class",
     "layer_types",
+    "ops",
+    "out",
     "register_layer",
     "run",
+    "saved",
+    "session",
 ]

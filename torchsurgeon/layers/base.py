@@ -15,11 +15,16 @@ model's.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from torchsurgeon.layers.allowed import ExpressionError
+from torchsurgeon.layers.expr import Expr
+from torchsurgeon.layers.graph import Graph, RunValues
 from torchsurgeon.layers.index import Index, as_index
 from torchsurgeon.surgery.display import TreescopeRepr
 from torchsurgeon.surgery.frozen import shallow_copy
@@ -46,6 +51,12 @@ class InterventionLayer(TreescopeRepr, nn.Module):
     reads_input: ClassVar[bool] = False
     """Whether an ``insert_after`` site also passes the module's input (see ``sites``); a
     class attribute here, so the site's lookup never falls through to ``__getattr__``."""
+    expr_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields that may hold an expression (``ts.here``, ``ts.saved(...)``, ...) instead of
+    a fixed value: evaluated on every call, with ``ts.here`` the layer's target tensor."""
+    reads_run: ClassVar[bool] = False
+    """Whether the layer reads its run (``ts.saved``, ``ts.call``): ``ts.run`` then hands
+    it the run's values. Set on the instance by :meth:`_set_expr`."""
 
     def __init__(self, *, on: int | str | None = None, index: Index | None = None) -> None:
         super().__init__()
@@ -69,11 +80,52 @@ class InterventionLayer(TreescopeRepr, nn.Module):
             raise ValueError(f"{type(self).__name__}: {name} holds NaN or infinite values")
         self.register_buffer(name, value, persistent=False)
 
+    def _set_expr(self, name: str, expr: Expr) -> None:
+        """Hold ``expr`` as field ``name``: its graph, its constants as buffers
+        ``<name>_c<i>`` (so they move with ``.to()`` and travel as the layer's tensors)."""
+        graph = Graph.of(expr)
+        graph.check_leaves(here=True, output=False)
+        graphs = {**self.__dict__.get("_ts_graphs", {}), name: graph}
+        self.__dict__["_ts_graphs"] = graphs
+        for i, tensor in enumerate(graph.tensors):
+            self._set_tensor(f"{name}_c{i}", tensor)
+        if graph.reads() & {"saved", "runs", "call"}:
+            self.__dict__["reads_run"] = True
+
+    def _evaluate(self, name: str, x: torch.Tensor) -> Any:
+        """Field ``name``'s expression on target ``x``, with the run's values if any."""
+        graph: Graph = self.__dict__["_ts_graphs"][name]
+        buffers = self._buffers
+        constants = [buffers[f"{name}_c{i}"] for i in range(len(graph.tensors))]
+        values: RunValues | None = self.__dict__.get("_ts_run")
+        try:
+            return graph.evaluate(x, values, constants)
+        except ExpressionError as error:
+            step = self.__dict__.get("_ts_step")
+            field = "" if step is None else f"steps.{step}.layer.config.{name}"
+            where = self._where() + ("" if step is None else f"(plan step {step}) ")
+            raise ExpressionError(f"{where}{name}: {error}", field) from None
+
+    def _holds_expr(self, name: str) -> bool:
+        return name in self.__dict__.get("_ts_graphs", {})
+
+    @classmethod
+    def takes_tensor(cls, name: str) -> bool:
+        """Whether ``name`` is one of this layer's tensors (fields, expression constants)."""
+        if name in cls.tensor_fields:
+            return True
+        field, _, number = name.rpartition("_c")
+        return field in cls.expr_fields and number.isdigit() and len(number) <= 6
+
     # -- data --------------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
         """The JSON part of the spec (``on``, ``index`` and the layer's own fields)."""
-        out: dict[str, Any] = {name: getattr(self, name) for name in self.config_fields}
+        out: dict[str, Any] = {
+            name: getattr(self, name) for name in self.config_fields if not self._holds_expr(name)
+        }
+        for name, graph in self.__dict__.get("_ts_graphs", {}).items():
+            out[name] = {"expr": graph.to_json()}
         out["on"] = self.on
         if self.takes_index:
             out["index"] = self.index.to_json() if self.index is not None else None
@@ -81,7 +133,14 @@ class InterventionLayer(TreescopeRepr, nn.Module):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensor part of the spec."""
-        return {name: getattr(self, name) for name in self.tensor_fields}
+        out = {
+            name: getattr(self, name) for name in self.tensor_fields if not self._holds_expr(name)
+        }
+        for name, graph in self.__dict__.get("_ts_graphs", {}).items():
+            out.update(
+                {f"{name}_c{i}": self._buffers[f"{name}_c{i}"] for i in range(len(graph.tensors))}
+            )
+        return out
 
     @classmethod
     def from_spec(
@@ -89,14 +148,26 @@ class InterventionLayer(TreescopeRepr, nn.Module):
     ) -> InterventionLayer:
         """Rebuild a layer from :meth:`config` and :meth:`tensors` (as a host does)."""
         kwargs = dict(config)
+        tensors = dict(tensors)
         if kwargs.get("index") is not None:
             kwargs["index"] = Index.from_json(kwargs["index"])
-        expected = set(cls.config_fields) | set(cls.tensor_fields) | {"on"}
+        for name in cls.expr_fields:
+            value = kwargs.get(name)
+            if isinstance(value, dict) and set(value) == {"expr"}:
+                constants = []
+                while f"{name}_c{len(constants)}" in tensors:
+                    constants.append(tensors.pop(f"{name}_c{len(constants)}"))
+                kwargs[name] = Graph.from_json(value["expr"], constants).expr()
+        expected = set(cls.config_fields) | set(cls.tensor_fields) | set(cls.expr_fields) | {"on"}
         expected |= {"index"} if cls.takes_index else set()
         unknown = set(kwargs) | set(tensors)
         unknown -= expected
         if unknown:
             raise ValueError(f"{cls.type_name}: unknown field(s) {sorted(unknown)}")
+        taken = _constructor_parameters(cls)
+        for name in ("on", "index"):  # a constructor that does not take them gets no None
+            if name in kwargs and kwargs[name] is None and name not in taken:
+                del kwargs[name]
         return cls(**kwargs, **tensors)
 
     # -- placement ---------------------------------------------------------------------
@@ -175,6 +246,14 @@ class Recorder(InterventionLayer):
         return copy
 
 
+@functools.cache
+def _constructor_parameters(cls: type) -> frozenset[str]:
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return frozenset({"on", "index"} | {p.name for p in parameters})
+    return frozenset(p.name for p in parameters)
+
+
 TEMPLATE_FIELDS = ("n", "layer", "path")
 _MAX_NAME = 256
 
@@ -221,6 +300,15 @@ def register_layer(cls: type[InterventionLayer]) -> type[InterventionLayer]:
     """Class decorator: add ``cls`` to the registry under ``cls.type_name``."""
     if not cls.type_name:
         raise ValueError(f"{cls.__name__} needs a type_name to be registered")
+    taken = _constructor_parameters(cls)
+    fields = (*cls.config_fields, *cls.tensor_fields, *cls.expr_fields)
+    missing = [name for name in fields if name not in taken]
+    if missing:
+        raise TypeError(
+            f"{cls.__name__}: a registered layer is rebuilt as cls(**config, **tensors), so "
+            f"its constructor must take every config, tensor and expression field by name; "
+            f"it does not take {missing}"
+        )
     _REGISTRY[cls.type_name] = cls
     return cls
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from torchsurgeon.layers.base import InterventionLayer, register_layer
+from torchsurgeon.layers.expr import Expr
 from torchsurgeon.layers.index import Index, remember
 
 __all__ = ["Add", "MeanAblate", "Noise", "Scale", "SetValues", "StopGradient", "Zero"]
@@ -91,23 +92,33 @@ def _filled(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 @register_layer
 class SetValues(InterventionLayer):
-    """Set ``tensor[index]`` to ``value`` (a number or a tensor broadcast to the part)."""
+    """Set ``tensor[index]`` to ``value`` (a number, a tensor broadcast to the part, or an
+    expression evaluated on every call with ``ts.here`` the whole tensor)."""
 
     type_name = "SetValues"
     tensor_fields = ("value",)
+    expr_fields = ("value",)
 
     def __init__(
         self,
         index: Index | None,
-        value: float | torch.Tensor,
+        value: float | torch.Tensor | Expr,
         *,
         on: int | str | None = None,
     ) -> None:
         super().__init__(on=on, index=index)
-        self._set_tensor("value", value)
+        if isinstance(value, Expr):
+            self._set_expr("value", value)
+        else:
+            self._set_tensor("value", value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value = _as_dtype(self, "value", x.dtype)
+        if "value" not in self._buffers:
+            value = self._evaluate("value", x)
+            if isinstance(value, torch.Tensor):
+                value = value.to(x.dtype)
+        else:
+            value = _as_dtype(self, "value", x.dtype)
         if self.index is None:
             return _filled(x, value)
         index = _part(self, x)
@@ -122,24 +133,36 @@ class Add(InterventionLayer):
 
     type_name = "Add"
     tensor_fields = ("vector", "scale")
+    expr_fields = ("vector",)
 
     def __init__(
         self,
-        vector: torch.Tensor,
+        vector: torch.Tensor | Expr,
         scale: float | torch.Tensor = 1.0,
         *,
         index: Index | None = None,
         on: int | str | None = None,
     ) -> None:
         super().__init__(on=on, index=index)
-        if not isinstance(vector, torch.Tensor):
-            raise TypeError(f"Add: vector must be a tensor, got {type(vector).__name__}")
-        self._set_tensor("vector", vector)
+        if isinstance(vector, Expr):
+            self._set_expr("vector", vector)
+        elif isinstance(vector, torch.Tensor):
+            self._set_tensor("vector", vector)
+        else:
+            raise TypeError(
+                f"Add: vector must be a tensor or an expression, got {type(vector).__name__}"
+            )
         self._set_tensor("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, vector = self._buffers["scale"], self._buffers["vector"]  # (getattr is slower)
-        delta = _kept(self, "delta", (scale, vector), x.dtype, lambda: (scale * vector).to(x.dtype))
+        scale = self._buffers["scale"]  # (getattr is slower)
+        vector = self._buffers.get("vector")
+        if vector is None:  # an expression: a new value on every call
+            delta = (scale * self._evaluate("vector", x)).to(x.dtype)
+        else:
+            delta = _kept(
+                self, "delta", (scale, vector), x.dtype, lambda: (scale * vector).to(x.dtype)
+            )
         if self.index is None:
             return x + delta
         index = _part(self, x)

@@ -27,15 +27,18 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from torchsurgeon.layers.base import Recorder
+from torchsurgeon.layers.base import InterventionLayer, Recorder
+from torchsurgeon.layers.compute import StopRun
+from torchsurgeon.layers.graph import RunValues
 from torchsurgeon.surgery.errors import SurgeryError
 from torchsurgeon.surgery.frozen import is_frozen
+from torchsurgeon.surgery.lineage import lineage_of
 from torchsurgeon.surgery.paths import iter_nodes
 from torchsurgeon.surgery.rewrite import rewrite
 
-__all__ = ["Backend", "Result", "Saved", "run"]
+__all__ = ["Backend", "Result", "Saved", "run", "run_with"]
 
-_RECORDERS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, Recorder], ...]] = (
+_RUN_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, InterventionLayer], ...]] = (
     weakref.WeakKeyDictionary()
 )
 _CLAIMS = threading.Lock()
@@ -115,15 +118,27 @@ class Backend(Protocol):
 
 def recorders(model: nn.Module) -> tuple[Recorder, ...]:
     """The recording layers of ``model`` (cached for frozen trees, which never change)."""
-    return tuple(layer for _, layer in _placed_recorders(model))
+    return tuple(layer for _, layer in _placed_run_layers(model) if isinstance(layer, Recorder))
 
 
-def _placed_recorders(model: nn.Module) -> tuple[tuple[str, Recorder], ...]:
-    found = _RECORDERS.get(model) if is_frozen(model) else None
+def _readers(model: nn.Module) -> tuple[InterventionLayer, ...]:
+    """The layers of ``model`` whose expressions read the run (``ts.saved``, ``ts.call``)."""
+    return tuple(layer for _, layer in _placed_run_layers(model) if not isinstance(layer, Recorder))
+
+
+def _placed_run_layers(model: nn.Module) -> tuple[tuple[str, InterventionLayer], ...]:
+    """Recording layers and run readers, by path (cached for frozen trees)."""
+    found = _RUN_LAYERS.get(model) if is_frozen(model) else None
     if found is None:
-        found = tuple((p, m) for p, m in iter_nodes(model) if isinstance(m, Recorder))
+        found = tuple(
+            (p, m)
+            for p, m in iter_nodes(model)
+            if isinstance(m, Recorder) or (isinstance(m, InterventionLayer) and m.reads_run)
+        )
         by_key: dict[str, Recorder] = {}
         for _, layer in found:
+            if not isinstance(layer, Recorder):
+                continue
             other = by_key.setdefault(layer.key, layer)
             if other is not layer:
                 raise ValueError(
@@ -132,7 +147,7 @@ def _placed_recorders(model: nn.Module) -> tuple[tuple[str, Recorder], ...]:
                     "Save() to key each by its path"
                 )
         if is_frozen(model):
-            _RECORDERS[model] = found
+            _RUN_LAYERS[model] = found
     return found
 
 
@@ -154,9 +169,10 @@ def _private_sites(model: nn.Module, target: Callable[..., Any]) -> tuple[nn.Mod
 
     def own(node: nn.Module, path: str) -> nn.Module:
         node.__dict__["_ts_store"] = None  # the copy must not carry the claimed run's list
+        node.__dict__["_ts_run"] = None
         return node
 
-    private = rewrite(model, {path: own for path, _ in _placed_recorders(model)})
+    private = rewrite(model, {path: own for path, _ in _placed_run_layers(model)})
     if isinstance(target, nn.Module):
         return private, private
     return private, types.MethodType(target.__func__, private)  # type: ignore[attr-defined]
@@ -168,32 +184,70 @@ def run(
     backend: Backend | None = None,
     **kwargs: Any,
 ) -> Result:
-    """Call ``target(*args, **kwargs)`` with recording on; return a :class:`Result`."""
-    model = _module_of(target)
+    """Call ``target(*args, **kwargs)`` with recording on; return a :class:`Result`.
+
+    ``target`` may also be a session (``ts.session``): its runs in order, one ``Result``
+    per run by name.
+    """
+    if getattr(type(target), "ts_session", False):  # a Session (ts.session): no import needed
+        if args or kwargs:
+            raise TypeError("ts.run(session) takes no inputs: each run of a session has its own")
+        return backend.run(target) if backend is not None else target.run_locally()  # type: ignore[return-value]
     if backend is not None:
+        model = _module_of(target)
         if target is not model:
             raise TypeError("with backend=, pass the model itself, not a method of it")
         return backend.run(model, *args, **kwargs)
-    layers = recorders(model)
+    return run_with(target, args, kwargs)
+
+
+def run_with(
+    target: nn.Module | Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    runs: Mapping[str, Mapping[str, list[torch.Tensor]]] | None = None,
+) -> Result:
+    """:func:`run` locally; ``runs`` are the records of a session's earlier runs, by name,
+    for ``ts.saved(key, run=name)``."""
+    model = _module_of(target)
+    placed = _placed_run_layers(model)
+    layers = tuple(layer for _, layer in placed)
     records: dict[str, list[torch.Tensor]] = {}
     with _CLAIMS:
-        free = all(layer.__dict__.get("_ts_store") is None for layer in layers)
+        free = all(
+            layer.__dict__.get("_ts_store") is None and layer.__dict__.get("_ts_run") is None
+            for layer in layers
+        )
         if free:
-            _claim(layers, records)
+            _claim(model, layers, records, runs)
     if not free:  # nested, or another thread: record on our own copies of the sites
         model, target = _private_sites(model, target)
-        layers = recorders(model)
-        _claim(layers, records)
+        layers = tuple(layer for _, layer in _placed_run_layers(model))
+        _claim(model, layers, records, runs)
     try:
         output = target(*args, **kwargs)
+    except StopRun:
+        output = None  # a Stop layer ended the pass: what was saved until then is the result
     finally:
         for layer in layers:
             layer.__dict__["_ts_store"] = None
+            layer.__dict__["_ts_run"] = None
     return Result(output, records)
 
 
-def _claim(layers: tuple[Recorder, ...], records: dict[str, list[torch.Tensor]]) -> None:
+def _claim(
+    model: nn.Module,
+    layers: tuple[InterventionLayer, ...],
+    records: dict[str, list[torch.Tensor]],
+    runs: Mapping[str, Mapping[str, list[torch.Tensor]]] | None,
+) -> None:
     # ``_ts_store`` is a plain attribute: writing the instance dict skips nn.Module's (and
     # the frozen class's) ``__setattr__`` checks, ~3 µs per layer per run.
+    values = None
     for layer in layers:
-        layer.__dict__["_ts_store"] = records.setdefault(layer.key, [])
+        if isinstance(layer, Recorder):
+            layer.__dict__["_ts_store"] = records.setdefault(layer.key, [])
+        else:
+            if values is None:
+                values = RunValues(records=records, runs=runs, model=lineage_of(model).base)
+            layer.__dict__["_ts_run"] = values

@@ -13,6 +13,7 @@ metadata (:mod:`torchsurgeon.plans.wire`); reading one validates every field
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from torchsurgeon.layers.expr import Expr
 from torchsurgeon.plans.identity import BaseIdentity
 from torchsurgeon.plans.returning import Reduction, Returning, Slice
 from torchsurgeon.plans.schema import (
@@ -57,22 +59,29 @@ class Plan:
         topk: int | None = None,
         positions: slice | int | Slice | None = None,
         position_dim: int = 1,
+        **computed: Expr,
     ) -> Plan:
         """A plan that returns only the listed entries (with every earlier call's), reduced.
 
         Entries are saved keys and output entries (``"output"``, ``"logits"``, ...):
         ``plan.returning("logits", topk=5)``, ``plan.returning("block3", mean=[1])``.
+        A keyword argument is a value computed where the plan runs, after the forward pass,
+        and returned under its name (``result.saved["diff"]``):
+        ``plan.returning(diff=ts.out("logits")[:, -1, a] - ts.out("logits")[:, -1, b])``.
         Without any ``returning`` call a run returns everything, unreduced.
         """
-        if not names:
-            raise TypeError("returning: name at least one entry (a saved key or 'logits', ...)")
+        if not names and not computed:
+            raise TypeError(
+                "returning: name at least one entry (a saved key or 'logits', ...) or a "
+                "computed value (name=expression)"
+            )
         reduces = mean is not None or topk is not None or positions is not None
         reduction = (
             Reduction.make(mean=mean, topk=topk, positions=positions, position_dim=position_dim)
             if reduces
             else None
         )
-        return replace(self, outputs=self.outputs.adding(names, reduction))
+        return replace(self, outputs=self.outputs.adding(names, reduction, computed))
 
     # ----------------------------------------------------------------- data
 
@@ -86,12 +95,10 @@ class Plan:
             if step.layer is not None:
                 refs = {}
                 for name, tensor in sorted(step.layer.tensors.items()):  # canonical order
-                    ref = ref_of.setdefault(id(tensor), f"t{len(tensors)}")
-                    tensors[ref] = tensor
-                    refs[name] = ref
+                    refs[name] = _add_tensor(tensor, tensors, ref_of)
                 layer = {
                     "type": step.layer.type_name,
-                    "config": dict(step.layer.config),
+                    "config": copy.deepcopy(dict(step.layer.config)),  # the caller may edit it
                     "tensors": refs,
                 }
             steps.append(
@@ -106,7 +113,9 @@ class Plan:
             "schema_version": SCHEMA_VERSION,
             "base": self.base.to_json(),
             "steps": steps,
-            "returning": self.outputs.to_json(),
+            "returning": self.outputs.to_json(
+                lambda t: _add_tensor(t, tensors, ref_of)  # constants of computed values
+            ),
             "tensors": {
                 ref: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
                 for ref, t in tensors.items()
@@ -144,7 +153,7 @@ class Plan:
         return cls(
             BaseIdentity.from_json(checked.base.model_dump()),
             steps,
-            Returning.from_json(checked.returning.model_dump()),
+            Returning.from_json(checked.returning.model_dump(), tensors),
         )
 
     def to_bytes(self) -> bytes:
@@ -190,6 +199,15 @@ class Plan:
         if self.outputs.names is not None:
             lines.append(f"  returning {list(self.outputs.names)}")
         return "\n".join(lines) + ")"
+
+
+def _add_tensor(
+    tensor: torch.Tensor, tensors: dict[str, torch.Tensor], ref_of: dict[int, str]
+) -> str:
+    """``tensor``'s reference in the plan's table (one tensor used twice is stored once)."""
+    ref = ref_of.setdefault(id(tensor), f"t{len(tensors)}")
+    tensors[ref] = tensor
+    return ref
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

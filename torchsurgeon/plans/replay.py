@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchsurgeon.layers.results import Result, run
+from torchsurgeon.layers.results import Result, run, run_with
+from torchsurgeon.layers.session import Session
 from torchsurgeon.plans.errors import PlanError
 from torchsurgeon.plans.identity import BaseIdentity, Match, check_identity
 from torchsurgeon.plans.plan import Plan
@@ -59,6 +60,7 @@ def apply(
                 model = selection.remove_from_parent()
             else:
                 layer = step.layer.build()  # type: ignore[union-attr]
+                layer.__dict__["_ts_step"] = i  # errors of its expressions name the step
                 device = _device_of(selection.get_all())
                 if device is not None:
                     layer = layer.to(device)
@@ -77,13 +79,34 @@ def _device_of(nodes: tuple[nn.Module, ...]) -> torch.device | None:
 
 
 def execute(
-    plan: Plan,
+    plan: Plan | Session,
     base: nn.Module,
     *args: Any,
     match: Match = "exact",
     base_identity: BaseIdentity | None = None,
     **kwargs: Any,
-) -> Result:
-    """Apply ``plan`` to ``base``, run it on the inputs, and return what the plan returns."""
+) -> Result | dict[str, Result]:
+    """Apply ``plan`` to ``base``, run it on the inputs, and return what the plan returns.
+
+    A :class:`~torchsurgeon.layers.session.Session` runs each of its runs in order (a plan
+    applied to ``base``, or a model as it is), later runs reading earlier runs' records,
+    and gives one ``Result`` per run by name — exactly what a host returns for it.
+    """
+    if isinstance(plan, Session):
+        if args or kwargs:
+            raise TypeError("execute(session, base) takes no inputs: each run has its own")
+        records: dict[str, Any] = {}
+        results: dict[str, Result] = {}
+        for item in plan.runs:
+            if isinstance(item.target, Plan):
+                model, returning = apply(item.target, base, match=match), item.target.outputs
+            else:
+                model, returning = item.target, None
+            result = run_with(model, item.args, dict(item.kwargs or {}), records)
+            records[item.name] = result.records
+            results[item.name] = (
+                result if returning is None else returning.apply(result, model, records)
+            )
+        return results
     model = apply(plan, base, match=match, base_identity=base_identity)
-    return plan.outputs.apply(run(model, *args, **kwargs))
+    return plan.outputs.apply(run(model, *args, **kwargs), model)

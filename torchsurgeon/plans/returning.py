@@ -20,14 +20,19 @@ its own (``"logits"``); for a tuple output, ``"output.0"``, ``"output.1"``, ....
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
+from torchsurgeon.layers.allowed import ExpressionError
+from torchsurgeon.layers.expr import Expr
+from torchsurgeon.layers.graph import Graph, RunValues
 from torchsurgeon.layers.results import Result
 from torchsurgeon.plans.errors import PlanError
+from torchsurgeon.surgery.lineage import lineage_of
 
 __all__ = ["Reduction", "Returning", "output_entries"]
 
@@ -116,42 +121,101 @@ class Reduction:
 
 @dataclass(frozen=True)
 class Returning:
-    """Which entries of a run come back (``None``: all), and each one's reduction."""
+    """Which entries of a run come back (``None``: all), each one's reduction, and the
+    values computed after the run (expression graphs, by the name they are returned as)."""
 
     names: tuple[str, ...] | None = None
     reductions: Mapping[str, Reduction] = field(default_factory=dict)
+    computed: Mapping[str, Graph] = field(default_factory=dict)
 
-    def adding(self, names: Sequence[str], reduction: Reduction | None) -> Returning:
-        """These ``names`` returned too (reduced by ``reduction``, replacing an earlier one)."""
-        for name in names:
+    def adding(
+        self,
+        names: Sequence[str],
+        reduction: Reduction | None,
+        computed: Mapping[str, Expr] | None = None,
+    ) -> Returning:
+        """These ``names`` returned too (reduced by ``reduction``, replacing an earlier one),
+        and the ``computed`` expressions, each returned under its name."""
+        for name in (*names, *(computed or {})):
             if not isinstance(name, str) or not name:
                 raise TypeError(f"returning: names are non-empty strings, got {name!r}")
-        listed = tuple(dict.fromkeys([*(self.names or ()), *names]))
+        graphs = dict(self.computed)
+        for name, expr in (computed or {}).items():
+            if not isinstance(expr, Expr):
+                raise TypeError(
+                    f"returning {name}=...: an expression (ts.out, ts.saved, ...), got "
+                    f"{type(expr).__name__}"
+                )
+            graph = Graph.of(expr)
+            graph.check_leaves(here=False, output=True)
+            graphs[name] = graph
+        listed = tuple(dict.fromkeys([*(self.names or ()), *names, *(computed or {})]))
         reductions = dict(self.reductions)
-        for name in names:
+        for name in (*names, *(computed or {})):
             if reduction is None:
                 reductions.pop(name, None)
             else:
                 reductions[name] = reduction
-        return Returning(listed, reductions)
+        return Returning(listed, reductions, graphs)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, tensor_ref: Callable[[torch.Tensor], str] | None = None) -> dict[str, Any]:
+        """The JSON form; ``tensor_ref`` names each constant tensor of a computed value
+        in the plan's tensor table."""
+        data: dict[str, Any] = {
             "names": list(self.names) if self.names is not None else None,
             "reductions": {k: r.to_json() for k, r in self.reductions.items()},
         }
+        if self.computed:
+            if tensor_ref is None:
+                raise TypeError("computed values need a tensor table (Plan.manifest)")
+            data["computed"] = {
+                name: {"expr": g.to_json(), "tensors": [tensor_ref(t) for t in g.tensors]}
+                for name, g in self.computed.items()
+            }
+        return data
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Returning:
+    def from_json(
+        cls, data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None
+    ) -> Returning:
         names = data.get("names")
         reductions = data.get("reductions") or {}
+        computed = {
+            name: Graph.from_json(spec["expr"], [(tensors or {})[ref] for ref in spec["tensors"]])
+            for name, spec in (data.get("computed") or {}).items()
+        }
         return cls(
             tuple(names) if names is not None else None,
             {k: Reduction.from_json(v) for k, v in reductions.items()},
+            computed,
         )
 
-    def apply(self, result: Result) -> Result:
-        """The returned part of ``result``, reduced (a new ``Result``; ``result`` is kept)."""
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Returning):
+            return NotImplemented
+        return (
+            self.names == other.names
+            and self.reductions == other.reductions
+            and self.computed.keys() == other.computed.keys()
+            and all(g.same_as(other.computed[k]) for k, g in self.computed.items())
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def apply(
+        self,
+        result: Result,
+        model: nn.Module | None = None,
+        runs: Mapping[str, Mapping[str, list[torch.Tensor]]] | None = None,
+    ) -> Result:
+        """The returned part of ``result``, reduced (a new ``Result``; ``result`` is kept).
+
+        Computed values are evaluated first, on the whole result: ``ts.out`` reads its
+        output, ``ts.saved`` its records (``runs``: a session's earlier runs), ``ts.call``
+        the modules of ``model``'s base. Each is returned as a recorded value of its name.
+        """
+        if self.computed:
+            result = self._compute(result, model, runs)
         fields = output_entries(result.output)
         saved_keys = [k for k, v in result.records.items() if v]
         available = [*saved_keys, "output", *fields]
@@ -176,6 +240,38 @@ class Returning:
             if values and (wanted is None or key in wanted)
         }
         return Result(self._output(result.output, fields, wanted), records)
+
+    def _compute(
+        self,
+        result: Result,
+        model: nn.Module | None,
+        runs: Mapping[str, Mapping[str, list[torch.Tensor]]] | None,
+    ) -> Result:
+        taken = {k for k, v in result.records.items() if v}
+        taken |= {"output", *output_entries(result.output)}
+        clash = sorted(taken & set(self.computed))
+        if clash:
+            raise PlanError(
+                f"returning {clash}: these names are already saved keys or output entries; "
+                "give the computed values other names"
+            )
+        values = RunValues(
+            records=result.records,
+            runs=runs,
+            output=result.output,
+            has_output=True,
+            model=None if model is None else lineage_of(model).base,
+        )
+        records = dict(result.records)
+        for name, graph in self.computed.items():
+            try:
+                value = graph.evaluate(None, values)
+            except ExpressionError as error:
+                raise PlanError(f"returning {name!r}: {error}") from None
+            if not isinstance(value, (torch.Tensor, tuple)):
+                value = torch.tensor(value)
+            records[name] = [value]
+        return Result(result.output, records)
 
     def _reduce(self, name: str, value: Any) -> Any:
         reduction = self.reductions.get(name)

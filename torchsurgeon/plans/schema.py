@@ -24,7 +24,9 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
+from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import layer_types
+from torchsurgeon.layers.graph import Graph
 from torchsurgeon.plans.errors import PlanFormatError, PlanLimitError
 from torchsurgeon.plans.returning import Reduction
 from torchsurgeon.plans.spec import OPERATIONS
@@ -73,6 +75,11 @@ class PlanLimits:
     max_topk: int = 1 << 20
     allowed_layers: frozenset[str] | None = None
     """Layer type names accepted (``None``: every registered layer)."""
+    allowed_ops: frozenset[str] | None = None
+    """Expression operations accepted (``None``: all of ``ts.layers.expr.OPS``; leave out
+    ``"call"`` to refuse calls of the model's modules)."""
+    max_expr_nodes: int = 4096
+    """Nodes in one expression graph."""
 
     def allowed(self) -> list[str]:
         registered = set(layer_types())
@@ -125,9 +132,15 @@ class ReductionSpec(_Strict):
     topk: Annotated[int, Field(ge=1)] | None = None
 
 
+class ComputedSpec(_Strict):
+    expr: JsonValue
+    tensors: Annotated[list[TensorRef], Field(max_length=4096)]
+
+
 class ReturningSpec(_Strict):
     names: Annotated[list[Name], Field(max_length=4096)] | None = None
     reductions: dict[Name, ReductionSpec] = {}
+    computed: Annotated[dict[Name, ComputedSpec], Field(max_length=256)] = {}
 
 
 class Manifest(_Strict):
@@ -176,6 +189,23 @@ def validate(manifest: Any, tensors: Mapping[str, torch.Tensor], limits: PlanLim
             Reduction.from_json(reduction.model_dump())
         except (TypeError, ValueError) as error:
             raise PlanFormatError(str(error), f"returning.reductions.{name}") from None
+    for name, computed in checked.returning.computed.items():
+        where = f"returning.computed.{name}"
+        missing = [ref for ref in computed.tensors if ref not in tensors]
+        if missing:
+            raise PlanFormatError(
+                f"refers to tensor {missing[0]!r}, which the file does not hold", where
+            )
+        try:
+            graph = Graph.from_json(
+                computed.expr,
+                [tensors[ref] for ref in computed.tensors],
+                allowed=limits.allowed_ops,
+                max_nodes=limits.max_expr_nodes,
+            )
+            graph.check_leaves(here=False, output=True)
+        except ExpressionError as error:
+            raise PlanFormatError(str(error), f"{where}.expr") from None
     return checked
 
 
@@ -233,7 +263,7 @@ def _check_step(
     kind = layer_types()[step.layer.type]
     values: dict[str, torch.Tensor] = {}
     for name, ref in step.layer.tensors.items():
-        if name not in kind.tensor_fields:
+        if not kind.takes_tensor(name):
             raise PlanFormatError(
                 f"{kind.type_name} has no tensor field {name!r} (it has "
                 f"{list(kind.tensor_fields) or 'none'})",
@@ -251,6 +281,21 @@ def _check_step(
             f"on must be a position (int), a name (str) or null, got {on!r}",
             f"{where}.layer.config.on",
         )
+    for name in kind.expr_fields:
+        value = step.layer.config.get(name)
+        if isinstance(value, dict) and "expr" in value:
+            constants = [
+                values[f"{name}_c{i}"] for i in range(len(values)) if f"{name}_c{i}" in values
+            ]
+            try:
+                Graph.from_json(
+                    value["expr"],
+                    constants,
+                    allowed=limits.allowed_ops,
+                    max_nodes=limits.max_expr_nodes,
+                )
+            except ExpressionError as error:
+                raise PlanFormatError(str(error), f"{where}.layer.config.{name}") from None
     try:
         kind.from_spec(dict(step.layer.config), values)
     except (TypeError, ValueError, IndexError, KeyError, ArithmeticError) as error:

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers.base import InterventionLayer, layer_class, layer_types
+from torchsurgeon.layers.expr import describe
+from torchsurgeon.layers.graph import Graph
 from torchsurgeon.selectors.expression import SelectorStep
 from torchsurgeon.surgery.errors import SerializationError
 from torchsurgeon.surgery.frozen import original_class
@@ -84,8 +86,14 @@ class LayerSpec:
         )
 
     def __repr__(self) -> str:
-        config = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
-        tensors = ", ".join(f"{k}=<{list(t.shape)} {t.dtype}>" for k, t in self.tensors.items())
+        config = ", ".join(
+            f"{k}={_shown(v, self.tensors, k)}" for k, v in self.config.items() if v is not None
+        )
+        tensors = ", ".join(
+            f"{k}=<{list(t.shape)} {t.dtype}>"
+            for k, t in self.tensors.items()
+            if not _is_constant(k, self.config)
+        )
         return f"{self.type_name}({', '.join(p for p in (config, tensors) if p)})"
 
 
@@ -109,6 +117,25 @@ class PlanStep:
             and [s.to_json() for s in self.selection] == [s.to_json() for s in other.selection]
             and _same_layer(self.layer, other.layer)
         )
+
+
+def _shown(value: Any, tensors: Mapping[str, torch.Tensor], name: str) -> str:
+    """A config value as the spec's repr shows it (an expression in its readable form)."""
+    if isinstance(value, dict) and set(value) == {"expr"}:
+        constants = [
+            tensors[f"{name}_c{i}"] for i in range(len(tensors)) if f"{name}_c{i}" in tensors
+        ]
+        try:
+            return describe(Graph.from_json(value["expr"], constants).expr())
+        except ValueError:
+            return "<expression>"
+    return repr(value)
+
+
+def _is_constant(name: str, config: Mapping[str, Any]) -> bool:
+    field, _, number = name.rpartition("_c")
+    value = config.get(field)
+    return number.isdigit() and isinstance(value, dict) and set(value) == {"expr"}
 
 
 def _same_layer(a: LayerSpec | None, b: LayerSpec | None) -> bool:

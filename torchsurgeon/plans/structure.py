@@ -77,9 +77,29 @@ _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|<locals
 def meta(model: nn.Module) -> nn.Module:
     """A frozen copy of ``model`` on the meta device, pinned to ``model``'s identity."""
     identity = identity_of(model)
-    structure_only = map_tensors(lambda t: t.to("meta"), wrap(model))
+    structure_only = without_value_warnings(map_tensors(lambda t: t.to("meta"), wrap(model)))
     structure_only = with_lineage(structure_only, Lineage(structure_only, ()))
     return pin_identity(structure_only, identity)
+
+
+def without_value_warnings(model: nn.Module) -> nn.Module:
+    """``model`` (a structure-only copy of our own) with ``transformers``' padding warning off.
+
+    ``PreTrainedModel.warn_if_padding_and_no_attention_mask`` reads token values
+    (``pad_token_id in input_ids[:, [-1, 0]]``) only to log a warning; on meta tensors that
+    read fails, and a meta run of GPT-2, BERT, ... with a ``pad_token_id`` and no attention
+    mask would crash or be refused as value-dependent. The check is switched off on each
+    node of this copy — an instance attribute of nodes nobody else holds, never the class —
+    and changes nothing the model computes.
+    """
+    for _, node in iter_nodes(model):
+        if callable(getattr(type(node), "warn_if_padding_and_no_attention_mask", None)):
+            node.__dict__["warn_if_padding_and_no_attention_mask"] = _no_warning
+    return model
+
+
+def _no_warning(input_ids: Any, attention_mask: Any) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -135,7 +155,7 @@ class Structure:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
             raise PlanFormatError(f"malformed structure: {error!r}", "nodes") from None
-        model = wrap(model.eval())
+        model = without_value_warnings(wrap(model.eval()))
         model = with_lineage(model, Lineage(model, ()))
         try:
             return pin_identity(model, self.identity)

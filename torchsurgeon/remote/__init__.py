@@ -5,7 +5,8 @@ changes it; each request carries a plan — data, validated field by field, neve
 that the host replays onto its own copy-on-write view of the base, runs, reduces and sends
 back. :class:`Client` sends plans (or rewritten models, planned on the way) and returns the
 same ``ts.Result`` a local run gives. Requests run in worker threads, or spread over Ray
-actor replicas.
+actor replicas. A model is served as its ``transformers`` model or, with
+:class:`LocalCheckpoint` ``(path, convert=True)``, as its explicit-dataflow conversion.
 
 The web app needs ``fastapi`` and ``uvicorn``; ``Client`` needs ``httpx``; Ray is optional.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "Job",
     "JobStatus",
     "Limits",
+    "LocalCheckpoint",
     "RemoteError",
     "create_app",
     "serve_in_thread",
@@ -33,6 +35,10 @@ def __getattr__(name: str) -> object:
         from torchsurgeon.remote.app import create_app
 
         return create_app
+    if name == "LocalCheckpoint":
+        from torchsurgeon.remote.hosted import LocalCheckpoint
+
+        return LocalCheckpoint
     if name in ("serve_in_thread", "BackgroundServer"):
         from torchsurgeon.remote import background
 

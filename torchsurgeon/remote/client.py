@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from torchsurgeon.layers.results import Result
+from torchsurgeon.layers.session import Session
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.record import plan as plan_of
 from torchsurgeon.plans.structure import Structure
 from torchsurgeon.remote.errors import RemoteError
-from torchsurgeon.remote.transfer import decode_result, encode_request
+from torchsurgeon.remote.transfer import decode_result, encode_request, encode_session
 
 if TYPE_CHECKING:
     import httpx
@@ -189,7 +190,7 @@ class Client:
 
     def submit(
         self,
-        plan_or_model: Plan | nn.Module,
+        plan_or_model: Plan | nn.Module | Session,
         *inputs: Any,
         model_name: str | None = None,
         request_id: str | None = None,
@@ -197,14 +198,28 @@ class Client:
     ) -> Job:
         """Send a plan (or a rewritten model, planned here) and inputs; returns the :class:`Job`.
 
+        A :class:`~torchsurgeon.layers.session.Session` is sent whole, as one request (its
+        runs carry their own inputs); its result is one ``Result`` per run, by name.
+
         ``inputs`` are tensors (token ids), or one text / list of texts for a model with a
         tokenizer; ``kwargs`` are keyword arguments of the model call (tensors or scalars).
         ``request_id`` (default: a fresh UUID) is the submission's ``Idempotency-Key``: the
         host runs one job per id and key, however often the request arrives.
         """
-        plan = plan_or_model if isinstance(plan_or_model, Plan) else plan_of(plan_or_model)
-        name = model_name or self.model or self._model_for(plan)
-        body = encode_request(plan.to_bytes(), inputs, kwargs)
+        if isinstance(plan_or_model, Session):
+            if inputs or kwargs:
+                raise TypeError("a session carries each run's inputs; pass no inputs with it")
+            plans = [(r, _as_plan(r.target)) for r in plan_or_model.runs]
+            if not plans:
+                raise ValueError("the session has no runs")
+            name = model_name or self.model or self._model_for(plans[0][1])
+            body = encode_session(
+                [(r.name, p.to_bytes(), r.args, dict(r.kwargs or {})) for r, p in plans]
+            )
+        else:
+            plan = _as_plan(plan_or_model)
+            name = model_name or self.model or self._model_for(plan)
+            body = encode_request(plan.to_bytes(), inputs, kwargs)
         data = self._json(
             "POST",
             f"/v1/models/{name}/jobs",
@@ -218,7 +233,7 @@ class Client:
 
     def run(
         self,
-        plan_or_model: Plan | nn.Module,
+        plan_or_model: Plan | nn.Module | Session,
         *inputs: Any,
         model_name: str | None = None,
         progress: bool | None = None,
@@ -322,6 +337,10 @@ class Client:
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
+
+
+def _as_plan(target: Plan | nn.Module) -> Plan:
+    return target if isinstance(target, Plan) else plan_of(target)
 
 
 class _Progress:

@@ -24,15 +24,12 @@ from typing import Any
 
 from torch import nn
 
-from torchsurgeon.plans.errors import PlanFormatError, PlanLimitError
-from torchsurgeon.plans.plan import Plan
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.execution import run_request
-from torchsurgeon.remote.hosted import HostedModel
+from torchsurgeon.remote.execution import prepare_submission, run_submission
+from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.jobs import JobQueue, JobRecord
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.store import JobStore
-from torchsurgeon.remote.transfer import decode_request
 
 __all__ = ["ANONYMOUS", "Host"]
 
@@ -70,7 +67,7 @@ class Host:
                         f"model {name!r}: with Ray, models are checkpoint paths (each replica "
                         "loads its own copy), not in-memory modules"
                     )
-                sources[name] = str(source)
+                sources[name] = source if isinstance(source, LocalCheckpoint) else str(source)
             self.pool = RayPool(sources, ray_replicas, self.limits, ray_threads)
             self.models = self.pool.hosted(sources)
         else:
@@ -146,16 +143,7 @@ class Host:
     def _prepare(self, name: str, body: bytes) -> Callable[[], bytes]:
         """The job's work, once every up-front check passed; :class:`ApiError` if one fails."""
         hosted = self.model(name)
-        plan_bytes, inputs = decode_request(body, self.limits)
-        try:
-            plan = Plan.from_bytes(plan_bytes, self.limits.plan_limits())
-        except PlanLimitError as error:
-            raise ApiError(422, "limit_exceeded", error.reason, error.field) from None
-        except PlanFormatError as error:
-            raise ApiError(422, "invalid_plan", error.reason, error.field) from None
-        view = hosted.prepare(plan, self.limits, inputs)  # inputs: checked, cost estimated
-        if inputs.text is not None and not hosted.takes_text:
-            raise ApiError(422, "no_tokenizer", f"model {name!r} has no tokenizer", "text")
+        runs = prepare_submission(hosted, body, self.limits)  # inputs checked, cost estimated
         if self.pool is not None:
             pool = self.pool
 
@@ -165,7 +153,7 @@ class Host:
             limits = self.limits
 
             def work() -> bytes:
-                return run_request(hosted, plan, view, inputs, limits)
+                return run_submission(hosted, runs, limits)
 
         return work
 

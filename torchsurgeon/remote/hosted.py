@@ -18,19 +18,29 @@ shape, with token ids inside the vocabulary and positions inside the model's
 model would swallow into ``**kwargs`` and ignore — is a 422 naming it. Another module
 takes the parameters its ``forward`` names, as tensors or JSON scalars.
 
+A converted model (:class:`~torchsurgeon.layers.transformer.Transformer`, what
+``ts.load`` builds) is not a ``transformers`` model but has the same schema, smaller:
+``input_ids`` (inside its vocabulary, at most its learned position table's length), an
+``attention_mask``, ``position_ids`` and, for a family with token types, ``token_type_ids``.
+A ``cache``, or token types for a model without them (GPT-2's conversion would ignore
+them), is a 422 naming it.
+
 Texts are tokenized here, padded on the *left* unless the request asks for
 ``padding_side="right"``, with the ``attention_mask`` and the matching ``position_ids``
 (``attention_mask.cumsum(-1) - 1``, clamped at 0): every row's last position is its last
 token, as if each prompt ran alone.
 
-Checkpoints are local directories loaded with ``transformers.AutoModelForCausalLM``; the
-host never downloads anything.
+Checkpoints are local directories (:class:`LocalCheckpoint` says how to load one): the
+``transformers`` model (``AutoModelForCausalLM``, with the attention implementation that
+``attn_implementation`` names, or ``transformers``' default), or, with ``convert=True``,
+its explicit-dataflow conversion, ``ts.load(path)``. The host never downloads anything.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,20 +49,23 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers.base import Recorder
+from torchsurgeon.layers.transformer import Transformer, TransformerConfig
+from torchsurgeon.models.errors import UnsupportedArchitectureError
+from torchsurgeon.models.load import load as load_converted
 from torchsurgeon.plans.errors import IdentityMismatchError, PlanError
-from torchsurgeon.plans.identity import BaseIdentity, identity_of
+from torchsurgeon.plans.identity import BaseIdentity, identity_of, pin_identity
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.replay import apply
-from torchsurgeon.plans.structure import Structure, structure_of
+from torchsurgeon.plans.structure import Structure, structure_of, without_value_warnings
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.limits import Estimates, Limits, keep_values
+from torchsurgeon.remote.limits import Cost, Estimates, Limits, estimate, keep_values
 from torchsurgeon.remote.transfer import Inputs
 from torchsurgeon.surgery.frozen import original_class, wrap
 from torchsurgeon.surgery.lineage import Lineage, with_lineage
 from torchsurgeon.surgery.paths import iter_nodes
 from torchsurgeon.surgery.tree import map as map_tensors
 
-__all__ = ["HostedModel", "load_checkpoint"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "HostedModel", "LocalCheckpoint", "load_checkpoint"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _INT_DTYPES = (torch.int64, torch.int32)
@@ -62,6 +75,60 @@ _TOKEN_TENSORS = ("input_ids", "attention_mask", "position_ids", "token_type_ids
 _TENSORS = (*_TOKEN_TENSORS, "inputs_embeds")
 _FLAGS = ("use_cache", "output_hidden_states", "output_attentions")
 _MADE_FROM_TEXT = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+"""The ``transformers`` attention implementations a host may load a model with."""
+
+
+@dataclass(frozen=True)
+class LocalCheckpoint:
+    """A local checkpoint directory, and how the host loads it.
+
+    By default the host serves the ``transformers`` model, with the attention
+    implementation ``transformers`` picks (``sdpa`` where it can) unless
+    ``attn_implementation`` names one of :data:`ATTN_IMPLEMENTATIONS`. With
+    ``convert=True`` it serves ``ts.load(path)`` instead: the explicit-dataflow model of
+    :mod:`torchsurgeon.models`, whose queries, keys, values, scores, attention pattern and
+    per-head outputs are nodes a plan can select (``blocks.{i}.attn.pattern``). Its
+    attention is computed by its own layers, so it takes no ``attn_implementation``.
+    A plain path means ``LocalCheckpoint(path)``.
+    """
+
+    path: str | Path
+    convert: bool = False
+    attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.convert) is not bool:
+            raise TypeError(f"convert must be True or False, got {self.convert!r}")
+        if self.attn_implementation is not None:
+            if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+                raise ValueError(
+                    f"attn_implementation must be {' or '.join(map(repr, ATTN_IMPLEMENTATIONS))} "
+                    f"(or None, for transformers' default), got {self.attn_implementation!r}"
+                )
+            if self.convert:
+                raise ValueError(
+                    "attn_implementation picks the attention of a transformers model; a "
+                    "converted model (convert=True) computes attention in its own layers: "
+                    "leave attn_implementation out, or convert out"
+                )
+
+    @classmethod
+    def of(cls, source: str | Path | LocalCheckpoint) -> LocalCheckpoint:
+        """``source`` itself, or a path as ``LocalCheckpoint(path)``."""
+        return source if isinstance(source, LocalCheckpoint) else cls(source)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "convert": self.convert,
+            "attn_implementation": self.attn_implementation,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LocalCheckpoint:
+        return cls(data["path"], data["convert"], data["attn_implementation"])
 
 
 @dataclass(frozen=True)
@@ -78,18 +145,22 @@ class HostedModel:
     """Whether text inputs are accepted (a tokenizer here, or in the Ray workers)."""
     structure_only: nn.Module | None = None
     """``base`` on the meta device (``base`` itself when it is already): for estimates."""
+    attn_implementation: str | None = None
+    """The ``transformers`` attention implementation of the base (None: not a
+    ``transformers`` model)."""
     estimates: Estimates = field(default_factory=Estimates, compare=False, repr=False)
 
     @classmethod
-    def load(cls, name: str, source: nn.Module | str | Path) -> HostedModel:
+    def load(cls, name: str, source: nn.Module | str | Path | LocalCheckpoint) -> HostedModel:
         """Load ``source`` (a module, or a local checkpoint directory) and describe it once."""
         tokenizer = None
         path = None
         if isinstance(source, nn.Module):
             module = source
         else:
-            path = str(source)
-            module, tokenizer = load_checkpoint(path)
+            checkpoint = LocalCheckpoint.of(source)
+            path = str(checkpoint.path)
+            module, tokenizer = load_checkpoint(checkpoint)
         base = wrap(module).eval()  # the flags of our own frozen copy, not of `source`
         identity = identity_of(base)
         structure = structure_of(base, identity)
@@ -102,20 +173,47 @@ class HostedModel:
             path,
             tokenizer is not None,
             _structure_only(base),
+            _attn_implementation(base),
         )
 
     @classmethod
     def from_structure(
-        cls, name: str, structure: Structure, source: str, takes_text: bool
+        cls,
+        name: str,
+        structure: Structure,
+        source: str,
+        takes_text: bool,
+        *,
+        converted: bool = False,
+        attn_implementation: str | None = None,
     ) -> HostedModel:
         """A stand-in for a model whose weights live elsewhere (in Ray workers).
 
         It loads the checkpoint's tokenizer (not its weights) when the model takes text, so
-        texts are tokenized, checked and their cost estimated before a job is queued.
+        texts are tokenized, checked and their cost estimated before a job is queued. A
+        converted model's stand-in is its conversion built here on the meta device (only
+        the checkpoint's config and tensor headers are read), pinned to ``structure``'s
+        identity: the stand-ins a ``tree`` structure builds have no ``forward`` for the
+        cost estimate to run.
         """
-        base = structure.build()
+        base = _converted_on_meta(source, structure.identity) if converted else structure.build()
         tokenizer = load_tokenizer(source) if takes_text else None
-        return cls(name, base, structure.identity, structure, tokenizer, source, takes_text, base)
+        return cls(
+            name,
+            base,
+            structure.identity,
+            structure,
+            tokenizer,
+            source,
+            takes_text,
+            base,
+            attn_implementation,
+        )
+
+    @property
+    def converted(self) -> bool:
+        """Whether the base is an explicit-dataflow conversion (``ts.load``, ``ts.convert``)."""
+        return _is_converted(self.base)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -123,15 +221,26 @@ class HostedModel:
             "architecture": self.identity.architecture,
             "identity": self.identity.to_json(),
             "tokenizer": self.takes_text,
+            "converted": self.converted,
+            "attn_implementation": self.attn_implementation,
         }
 
-    def prepare(self, plan: Plan, limits: Limits, inputs: Inputs | None = None) -> nn.Module:
-        """This request's rewritten view of the base; :class:`ApiError` when it cannot be.
+    def prepare(
+        self,
+        plan: Plan,
+        limits: Limits,
+        inputs: Inputs | None = None,
+        runs: Mapping[str, Any] | None = None,
+    ) -> tuple[nn.Module, Cost | None]:
+        """This request's rewritten view of the base and its estimated cost (``None``
+        without inputs); :class:`ApiError` when it cannot be.
 
         Given the request's ``inputs``, they are checked (:meth:`call_arguments`) and the
         run's cost is estimated on the structure-only copy of the view, so a request over
         ``max_activation_bytes``, ``max_tensor_ops`` or ``max_result_bytes``, or one that
-        would fail, is refused here, before it is queued.
+        would fail, is refused here, before it is queued. ``runs`` (a session's later run)
+        are the meta records of the earlier runs: then the estimate is made afresh and its
+        cost carries this run's meta records.
         """
         match = "exact" if plan.base.fingerprint is not None else "structure"
         view = self._apply(plan, self.base, match)
@@ -152,8 +261,10 @@ class HostedModel:
                     return view
                 return self._apply(plan, self.structure_only, match)
 
-            self.estimates.check(plan, args, kwargs, limits, view_on_meta)
-        return view
+            if runs is None:
+                return view, self.estimates.check(plan, args, kwargs, limits, view_on_meta)
+            return view, estimate(view_on_meta(), args, kwargs, plan.outputs, limits, runs)
+        return view, None
 
     def _apply(self, plan: Plan, base: nn.Module, match: str) -> nn.Module:
         try:
@@ -182,7 +293,9 @@ class HostedModel:
                 )
             args, kwargs = (), {**self._tokenize(inputs), **inputs.kwargs}
         if _is_transformers(self.base):
-            _check_transformers_call(self.base, args, kwargs)
+            _check_token_call(self.base, _transformers_schema(self.base), args, kwargs)
+        elif self.converted:
+            _check_token_call(self.base, _converted_schema(self.base), args, kwargs)
         else:
             _check_module_call(self.base, args, kwargs)
         return args, kwargs
@@ -211,6 +324,16 @@ def _is_transformers(model: nn.Module) -> bool:
         cls.__module__.startswith("transformers.") and cls.__name__ == "PreTrainedModel"
         for cls in original_class(model).__mro__
     )
+
+
+def _is_converted(model: nn.Module) -> bool:
+    return issubclass(original_class(model), Transformer)
+
+
+def _attn_implementation(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None) if _is_transformers(model) else None
+    found = getattr(config, "_attn_implementation", None)
+    return found if isinstance(found, str) else None
 
 
 @functools.cache
@@ -249,15 +372,62 @@ def _bound(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> d
     return bound
 
 
-def _check_transformers_call(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+@dataclass(frozen=True)
+class _TokenSchema:
+    """What a language model's call may hold, and the sizes that bound its tensors.
+
+    Each size is ``(the config field it comes from, its value)``; a value of None bounds
+    nothing.
+    """
+
+    allowed: tuple[str, ...]
+    vocab: tuple[str, int | None]
+    positions: tuple[str, int | None]
+    hidden: tuple[str, int | None]
+    token_types: tuple[str, int | None]
+
+
+def _transformers_schema(model: nn.Module) -> _TokenSchema:
+    parameters = _parameters(original_class(model))
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = _positive(getattr(text_config, "vocab_size", None))
+    return _TokenSchema(
+        allowed=(
+            *(n for n in _TENSORS if n in parameters),
+            *(n for n in _FLAGS if n in parameters or takes_kwargs),
+        ),
+        vocab=("vocab_size", vocab),
+        positions=(
+            "max_position_embeddings",
+            _positive(getattr(text_config, "max_position_embeddings", None)),
+        ),
+        hidden=("hidden_size", _positive(getattr(text_config, "hidden_size", None))),
+        token_types=(
+            "type_vocab_size",
+            _positive(getattr(text_config, "type_vocab_size", None)) or vocab,
+        ),
+    )
+
+
+def _converted_schema(model: nn.Module) -> _TokenSchema:
+    config: TransformerConfig = model.config
+    types = ("token_type_ids",) if config.n_token_types else ()  # else it would be ignored
+    return _TokenSchema(
+        allowed=("input_ids", "attention_mask", "position_ids", *types),
+        vocab=("vocab_size", config.vocab_size),
+        positions=("max_positions", _positive(config.max_positions)),  # rotary: unbounded
+        hidden=("d_model", config.d_model),
+        token_types=("n_token_types", _positive(config.n_token_types)),
+    )
+
+
+def _check_token_call(
+    model: nn.Module, schema: _TokenSchema, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
     cls = original_class(model)
-    parameters = _parameters(cls)
-    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
-    allowed = [n for n in _TENSORS if n in parameters] + [
-        n for n in _FLAGS if n in parameters or takes_kwargs
-    ]
+    allowed = schema.allowed
     bound = _bound(model, args, kwargs)
     for name, value in bound.items():
         if name not in allowed:
@@ -277,29 +447,27 @@ def _check_transformers_call(
             )
     ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
     if (ids is None) == (embeds is None):
+        if "inputs_embeds" not in allowed:
+            raise _bad_input("give input_ids, the token ids [batch, length]", "input_ids")
         raise _bad_input("give exactly one of input_ids and inputs_embeds", "input_ids")
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = _positive(getattr(text_config, "vocab_size", None))
-    positions = _positive(getattr(text_config, "max_position_embeddings", None))
-    hidden = _positive(getattr(text_config, "hidden_size", None))
+    (vocab_name, vocab), (positions_name, positions) = schema.vocab, schema.positions
+    hidden_name, hidden = schema.hidden
     if ids is not None:
         _check_tensor("input_ids", ids, _INT_DTYPES, 2)
-        _check_range("input_ids", ids, vocab, "vocab_size")
+        _check_range("input_ids", ids, vocab, vocab_name)
         batch, length = ids.shape
     else:
         _check_tensor("inputs_embeds", embeds, _FLOAT_DTYPES, 3)
         if hidden is not None and embeds.shape[-1] != hidden:
             raise _bad_input(
-                f"inputs_embeds has {embeds.shape[-1]} features, the model's hidden_size is "
+                f"inputs_embeds has {embeds.shape[-1]} features, the model's {hidden_name} is "
                 f"{hidden}",
                 "inputs_embeds",
             )
         batch, length = embeds.shape[:2]
     if positions is not None and length > positions:
         raise _bad_input(
-            f"the input has {length} positions, over the model's max_position_embeddings="
-            f"{positions}",
+            f"the input has {length} positions, over the model's {positions_name}={positions}",
             "input_ids" if ids is not None else "inputs_embeds",
         )
     mask = bound.get("attention_mask")
@@ -316,12 +484,12 @@ def _check_transformers_call(
                 f"{length}] or [1, {length}]",
                 "position_ids",
             )
-        _check_range("position_ids", position_ids, positions, "max_position_embeddings")
+        _check_range("position_ids", position_ids, positions, positions_name)
     token_types = bound.get("token_type_ids")
     if token_types is not None:
         _check_tensor("token_type_ids", token_types, _INT_DTYPES, 2, (batch, length))
-        types = _positive(getattr(text_config, "type_vocab_size", None)) or vocab
-        _check_range("token_type_ids", token_types, types, "type_vocab_size")
+        types_name, types = schema.token_types
+        _check_range("token_type_ids", token_types, types, types_name)
 
 
 def _check_module_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -388,7 +556,7 @@ def _structure_only(base: nn.Module) -> nn.Module:
 
     (Not pinned like ``ts.meta``'s: plans are applied to it with the host's own identity.)
     """
-    copy = map_tensors(lambda t: t.to("meta"), base)
+    copy = without_value_warnings(map_tensors(lambda t: t.to("meta"), base))
     copy = with_lineage(copy, Lineage(copy, ()))
     real = dict(base.named_buffers())
     for name, buffer in copy.named_buffers():
@@ -398,15 +566,38 @@ def _structure_only(base: nn.Module) -> nn.Module:
     return copy
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer or None)`` from a local checkpoint directory; never downloads."""
+def load_checkpoint(source: str | Path | LocalCheckpoint) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer or None)`` from a local checkpoint directory; never downloads.
+
+    The model is the ``transformers`` one, or with ``convert`` its conversion
+    (``ts.load``: memory-mapped, explicit layers; see :class:`LocalCheckpoint`).
+    """
     from transformers import AutoModelForCausalLM
 
-    directory = Path(path)
+    checkpoint = LocalCheckpoint.of(source)
+    directory = Path(checkpoint.path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a local checkpoint directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    if checkpoint.convert:
+        try:
+            model: nn.Module = load_converted(directory)
+        except UnsupportedArchitectureError as error:
+            raise UnsupportedArchitectureError(
+                f"{directory} cannot be served converted; leave convert out (no --convert) "
+                f"to serve its transformers model. {error}"
+            ) from None
+    else:
+        chosen = checkpoint.attn_implementation
+        options = {"attn_implementation": chosen} if chosen is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **options)
     return model, load_tokenizer(directory)
+
+
+def _converted_on_meta(path: str, identity: BaseIdentity) -> nn.Module:
+    """``ts.load(path)`` on the meta device, frozen and pinned to ``identity``."""
+    model = wrap(load_converted(path, device="meta").eval())
+    model = with_lineage(model, Lineage(model, ()))
+    return pin_identity(model, identity)
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -30,16 +30,18 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
+from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import layer_types
-from torchsurgeon.layers.results import run
+from torchsurgeon.layers.results import run_with
 from torchsurgeon.plans.errors import PlanError
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.returning import Returning
@@ -88,6 +90,13 @@ class Limits:
     """Runs the watchdog gave up on that may still be finishing; at it, new work gets a 503."""
     request_idle_seconds: float = 30.0
     """Longest pause while a request's body arrives before the host answers 408."""
+    max_session_runs: int = 16
+    """Runs in one session request (each is checked and estimated like a request)."""
+    max_expr_nodes: int = 1024
+    """Nodes in one expression graph of a plan (a layer's, or a computed value's)."""
+    allowed_ops: tuple[str, ...] | None = None
+    """Expression operations a plan may use (``None``: all of them; leave out ``"call"`` to
+    refuse calls of the model's modules)."""
 
     def plan_limits(self) -> PlanLimits:
         """The plan reader's limits (layer allow-list: the registry minus backward-only ones)."""
@@ -98,6 +107,8 @@ class Limits:
             max_total_tensor_bytes=self.max_plan_bytes,
             max_json_items=self.max_json_items,
             allowed_layers=frozenset(layer_types()) - _NO_BACKWARD,
+            allowed_ops=None if self.allowed_ops is None else frozenset(self.allowed_ops),
+            max_expr_nodes=self.max_expr_nodes,
         )
 
     def request_limits(self) -> PlanLimits:
@@ -106,8 +117,8 @@ class Limits:
             max_plan_bytes=self.max_request_bytes,
             max_tensor_bytes=self.max_request_bytes,  # the plan and each input: checked apart
             max_total_tensor_bytes=self.max_request_bytes,
-            max_tensors=64,
-            max_json_items=4096,  # the description: a few arguments, at most 64 texts
+            max_tensors=64 * self.max_session_runs,
+            max_json_items=4096 * self.max_session_runs,  # a few arguments, at most 64 texts
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -115,6 +126,9 @@ class Limits:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Limits:
+        data = dict(data)
+        if data.get("allowed_ops") is not None:
+            data["allowed_ops"] = tuple(data["allowed_ops"])
         return cls(**data)
 
 
@@ -137,6 +151,8 @@ class Cost:
     consulted: frozenset[str] = frozenset()
     """The inputs (``args.0``, ``attention_mask``, ...) whose *values* the run read to
     decide what to do; for every other input only its dtype and shape mattered."""
+    records: Any = field(default=None, compare=False, repr=False)
+    """The meta run's records (for a session's later runs to read), when asked for."""
 
 
 class _Refused(Exception):
@@ -191,9 +207,10 @@ class _Meter(TorchDispatchMode):
                     ApiError(
                         422,
                         "cannot_estimate",
-                        "the model reads the value of a tensor that is computed from the "
-                        "weights (or is too large to follow) to decide what to run, so the "
-                        "cost of this request cannot be known before it runs",
+                        "the model reads the value of a tensor whose values are not known "
+                        "before the run (computed from the weights, or too large to follow) "
+                        "to decide what to run, so the cost of this request cannot be known "
+                        "before it runs",
                     )
                 )
             self.consulted.update(args[0].__dict__.get("_ts_from", ()))
@@ -295,6 +312,44 @@ class _Meter(TorchDispatchMode):
                 _forget_twin(value)  # written to without its twin: its values are unknown
 
 
+class _ListIndexes(TorchFunctionMode):
+    """Keeps the values of ``x[:, [-1, 0]]`` known on meta tensors.
+
+    Python turns a list index into an index tensor created directly on ``x``'s device —
+    on meta, with no values and without passing through the dispatcher, so the meter cannot
+    give the result a twin. At the ``Tensor.__getitem__`` call, where the list is still a
+    list, the twin is the same index applied to ``x``'s twin.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if (
+            func is torch.Tensor.__getitem__
+            and isinstance(out, torch.Tensor)
+            and out.is_meta
+            and _twin(out) is None
+            and _plain_index(args[1])
+        ):
+            twin = _twin(args[0])
+            if twin is not None and out.numel() <= _TWIN_ELEMENTS:
+                with _disable_current_modes():
+                    out._ts_twin = twin[args[1]]
+                out._ts_from = args[0].__dict__.get("_ts_from", frozenset())
+        return out
+
+
+def _plain_index(index: Any) -> bool:
+    """An index of ints, slices of ints, ``None``, ``...`` and lists of ints only."""
+    entries = index if isinstance(index, tuple) else (index,)
+    for entry in entries:
+        if isinstance(entry, list):
+            if not all(type(v) is int for v in entry):
+                return False
+        elif not (entry is None or entry is Ellipsis or type(entry) in (int, slice)):
+            return False
+    return True
+
+
 def _twin(tensor: torch.Tensor) -> torch.Tensor | None:
     return tensor.__dict__.get("_ts_twin") if tensor.is_meta else tensor
 
@@ -373,6 +428,7 @@ def estimate(
     kwargs: Mapping[str, Any],
     returning: Returning,
     limits: Limits,
+    runs: Mapping[str, Mapping[str, list[torch.Tensor]]] | None = None,
 ) -> Cost:
     """The cost of ``run(model, *args, **kwargs)`` reduced by ``returning``, on meta tensors.
 
@@ -385,13 +441,15 @@ def estimate(
     meta_args, meta_kwargs = _inputs_on_meta(args, kwargs)
     meter = _Meter(limits)
     try:
-        with torch.no_grad(), meter:
-            result = run(model, *meta_args, **meta_kwargs)
-            returned = returning.apply(result)
+        with torch.no_grad(), _ListIndexes(), meter:
+            result = run_with(model, meta_args, meta_kwargs, runs)
+            returned = returning.apply(result, model, runs)
     except _Refused as refused:
         raise refused.error from None
     except PlanError as error:
         raise ApiError(422, "bad_returning", str(error), "returning") from None
+    except ExpressionError as error:
+        raise ApiError(422, "bad_expression", str(error), error.field or "steps") from None
     except Exception as error:  # what the real run would raise: say so before it is queued
         raise ApiError(422, "run_failed", f"{type(error).__name__}: {error}") from None
     size = sum(t.numel() * t.element_size() for t in _tensors_in(returned.output))
@@ -405,7 +463,8 @@ def estimate(
             "(plan.returning(name, mean=..., topk=..., positions=...))",
             "returning",
         )
-    return Cost(meter.peak, size, meter.ops, frozenset(meter.consulted))
+    records = result.records if runs is not None else None
+    return Cost(meter.peak, size, meter.ops, frozenset(meter.consulted), records)
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:

@@ -1,9 +1,11 @@
 """Scale-out on Ray: model replicas as Ray actors, in a private Ray cluster bound to loopback.
 
 With ``--ray --replicas N`` the host process keeps the HTTP side (keys, limits, queue) and
-holds no weights: each of N :class:`ModelWorker` actors loads every checkpoint once and
-runs requests. The host validates each plan against a structure-only stand-in built from
-what the replicas report, then hands the *request bytes* (safetensors) to the pool and gets
+holds no weights: each of N :class:`ModelWorker` actors loads every checkpoint once (as its
+:class:`~torchsurgeon.remote.hosted.LocalCheckpoint` says: the ``transformers`` model, or
+its conversion) and runs requests. The host validates each plan against a structure-only
+stand-in built from what the replicas report (for a converted model, its conversion built
+on the meta device), then hands the *request bytes* (safetensors) to the pool and gets
 *result bytes* back — only ``bytes`` and JSON cross to Ray, never a module or a plan object.
 (Ray moves those with its own serializer; torchsurgeon itself never pickles anything.)
 
@@ -70,13 +72,11 @@ from typing import IO, Any
 import torch
 
 from torchsurgeon.plans.identity import identity_of
-from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.structure import Structure
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.execution import run_request
-from torchsurgeon.remote.hosted import HostedModel
+from torchsurgeon.remote.execution import prepare_submission, run_submission
+from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.limits import Limits
-from torchsurgeon.remote.transfer import decode_request
 
 __all__ = ["ModelWorker", "RayPool"]
 
@@ -92,17 +92,27 @@ _DROPPED_ENV = frozenset({"RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"})  # never join, 
 class ModelWorker:
     """A Ray actor holding every served model; runs requests given as bytes."""
 
-    def __init__(self, sources: Mapping[str, str], limits: Mapping[str, Any], threads: int) -> None:
+    def __init__(
+        self, sources: Mapping[str, Mapping[str, Any]], limits: Mapping[str, Any], threads: int
+    ) -> None:
         # Ray starts workers with OMP_NUM_THREADS=1; set the count we were given instead.
         torch.set_num_threads(threads)
-        self.models = {name: HostedModel.load(name, path) for name, path in sources.items()}
+        self.models = {
+            name: HostedModel.load(name, LocalCheckpoint.from_json(dict(checkpoint)))
+            for name, checkpoint in sources.items()
+        }
         self.limits = Limits.from_json(dict(limits))
         self.served = 0
 
     def structures(self) -> dict[str, dict[str, Any]]:
-        """Each model's structure, and whether it takes text."""
+        """Each model's structure, whether it takes text, and how it was loaded."""
         return {
-            name: {"structure": m.structure.to_json(), "takes_text": m.takes_text}
+            name: {
+                "structure": m.structure.to_json(),
+                "takes_text": m.takes_text,
+                "converted": m.converted,
+                "attn_implementation": m.attn_implementation,
+            }
             for name, m in self.models.items()
         }
 
@@ -115,10 +125,8 @@ class ModelWorker:
         self.served += 1
         try:
             hosted = self.models[name]
-            plan_bytes, inputs = decode_request(request, self.limits)
-            plan = Plan.from_bytes(plan_bytes, self.limits.plan_limits())
-            view = hosted.prepare(plan, self.limits)
-            return run_request(hosted, plan, view, inputs, self.limits), None
+            runs = prepare_submission(hosted, request, self.limits, estimate=False)
+            return run_submission(hosted, runs, self.limits), None
         except ApiError as error:
             return b"", {"status": error.status, **error.to_json()["error"]}
         except Exception as error:  # reported to the client as the job's error
@@ -140,7 +148,7 @@ class RayPool:
 
     def __init__(
         self,
-        sources: Mapping[str, str],
+        sources: Mapping[str, str | LocalCheckpoint],
         replicas: int,
         limits: Limits,
         threads: int | None = None,
@@ -178,7 +186,7 @@ class RayPool:
         self._pids: list[tuple[int, float]] = []
         self._closed = False
         start = {
-            "sources": dict(sources),
+            "sources": {name: LocalCheckpoint.of(s).to_json() for name, s in sources.items()},
             "replicas": replicas,
             "limits": limits.to_json(),
             "threads": threads,
@@ -200,14 +208,16 @@ class RayPool:
         )
         self._reader.start()
 
-    def hosted(self, sources: Mapping[str, str]) -> dict[str, HostedModel]:
+    def hosted(self, sources: Mapping[str, str | LocalCheckpoint]) -> dict[str, HostedModel]:
         """Structure-only stand-ins the host validates plans against."""
         return {
             name: HostedModel.from_structure(
                 name,
                 Structure.from_json(self.described[name]["structure"]),
-                sources[name],
+                str(LocalCheckpoint.of(sources[name]).path),
                 self.described[name]["takes_text"],
+                converted=self.described[name]["converted"],
+                attn_implementation=self.described[name]["attn_implementation"],
             )
             for name in sources
         }

@@ -2,9 +2,13 @@
 
     torchsurgeon serve --model gpt2=/ckpt/gpt2 --model llama=/ckpt/llama \\
         --host 127.0.0.1 --port 8000 --api-keys keys.txt --state-dir /var/lib/ts \\
-        [--ray --replicas 2]
+        [--convert | --attn-implementation eager] [--ray --replicas 2]
 
-``--model NAME=PATH`` (repeatable) names a local checkpoint directory; ``--api-keys`` is a
+``--model NAME=PATH`` (repeatable) names a local checkpoint directory, served as its
+``transformers`` model (with ``--attn-implementation`` ``eager`` or ``sdpa``, or
+``transformers``' default) or, with ``--convert``, as its explicit-dataflow conversion
+``ts.load(PATH)``, whose attention pattern, queries, keys, values and per-head outputs a
+plan can select (see :class:`~torchsurgeon.remote.hosted.LocalCheckpoint`); ``--api-keys`` is a
 file with one key per line (blank lines and ``#`` comments ignored); ``--state-dir`` is
 where jobs and results persist (a host started again on it finishes what was queued or
 running); ``--ray --replicas N`` runs N model replicas as Ray actors on a local Ray
@@ -22,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from torchsurgeon.remote.hosted import ATTN_IMPLEMENTATIONS, LocalCheckpoint
 from torchsurgeon.remote.server import ServerLimits
 
 __all__ = ["add_serve_parser", "read_api_keys", "serve_main"]
@@ -30,9 +35,12 @@ DESCRIPTION = """Serve models to remote plans over HTTP.
 
   torchsurgeon serve --model gpt2=/ckpt/gpt2 --model llama=/ckpt/llama \\
       --host 127.0.0.1 --port 8000 --api-keys keys.txt --state-dir /var/lib/ts \\
-      [--ray --replicas 2]
+      [--convert | --attn-implementation eager] [--ray --replicas 2]
 
-Each --model NAME=PATH names a local checkpoint directory. --api-keys is a file with one
+Each --model NAME=PATH names a local checkpoint directory, served as its transformers
+model (--attn-implementation eager or sdpa: its attention; default: transformers' choice)
+or, with --convert, as its explicit-dataflow conversion (ts.load), whose attention pattern,
+queries, keys, values and per-head outputs plans can select. --api-keys is a file with one
 key per line (blank lines and # comments ignored); clients send it as
 'Authorization: Bearer KEY'. --state-dir keeps jobs and results (SQLite + files) so that a
 restarted host finishes queued and interrupted jobs; without it they live in a temporary
@@ -53,6 +61,19 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         required=True,
         metavar="NAME=PATH",
         help="a model to serve: its name and local checkpoint directory (repeatable)",
+    )
+    parser.add_argument(
+        "--convert",
+        action="store_true",
+        help="serve each model as its explicit-dataflow conversion (ts.load), whose "
+        "attention q/k/v, scores, pattern and per-head outputs plans can select",
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        choices=ATTN_IMPLEMENTATIONS,
+        default=None,
+        help="the transformers attention of the models served unconverted "
+        "(default: transformers' choice, sdpa where it can)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -122,6 +143,20 @@ def parse_models(specs: list[str]) -> dict[str, Path]:
     return models
 
 
+def checkpoints_to_serve(args: argparse.Namespace) -> dict[str, Path | LocalCheckpoint]:
+    """The ``--model`` checkpoints, to load as ``--convert`` and ``--attn-implementation`` say."""
+    if args.convert and args.attn_implementation is not None:
+        raise ValueError(
+            "--attn-implementation picks the attention of a transformers model; --convert "
+            "serves the conversion, which computes attention in its own layers: pass one of them"
+        )
+    models = parse_models(args.model)
+    return {
+        name: LocalCheckpoint(path, args.convert, args.attn_implementation)
+        for name, path in models.items()
+    }
+
+
 def read_api_keys(path: Path) -> list[str]:
     """The keys in ``path``: one per line, blank lines and ``#`` comments ignored."""
     keys = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
@@ -143,13 +178,14 @@ def serve_main(args: argparse.Namespace) -> int:
 
     if args.replicas < 1:
         raise ValueError("--replicas must be at least 1")
+    checkpoints = checkpoints_to_serve(args)
     limits = Limits()
     if args.max_run_seconds is not None:
         limits = dataclasses.replace(limits, max_run_seconds=args.max_run_seconds)
     if args.max_running_per_key is not None:
         limits = dataclasses.replace(limits, max_running_per_key=args.max_running_per_key)
     app = create_app(
-        parse_models(args.model),
+        checkpoints,
         api_keys=read_api_keys(args.api_keys) if args.api_keys else None,
         limits=limits,
         workers=max(args.workers, 2 * args.replicas if args.ray else 1),

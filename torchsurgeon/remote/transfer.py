@@ -36,8 +36,10 @@ __all__ = [
     "Inputs",
     "decode_request",
     "decode_result",
+    "decode_submission",
     "encode_request",
     "encode_result",
+    "encode_session",
     "result_nbytes",
 ]
 
@@ -66,11 +68,34 @@ def encode_request(plan_bytes: bytes, args: Sequence[Any], kwargs: Mapping[str, 
     With texts, ``kwargs`` may hold ``padding_side="left"`` or ``"right"``: how the host's
     tokenizer pads them (default: left, so the last position is every row's last token).
     """
-    tensors: dict[str, torch.Tensor] = {
-        "plan": torch.frombuffer(bytearray(plan_bytes), dtype=torch.uint8)
-        if plan_bytes
-        else torch.zeros(0, dtype=torch.uint8)
-    }
+    tensors: dict[str, torch.Tensor] = {"plan": _bytes_tensor(plan_bytes)}
+    description = {"version": 1, **_describe_call(args, kwargs, "", tensors)}
+    return pack(description, tensors, key=REQUEST_KEY)
+
+
+def encode_session(runs: Sequence[tuple[str, bytes, Sequence[Any], Mapping[str, Any]]]) -> bytes:
+    """A session submission: ``(name, plan bytes, args, kwargs)`` per run, in order.
+
+    Run ``i``'s plan is tensor ``plan.<i>`` and its input tensors are prefixed ``<i>.``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    described = []
+    for i, (name, plan_bytes, args, kwargs) in enumerate(runs):
+        tensors[f"plan.{i}"] = _bytes_tensor(plan_bytes)
+        described.append({"name": name, **_describe_call(args, kwargs, f"{i}.", tensors)})
+    return pack({"version": 1, "runs": described}, tensors, key=REQUEST_KEY)
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    if not data:
+        return torch.zeros(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _describe_call(
+    args: Sequence[Any], kwargs: Mapping[str, Any], prefix: str, tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """One call's inputs as a description; its tensors are added to ``tensors``."""
     kwargs = dict(kwargs)
     texts: list[str] | None = None
     described_args: list[dict[str, Any]] = []
@@ -82,8 +107,8 @@ def encode_request(plan_bytes: bytes, args: Sequence[Any], kwargs: Mapping[str, 
                 raise TypeError("text input must be the only positional argument")
             texts = [value] if isinstance(value, str) else list(value)
         elif isinstance(value, torch.Tensor):
-            tensors[f"a{i}"] = value.detach().to("cpu").contiguous()
-            described_args.append({"tensor": f"a{i}"})
+            tensors[f"{prefix}a{i}"] = value.detach().to("cpu").contiguous()
+            described_args.append({"tensor": f"{prefix}a{i}"})
         else:
             described_args.append({"value": _scalar(value, f"argument {i}")})
     padding_side = kwargs.pop("padding_side", None)
@@ -94,19 +119,18 @@ def encode_request(plan_bytes: bytes, args: Sequence[Any], kwargs: Mapping[str, 
     described_kwargs: dict[str, dict[str, Any]] = {}
     for name, value in kwargs.items():
         if isinstance(value, torch.Tensor):
-            tensors[f"k.{name}"] = value.detach().to("cpu").contiguous()
-            described_kwargs[name] = {"tensor": f"k.{name}"}
+            tensors[f"{prefix}k.{name}"] = value.detach().to("cpu").contiguous()
+            described_kwargs[name] = {"tensor": f"{prefix}k.{name}"}
         else:
             described_kwargs[name] = {"value": _scalar(value, f"keyword argument {name!r}")}
     description: dict[str, Any] = {
-        "version": 1,
         "args": described_args,
         "kwargs": described_kwargs,
         "text": texts,
     }
     if padding_side is not None:
         description["padding_side"] = padding_side
-    return pack(description, tensors, key=REQUEST_KEY)
+    return description
 
 
 def _scalar(value: Any, what: str) -> Any:
@@ -119,12 +143,22 @@ def _scalar(value: Any, what: str) -> Any:
 
 
 _PADDING_SIDES = ("left", "right")
-_DESCRIPTION_KEYS = {"version", "args", "kwargs", "text", "padding_side"}
+_DESCRIPTION_KEYS = {"args", "kwargs", "text", "padding_side"}
 _MAX_ARGUMENTS = 64
 
 
 def decode_request(data: bytes, limits: Limits) -> tuple[bytes, Inputs]:
-    """``(plan bytes, inputs)`` of a submission; :class:`ApiError` (4xx) naming the problem.
+    """``(plan bytes, inputs)`` of a one-run submission; :class:`ApiError` (4xx) naming the
+    problem (a session is refused here: read it with :func:`decode_submission`)."""
+    runs = decode_submission(data, limits)
+    if len(runs) != 1 or runs[0][0] is not None:
+        raise ApiError(400, "bad_request", "expected one run, got a session", "runs")
+    return runs[0][1], runs[0][2]
+
+
+def decode_submission(data: bytes, limits: Limits) -> list[tuple[str | None, bytes, Inputs]]:
+    """``[(run name, plan bytes, inputs)]`` of a submission: one run (named ``None``) or a
+    session's runs in order; :class:`ApiError` (4xx) naming the problem.
 
     This checks the request's *form* — the container, the description's fields, which
     tensor each argument names, the texts' sizes. Whether the model takes these arguments
@@ -146,27 +180,9 @@ def decode_request(data: bytes, limits: Limits) -> tuple[bytes, Inputs]:
         raise ApiError(
             400, "bad_request", f"unsupported request version {_shown(version)}", "version"
         )
-    unknown = sorted(set(description) - _DESCRIPTION_KEYS)
-    if unknown:
-        raise ApiError(
-            400,
-            "bad_request",
-            f"unknown request field(s) {_shown(unknown)}; a request has "
-            f"{', '.join(sorted(_DESCRIPTION_KEYS))}",
-            unknown[0][:64],
-        )
-    plan = tensors.pop("plan", None)
-    if plan is None or plan.dtype != torch.uint8 or plan.dim() != 1:
-        raise ApiError(400, "bad_request", "the request holds no plan (a 1-D uint8 tensor)", "plan")
-    if plan.numel() > limits.max_plan_bytes:
-        raise ApiError(
-            413,
-            "too_large",
-            f"the plan is {plan.numel()} bytes, over the limit max_plan_bytes="
-            f"{limits.max_plan_bytes}",
-            "plan",
-        )
     for name, tensor in tensors.items():
+        if name == "plan" or name.startswith("plan."):
+            continue
         size = tensor.numel() * tensor.element_size()
         if size > limits.max_tensor_bytes:
             raise ApiError(
@@ -177,46 +193,49 @@ def decode_request(data: bytes, limits: Limits) -> tuple[bytes, Inputs]:
                 "inputs",
             )
     used: set[str] = set()
-
-    def read(entry: Any, where: str) -> Any:
-        if (
-            isinstance(entry, dict)
-            and set(entry) == {"tensor"}
-            and isinstance(entry["tensor"], str)
-            and entry["tensor"] in tensors
-        ):
-            if entry["tensor"] in used:
-                raise ApiError(
-                    400, "bad_request", f"tensor {entry['tensor']!r} is used twice", where
-                )
-            used.add(entry["tensor"])
-            return tensors[entry["tensor"]]
-        if (
-            isinstance(entry, dict)
-            and set(entry) == {"value"}
-            and isinstance(entry["value"], _SCALARS)
-        ):
-            return entry["value"]
-        raise ApiError(400, "bad_request", f"malformed input entry {_shown(entry)}", where)
-
-    raw_args, raw_kwargs = description.get("args"), description.get("kwargs")
-    if not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict):
-        raise ApiError(400, "bad_request", "args must be a list and kwargs an object", "inputs")
-    if len(raw_args) + len(raw_kwargs) > _MAX_ARGUMENTS:
-        raise ApiError(
-            413,
-            "too_large",
-            f"{len(raw_args) + len(raw_kwargs)} arguments, over the limit of {_MAX_ARGUMENTS}",
-            "inputs",
-        )
-    args = tuple(read(entry, f"args.{i}") for i, entry in enumerate(raw_args))
-    kwargs = {}
-    for name, entry in raw_kwargs.items():
-        if not name.isidentifier() or len(name) > 64:
-            raise ApiError(
-                400, "bad_request", f"bad keyword argument name {_shown(name)}", "kwargs"
+    if "runs" not in description:
+        call = {k: v for k, v in description.items() if k != "version"}
+        runs = [
+            (
+                None,
+                _plan_bytes(tensors, "plan", limits, used),
+                _read_call(call, tensors, used, "", limits),
             )
-        kwargs[name] = read(entry, f"kwargs.{name}")
+        ]
+    else:
+        unknown = sorted(set(description) - {"version", "runs"})
+        raw_runs = description["runs"]
+        if unknown or not isinstance(raw_runs, list) or not raw_runs:
+            raise ApiError(
+                400, "bad_request", "a session request has a non-empty list 'runs' only", "runs"
+            )
+        if len(raw_runs) > limits.max_session_runs:
+            raise ApiError(
+                413,
+                "too_large",
+                f"{len(raw_runs)} runs, over the limit max_session_runs={limits.max_session_runs}",
+                "runs",
+            )
+        runs = []
+        names: set[str] = set()
+        for i, raw in enumerate(raw_runs):
+            where = f"runs.{i}"
+            if not isinstance(raw, dict):
+                raise ApiError(400, "bad_request", "a run is a JSON object", where)
+            name = raw.get("name")
+            if not isinstance(name, str) or not name.isidentifier() or len(name) > 64:
+                raise ApiError(
+                    400,
+                    "bad_request",
+                    f"a run's name is an identifier, got {_shown(name)}",
+                    f"{where}.name",
+                )
+            if name in names:
+                raise ApiError(400, "bad_request", f"two runs are named {name!r}", f"{where}.name")
+            names.add(name)
+            call = {k: v for k, v in raw.items() if k != "name"}
+            plan = _plan_bytes(tensors, f"plan.{i}", limits, used)
+            runs.append((name, plan, _read_call(call, tensors, used, f"{where}.", limits)))
     unused = sorted(set(tensors) - used)
     if unused:
         raise ApiError(
@@ -225,9 +244,90 @@ def decode_request(data: bytes, limits: Limits) -> tuple[bytes, Inputs]:
             f"tensors {_shown(unused)} are not used by any argument",
             "inputs",
         )
+    return runs
+
+
+def _plan_bytes(
+    tensors: Mapping[str, torch.Tensor], name: str, limits: Limits, used: set[str]
+) -> bytes:
+    plan = tensors.get(name)
+    if plan is None or plan.dtype != torch.uint8 or plan.dim() != 1:
+        raise ApiError(400, "bad_request", "the request holds no plan (a 1-D uint8 tensor)", name)
+    if plan.numel() > limits.max_plan_bytes:
+        raise ApiError(
+            413,
+            "too_large",
+            f"the plan is {plan.numel()} bytes, over the limit max_plan_bytes="
+            f"{limits.max_plan_bytes}",
+            name,
+        )
+    used.add(name)
+    return plan.numpy().tobytes()
+
+
+def _read_call(
+    description: dict[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    used: set[str],
+    where: str,
+    limits: Limits,
+) -> Inputs:
+    """One call's :class:`Inputs` from its description (``args``, ``kwargs``, ``text``)."""
+    unknown = sorted(set(description) - _DESCRIPTION_KEYS)
+    if unknown:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"unknown request field(s) {_shown(unknown)}; a request has "
+            f"{', '.join(sorted(_DESCRIPTION_KEYS))}",
+            where + unknown[0][:64],
+        )
+
+    def read(entry: Any, at: str) -> Any:
+        if (
+            isinstance(entry, dict)
+            and set(entry) == {"tensor"}
+            and isinstance(entry["tensor"], str)
+            and entry["tensor"] in tensors
+            and not entry["tensor"].startswith("plan")
+        ):
+            if entry["tensor"] in used:
+                raise ApiError(400, "bad_request", f"tensor {entry['tensor']!r} is used twice", at)
+            used.add(entry["tensor"])
+            return tensors[entry["tensor"]]
+        if (
+            isinstance(entry, dict)
+            and set(entry) == {"value"}
+            and isinstance(entry["value"], _SCALARS)
+        ):
+            return entry["value"]
+        raise ApiError(400, "bad_request", f"malformed input entry {_shown(entry)}", at)
+
+    raw_args, raw_kwargs = description.get("args"), description.get("kwargs")
+    if not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict):
+        raise ApiError(
+            400, "bad_request", "args must be a list and kwargs an object", where + "inputs"
+        )
+    if len(raw_args) + len(raw_kwargs) > _MAX_ARGUMENTS:
+        raise ApiError(
+            413,
+            "too_large",
+            f"{len(raw_args) + len(raw_kwargs)} arguments, over the limit of {_MAX_ARGUMENTS}",
+            where + "inputs",
+        )
+    args = tuple(read(entry, f"{where}args.{i}") for i, entry in enumerate(raw_args))
+    kwargs = {}
+    for name, entry in raw_kwargs.items():
+        if not name.isidentifier() or len(name) > 64:
+            raise ApiError(
+                400, "bad_request", f"bad keyword argument name {_shown(name)}", where + "kwargs"
+            )
+        kwargs[name] = read(entry, f"{where}kwargs.{name}")
     text = _read_text(description.get("text"), limits)
     if text is not None and args:
-        raise ApiError(400, "bad_request", "give text or positional tensors, not both", "text")
+        raise ApiError(
+            400, "bad_request", "give text or positional tensors, not both", where + "text"
+        )
     padding_side = description.get("padding_side")
     if padding_side is not None and (text is None or padding_side not in _PADDING_SIDES):
         raise ApiError(
@@ -235,9 +335,9 @@ def decode_request(data: bytes, limits: Limits) -> tuple[bytes, Inputs]:
             "bad_request",
             f"padding_side is 'left' or 'right' (or absent: left), and only with text; got "
             f"{_shown(padding_side)}",
-            "padding_side",
+            where + "padding_side",
         )
-    return plan.numpy().tobytes(), Inputs(args, kwargs, text, padding_side)
+    return Inputs(args, kwargs, text, padding_side)
 
 
 def _read_text(text: Any, limits: Limits) -> tuple[str, ...] | None:
@@ -280,8 +380,9 @@ def _tensors_in(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def encode_result(result: Result) -> bytes:
-    """The result's tensors and the tree they sit in, as one safetensors file."""
+def encode_result(result: Result | Mapping[str, Result]) -> bytes:
+    """The result's tensors and the tree they sit in, as one safetensors file (a session's
+    results, by run name, in one file)."""
     tensors: dict[str, torch.Tensor] = {}
 
     def tensor(value: torch.Tensor) -> str:
@@ -308,15 +409,19 @@ def encode_result(result: Result) -> bytes:
             return {"value": value}
         return {}  # not transferable (a cache object, ...): left out
 
-    description = {
-        "version": 1,
-        "output": node(result.output) or {"value": None},
-        "saved": {key: [node(v) for v in values] for key, values in result.records.items()},
-    }
-    return pack(description, tensors, key=RESULT_KEY)
+    def describe(result: Result) -> dict[str, Any]:
+        return {
+            "output": node(result.output) or {"value": None},
+            "saved": {key: [node(v) for v in values] for key, values in result.records.items()},
+        }
+
+    if isinstance(result, Mapping):  # a session's results, by run name
+        runs = [{"name": name, **describe(r)} for name, r in result.items()]
+        return pack({"version": 1, "runs": runs}, tensors, key=RESULT_KEY)
+    return pack({"version": 1, **describe(result)}, tensors, key=RESULT_KEY)
 
 
-def decode_result(data: bytes) -> Result:
+def decode_result(data: bytes) -> Result | dict[str, Result]:
     """A :class:`Result` from a host's result file (the same class local ``ts.run`` returns).
 
     The client trusts the host with numbers, not with code: the file is read with the same
@@ -337,9 +442,22 @@ def decode_result(data: bytes) -> Result:
         raise _bad_result(error.reason, error.field) from None
     if not isinstance(description, dict) or description.get("version") != 1:
         raise _bad_result("unsupported result version", "version")
+    if "runs" in description:
+        runs = description["runs"]
+        if not isinstance(runs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("name"), str) for r in runs
+        ):
+            raise _bad_result("a session result has a list of named runs", "runs")
+        return {r["name"]: _decode_one(r, tensors, f"runs.{i}.") for i, r in enumerate(runs)}
+    return _decode_one(description, tensors, "")
+
+
+def _decode_one(
+    description: dict[str, Any], tensors: Mapping[str, torch.Tensor], at: str
+) -> Result:
     saved = description.get("saved")
     if "output" not in description or not isinstance(saved, dict):
-        raise _bad_result("a result has an 'output' entry and a 'saved' object", "saved")
+        raise _bad_result("a result has an 'output' entry and a 'saved' object", at + "saved")
 
     def tensor(ref: Any, where: str) -> torch.Tensor:
         if not isinstance(ref, str) or ref not in tensors:
@@ -371,12 +489,12 @@ def decode_result(data: bytes) -> Result:
             return None
         raise _bad_result(f"malformed result entry {str(entry)[:200]}", where)
 
-    output = build(description["output"], "output")
+    output = build(description["output"], at + "output")
     records: dict[str, list[Any]] = {}
     for key, values in saved.items():
         if not isinstance(values, list):
-            raise _bad_result("a saved entry is a list of values", f"saved.{key}")
-        records[str(key)] = [build(v, f"saved.{key}.{i}") for i, v in enumerate(values)]
+            raise _bad_result("a saved entry is a list of values", f"{at}saved.{key}")
+        records[str(key)] = [build(v, f"{at}saved.{key}.{i}") for i, v in enumerate(values)]
     return Result(output, records)
 
 

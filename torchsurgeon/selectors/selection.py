@@ -40,7 +40,7 @@ from torchsurgeon.surgery.paths import (
     split,
 )
 from torchsurgeon.surgery.rewrite import Edit, rewrite
-from torchsurgeon.surgery.sites import add_layers
+from torchsurgeon.surgery.sites import add_layers, is_container
 
 __all__ = ["Selection", "replay", "select"]
 
@@ -349,6 +349,19 @@ class Selection(TreescopeRepr):
     def _insert(self, operation: str, layer: nn.Module) -> nn.Module:
         _check_module(layer, operation)
         self._require_nonempty(operation)
+        containers = [
+            path for path, node in zip(self.paths, self.get_all(), strict=True) if is_container(node)
+        ]
+        if containers:
+            shown = ", ".join(describe(p) for p in containers[:3])
+            more = f" (and {len(containers) - 3} more)" if len(containers) > 3 else ""
+            raise SelectionError(
+                f"{operation}: {shown}{more} is a container (Sequential, ModuleList or "
+                "ModuleDict), whose children are its contents: a layer sitting on it would be "
+                "run as one more element. Insert on a child instead (before the first, after "
+                "the last), or leave containers out of the selection with "
+                ".where(~ts.instance_of('ModuleList')) (or 'Sequential')"
+            )
         before = operation == "insert_before"
         placed = {path: _for_site(layer, path, n) for n, path in enumerate(self.paths)}
         if getattr(type(layer), "ts_records", False):

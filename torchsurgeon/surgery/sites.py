@@ -37,10 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchsurgeon.surgery.errors import SelectionError
 from torchsurgeon.surgery.frozen import freeze_tree, frozen_at, recorded_path, shallow_copy
 from torchsurgeon.surgery.paths import SITE_LISTS, child_path, describe
 
-__all__ = ["AFTER", "BEFORE", "add_layers", "site_layers"]
+__all__ = ["AFTER", "BEFORE", "add_layers", "is_container", "site_layers"]
 
 BEFORE, AFTER = SITE_LISTS
 _HOOKED = "_ts_hooked"
@@ -56,6 +57,12 @@ def add_layers(node: nn.Module, before: Sequence[nn.Module], after: Sequence[nn.
     on a plain list would reach every model made from it — but extending one copies only the
     list object: the layers already there keep their places and are not copied again.
     """
+    if (before or after) and is_container(node):
+        raise SelectionError(
+            f"{type(node).__name__} at {describe(recorded_path(node))} is a container: its "
+            "children are its contents, so a layer sitting on it would run as one more "
+            "element; insert on one of its children"
+        )
     for which, layers in ((BEFORE, before), (AFTER, after)):
         if layers:
             node._modules[which] = _extended(node, which, layers)
@@ -78,6 +85,12 @@ def _extended(node: nn.Module, which: str, layers: Sequence[nn.Module]) -> nn.Mo
     for i, layer in enumerate(layers, start):
         new._modules[str(i)] = frozen_at(layer, child_path(path, str(i)))
     return new
+
+
+def is_container(node: nn.Module) -> bool:
+    """Whether ``node`` is a Sequential, ModuleList or ModuleDict (its children are its
+    contents: iterating it, or its ``forward``, would reach a site's layer lists)."""
+    return isinstance(node, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
 
 
 def site_layers(node: nn.Module, which: str) -> list[nn.Module]:
