@@ -113,7 +113,7 @@ def test_every_layer_type_replays_exactly_on_a_fresh_base(family: str, type_name
 
 
 def test_layer_cases_cover_the_registry() -> None:
-    assert set(layer_cases()) | {"SaveGrad", "Stop"} == set(ts.layers.layer_types())
+    assert set(layer_cases()) | {"SaveGrad", "ComputeGrad", "Stop"} == set(ts.layers.layer_types())
 
 
 def test_save_grad_replays_exactly(gpt2: nn.Module) -> None:

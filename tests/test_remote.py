@@ -299,7 +299,7 @@ def _plan_bytes(model: nn.Module, *layers_at: tuple[str, nn.Module]) -> bytes:
         ("no-plan", 400, "bad_request", "no plan"),
         ("plan-too-large", 413, "too_large", "max_plan_bytes=4194304"),
         ("input-too-large", 413, "too_large", "input tensor 'a0'"),
-        ("save-grad", 422, "invalid_plan", "'SaveGrad'"),
+        ("save-grad", 422, "needs_backward", "SaveGrad, which act on the backward pass"),
         ("too-many-saves", 422, "limit_exceeded", "max_saves=16"),
         ("identity-mismatch", 409, "identity_mismatch", "LlamaForCausalLM, this base is a GPT2"),
         ("path-not-in-base", 422, "plan_does_not_fit", "'transformer.h.7'"),

@@ -5,7 +5,7 @@ recording ones kept with ``ts.run``. Every layer here is in the registry, the al
 remote host rebuilds plans from.
 """
 
-from torchsurgeon.layers import ops
+from torchsurgeon.layers import ops, optim
 from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import (
     InterventionLayer,
@@ -14,19 +14,21 @@ from torchsurgeon.layers.base import (
     layer_types,
     register_layer,
 )
-from torchsurgeon.layers.compute import Compute, Stop, StopRun
+from torchsurgeon.layers.compute import Compute, ComputeGrad, Stop, StopRun
 from torchsurgeon.layers.edit import Add, MeanAblate, Noise, Scale, SetValues, StopGradient, Zero
-from torchsurgeon.layers.expr import Expr, call, here, out, saved
+from torchsurgeon.layers.expr import Expr, call, here, input, out, saved
 from torchsurgeon.layers.index import Index, idx
 from torchsurgeon.layers.lora import LowRankAdapter
 from torchsurgeon.layers.patch import Patch
 from torchsurgeon.layers.record import Save, SaveGrad
 from torchsurgeon.layers.results import Result, Saved, run
 from torchsurgeon.layers.session import Session, session
+from torchsurgeon.layers.training import TrainResult, train, trained, training
 
 __all__ = [
     "Add",
     "Compute",
+    "ComputeGrad",
     "Expr",
     "ExpressionError",
     "Index",
@@ -46,16 +48,22 @@ __all__ = [
     "Stop",
     "StopGradient",
     "StopRun",
+    "TrainResult",
     "Zero",
     "call",
     "here",
     "idx",
+    "input",
     "layer_class",
     "layer_types",
     "ops",
+    "optim",
     "out",
     "register_layer",
     "run",
     "saved",
     "session",
+    "train",
+    "trained",
+    "training",
 ]

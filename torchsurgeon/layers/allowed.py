@@ -454,6 +454,7 @@ LEAVES: dict[str, tuple[tuple[str, str, Any], ...]] = {
     "here": (),
     "saved": (("key", "key", REQUIRED), ("run", "key?", None), ("call", "int?", None)),
     "out": (("entry", "key", REQUIRED),),
+    "input": (("name", "key", REQUIRED),),
     "const": (("value", "number", None), ("tensor", "int?", None), ("bool", "bool", False)),
 }
 _CALL_PARAMS = (("path", "key", REQUIRED),)

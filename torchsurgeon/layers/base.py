@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -30,7 +31,17 @@ from torchsurgeon.surgery.display import TreescopeRepr
 from torchsurgeon.surgery.frozen import shallow_copy
 from torchsurgeon.surgery.paths import describe, layer_index_of
 
-__all__ = ["InterventionLayer", "Recorder", "layer_class", "layer_types", "register_layer"]
+__all__ = [
+    "InterventionLayer",
+    "Recorder",
+    "Steps",
+    "acts_at",
+    "layer_class",
+    "layer_types",
+    "register_layer",
+    "steps_from_json",
+    "steps_to_json",
+]
 
 _REGISTRY: dict[str, type[InterventionLayer]] = {}
 
@@ -51,14 +62,30 @@ class InterventionLayer(TreescopeRepr, nn.Module):
     reads_input: ClassVar[bool] = False
     """Whether an ``insert_after`` site also passes the module's input (see ``sites``); a
     class attribute here, so the site's lookup never falls through to ``__getattr__``."""
+    trainable_fields: ClassVar[tuple[str, ...] | None] = None
+    """The tensors ``ts.train`` trains when it is given the whole layer (``None``: every
+    floating-point tensor); e.g. a LoRA's ``a`` and ``b``, not its ``scale``."""
     expr_fields: ClassVar[tuple[str, ...]] = ()
     """Fields that may hold an expression (``ts.here``, ``ts.saved(...)``, ...) instead of
     a fixed value: evaluated on every call, with ``ts.here`` the layer's target tensor."""
+    grad_site: ClassVar[bool] = False
+    """Whether the layer acts on the backward pass (``SaveGrad``, ``ComputeGrad``): ``ts.run``
+    hands it the run's list of gradient sites, which ``backward=`` differentiates toward."""
     reads_run: ClassVar[bool] = False
     """Whether the layer reads its run (``ts.saved``, ``ts.call``): ``ts.run`` then hands
     it the run's values. Set on the instance by :meth:`_set_expr`."""
 
-    def __init__(self, *, on: int | str | None = None, index: Index | None = None) -> None:
+    steps: Any = None
+    """The generation steps (calls of the layer within one ``ts.run``) it acts at, as JSON:
+    ``None`` (every call), an int, ``{"slice": [start, stop, step]}`` or ``{"list": [...]}``."""
+
+    def __init__(
+        self,
+        *,
+        on: int | str | None = None,
+        index: Index | None = None,
+        steps: Steps = None,
+    ) -> None:
         super().__init__()
         if on is not None and not isinstance(on, (int, str)):
             raise TypeError(f"{type(self).__name__}: on= must be an int, a str or None, got {on!r}")
@@ -67,6 +94,8 @@ class InterventionLayer(TreescopeRepr, nn.Module):
         self.on = on
         self.index = as_index(index)
         self.site = ""
+        if steps is not None:
+            self.steps = steps_to_json(steps, type(self).__name__)
 
     def _set_tensor(self, name: str, value: torch.Tensor | float | int) -> None:
         if not isinstance(value, torch.Tensor):
@@ -92,12 +121,14 @@ class InterventionLayer(TreescopeRepr, nn.Module):
         if graph.reads() & {"saved", "runs", "call"}:
             self.__dict__["reads_run"] = True
 
-    def _evaluate(self, name: str, x: torch.Tensor) -> Any:
-        """Field ``name``'s expression on target ``x``, with the run's values if any."""
+    def _evaluate(self, name: str, x: torch.Tensor, values: RunValues | None = None) -> Any:
+        """Field ``name``'s expression on target ``x``, with the run's values (``values``,
+        else the run that claimed the layer, if any)."""
         graph: Graph = self.__dict__["_ts_graphs"][name]
         buffers = self._buffers
         constants = [buffers[f"{name}_c{i}"] for i in range(len(graph.tensors))]
-        values: RunValues | None = self.__dict__.get("_ts_run")
+        if values is None:
+            values = self.__dict__.get("_ts_run")
         try:
             return graph.evaluate(x, values, constants)
         except ExpressionError as error:
@@ -105,6 +136,24 @@ class InterventionLayer(TreescopeRepr, nn.Module):
             field = "" if step is None else f"steps.{step}.layer.config.{name}"
             where = self._where() + ("" if step is None else f"(plan step {step}) ")
             raise ExpressionError(f"{where}{name}: {error}", field) from None
+
+    def ts_active(self) -> bool:
+        """Whether this call of the layer is one of its ``steps`` (and count the call).
+
+        Sites ask only layers with ``steps`` set. The count belongs to the run: ``ts.run``
+        starts it at 0 (the prompt's forward pass in ``generate``), so outside a run there is
+        none, and that is an error rather than a guess.
+        """
+        calls = self.__dict__.get("_ts_calls")
+        if calls is None:
+            raise RuntimeError(
+                f"{self._where()}steps={self.steps} counts the calls of the layer within one "
+                "ts.run; run the model with ts.run (ts.run(model.generate, ids, ...) for "
+                "generation)"
+            )
+        call = calls[0]
+        calls[0] = call + 1
+        return acts_at(self.steps, call)
 
     def _holds_expr(self, name: str) -> bool:
         return name in self.__dict__.get("_ts_graphs", {})
@@ -127,6 +176,8 @@ class InterventionLayer(TreescopeRepr, nn.Module):
         for name, graph in self.__dict__.get("_ts_graphs", {}).items():
             out[name] = {"expr": graph.to_json()}
         out["on"] = self.on
+        if self.steps is not None:
+            out["steps"] = self.steps
         if self.takes_index:
             out["index"] = self.index.to_json() if self.index is not None else None
         return out
@@ -158,14 +209,17 @@ class InterventionLayer(TreescopeRepr, nn.Module):
                 while f"{name}_c{len(constants)}" in tensors:
                     constants.append(tensors.pop(f"{name}_c{len(constants)}"))
                 kwargs[name] = Graph.from_json(value["expr"], constants).expr()
-        expected = set(cls.config_fields) | set(cls.tensor_fields) | set(cls.expr_fields) | {"on"}
+        if "steps" in kwargs:
+            kwargs["steps"] = steps_from_json(kwargs["steps"])
+        expected = set(cls.config_fields) | set(cls.tensor_fields) | set(cls.expr_fields)
+        expected |= {"on", "steps"}
         expected |= {"index"} if cls.takes_index else set()
         unknown = set(kwargs) | set(tensors)
         unknown -= expected
         if unknown:
             raise ValueError(f"{cls.type_name}: unknown field(s) {sorted(unknown)}")
         taken = _constructor_parameters(cls)
-        for name in ("on", "index"):  # a constructor that does not take them gets no None
+        for name in ("on", "index", "steps"):  # a constructor that does not take them gets no None
             if name in kwargs and kwargs[name] is None and name not in taken:
                 del kwargs[name]
         return cls(**kwargs, **tensors)
@@ -214,8 +268,10 @@ class Recorder(InterventionLayer):
     ts_records: ClassVar[bool] = True
     """Marks recording layers for the selectors' duplicate-key check (no import needed)."""
 
-    def __init__(self, name: str | None = None, *, on: int | str | None = None) -> None:
-        super().__init__(on=on)
+    def __init__(
+        self, name: str | None = None, *, on: int | str | None = None, steps: Steps = None
+    ) -> None:
+        super().__init__(on=on, steps=steps)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"{type(self).__name__}: name must be a str, got {name!r}")
         if name is not None:
@@ -250,8 +306,64 @@ class Recorder(InterventionLayer):
 def _constructor_parameters(cls: type) -> frozenset[str]:
     parameters = inspect.signature(cls.__init__).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return frozenset({"on", "index"} | {p.name for p in parameters})
+        return frozenset({"on", "index", "steps"} | {p.name for p in parameters})
     return frozenset(p.name for p in parameters)
+
+
+Steps = int | slice | Sequence[int] | None
+"""Which calls of a layer within one run it acts at (a generation step per call)."""
+_MAX_STEP_LIST = 4096
+
+
+def steps_to_json(steps: Steps, owner: str) -> Any:
+    """``steps`` checked, as JSON (an int, ``{"slice": [...]}`` or ``{"list": [...]}``)."""
+    if isinstance(steps, bool):
+        raise TypeError(f"{owner}: steps= is an int, a slice or a list of ints, got {steps!r}")
+    if isinstance(steps, int):
+        if steps < 0:
+            raise ValueError(f"{owner}: steps={steps}: steps count from 0 (the prompt's pass)")
+        return steps
+    if isinstance(steps, slice):
+        bounds = [steps.start, steps.stop, steps.step]
+        if not all(b is None or (type(b) is int and b >= 0) for b in bounds) or steps.step == 0:
+            raise ValueError(f"{owner}: steps={steps}: a slice of ints >= 0 (step > 0)")
+        return {"slice": bounds}
+    if isinstance(steps, Sequence) and not isinstance(steps, str):
+        values = list(steps)
+        if not values or len(values) > _MAX_STEP_LIST:
+            raise ValueError(f"{owner}: steps= lists 1 to {_MAX_STEP_LIST} steps")
+        if not all(type(v) is int and v >= 0 for v in values):
+            raise TypeError(f"{owner}: steps= lists ints >= 0, got {values[:8]!r}")
+        return {"list": sorted(set(values))}
+    raise TypeError(f"{owner}: steps= is an int, a slice or a list of ints, got {steps!r}")
+
+
+def steps_from_json(data: Any) -> Steps:
+    """The ``steps=`` value of its JSON form; ``ValueError`` when it is not one."""
+    if data is None or (type(data) is int and data >= 0):
+        return data
+    if isinstance(data, dict) and set(data) == {"slice"} and _triple(data["slice"]):
+        return slice(*data["slice"])
+    if isinstance(data, dict) and set(data) == {"list"} and isinstance(data["list"], list):
+        return list(data["list"])
+    raise ValueError(f"steps must be an int, a slice or a list of ints, got {data!r}")
+
+
+def _triple(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 3
+
+
+def acts_at(steps: Any, call: int) -> bool:
+    """Whether a layer with JSON ``steps`` acts at its ``call``-th call (from 0)."""
+    if steps is None:
+        return True
+    if type(steps) is int:
+        return call == steps
+    if "slice" in steps:
+        start, stop, step = steps["slice"]
+        start = start or 0
+        return call >= start and (stop is None or call < stop) and (call - start) % (step or 1) == 0
+    return call in steps["list"]
 
 
 TEMPLATE_FIELDS = ("n", "layer", "path")

@@ -1,10 +1,17 @@
-"""Layers that compute: ``Compute`` replaces a tensor by an expression, ``Stop`` ends the run.
+"""Layers that compute: ``Compute`` replaces a tensor by an expression, ``ComputeGrad`` its
+gradient, ``Stop`` ends the run.
 
 ``Compute(expr)`` is the general edit: directional ablation is
 ``Compute(ts.here - (ts.here @ d)[..., None] * d)``, a conditional edit
 ``Compute(ts.ops.where(ts.here > 3, 0.0, ts.here))``, a patch from another site
 ``Compute(ts.saved("h3"))``. The expression (:mod:`torchsurgeon.layers.expr`) travels in the
 plan as data and is checked before it runs.
+
+``ComputeGrad(expr)`` edits the gradient on its way back through the site — NNsight's
+``.grad = ...`` — with ``ts.here`` the gradient that arrives (from the layers after it):
+``ComputeGrad(ts.here * 0)`` cuts the gradient there, ``ComputeGrad(ts.here.clamp(-1, 1))``
+clips it. Layers before it (and ``SaveGrad`` at earlier sites) see the edited gradient,
+layers after it the original: the order of the data, reversed.
 
 ``Stop()`` ends the forward pass where it sits — NNsight's ``tracer.stop()``: ``ts.run``
 returns what was saved until then (and no output), so reading an early layer of a 70B model
@@ -14,14 +21,17 @@ costs only the layers before it. Called outside ``ts.run``, the model raises
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from torchsurgeon.layers.allowed import ExpressionError
-from torchsurgeon.layers.base import InterventionLayer, register_layer
+from torchsurgeon.layers.base import InterventionLayer, Steps, register_layer
 from torchsurgeon.layers.expr import Expr
 from torchsurgeon.surgery.errors import SurgeryError
 
-__all__ = ["Compute", "Stop", "StopRun"]
+__all__ = ["Compute", "ComputeGrad", "Stop", "StopRun"]
 
 
 class StopRun(SurgeryError):
@@ -36,8 +46,8 @@ class Compute(InterventionLayer):
     expr_fields = ("expr",)
     takes_index = False
 
-    def __init__(self, expr: Expr, *, on: int | str | None = None) -> None:
-        super().__init__(on=on)
+    def __init__(self, expr: Expr, *, on: int | str | None = None, steps: Steps = None) -> None:
+        super().__init__(on=on, steps=steps)
         if not isinstance(expr, Expr):
             raise TypeError(
                 f"Compute takes an expression (built from ts.here, ts.saved, ...), got "
@@ -54,6 +64,60 @@ class Compute(InterventionLayer):
         return value
 
 
+class _EditGrad(torch.autograd.Function):
+    """The identity forward; ``edit(gradient)`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, edit: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+        ctx.edit = edit
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        edited = ctx.edit(grad)
+        if not isinstance(edited, torch.Tensor) or edited.shape != grad.shape:
+            shape = list(edited.shape) if isinstance(edited, torch.Tensor) else type(edited)
+            raise ExpressionError(
+                f"ComputeGrad: the expression gave {shape} for a gradient of shape "
+                f"{list(grad.shape)}; it must keep the gradient's shape"
+            )
+        return edited.to(grad.dtype), None
+
+
+@register_layer
+class ComputeGrad(InterventionLayer):
+    """Replace the gradient flowing back through the target by ``expr`` (``ts.here``: it)."""
+
+    type_name = "ComputeGrad"
+    grad_site = True
+    expr_fields = ("expr",)
+    takes_index = False
+
+    def __init__(self, expr: Expr, *, on: int | str | None = None, steps: Steps = None) -> None:
+        super().__init__(on=on, steps=steps)
+        if not isinstance(expr, Expr):
+            raise TypeError(
+                f"ComputeGrad takes an expression (ts.here is the gradient), got "
+                f"{type(expr).__name__}"
+            )
+        self._set_expr("expr", expr)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            if x.is_meta and not torch.is_grad_enabled():
+                return x  # a structure-only check of a forward-only run
+            raise RuntimeError(
+                f"{self._where()}the tensor does not require grad, so no gradient will reach "
+                "it. Run with gradients enabled (ts.run(..., backward=...), not under "
+                "torch.no_grad) on a model whose parameters or inputs require grad."
+            )
+        values = self.__dict__.get("_ts_run")  # the run's values, kept for the backward pass
+        sites = self.__dict__.get("_ts_grad_sites")
+        if sites is not None:
+            sites.append(x)  # so backward= reaches (and edits) the gradient here
+        return _EditGrad.apply(x, lambda grad: self._evaluate("expr", grad, values))
+
+
 @register_layer
 class Stop(InterventionLayer):
     """End the forward pass here; ``ts.run`` returns what was saved so far."""
@@ -61,8 +125,8 @@ class Stop(InterventionLayer):
     type_name = "Stop"
     takes_index = False
 
-    def __init__(self, *, on: int | str | None = None) -> None:
-        super().__init__(on=on)
+    def __init__(self, *, on: int | str | None = None, steps: Steps = None) -> None:
+        super().__init__(on=on, steps=steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise StopRun(

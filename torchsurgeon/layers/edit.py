@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from torchsurgeon.layers.base import InterventionLayer, register_layer
+from torchsurgeon.layers.base import InterventionLayer, Steps, register_layer
 from torchsurgeon.layers.expr import Expr
 from torchsurgeon.layers.index import Index, remember
 
@@ -105,8 +105,9 @@ class SetValues(InterventionLayer):
         value: float | torch.Tensor | Expr,
         *,
         on: int | str | None = None,
+        steps: Steps = None,
     ) -> None:
-        super().__init__(on=on, index=index)
+        super().__init__(on=on, index=index, steps=steps)
         if isinstance(value, Expr):
             self._set_expr("value", value)
         else:
@@ -132,6 +133,7 @@ class Add(InterventionLayer):
     """Add ``scale * vector`` (a steering vector) to the tensor, or to ``tensor[index]``."""
 
     type_name = "Add"
+    trainable_fields = ("vector",)
     tensor_fields = ("vector", "scale")
     expr_fields = ("vector",)
 
@@ -142,8 +144,9 @@ class Add(InterventionLayer):
         *,
         index: Index | None = None,
         on: int | str | None = None,
+        steps: Steps = None,
     ) -> None:
-        super().__init__(on=on, index=index)
+        super().__init__(on=on, index=index, steps=steps)
         if isinstance(vector, Expr):
             self._set_expr("vector", vector)
         elif isinstance(vector, torch.Tensor):
@@ -184,8 +187,9 @@ class Scale(InterventionLayer):
         *,
         index: Index | None = None,
         on: int | str | None = None,
+        steps: Steps = None,
     ) -> None:
-        super().__init__(on=on, index=index)
+        super().__init__(on=on, index=index, steps=steps)
         self._set_tensor("factor", factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,8 +208,10 @@ class Zero(InterventionLayer):
 
     type_name = "Zero"
 
-    def __init__(self, index: Index | None = None, *, on: int | str | None = None) -> None:
-        super().__init__(on=on, index=index)
+    def __init__(
+        self, index: Index | None = None, *, on: int | str | None = None, steps: Steps = None
+    ) -> None:
+        super().__init__(on=on, index=index, steps=steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.index is None:
@@ -230,8 +236,9 @@ class MeanAblate(InterventionLayer):
         *,
         index: Index | None = None,
         on: int | str | None = None,
+        steps: Steps = None,
     ) -> None:
-        super().__init__(on=on, index=index)
+        super().__init__(on=on, index=index, steps=steps)
         if not isinstance(mean, torch.Tensor):
             raise TypeError(f"MeanAblate: mean must be a tensor, got {type(mean).__name__}")
         self._set_tensor("mean", mean)
@@ -265,8 +272,9 @@ class Noise(InterventionLayer):
         *,
         index: Index | None = None,
         on: int | str | None = None,
+        steps: Steps = None,
     ) -> None:
-        super().__init__(on=on, index=index)
+        super().__init__(on=on, index=index, steps=steps)
         if not isinstance(std, (int, float)) or isinstance(std, bool) or not std >= 0:
             raise ValueError(f"Noise: std must be a number >= 0, got {std!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -304,8 +312,8 @@ class StopGradient(InterventionLayer):
     type_name = "StopGradient"
     takes_index = False
 
-    def __init__(self, *, on: int | str | None = None) -> None:
-        super().__init__(on=on)
+    def __init__(self, *, on: int | str | None = None, steps: Steps = None) -> None:
+        super().__init__(on=on, steps=steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach()

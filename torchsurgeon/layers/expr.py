@@ -48,7 +48,18 @@ from torchsurgeon.layers.allowed import (
 )
 from torchsurgeon.layers.index import Index
 
-__all__ = ["Expr", "as_expr", "call", "describe", "here", "make", "method", "out", "saved"]
+__all__ = [
+    "Expr",
+    "as_expr",
+    "call",
+    "describe",
+    "here",
+    "input",
+    "make",
+    "method",
+    "out",
+    "saved",
+]
 
 
 # --------------------------------------------------------------------------- expressions
@@ -256,7 +267,7 @@ def describe(expr: Expr, depth: int = 0) -> str:
     if op == "item_of":
         return f"{args[0]}.{('values', 'indices')[params['i']] if params['i'] < 2 else params['i']}"
     shown = [f"{k}={v!r}" for k, v in params.items() if v is not None and k != "bool"]
-    if op in ("saved", "out"):
+    if op in ("saved", "out", "input"):
         first, *rest = shown
         return f"{op}({first.split('=', 1)[1]}{''.join(', ' + r for r in rest)})"
     if op == "call":
@@ -376,6 +387,12 @@ def saved(key: str, *, run: str | None = None, call: int | None = None) -> Expr:
 def out(entry: str) -> Expr:
     """An entry of the model's output (``"logits"``, ``"output.0"``), after the forward."""
     return make("out", (), {"entry": entry})
+
+
+def input(name: str) -> Expr:
+    """An input of the run's model call: a keyword argument (``"attention_mask"``), or a
+    positional one by its parameter name (``"input_ids"``) or position (``"args.0"``)."""
+    return make("input", (), {"name": name})
 
 
 def call(path: str, *args: Any) -> Expr:

@@ -58,6 +58,8 @@ class RunValues:
     output: Any = None
     has_output: bool = False
     model: Any = None
+    inputs: Mapping[str, Any] | None = None
+    """The model call's arguments by name (``"input_ids"``, ``"args.0"``, keywords)."""
     modules: dict[str, Any] = field(default_factory=dict)
 
 
@@ -246,6 +248,8 @@ class Graph:
         for op, _, params in self.nodes:
             if op == "saved":
                 kinds.add("runs" if dict(params)["run"] is not None else "saved")
+            elif op == "input":
+                kinds.add("saved")  # read from the run, like a saved value
             elif op in ("call", "out"):
                 kinds.add(op)
         return kinds
@@ -277,6 +281,8 @@ def _node(
         return _saved(values, p["key"], p["run"], p["call"])
     if op == "out":
         return _output_entry(values, p["entry"])
+    if op == "input":
+        return _input(values, p["name"])
     if op == "call":
         return _module(values, p["path"])(*inputs)
     return OPS[op].fn(*inputs, **p)
@@ -387,6 +393,17 @@ def _output_entry(values: RunValues, entry: str) -> Any:
     raise ExpressionError(f"ts.out({entry!r}): the output has no such entry; it has {known}")
 
 
+def _input(values: RunValues, name: str) -> Any:
+    inputs = values.inputs
+    if inputs is None:
+        raise ExpressionError(f"ts.input({name!r}) reads the run's inputs; run with ts.run")
+    if name not in inputs:
+        raise ExpressionError(
+            f"ts.input({name!r}): the call has no such input; it has {sorted(inputs)}"
+        )
+    return inputs[name]
+
+
 def _module(values: RunValues, path: str) -> Callable[..., Any]:
     found = values.modules.get(path)
     if found is not None:
@@ -405,7 +422,7 @@ def _module(values: RunValues, path: str) -> Callable[..., Any]:
 def _show(op: str, params: dict[str, Any]) -> str:
     if op == "saved":
         return f"ts.saved({params['key']!r})"
-    if op in ("out", "call"):
+    if op in ("out", "call", "input"):
         return f"ts.{op}({next(iter(params.values()))!r})"
     return op
 

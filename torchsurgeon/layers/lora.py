@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from torchsurgeon.layers.base import InterventionLayer, register_layer
+from torchsurgeon.layers.base import InterventionLayer, Steps, register_layer
 
 __all__ = ["LowRankAdapter"]
 
@@ -41,6 +41,7 @@ class LowRankAdapter(InterventionLayer):
     """
 
     type_name = "LowRankAdapter"
+    trainable_fields = ("a", "b")
     tensor_fields = ("a", "b", "scale")
     takes_index = False
     reads_input = True
@@ -52,8 +53,9 @@ class LowRankAdapter(InterventionLayer):
         scale: float | torch.Tensor = 1.0,
         *,
         on: int | str | None = None,
+        steps: Steps = None,
     ) -> None:
-        super().__init__(on=on)
+        super().__init__(on=on, steps=steps)
         for name, value in (("a", a), ("b", b)):
             if not isinstance(value, torch.Tensor) or value.dim() != 2:
                 shown = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from torchsurgeon.layers.base import InterventionLayer, register_layer
+from torchsurgeon.layers.base import InterventionLayer, Steps, register_layer, steps_from_json
 from torchsurgeon.layers.index import Index, as_index, remember
 
 __all__ = ["Patch"]
@@ -90,6 +90,7 @@ class Patch(InterventionLayer):
         *,
         table: Sequence[tuple[Rows, Rows, Index | None]] | None = None,
         on: int | str | None = None,
+        steps: Steps = None,
     ) -> None:
         if table is None:
             if source_rows is None or target_rows is None:
@@ -97,7 +98,7 @@ class Patch(InterventionLayer):
                     "Patch needs source_rows and target_rows (Patch(0, [1, 2])), or a table "
                     "(Patch.table([(0, [1], ts.idx[3]), ...]))"
                 )
-            super().__init__(on=on, index=index)
+            super().__init__(on=on, index=index, steps=steps)
             entries = (_entry(source_rows, target_rows, index),)
             self.source_rows: list[int] | None = list(entries[0][0])
             self.target_rows: list[int] | None = list(entries[0][1])
@@ -111,7 +112,7 @@ class Patch(InterventionLayer):
                     "Patch: table must be a non-empty list of (source_rows, target_rows, "
                     f"index) entries, got {table!r}"
                 )
-            super().__init__(on=on)
+            super().__init__(on=on, steps=steps)
             entries = tuple(self._table_entry(i, e) for i, e in enumerate(table))
             self.source_rows = self.target_rows = None
         _one_source_per_target(
@@ -156,6 +157,10 @@ class Patch(InterventionLayer):
         for patch in patches:
             if type(patch) is not cls:
                 raise TypeError(f"Patch.combine takes Patch layers, got {type(patch).__name__}")
+            if patch.steps is not None:  # acts at some steps only: it stays alone
+                groups.append([patch])
+                table = None
+                continue
             if table is not None and _joins(patch, *table):
                 groups[-1].append(patch)
                 continue
@@ -183,13 +188,13 @@ class Patch(InterventionLayer):
             }
             for sources, targets, index in self.entries
         ]
-        return {"table": table, "on": self.on}
+        return {"table": table, "on": self.on, **({"steps": self.steps} if self.steps else {})}
 
     @classmethod
     def from_spec(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Patch:
         if "table" not in config:
             return super().from_spec(config, tensors)  # type: ignore[return-value]
-        unknown = (set(config) | set(tensors)) - {"table", "on"}
+        unknown = (set(config) | set(tensors)) - {"table", "on", "steps"}
         if unknown:
             raise ValueError(f"Patch: unknown field(s) {sorted(unknown)} next to table")
         table = config["table"]
@@ -205,7 +210,8 @@ class Patch(InterventionLayer):
             index = entry["index"]
             index = Index.from_json(index) if index is not None else None
             entries.append((entry["source_rows"], entry["target_rows"], index))
-        return cls(table=entries, on=config.get("on"))
+        steps = config.get("steps")
+        return cls(table=entries, on=config.get("on"), steps=steps_from_json(steps))
 
     def extra_repr(self) -> str:
         if not self.is_table:

@@ -34,10 +34,13 @@ class SaveGrad(Recorder):
     """Record the gradient that flows back into the target tensor, once ``backward`` runs."""
 
     type_name = "SaveGrad"
+    grad_site = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         store = self._ts_store
         if store is not None:
+            if x.is_meta and not torch.is_grad_enabled():
+                return x  # a structure-only check of a forward-only run
             if not x.requires_grad:
                 raise RuntimeError(
                     f"{self._where()}the tensor does not require grad, so no gradient will "
@@ -45,4 +48,7 @@ class SaveGrad(Recorder):
                     "whose parameters or inputs require grad."
                 )
             x.register_hook(store.append)
+            sites = self.__dict__.get("_ts_grad_sites")
+            if sites is not None:
+                sites.append(x)
         return x

@@ -17,6 +17,8 @@ record into each other. (Such a run calls the model eagerly, not through
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import types
 import weakref
@@ -27,9 +29,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import InterventionLayer, Recorder
 from torchsurgeon.layers.compute import StopRun
-from torchsurgeon.layers.graph import RunValues
+from torchsurgeon.layers.expr import Expr
+from torchsurgeon.layers.graph import Graph, RunValues
 from torchsurgeon.surgery.errors import SurgeryError
 from torchsurgeon.surgery.frozen import is_frozen
 from torchsurgeon.surgery.lineage import lineage_of
@@ -133,7 +137,11 @@ def _placed_run_layers(model: nn.Module) -> tuple[tuple[str, InterventionLayer],
         found = tuple(
             (p, m)
             for p, m in iter_nodes(model)
-            if isinstance(m, Recorder) or (isinstance(m, InterventionLayer) and m.reads_run)
+            if isinstance(m, Recorder)
+            or (
+                isinstance(m, InterventionLayer)
+                and (m.reads_run or m.grad_site or m.steps is not None)
+            )
         )
         by_key: dict[str, Recorder] = {}
         for _, layer in found:
@@ -170,6 +178,8 @@ def _private_sites(model: nn.Module, target: Callable[..., Any]) -> tuple[nn.Mod
     def own(node: nn.Module, path: str) -> nn.Module:
         node.__dict__["_ts_store"] = None  # the copy must not carry the claimed run's list
         node.__dict__["_ts_run"] = None
+        node.__dict__["_ts_grad_sites"] = None
+        node.__dict__["_ts_calls"] = None
         return node
 
     private = rewrite(model, {path: own for path, _ in _placed_run_layers(model)})
@@ -182,12 +192,16 @@ def run(
     target: nn.Module | Callable[..., Any],
     *args: Any,
     backend: Backend | None = None,
+    backward: Expr | None = None,
     **kwargs: Any,
 ) -> Result:
     """Call ``target(*args, **kwargs)`` with recording on; return a :class:`Result`.
 
     ``target`` may also be a session (``ts.session``): its runs in order, one ``Result``
-    per run by name.
+    per run by name. ``backward`` is a scalar expression over the finished run
+    (``ts.out("logits")[:, -1, a].sum()``) that is differentiated once the forward pass is
+    done: ``SaveGrad`` layers record the gradients reaching their sites, ``ComputeGrad``
+    layers edit them. The model's weights keep no ``.grad`` (see ``ts.wrap``).
     """
     if getattr(type(target), "ts_session", False):  # a Session (ts.session): no import needed
         if args or kwargs:
@@ -195,10 +209,17 @@ def run(
         return backend.run(target) if backend is not None else target.run_locally()  # type: ignore[return-value]
     if backend is not None:
         model = _module_of(target)
+        if backward is not None:
+            kwargs["backward"] = backward
         if target is not model:
-            raise TypeError("with backend=, pass the model itself, not a method of it")
+            name = getattr(target, "__name__", "")
+            if name == "generate" and hasattr(backend, "generate"):
+                return backend.generate(model, *args, **kwargs)
+            raise TypeError(
+                "with backend=, pass the model itself (or model.generate), not another method"
+            )
         return backend.run(model, *args, **kwargs)
-    return run_with(target, args, kwargs)
+    return run_with(target, args, kwargs, backward=backward)
 
 
 def run_with(
@@ -206,33 +227,115 @@ def run_with(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     runs: Mapping[str, Mapping[str, list[torch.Tensor]]] | None = None,
+    backward: Expr | Graph | None = None,
 ) -> Result:
     """:func:`run` locally; ``runs`` are the records of a session's earlier runs, by name,
-    for ``ts.saved(key, run=name)``."""
+    for ``ts.saved(key, run=name)``; ``backward`` a scalar expression to differentiate once
+    the forward pass is done (its gradients reach ``SaveGrad`` and ``ComputeGrad``)."""
+    graph = None
+    if backward is not None:
+        graph = backward if isinstance(backward, Graph) else Graph.of(backward)
+        graph.check_leaves(here=False, output=True)
     model = _module_of(target)
     placed = _placed_run_layers(model)
     layers = tuple(layer for _, layer in placed)
     records: dict[str, list[torch.Tensor]] = {}
+    sites: list[torch.Tensor] = []  # the tensors of SaveGrad / ComputeGrad, for backward=
     with _CLAIMS:
         free = all(
             layer.__dict__.get("_ts_store") is None and layer.__dict__.get("_ts_run") is None
             for layer in layers
         )
+        inputs = named_inputs(model, args, kwargs)
         if free:
-            _claim(model, layers, records, runs)
+            _claim(model, layers, records, runs, sites, inputs)
     if not free:  # nested, or another thread: record on our own copies of the sites
         model, target = _private_sites(model, target)
         layers = tuple(layer for _, layer in _placed_run_layers(model))
-        _claim(model, layers, records, runs)
+        _claim(model, layers, records, runs, sites, inputs)
     try:
-        output = target(*args, **kwargs)
-    except StopRun:
-        output = None  # a Stop layer ended the pass: what was saved until then is the result
+        try:
+            output = target(*args, **kwargs)
+        except StopRun:
+            output = None  # a Stop layer ended the pass: what was saved until then is the result
+        if graph is not None:
+            _backward(graph, model, records, runs, output, sites, inputs)
     finally:
         for layer in layers:
             layer.__dict__["_ts_store"] = None
             layer.__dict__["_ts_run"] = None
+            layer.__dict__["_ts_grad_sites"] = None
+            layer.__dict__["_ts_calls"] = None
     return Result(output, records)
+
+
+def _backward(
+    graph: Graph,
+    model: nn.Module,
+    records: dict[str, list[torch.Tensor]],
+    runs: Mapping[str, Mapping[str, list[torch.Tensor]]] | None,
+    output: Any,
+    sites: list[torch.Tensor],
+    inputs: Mapping[str, Any],
+) -> None:
+    """Evaluate the backward expression on the finished run and differentiate it.
+
+    The gradient is taken with respect to the tensors of the run's ``SaveGrad`` and
+    ``ComputeGrad`` layers only (``torch.autograd.grad``): their hooks see it, and nothing is
+    computed for the weights, whose ``.grad`` a tree would drop anyway.
+    """
+    if not sites:
+        raise ExpressionError(
+            "backward=: the model has no SaveGrad or ComputeGrad layer that ran, so the "
+            "backward pass would compute nothing you can read; insert ts.layers.SaveGrad(key) "
+            "where you want the gradient",
+            "backward",
+        )
+    values = RunValues(
+        records=records,
+        runs=runs,
+        output=output,
+        has_output=True,
+        model=lineage_of(model).base,
+        inputs=inputs,
+    )
+    value = graph.evaluate(None, values)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ExpressionError(
+            f"backward= takes a scalar expression; this one gives {shape}: reduce it, e.g. "
+            "with .sum() or .mean()",
+            "backward",
+        )
+    if not value.requires_grad:
+        raise ExpressionError(
+            "backward=: the expression does not depend on anything that requires grad (was "
+            "the run made under torch.no_grad, or on a model with no parameter requiring "
+            "grad?)",
+            "backward",
+        )
+    torch.autograd.grad(value.reshape(()), sites, allow_unused=True)
+
+
+def named_inputs(
+    model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The call's arguments for ``ts.input``: ``args.<i>``, the name of the ``forward``
+    parameter each positional argument fills, and the keyword arguments."""
+    named: dict[str, Any] = {f"args.{i}": value for i, value in enumerate(args)}
+    named.update(zip(_positional_names(type(model)), args, strict=False))
+    named.update(kwargs)
+    return named
+
+
+@functools.cache
+def _positional_names(cls: type) -> tuple[str, ...]:
+    try:
+        parameters = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in parameters if p.kind in kinds)
 
 
 def _claim(
@@ -240,14 +343,22 @@ def _claim(
     layers: tuple[InterventionLayer, ...],
     records: dict[str, list[torch.Tensor]],
     runs: Mapping[str, Mapping[str, list[torch.Tensor]]] | None,
+    sites: list[torch.Tensor],
+    inputs: Mapping[str, Any],
 ) -> None:
     # ``_ts_store`` is a plain attribute: writing the instance dict skips nn.Module's (and
     # the frozen class's) ``__setattr__`` checks, ~3 µs per layer per run.
     values = None
     for layer in layers:
+        if layer.steps is not None:
+            layer.__dict__["_ts_calls"] = [0]
+        if layer.grad_site:
+            layer.__dict__["_ts_grad_sites"] = sites
         if isinstance(layer, Recorder):
             layer.__dict__["_ts_store"] = records.setdefault(layer.key, [])
         else:
             if values is None:
-                values = RunValues(records=records, runs=runs, model=lineage_of(model).base)
+                values = RunValues(
+                    records=records, runs=runs, model=lineage_of(model).base, inputs=inputs
+                )
             layer.__dict__["_ts_run"] = values

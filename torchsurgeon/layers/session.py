@@ -20,14 +20,15 @@ needs a base: ``ts.plans.execute(session, base)`` or a host.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from torchsurgeon.layers.results import Result, run_with
+from torchsurgeon.layers.training import Trained, Training, TrainResult, with_tensors
 
 __all__ = ["MAX_RUNS", "Session", "SessionRun", "session"]
 
@@ -67,24 +68,79 @@ class Session:
     def names(self) -> list[str]:
         return [r.name for r in self.runs]
 
-    def run_locally(self) -> dict[str, Result]:
-        """Each run in order on its own model; one :class:`Result` per run, by name."""
+    def run_locally(self, resolve: Resolve | None = None) -> dict[str, Result]:
+        """Each run in order on its own model; one :class:`Result` per run, by name.
+
+        ``resolve(target)`` turns a run's target into ``(model or model.generate, returning,
+        backward)``: how ``ts.plans.execute(session, base)`` runs plans (``returning`` and
+        ``backward`` from the plan). Without it, every target must be a model (or a
+        ``training`` / ``trained`` of one).
+        """
+        resolve = resolve or _as_model
         records: dict[str, Mapping[str, list[torch.Tensor]]] = {}
         results: dict[str, Result] = {}
+        trained: dict[str, dict[str, torch.Tensor]] = {}
         for item in self.runs:
-            if not isinstance(item.target, nn.Module):
-                raise TypeError(
-                    f"session run {item.name!r} is a {type(item.target).__name__}, which has "
-                    "no model here; run a session of plans with ts.plans.execute(session, "
-                    "base) or on a host (backend=client)"
-                )
-            result = run_with(item.target, item.args, dict(item.kwargs or {}), records)
+            target = item.target
+            if isinstance(target, Training):
+                model, _, _ = resolve(target.model)
+                done = replace(target, model=model).run()
+                trained[item.name] = done.tensors
+                results[item.name] = training_result(done)
+                records[item.name] = results[item.name].records
+                continue
+            tensors = None
+            if isinstance(target, Trained):
+                if target.run not in trained:
+                    raise ValueError(
+                        f"session run {item.name!r} uses the tensors trained by {target.run!r}, "
+                        f"which is not an earlier training run (those: {sorted(trained)})"
+                    )
+                target, tensors = target.model, trained[target.run]
+            call, returning, backward = resolve(target)
+            if tensors is not None:
+                call = _with_tensors_of_call(call, tensors)
+            result = run_with(call, item.args, dict(item.kwargs or {}), records, backward)
             records[item.name] = result.records
-            results[item.name] = result
+            results[item.name] = (
+                result if returning is None else returning.apply(result, _owner(call), records)
+            )
         return results
 
     def __repr__(self) -> str:
         return f"Session({', '.join(self.names)})"
+
+
+def training_result(done: TrainResult) -> Result:
+    """A training run as a session's ``Result``: ``records["loss"]`` (one loss per step) and
+    each trained tensor under its name."""
+    records = {"loss": [torch.tensor(done.losses)], **{k: [t] for k, t in done.tensors.items()}}
+    return Result(None, records)
+
+
+Resolve = Callable[[Any], tuple[Any, Any, Any]]
+"""A run's target -> ``(model or model.generate, returning or None, backward or None)``."""
+
+
+def _owner(call: Any) -> nn.Module:
+    return call if isinstance(call, nn.Module) else call.__self__
+
+
+def _as_model(target: Any) -> tuple[Any, Any, Any]:
+    if isinstance(target, nn.Module) or isinstance(getattr(target, "__self__", None), nn.Module):
+        return target, None, None
+    raise TypeError(
+        f"a session run is a {type(target).__name__}, which has no model here; run a session "
+        "of plans with ts.plans.execute(session, base) or on a host (backend=client)"
+    )
+
+
+def _with_tensors_of_call(call: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """``call`` (a model or its ``generate``) on the model with ``tensors`` put in."""
+    if isinstance(call, nn.Module):
+        return with_tensors(call, tensors)
+    model = with_tensors(call.__self__, tensors)
+    return getattr(model, call.__name__)
 
 
 def session(**runs: Any) -> Session:
@@ -95,6 +151,9 @@ def session(**runs: Any) -> Session:
     """
     built = Session()
     for name, spec in runs.items():
+        if isinstance(spec, Training):
+            built = built.then(name, spec)
+            continue
         if not isinstance(spec, Sequence) or isinstance(spec, str) or not 2 <= len(spec) <= 3:
             raise TypeError(
                 f"session run {name}=...: give (model_or_plan, inputs) or (model_or_plan, "

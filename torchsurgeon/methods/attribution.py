@@ -30,12 +30,13 @@ from torch import nn
 
 from torchsurgeon.layers.edit import Add
 from torchsurgeon.layers.record import Save, SaveGrad
-from torchsurgeon.layers.results import run
+from torchsurgeon.layers.results import Backend, run
 from torchsurgeon.methods.batching import Side, logits_of, rewrite_at
 from torchsurgeon.methods.grid import EffectGrid
 from torchsurgeon.methods.layout import ModelLayout, d_head, layout_of, n_layers
 from torchsurgeon.methods.metrics import Metric, mean_metric, on_real_tokens
 from torchsurgeon.methods.patching import MEASURE, pair, pick_layers, pick_positions
+from torchsurgeon.methods.remote import local_only
 from torchsurgeon.methods.tokens import Decoder, aligned, forward_kwargs, inputs, position_labels
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
@@ -63,6 +64,7 @@ def attribution_patching(
     attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
     decoder: Decoder = None,
+    backend: Backend | None = None,
 ) -> EffectGrid:
     """Estimate :func:`activation_patching`'s grid with gradient x activation difference.
 
@@ -70,7 +72,12 @@ def attribution_patching(
     x position; ``over="heads"``: layer x head, summed over positions and the head's
     features); the values estimate ``metric(patched) - metric(corrupted)``. With
     ``attention_mask`` (the one mask of both, padded pairs) positions count real tokens.
+
+    ``backend=`` is refused (``NotImplementedError``): a backward pass on a host is the
+    issue "Gradients, generation and training on the host" — run it locally, or run
+    :func:`activation_patching` on the host.
     """
+    local_only("attribution_patching", backend, "a backward pass (gradients)")
     model = wrap(model)
     layout = layout_of(model, layout)
     clean, mask = inputs(clean, attention_mask, "clean")

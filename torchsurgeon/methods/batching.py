@@ -23,6 +23,10 @@ A group is ``n`` rows: ``n`` prompts (or prompt pairs) measured together; the me
 averaged over them. The *fixed* groups (clean and corrupted, or just the unablated base)
 lead every chunk's batch. ``prepare`` lets a method add layers once the row layout is known
 (causal tracing's noise, which every corrupted group must share).
+
+With ``backend=`` (a ``ts.remote.Client``) each forward pass is one request to a host and
+only the metric of each row comes back where the metric is a known one (see
+:mod:`torchsurgeon.methods.remote`): ``max_rows=None`` is one request for the whole sweep.
 """
 
 from __future__ import annotations
@@ -35,8 +39,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from torchsurgeon.layers.expr import Expr, out
 from torchsurgeon.layers.patch import Patch
+from torchsurgeon.layers.results import Backend
 from torchsurgeon.methods.metrics import Metric, mean_metric
+from torchsurgeon.methods.remote import Run, host_sweep_pass, logits_entry
 from torchsurgeon.selectors.expression import SelectorStep
 from torchsurgeon.selectors.selection import select
 from torchsurgeon.surgery.frozen import wrap
@@ -45,7 +52,16 @@ from torchsurgeon.surgery.paths import get_at, resolve_segment, split
 from torchsurgeon.surgery.rewrite import rewrite
 from torchsurgeon.surgery.sites import add_layers
 
-__all__ = ["Edit", "RowLayout", "Side", "insert_all", "logits_of", "rewrite_at", "run_variants"]
+__all__ = [
+    "Edit",
+    "PassEdits",
+    "RowLayout",
+    "Side",
+    "insert_all",
+    "logits_of",
+    "rewrite_at",
+    "run_variants",
+]
 
 Side = Literal["insert_before", "insert_after"]
 Edit = tuple[str, Side, nn.Module]
@@ -58,6 +74,15 @@ class RowLayout:
 
     fixed: tuple[range, ...]
     variants: tuple[range, ...]
+
+    @property
+    def batch(self) -> int:
+        """The rows of the pass."""
+        return max((rows.stop for rows in (*self.fixed, *self.variants)), default=0)
+
+
+PassEdits = Callable[[Sequence[tuple[int, range]], RowLayout], Sequence[Edit]]
+"""``pass_edits(placed, layout)``: the layers of one pass, ``placed`` its ``(k, rows)``."""
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -167,12 +192,23 @@ def run_variants(
     max_rows: int | None = None,
     prepare: Callable[[nn.Module, RowLayout], nn.Module] | None = None,
     forward_kwargs: dict[str, Any] | None = None,
+    backend: Backend | None = None,
+    host_rows: Callable[[RowLayout, Expr], Expr | None] | None = None,
+    before: Sequence[Run] = (),
+    pass_edits: PassEdits | None = None,
 ) -> tuple[list[float], torch.Tensor]:
     """``(metric of each fixed group, metric of each variant [n_variants])``.
 
     Every variant group holds ``variant_ids``; ``edits(k, rows)`` gives the layers that make
     group ``k`` (at batch rows ``rows``) the ``k``-th variant. ``max_rows`` bounds the rows
-    of one forward pass (at least one variant goes in each).
+    of one forward pass (at least one variant goes in each). ``pass_edits(placed, layout)``,
+    given, replaces ``edits``: the layers of a whole pass at once, from its ``(k, rows)``
+    pairs (one layer per site for all of them, where per-variant layers would be many).
+
+    With ``backend`` each forward pass is one request to that host (see
+    :mod:`torchsurgeon.methods.remote`): the metric of each row is computed there when it
+    is a known metric (or ``host_rows(layout, logits)`` gives it as an expression), else
+    the logits come back. ``before`` are runs of the same session each pass reads.
     """
     n = variant_ids.shape[0]
     lead = sum(ids.shape[0] for ids in fixed)
@@ -190,14 +226,34 @@ def run_variants(
             tuple(range(lead + j * n, lead + (j + 1) * n) for j in range(count)),
         )
         rewritten = model if prepare is None else prepare(model, layout)
-        rewritten = insert_all(
-            rewritten,
-            (edit for j, rows in enumerate(layout.variants) for edit in edits(start + j, rows)),
-        )
+        placed = [(start + j, rows) for j, rows in enumerate(layout.variants)]
+        if pass_edits is not None:
+            rewritten = insert_all(rewritten, pass_edits(placed, layout))
+        else:
+            rewritten = insert_all(
+                rewritten, (edit for k, rows in placed for edit in edits(k, rows))
+            )
         ids = torch.cat([*fixed, variant_ids.repeat(count, 1)])
-        with torch.no_grad():
-            logits = logits_of(rewritten(ids, **(forward_kwargs or {})))
+        groups = (*layout.fixed, *layout.variants)
+        if backend is None:
+            with torch.no_grad():
+                logits = logits_of(rewritten(ids, **(forward_kwargs or {})))
+            found = [mean_metric(metric, logits[rows]) for rows in groups]
+        else:
+            per_row = None
+            if host_rows is not None:
+                per_row = host_rows(layout, out(logits_entry(rewritten)))
+            found = host_sweep_pass(
+                backend,
+                rewritten,
+                ids,
+                forward_kwargs or {},
+                metric,
+                groups,
+                rows=per_row,
+                before=before,
+            )
         if start == 0:
-            fixed_values = [float(mean_metric(metric, logits[rows])) for rows in layout.fixed]
-        values.extend(mean_metric(metric, logits[rows]) for rows in layout.variants)
+            fixed_values = [float(value) for value in found[: len(layout.fixed)]]
+        values.extend(found[len(layout.fixed) :])
     return fixed_values, torch.stack(values) if values else torch.zeros(0)

@@ -35,9 +35,10 @@ from torch import nn
 
 from torchsurgeon.layers.lora import LowRankAdapter
 from torchsurgeon.layers.record import Save
-from torchsurgeon.layers.results import run
+from torchsurgeon.layers.results import Backend, run
 from torchsurgeon.methods.batching import logits_of, rewrite_at
 from torchsurgeon.methods.layout import ModelLayout, features, layout_of, n_layers
+from torchsurgeon.methods.remote import local_only
 from torchsurgeon.methods.tokens import forward_kwargs, inputs
 from torchsurgeon.selectors.selection import select
 from torchsurgeon.surgery.frozen import wrap
@@ -141,6 +142,7 @@ def train_lora(
     attention_mask: torch.Tensor | None = None,
     seed: int = 0,
     layout: ModelLayout | None = None,
+    backend: Backend | None = None,
 ) -> LoraResult:
     """Train rank-``rank`` adapters after ``targets`` on ``input_ids``; the base stays frozen.
 
@@ -149,7 +151,11 @@ def train_lora(
     attention output projection and MLP down-projection. Adam with learning rate ``lr``
     runs ``steps`` steps over minibatches of ``batch_size`` rows (all rows when None),
     drawn with a generator seeded by ``seed``. ``attention_mask`` marks padding.
+
+    ``backend=`` is refused (``NotImplementedError``): training on a host is the issue
+    "Gradients, generation and training on the host".
     """
+    local_only("train_lora", backend, "training (gradients and optimizer steps)")
     model = wrap(model)
     ids, mask = inputs(input_ids, attention_mask)
     if loss_mask is not None and tuple(loss_mask.shape) != tuple(ids.shape):

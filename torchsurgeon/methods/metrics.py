@@ -23,7 +23,14 @@ import torch
 
 from torchsurgeon.methods.tokens import aligned
 
-__all__ = ["AnswerProbability", "LogitDiff", "Metric", "mean_metric", "on_real_tokens"]
+__all__ = [
+    "AnswerProbability",
+    "LogitDiff",
+    "Metric",
+    "RealTokens",
+    "mean_metric",
+    "on_real_tokens",
+]
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 Answers = int | Sequence[int] | torch.Tensor
@@ -76,19 +83,29 @@ def mean_metric(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
     return value.float().mean()
 
 
+@dataclass(frozen=True, eq=False)
+class RealTokens:
+    """``metric`` read on a padded group of rows (``mask [n, pos]``): each row's logits
+    rolled so that its real tokens end at position ``-1``. Made by :func:`on_real_tokens`;
+    a dataclass, not a closure, so a method running on a host can see what it reads and
+    compute it there (:mod:`torchsurgeon.methods.remote`)."""
+
+    metric: Metric
+    mask: torch.Tensor
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[0] != self.mask.shape[0]:
+            raise ValueError(
+                f"a metric on a padded batch reads groups of {self.mask.shape[0]} rows (one "
+                f"per prompt), got {logits.shape[0]}"
+            )
+        return self.metric(aligned(logits, self.mask, end=True))
+
+
 def on_real_tokens(metric: Metric, mask: torch.Tensor | None) -> Metric:
     """``metric`` on a padded group of rows (``mask [n, pos]``): it sees each row's logits
     rolled so that the row's real tokens end at position ``-1``. ``metric`` itself when
     there is no mask."""
     if mask is None:
         return metric
-
-    def read(logits: torch.Tensor) -> torch.Tensor:
-        if logits.shape[0] != mask.shape[0]:
-            raise ValueError(
-                f"a metric on a padded batch reads groups of {mask.shape[0]} rows (one per "
-                f"prompt), got {logits.shape[0]}"
-            )
-        return metric(aligned(logits, mask, end=True))
-
-    return read
+    return RealTokens(metric, mask)

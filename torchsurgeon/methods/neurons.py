@@ -14,7 +14,8 @@ unforced model on the same batch, and returns both, with the tokens whose log-pr
 rose the most in each forced row — and the forced model itself, which is a plan like any
 other rewrite. On a padded batch (``attention_mask=``) "the last position" is each row's own
 last real token: rows of one length share one ``SetValues``, so left padding (every row ends
-at the last column) is still one layer per MLP.
+at the last column) is still one layer per MLP. With ``backend=client`` both passes run on
+a host, in one request (see :mod:`torchsurgeon.methods.remote`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from torch import nn
 
 from torchsurgeon.layers.edit import SetValues
 from torchsurgeon.layers.index import Index
+from torchsurgeon.layers.results import Backend
 from torchsurgeon.methods.batching import logits_of, rewrite_at
 from torchsurgeon.methods.layout import ModelLayout, in_features, layout_of, n_layers
 from torchsurgeon.methods.patching import pick_layers
+from torchsurgeon.methods.remote import logits_entry, plan_of, run_plans
 from torchsurgeon.methods.tokens import (
     Decoder,
     forward_kwargs,
@@ -128,6 +131,7 @@ def force_neurons(
     attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
     decoder: Decoder = None,
+    backend: Backend | None = None,
 ) -> NeuronForcing:
     """Set ``neurons[layer]`` of each layer's MLP to ``value``; run forced and unforced.
 
@@ -135,6 +139,10 @@ def force_neurons(
     position (all when None); the shift and top tokens are read at ``position`` (the last
     one when ``position`` is None). With ``attention_mask`` (a padded batch) ``position``
     counts each row's real tokens: ``-1`` is each row's own last token.
+
+    ``backend`` (a ``ts.remote.Client``; ``model`` may be ``client.meta(name)``) runs the
+    forced and the unforced pass on that host, as two runs of one request; both logits
+    come back (they are the result).
     """
     model = wrap(model)
     layout = layout_of(model, layout)
@@ -160,9 +168,21 @@ def force_neurons(
         for index in _indices(rows, picked, position, columns, mask, chosen):
             forced = rewrite_at(forced, site, "insert_before", SetValues(index, value))
     extra = forward_kwargs(mask)
-    with torch.no_grad():
-        logits = logits_of(forced(ids, **extra))
-        base = logits_of(model(ids, **extra))
+    if backend is not None:
+        entry = logits_entry(model)
+        results = run_plans(
+            backend,
+            [
+                ("forced", plan_of(forced).returning(entry), (ids,), extra),
+                ("base", plan_of(model).returning(entry), (ids,), extra),
+            ],
+        )
+        logits = logits_of(results["forced"].output)
+        base = logits_of(results["base"].output)
+    else:
+        with torch.no_grad():
+            logits = logits_of(forced(ids, **extra))
+            base = logits_of(model(ids, **extra))
     everyone = torch.arange(ids.shape[0], device=logits.device)
     at = columns.to(logits.device)
     shift = logits[everyone, at].float().log_softmax(-1) - base[everyone, at].float().log_softmax(

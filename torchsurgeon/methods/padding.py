@@ -17,8 +17,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from torchsurgeon.methods.batching import Edit, RowLayout, run_variants
+from torchsurgeon.layers.results import Backend
+from torchsurgeon.methods.batching import Edit, PassEdits, RowLayout, run_variants
 from torchsurgeon.methods.metrics import Metric, on_real_tokens
+from torchsurgeon.methods.remote import Run
 from torchsurgeon.methods.tokens import forward_kwargs
 
 __all__ = ["variants_with_mask"]
@@ -35,11 +37,28 @@ def variants_with_mask(
     *,
     max_rows: int | None = None,
     prepare: Callable[[nn.Module, RowLayout], nn.Module] | None = None,
+    backend: Backend | None = None,
+    before: Sequence[Run] = (),
+    pass_edits: PassEdits | None = None,
 ) -> tuple[list[float], torch.Tensor]:
-    """``run_variants`` on prompts padded as ``mask [n, pos]`` marks (every group ``n`` rows)."""
+    """``run_variants`` on prompts padded as ``mask [n, pos]`` marks (every group ``n`` rows).
+
+    ``backend``, ``before`` and ``pass_edits`` go to :func:`run_variants` (with a backend,
+    one request per forward pass).
+    """
     if mask is None:
         return run_variants(
-            model, fixed, variant_ids, n_variants, edits, metric, max_rows=max_rows, prepare=prepare
+            model,
+            fixed,
+            variant_ids,
+            n_variants,
+            edits,
+            metric,
+            max_rows=max_rows,
+            prepare=prepare,
+            backend=backend,
+            before=before,
+            pass_edits=pass_edits,
         )
     n = variant_ids.shape[0]
     if any(ids.shape[0] != n for ids in fixed) or mask.shape[0] != n:
@@ -57,6 +76,11 @@ def variants_with_mask(
         def shifted(k: int, rows: range, start: int = start) -> Sequence[Edit]:
             return edits(start + k, rows)
 
+        def shifted_pass(
+            placed: Sequence[tuple[int, range]], layout: RowLayout, start: int = start
+        ) -> Sequence[Edit]:
+            return pass_edits([(start + k, rows) for k, rows in placed], layout)  # type: ignore[misc]
+
         found, part = run_variants(
             model,
             fixed,
@@ -66,6 +90,9 @@ def variants_with_mask(
             read,
             prepare=prepare,
             forward_kwargs=forward_kwargs(rows_mask),
+            backend=backend,
+            before=before,
+            pass_edits=None if pass_edits is None else shifted_pass,
         )
         if start == 0:
             fixed_values = found

@@ -26,6 +26,9 @@ the first token where the prompts differ, at every layer.
 ``clean`` and ``corrupted`` are ``[pos]`` prompts or ``[n, pos]`` batches of pairs of equal
 length (no padding); the metric is averaged over the pairs. The result's values are
 ``metric(patched) - metric(corrupted)``.
+
+With ``backend=client`` the sweep runs on a host, one request for one batch (see
+:mod:`torchsurgeon.methods.remote`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from torch import nn
 from torchsurgeon.layers.index import idx
 from torchsurgeon.layers.patch import Patch
 from torchsurgeon.layers.record import Save
-from torchsurgeon.layers.results import run
+from torchsurgeon.layers.results import Backend, run
 from torchsurgeon.methods.batching import Edit, insert_all, run_variants
 from torchsurgeon.methods.grid import EffectGrid
 from torchsurgeon.methods.layout import ModelLayout, d_head, layout_of, n_layers
@@ -100,6 +103,7 @@ def activation_patching(
     forward_kwargs: dict[str, Any] | None = None,
     layout: ModelLayout | None = None,
     decoder: Decoder = None,
+    backend: Backend | None = None,
 ) -> EffectGrid:
     """Patch clean -> corrupted at every site, all in one batch; an :class:`EffectGrid`.
 
@@ -108,6 +112,14 @@ def activation_patching(
     head). ``max_rows`` bounds the rows of one forward pass. ``forward_kwargs`` go to every
     forward call — ``{"logits_to_keep": 1}`` saves the unembedding of every position but the
     last when the metric reads only the last one. ``decoder`` labels positions.
+
+    ``backend`` (a ``ts.remote.Client``; ``model`` may be ``client.meta(name)``) runs each
+    forward pass on that host, one request each — one for the whole sweep without
+    ``max_rows``. A ``LogitDiff`` / ``AnswerProbability`` metric is computed there (one
+    number a row comes back), any other metric reads the logits here. Over the residual
+    stream the host runs every site: finding the sites where clean and corrupted are equal
+    would be a request of its own, and their effect is 0 all the same (their patched rows
+    hold the corrupted rows' values), up to float rounding.
     """
     model = wrap(model)
     layout = layout_of(model, layout)
@@ -119,7 +131,10 @@ def activation_patching(
         cols = pick_positions(positions, clean.shape[1])
         col_labels = tuple(position_labels(clean[0], decoder)[p] for p in cols)
         col_name = "position"
-        sites = _differing_sites(model, layout, clean, corrupted, rows_of, cols, forward_kwargs)
+        if backend is None:
+            sites = _differing_sites(model, layout, clean, corrupted, rows_of, cols, forward_kwargs)
+        else:  # one request: every site runs (an equal site's effect is 0 all the same)
+            sites = list(range(len(rows_of) * len(cols)))
 
         def edits(k: int, rows: range) -> Sequence[Edit]:
             site = sites[k]
@@ -154,6 +169,7 @@ def activation_patching(
         metric,
         max_rows=max_rows,
         forward_kwargs=forward_kwargs,
+        backend=backend,
     )
     values = torch.full(
         (len(rows_of) * len(cols),), corrupted_value, dtype=patched.dtype, device=patched.device

@@ -12,7 +12,9 @@ weights trained full-batch with Adam and a little weight decay, a seeded train/t
 shared by every layer. Labels are one per prompt (read at ``position``) or one per token
 (``position=None``, labels ``[batch, pos]``). On a padded batch (``attention_mask=``) each
 prompt is read at its own ``position`` (``-1``: its last real token) and, per token, the
-padding positions are no examples at all: their labels are ignored.
+padding positions are no examples at all: their labels are ignored. With
+``backend=client`` the features are collected on a host (one request per ``batch_size``
+prompts, only the features travel) and the probes are fitted here.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from torchsurgeon.layers import ops
+from torchsurgeon.layers.expr import saved
 from torchsurgeon.layers.record import Save
-from torchsurgeon.layers.results import run
+from torchsurgeon.layers.results import Backend, run
 from torchsurgeon.methods.batching import rewrite_at
 from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
 from torchsurgeon.methods.patching import pick_layers
+from torchsurgeon.methods.remote import plan_of, run_plan
 from torchsurgeon.methods.tokens import forward_kwargs, inputs, token_index
 from torchsurgeon.surgery.frozen import wrap
 
@@ -130,11 +135,16 @@ def residual_features(
     batch_size: int | None = None,
     attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
+    backend: Backend | None = None,
 ) -> torch.Tensor:
     """The residual stream after each block: ``[layer, example, d_model]``.
 
     Examples are the prompts (read at ``position``) or, with ``position=None``, every token
     (every real token, row by row, when ``attention_mask`` marks padding).
+
+    ``backend`` (a ``ts.remote.Client``; ``model`` may be ``client.meta(name)``) runs each
+    forward pass on that host — one request per ``batch_size`` prompts, one in all without
+    it — and only the features (the states at the read positions) come back.
     """
     model = wrap(model)
     layout = layout_of(model, layout)
@@ -149,9 +159,12 @@ def residual_features(
         part = slice(start, start + step)
         rows = ids[part]
         part_mask = None if mask is None else mask[part]
+        if backend is not None:
+            chunks.append(_host_features(backend, probe, rows, part_mask, picked, position))
+            continue
         with torch.no_grad():
-            saved = run(probe, rows, **forward_kwargs(part_mask)).records
-        resid = torch.stack([saved[f"resid{layer}"][0] for layer in picked]).float()
+            records = run(probe, rows, **forward_kwargs(part_mask)).records
+        resid = torch.stack([records[f"resid{layer}"][0] for layer in picked]).float()
         if position is None:
             if part_mask is not None:
                 resid = resid[:, part_mask.bool().to(resid.device)]
@@ -161,6 +174,30 @@ def residual_features(
             everyone = torch.arange(rows.shape[0])
             chunks.append(resid[:, everyone, columns.to(everyone.device)])
     return torch.cat(chunks, dim=1)
+
+
+def _host_features(
+    backend: Backend,
+    probe: nn.Module,
+    rows: torch.Tensor,
+    mask: torch.Tensor | None,
+    picked: Sequence[int],
+    position: int | None,
+) -> torch.Tensor:
+    """One chunk's features computed on the host, by the operations the local path makes."""
+    resid = ops.stack([saved(f"resid{layer}") for layer in picked]).float()
+    if position is None:
+        if mask is not None:
+            real_rows, real_columns = mask.bool().cpu().nonzero(as_tuple=True)
+            resid = resid[:, real_rows, real_columns]
+    else:
+        columns = token_index(mask, position, rows.shape[1], rows.shape[0])
+        resid = resid[:, torch.arange(rows.shape[0]), columns.cpu()]
+    plan = plan_of(probe).returning(features=resid)
+    features = run_plan(backend, plan, rows, **forward_kwargs(mask)).saved["features"]
+    if position is None:
+        return features.reshape(len(picked), -1, features.shape[-1])
+    return features
 
 
 def train_probe(
@@ -178,12 +215,16 @@ def train_probe(
     batch_size: int | None = None,
     attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
+    backend: Backend | None = None,
 ) -> ProbeResult:
     """Train a linear probe on each layer's residual stream; held-out accuracy per layer.
 
     ``labels`` is ``[batch]`` (read at ``position``) or ``[batch, pos]`` with
     ``position=None`` (one example per token; with ``attention_mask``, per real token —
     the labels at padding are ignored).
+
+    ``backend``: the features are collected on that host (:func:`residual_features`, one
+    request per ``batch_size`` prompts); the probes are fitted here, on them.
     """
     model = wrap(model)
     layout = layout_of(model, layout)
@@ -204,6 +245,7 @@ def train_probe(
         batch_size=batch_size,
         attention_mask=mask,
         layout=layout,
+        backend=backend,
     )
     per_token = position is None and mask is not None
     flat = labels[mask.bool().to(labels.device)] if per_token else labels.reshape(-1)

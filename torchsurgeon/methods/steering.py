@@ -30,6 +30,10 @@ explicit model (``ts.load`` / ``ts.convert``) generates with
 Prompts padded on the left come with ``attention_mask=``: a list of prompt positions then
 counts each row's real tokens (``-1`` is each row's last token), and
 :func:`steering_vector` reads each row's own last token and averages over real rows only.
+
+:func:`steering_vector` takes ``backend=client`` (both sides on a host, in one request);
+:func:`steer` does not: generation on a host is the issue "Gradients, generation and
+training on the host".
 """
 
 from __future__ import annotations
@@ -43,12 +47,14 @@ from torch import nn
 from transformers.generation import utils as generation_utils
 
 from torchsurgeon.layers.edit import Add
+from torchsurgeon.layers.expr import saved
 from torchsurgeon.layers.index import Index, idx
 from torchsurgeon.layers.record import Save
-from torchsurgeon.layers.results import run
+from torchsurgeon.layers.results import Backend, run
 from torchsurgeon.methods.batching import rewrite_at
 from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
 from torchsurgeon.methods.patching import pick_layers, pick_positions
+from torchsurgeon.methods.remote import Run, local_only, plan_of, run_plans
 from torchsurgeon.methods.tokens import (
     Decoder,
     forward_kwargs,
@@ -128,22 +134,35 @@ def steering_vector(
     positive_mask: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
+    backend: Backend | None = None,
 ) -> torch.Tensor:
     """Mean residual stream after block ``layer`` at ``position`` on ``positive`` minus
     the same on ``negative`` (each ``[pos]`` or ``[batch, pos]``, or a tokenizer's output).
 
     Padded batches take their attention masks as ``positive_mask`` / ``negative_mask``;
     ``position`` then counts each row's real tokens (``-1``: its last real token).
+
+    ``backend`` (a ``ts.remote.Client``; ``model`` may be ``client.meta(name)``) runs both
+    sides on that host, as two runs of one request; each side's mean is taken there, so
+    two vectors come back.
     """
     model = wrap(model)
     layout = layout_of(model, layout)
     layer = pick_layers([layer], n_layers(model, layout))[0]
     probe = rewrite_at(model, layout.block(layer), "insert_after", Save("resid"))
+    sides = (("positive", positive, positive_mask), ("negative", negative, negative_mask))
+    if backend is not None:
+        runs: list[Run] = []
+        for name, given, given_mask in sides:
+            ids, mask = inputs(given, given_mask, name)
+            columns = token_index(mask, position, ids.shape[1], ids.shape[0])
+            read = saved("resid")[torch.arange(ids.shape[0]), columns].float().mean(0)
+            plan = plan_of(probe).returning(side_mean=read)
+            runs.append((name, plan, (ids,), forward_kwargs(mask)))
+        results = run_plans(backend, runs)
+        return results["positive"].saved["side_mean"] - results["negative"].saved["side_mean"]
     means = []
-    for name, given, given_mask in (
-        ("positive", positive, positive_mask),
-        ("negative", negative, negative_mask),
-    ):
+    for name, given, given_mask in sides:
         ids, mask = inputs(given, given_mask, name)
         with torch.no_grad():
             resid = run(probe, ids, **forward_kwargs(mask)).records["resid"][0]
@@ -166,6 +185,7 @@ def steer(
     attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
     decoder: Decoder = None,
+    backend: Backend | None = None,
     **generate_kwargs: Any,
 ) -> Steering:
     """Generate from ``input_ids`` with ``scale * vector`` added after ``layers``.
@@ -175,7 +195,11 @@ def steer(
     keyword arguments go to the model's ``generate`` (``do_sample``, ``pad_token_id``, ...)
     for a ``transformers`` model, to :func:`torchsurgeon.models.generate` (``do_sample``,
     ``temperature``, ``top_k``, ``seed``) for an explicit one.
+
+    ``backend=`` is refused (``NotImplementedError``): generating on a host is the issue
+    "Gradients, generation and training on the host".
     """
+    local_only("steer", backend, "generation")
     model = wrap(model)
     layout = layout_of(model, layout)
     ids, mask = inputs(input_ids, attention_mask)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from torchsurgeon.layers.expr import Expr
+from torchsurgeon.layers.graph import Graph
 from torchsurgeon.plans.identity import BaseIdentity
 from torchsurgeon.plans.returning import Reduction, Returning, Slice
 from torchsurgeon.plans.schema import (
@@ -49,6 +50,8 @@ class Plan:
     base: BaseIdentity
     steps: tuple[PlanStep, ...] = ()
     outputs: Returning = field(default_factory=Returning)
+    backward: Graph | None = None
+    """A scalar expression differentiated after the forward pass (``ts.run(..., backward=)``)."""
 
     # ----------------------------------------------------------------- building
 
@@ -83,6 +86,18 @@ class Plan:
         )
         return replace(self, outputs=self.outputs.adding(names, reduction, computed))
 
+    def with_backward(self, expr: Expr | None) -> Plan:
+        """A plan whose run differentiates the scalar ``expr`` after the forward pass, as
+        ``ts.run(model, ..., backward=expr)`` does: ``SaveGrad`` layers record the gradients
+        reaching their sites, ``ComputeGrad`` layers edit them."""
+        if expr is None:
+            return replace(self, backward=None)
+        if not isinstance(expr, Expr):
+            raise TypeError(f"backward= takes an expression, got {type(expr).__name__}")
+        graph = Graph.of(expr)
+        graph.check_leaves(here=False, output=True)
+        return replace(self, backward=graph)
+
     # ----------------------------------------------------------------- data
 
     def manifest(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -116,10 +131,15 @@ class Plan:
             "returning": self.outputs.to_json(
                 lambda t: _add_tensor(t, tensors, ref_of)  # constants of computed values
             ),
-            "tensors": {
-                ref: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
-                for ref, t in tensors.items()
-            },
+        }
+        if self.backward is not None:
+            manifest["backward"] = {
+                "expr": self.backward.to_json(),
+                "tensors": [_add_tensor(t, tensors, ref_of) for t in self.backward.tensors],
+            }
+        manifest["tensors"] = {
+            ref: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+            for ref, t in tensors.items()
         }
         return manifest, tensors
 
@@ -150,10 +170,16 @@ class Plan:
             )
             for step in checked.steps
         )
+        backward = None
+        if checked.backward is not None:
+            backward = Graph.from_json(
+                checked.backward.expr, [tensors[ref] for ref in checked.backward.tensors]
+            )
         return cls(
             BaseIdentity.from_json(checked.base.model_dump()),
             steps,
             Returning.from_json(checked.returning.model_dump(), tensors),
+            backward,
         )
 
     def to_bytes(self) -> bytes:
@@ -184,8 +210,12 @@ class Plan:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Plan):
             return NotImplemented
+        same_backward = (self.backward is None) == (other.backward is None) and (
+            self.backward is None or self.backward.same_as(other.backward)  # type: ignore[arg-type]
+        )
         return (
             self.base == other.base
+            and same_backward
             and self.outputs == other.outputs
             and len(self.steps) == len(other.steps)
             and all(a.same_as(b) for a, b in zip(self.steps, other.steps, strict=True))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchsurgeon.layers.results import Result, run, run_with
+from torchsurgeon.layers.results import Result, run_with
 from torchsurgeon.layers.session import Session
 from torchsurgeon.plans.errors import PlanError
 from torchsurgeon.plans.identity import BaseIdentity, Match, check_identity
@@ -95,18 +95,15 @@ def execute(
     if isinstance(plan, Session):
         if args or kwargs:
             raise TypeError("execute(session, base) takes no inputs: each run has its own")
-        records: dict[str, Any] = {}
-        results: dict[str, Result] = {}
-        for item in plan.runs:
-            if isinstance(item.target, Plan):
-                model, returning = apply(item.target, base, match=match), item.target.outputs
-            else:
-                model, returning = item.target, None
-            result = run_with(model, item.args, dict(item.kwargs or {}), records)
-            records[item.name] = result.records
-            results[item.name] = (
-                result if returning is None else returning.apply(result, model, records)
-            )
-        return results
+
+        def resolve(target: Any) -> tuple[Any, Any, Any]:
+            owner = getattr(target, "__self__", None)
+            if isinstance(target, Plan):
+                return apply(target, base, match=match), target.outputs, target.backward
+            if isinstance(owner, Plan):  # plan.generate is not a thing: a model's is
+                raise TypeError("a generating session run is model.generate, not a plan's")
+            return target, None, None
+
+        return plan.run_locally(resolve)
     model = apply(plan, base, match=match, base_identity=base_identity)
-    return plan.outputs.apply(run(model, *args, **kwargs), model)
+    return plan.outputs.apply(run_with(model, args, kwargs, backward=plan.backward), model)

@@ -149,6 +149,7 @@ class Manifest(_Strict):
     base: Identity
     steps: list[Step]
     returning: ReturningSpec
+    backward: ComputedSpec | None = None
     tensors: dict[TensorRef, TensorInfo]
 
 
@@ -189,8 +190,10 @@ def validate(manifest: Any, tensors: Mapping[str, torch.Tensor], limits: PlanLim
             Reduction.from_json(reduction.model_dump())
         except (TypeError, ValueError) as error:
             raise PlanFormatError(str(error), f"returning.reductions.{name}") from None
-    for name, computed in checked.returning.computed.items():
-        where = f"returning.computed.{name}"
+    graphs = [(f"returning.computed.{n}", c) for n, c in checked.returning.computed.items()]
+    if checked.backward is not None:
+        graphs.append(("backward", checked.backward))
+    for where, computed in graphs:
         missing = [ref for ref in computed.tensors if ref not in tensors]
         if missing:
             raise PlanFormatError(

@@ -36,8 +36,18 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from torchsurgeon.layers.expr import Expr
 from torchsurgeon.layers.results import Result
 from torchsurgeon.layers.session import Session
+from torchsurgeon.layers.training import (
+    Optimizer,
+    Trained,
+    Training,
+    TrainResult,
+    call_of,
+    trainable,
+    with_tensors,
+)
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.record import plan as plan_of
 from torchsurgeon.plans.structure import Structure
@@ -194,6 +204,8 @@ class Client:
         *inputs: Any,
         model_name: str | None = None,
         request_id: str | None = None,
+        backward: Expr | None = None,
+        call: str = "forward",
         **kwargs: Any,
     ) -> Job:
         """Send a plan (or a rewritten model, planned here) and inputs; returns the :class:`Job`.
@@ -204,22 +216,29 @@ class Client:
         ``inputs`` are tensors (token ids), or one text / list of texts for a model with a
         tokenizer; ``kwargs`` are keyword arguments of the model call (tensors or scalars).
         ``request_id`` (default: a fresh UUID) is the submission's ``Idempotency-Key``: the
-        host runs one job per id and key, however often the request arrives.
+        host runs one job per id and key, however often the request arrives. ``backward``
+        is a scalar expression the host differentiates after the forward pass
+        (``SaveGrad`` layers then record gradients; see ``ts.run``).
         """
         if isinstance(plan_or_model, Session):
             if inputs or kwargs:
                 raise TypeError("a session carries each run's inputs; pass no inputs with it")
-            plans = [(r, _as_plan(r.target)) for r in plan_or_model.runs]
+            plans = [(r, *_as_call(r.target)) for r in plan_or_model.runs]
             if not plans:
                 raise ValueError("the session has no runs")
             name = model_name or self.model or self._model_for(plans[0][1])
             body = encode_session(
-                [(r.name, p.to_bytes(), r.args, dict(r.kwargs or {})) for r, p in plans]
+                [
+                    (r.name, p.to_bytes(), r.args, dict(r.kwargs or {}), c, details)
+                    for r, p, c, details in plans
+                ]
             )
         else:
             plan = _as_plan(plan_or_model)
+            if backward is not None:
+                plan = plan.with_backward(backward)
             name = model_name or self.model or self._model_for(plan)
-            body = encode_request(plan.to_bytes(), inputs, kwargs)
+            body = encode_request(plan.to_bytes(), inputs, kwargs, call)
         data = self._json(
             "POST",
             f"/v1/models/{name}/jobs",
@@ -238,6 +257,7 @@ class Client:
         model_name: str | None = None,
         progress: bool | None = None,
         timeout: float | None = None,
+        backward: Expr | None = None,
         **kwargs: Any,
     ) -> Result:
         """Run remotely and wait: the :class:`Result`, as a local ``ts.run`` would give.
@@ -245,11 +265,74 @@ class Client:
         The job is deleted on the host once its result is here (it no longer counts against
         the key's ``max_result_bytes_per_key``).
         """
-        job = self.submit(plan_or_model, *inputs, model_name=model_name, **kwargs)
+        job = self.submit(
+            plan_or_model, *inputs, model_name=model_name, backward=backward, **kwargs
+        )
         result = job.result(timeout, progress=self.progress if progress is None else progress)
         with contextlib.suppress(RemoteError):  # else the host forgets it after its TTL
             self._request("DELETE", f"/v1/jobs/{job.id}", retry=False)
         return result
+
+    def generate(
+        self,
+        plan_or_model: Plan | nn.Module,
+        *inputs: Any,
+        model_name: str | None = None,
+        progress: bool | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Result:
+        """``model.generate(*inputs, **options)`` on the host with the plan's layers applied at
+        every step (``steps=`` on a layer picks steps); what ``ts.run(model.generate, ...)``
+        gives locally, saves per step.
+
+        ``options``: ``max_new_tokens`` (required), ``attention_mask``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``min_new_tokens``,
+        ``eos_token_id``, ``pad_token_id``, ``use_cache``, and ``seed`` (required with
+        ``do_sample=True``: the host seeds its generator with it — locally, the same tokens
+        come from ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng()``). Anything
+        else is refused with a 4xx naming it.
+        """
+        job = self.submit(plan_or_model, *inputs, model_name=model_name, call="generate", **options)
+        result = job.result(timeout, progress=self.progress if progress is None else progress)
+        with contextlib.suppress(RemoteError):
+            self._request("DELETE", f"/v1/jobs/{job.id}", retry=False)
+        return result
+
+    def train(
+        self,
+        model: nn.Module,
+        batches: Any,
+        *,
+        loss: Expr,
+        params: Any,
+        optimizer: Optimizer,
+        steps: int,
+        model_name: str | None = None,
+        progress: bool | None = None,
+        timeout: float | None = None,
+    ) -> TrainResult:
+        """``ts.train(model, batches, ...)`` on the host, in one request: the trained tensors,
+        the loss of every step, and ``model`` with the trained tensors put in (here)."""
+        plan, settings, calls = _training_request(model, batches, loss, params, optimizer, steps)
+        name = model_name or self.model or self._model_for(plan)
+        body = encode_request(plan.to_bytes(), (), {}, "train", training=settings, batches=calls)
+        data = self._json(
+            "POST",
+            f"/v1/models/{name}/jobs",
+            content=body,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Idempotency-Key": uuid.uuid4().hex,
+            },
+        )
+        job = Job(self, data["id"], name)
+        result = job.result(timeout, progress=self.progress if progress is None else progress)
+        with contextlib.suppress(RemoteError):
+            self._request("DELETE", f"/v1/jobs/{job.id}", retry=False)
+        losses = [float(x) for x in result.records["loss"][0]]
+        tensors = {k: v[0] for k, v in result.records.items() if k != "loss"}
+        return TrainResult(tensors, losses, with_tensors(model, tensors))
 
     def _model_for(self, plan: Plan) -> str:
         """The hosted model whose identity the plan's base has (the list is fetched once)."""
@@ -341,6 +424,42 @@ class Client:
 
 def _as_plan(target: Plan | nn.Module) -> Plan:
     return target if isinstance(target, Plan) else plan_of(target)
+
+
+def _as_call(target: Any) -> tuple[Plan, str, dict[str, Any]]:
+    """A session run's plan, call and call details: ``model.generate`` generates, a
+    ``ts.training(...)`` trains, ``ts.trained(model, run=...)`` runs with trained tensors."""
+    if isinstance(target, Training):
+        plan, training, batches = _training_request(
+            target.model, target.batches, target.loss, target.params, target.optimizer, target.steps
+        )
+        return plan, "train", {"training": training, "batches": batches}
+    if isinstance(target, Trained):
+        plan, call, details = _as_call(target.model)
+        return plan, call, {**details, "trained": target.run}
+    owner = getattr(target, "__self__", None)
+    if isinstance(owner, nn.Module) and getattr(target, "__name__", "") == "generate":
+        return plan_of(owner), "generate", {}
+    return _as_plan(target), "forward", {}
+
+
+def _training_request(
+    model: nn.Module | Plan,
+    batches: Any,
+    loss: Expr,
+    params: Any,
+    optimizer: Optimizer,
+    steps: int,
+) -> tuple[Plan, dict[str, Any], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """A training loop as a request's plan (its loss as ``backward``), settings, batches."""
+    if not isinstance(model, nn.Module):
+        raise TypeError("a training run trains a rewritten model (its plan travels)")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError("optimizer= is ts.optim.AdamW(...) or ts.optim.SGD(...)")
+    names = [f"{path}.{field}" for path, field in trainable(model, params)]
+    plan = plan_of(model).with_backward(loss)
+    settings = {"params": names, "optimizer": optimizer.to_json(), "steps": steps}
+    return plan, settings, [call_of(batch) for batch in batches]
 
 
 class _Progress:

@@ -18,7 +18,9 @@ Whatever a run raises is the request's doing — its plan, its inputs — and co
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +29,17 @@ from torch import nn
 
 from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.results import Result, run_with
+from torchsurgeon.layers.session import training_result
+from torchsurgeon.layers.training import Batch, Optimizer, train, trainable, with_tensors
 from torchsurgeon.plans.errors import PlanError, PlanFormatError, PlanLimitError
 from torchsurgeon.plans.plan import Plan
+from torchsurgeon.plans.returning import Returning
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.hosted import HostedModel
-from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.limits import GRAD_LAYERS, Limits
+from torchsurgeon.remote.limits import estimate as estimate_cost
 from torchsurgeon.remote.transfer import Inputs, decode_submission, encode_result, result_nbytes
+from torchsurgeon.surgery.errors import SurgeryError
 from torchsurgeon.surgery.paths import iter_nodes
 from torchsurgeon.surgery.rewrite import Edit, rewrite
 
@@ -74,6 +81,8 @@ class PreparedRun:
     plan: Plan
     view: nn.Module
     inputs: Inputs
+    training: tuple[list[str], Optimizer, int] | None = None
+    """A training run's tensor names, optimizer and steps, checked."""
 
 
 def prepare_submission(
@@ -91,6 +100,7 @@ def prepare_submission(
     meta_runs: dict[str, Any] | None = {} if session else None
     result_bytes = 0
     prepared = []
+    trained_names: dict[str, list[str]] = {}
     for name, plan_bytes, inputs in submitted:
         where = "" if name is None else f"runs.{name}."
         try:
@@ -101,18 +111,32 @@ def prepare_submission(
             raise ApiError(422, "invalid_plan", error.reason, where + error.field) from None
         if inputs.text is not None and not hosted.takes_text:
             raise ApiError(422, "no_tokenizer", f"model {hosted.name!r} has no tokenizer", "text")
+        if inputs.call != "train":
+            _check_gradients(plan, limits, where)
         try:
-            view, cost = hosted.prepare(plan, limits, inputs if estimate else None, meta_runs)
+            if inputs.call == "train":
+                view, settings = _prepare_training(hosted, plan, inputs, limits, estimate)
+                trained_names[name or ""] = settings[0]
+                cost = None
+            else:
+                settings = None
+                if inputs.trained is not None:
+                    view = _view_with_trained(hosted, plan, inputs, limits, trained_names)
+                    cost = None
+                else:
+                    view, cost = hosted.prepare(
+                        plan, limits, inputs if estimate else None, meta_runs
+                    )
         except ApiError as error:
             if name is None:
                 raise
             raise ApiError(
                 error.status, error.code, f"run {name!r}: {error.message}", where + error.field
             ) from None
-        if cost is not None and meta_runs is not None:
-            meta_runs[name] = cost.records  # type: ignore[index]
-            result_bytes += cost.result_bytes
-        prepared.append(PreparedRun(name, plan, view, inputs))
+        if meta_runs is not None:
+            meta_runs[name] = cost.records if cost is not None else {}  # type: ignore[index]
+            result_bytes += cost.result_bytes if cost is not None else 0
+        prepared.append(PreparedRun(name, plan, view, inputs, settings))
     if result_bytes > limits.max_result_bytes:
         raise ApiError(
             422,
@@ -124,19 +148,162 @@ def prepare_submission(
     return prepared
 
 
+def _prepare_training(
+    hosted: HostedModel, plan: Plan, inputs: Inputs, limits: Limits, estimate: bool
+) -> tuple[nn.Module, tuple[list[str], Optimizer, int]]:
+    """A training run's view and checked settings; :class:`ApiError` naming the field."""
+    if not limits.allow_train:
+        raise ApiError(
+            422,
+            "training_disabled",
+            "this host runs no training (started with --no-train); train locally",
+            "call",
+        )
+    if plan.backward is None:
+        raise ApiError(
+            422, "needs_loss", "a training run needs its loss (the plan's backward=)", "backward"
+        )
+    settings = inputs.train or {}
+    unknown = sorted(set(settings) - {"params", "optimizer", "steps"})
+    if unknown:
+        raise ApiError(422, "bad_input", f"unknown training setting(s) {unknown}", "train")
+    steps = settings.get("steps")
+    if type(steps) is not int or not 1 <= steps <= limits.max_train_steps:
+        raise ApiError(
+            422,
+            "bad_input",
+            f"steps must be an int from 1 to max_train_steps={limits.max_train_steps}, got "
+            f"{str(steps)[:40]}",
+            "train.steps",
+        )
+    try:
+        optimizer = Optimizer.from_json(settings.get("optimizer"))
+    except (ValueError, TypeError) as error:
+        raise ApiError(422, "bad_input", str(error), "train.optimizer") from None
+    names = settings.get("params")
+    if (
+        not isinstance(names, list)
+        or not 0 < len(names) <= 256
+        or not all(isinstance(n, str) and 0 < len(n) <= 1024 for n in names)
+    ):
+        raise ApiError(
+            422, "bad_input", "params is a list of 1 to 256 tensor names", "train.params"
+        )
+    view, _ = hosted.prepare(plan, limits)
+    _check_names(view, names, "train.params")
+    calls = [hosted.call_arguments(batch) for batch in inputs.batches]
+    if estimate:
+        args, kwargs = calls[0]
+        view_on_meta = hosted.meta_view(plan)
+        cost = estimate_cost(view_on_meta, args, kwargs, Returning(names=()), limits)
+        if 3 * cost.peak_bytes > limits.max_activation_bytes:  # activations kept for backward
+            raise ApiError(
+                422,
+                "limit_exceeded",
+                f"a training step would keep about {3 * cost.peak_bytes} bytes of activations "
+                f"for its backward pass, over max_activation_bytes={limits.max_activation_bytes}",
+                "batches",
+            )
+    return view, (names, optimizer, steps)
+
+
+def _view_with_trained(
+    hosted: HostedModel,
+    plan: Plan,
+    inputs: Inputs,
+    limits: Limits,
+    trained_names: Mapping[str, list[str]],
+) -> nn.Module:
+    """The view of a run that uses an earlier training run's tensors (checked to fit)."""
+    if inputs.trained not in trained_names:
+        raise ApiError(
+            422,
+            "bad_input",
+            f"trained={inputs.trained!r} is not an earlier training run of this session "
+            f"(those: {sorted(trained_names)})",
+            "trained",
+        )
+    view = hosted.prepare(plan, limits, inputs)[0]  # its inputs checked, its cost estimated
+    _check_names(view, trained_names[inputs.trained], "trained")
+    return view
+
+
+def _check_names(view: nn.Module, names: list[str], field: str) -> None:
+    try:
+        found = {f"{path}.{name}" for path, name in trainable(view, names)}
+    except (SurgeryError, KeyError, TypeError) as error:
+        message = error.args[0] if error.args else str(error)
+        raise ApiError(422, "bad_input", str(message), field) from None
+    missing = sorted(set(names) - found)
+    if missing:
+        raise ApiError(
+            422, "bad_input", f"{missing[0]!r} is not a tensor of a layer of the plan", field
+        )
+
+
+def _check_gradients(plan: Plan, limits: Limits, where: str) -> None:
+    """Gradient layers need ``backward=``; both need a host that allows gradients."""
+    grad_layers = sorted(
+        {s.layer.type_name for s in plan.steps if s.layer and s.layer.type_name in GRAD_LAYERS}
+    )
+    if (plan.backward is not None or grad_layers) and not limits.allow_grad:
+        uses = ", ".join([*grad_layers, *(["backward="] if plan.backward is not None else [])])
+        raise ApiError(
+            422,
+            "gradients_disabled",
+            f"this host runs no backward pass (started with --no-grad), and the plan uses "
+            f"{uses}; run it locally or on a host that allows gradients",
+            where + ("backward" if plan.backward is not None else "steps"),
+        )
+    if grad_layers and plan.backward is None:
+        raise ApiError(
+            422,
+            "needs_backward",
+            f"the plan has {', '.join(grad_layers)}, which act on the backward pass, but no "
+            "backward=: give the scalar to differentiate, e.g. ts.run(model, ids, backend=client, "
+            "backward=ts.out('logits')[:, -1, token].sum())",
+            where + "backward",
+        )
+
+
 def run_submission(hosted: HostedModel, runs: list[PreparedRun], limits: Limits) -> bytes:
     """Run a prepared submission (each session run in order, one deadline for all); the
     encoded result."""
     deadline = time.monotonic() + limits.max_run_seconds
     records: dict[str, Any] = {}
     results: dict[str, Result] = {}
+    trained: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for item in runs:
-            args, kwargs = hosted.call_arguments(item.inputs)
             guarded = with_deadline(item.view, deadline, limits.max_run_seconds)
             session = records if item.name is not None else None
+            if item.inputs.trained is not None:
+                guarded = with_tensors(guarded, trained[item.inputs.trained])
+            if item.training is not None:
+                names, optimizer, steps = item.training
+                batches = [Batch(*hosted.call_arguments(b)) for b in item.inputs.batches]
+                done = train(
+                    guarded,
+                    batches,
+                    loss=item.plan.backward,  # type: ignore[arg-type]
+                    params=names,
+                    optimizer=optimizer,
+                    steps=steps,
+                )
+                trained[item.name or ""] = done.tensors
+                result = training_result(done)
+                if item.name is None:
+                    return _encoded(result, limits)
+                records[item.name] = result.records
+                results[item.name] = result
+                continue
+            args, kwargs = hosted.call_arguments(item.inputs)
+            if item.inputs.call == "generate":
+                result = _generate(guarded, args, kwargs, session)
+            else:
+                with torch.set_grad_enabled(item.plan.backward is not None):
+                    result = run_with(guarded, args, kwargs, session, item.plan.backward)
             with torch.no_grad():
-                result = run_with(guarded, args, kwargs, session)
                 returned = item.plan.outputs.apply(result, guarded, session)
             if item.name is None:
                 return _encoded(returned, limits)
@@ -151,6 +318,24 @@ def run_submission(hosted: HostedModel, runs: list[PreparedRun], limits: Limits)
     except Exception as error:  # the plan's or the inputs' doing (the base is never changed)
         raise ApiError(422, "run_failed", f"{type(error).__name__}: {error}") from None
     return _encoded(results, limits)
+
+
+_SAMPLING = threading.Lock()
+"""Seeded sampling sets the process's generator: one sampled generation at a time."""
+
+
+def _generate(
+    view: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], session: Any
+) -> Result:
+    """``view.generate(*args, **kwargs)`` recorded, greedy or sampled from ``seed``."""
+    kwargs = dict(kwargs)
+    seed = kwargs.pop("seed", None)
+    with torch.no_grad():
+        if seed is None:
+            return run_with(view.generate, args, kwargs, session)
+        with _SAMPLING, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return run_with(view.generate, args, kwargs, session)
 
 
 def run_request(

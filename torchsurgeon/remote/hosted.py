@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from torchsurgeon.plans.errors import IdentityMismatchError, PlanError
 from torchsurgeon.plans.identity import BaseIdentity, identity_of, pin_identity
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.replay import apply
+from torchsurgeon.plans.returning import Returning
 from torchsurgeon.plans.structure import Structure, structure_of, without_value_warnings
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.limits import Cost, Estimates, Limits, estimate, keep_values
@@ -255,6 +256,8 @@ class HostedModel:
             )
         if inputs is not None:
             args, kwargs = self.call_arguments(inputs)
+            if inputs.call == "generate":
+                return view, self._estimate_generation(plan, view, args, kwargs, limits, match)
 
             def view_on_meta() -> nn.Module:
                 if self.structure_only is None or self.structure_only is self.base:
@@ -263,8 +266,57 @@ class HostedModel:
 
             if runs is None:
                 return view, self.estimates.check(plan, args, kwargs, limits, view_on_meta)
-            return view, estimate(view_on_meta(), args, kwargs, plan.outputs, limits, runs)
+            cost = estimate(view_on_meta(), args, kwargs, plan.outputs, limits, runs, plan.backward)
+            return view, cost
         return view, None
+
+    def meta_view(self, plan: Plan) -> nn.Module:
+        """``plan`` applied to the structure-only copy (for estimates)."""
+        match = "exact" if plan.base.fingerprint is not None else "structure"
+        if self.structure_only is None:
+            return self._apply(plan, self.base, match)
+        return self._apply(plan, self.structure_only, match)
+
+    def _estimate_generation(
+        self,
+        plan: Plan,
+        view: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        limits: Limits,
+        match: str,
+    ) -> Cost:
+        """A generation's cost, bounded by one forward pass over the final length.
+
+        Each step of ``generate`` runs the model on fewer positions than a forward pass over
+        the prompt plus every new token, and keeps less (one position per step); so that
+        pass, on meta tensors, bounds a step's memory and tensor operations, and its records
+        bound the generation's. The token ids come back too.
+        """
+        ids = args[0] if args else kwargs["input_ids"]
+        new = kwargs["max_new_tokens"]
+        longer = torch.cat([ids, ids[:, -1:].expand(-1, new)], dim=-1)
+        call: dict[str, Any] = {"input_ids": longer}
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            call["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], new)], -1)
+        meta_view = (
+            view
+            if self.structure_only is None or self.structure_only is self.base
+            else self._apply(plan, self.structure_only, match)
+        )
+        cost = estimate(meta_view, (), call, Returning(), limits)
+        result = cost.record_bytes + longer.numel() * longer.element_size()
+        if result > limits.max_result_bytes:
+            raise ApiError(
+                422,
+                "result_too_large",
+                f"the generation's records would hold up to {result} bytes, over the limit "
+                f"max_result_bytes={limits.max_result_bytes}; save fewer steps (steps=) or "
+                "return fewer entries",
+                "returning",
+            )
+        return cost
 
     def _apply(self, plan: Plan, base: nn.Module, match: str) -> nn.Module:
         try:
@@ -281,6 +333,8 @@ class HostedModel:
 
         :class:`ApiError` 422 ``bad_input`` naming the argument at the first problem.
         """
+        if inputs.call == "train":
+            raise _bad_input("a training call's inputs are its batches", "batches")
         if inputs.text is None:
             args, kwargs = tuple(inputs.args), dict(inputs.kwargs)
         else:
@@ -292,6 +346,8 @@ class HostedModel:
                     made[0],
                 )
             args, kwargs = (), {**self._tokenize(inputs), **inputs.kwargs}
+        if inputs.call == "generate":
+            return self._generate_arguments(args, kwargs)
         if _is_transformers(self.base):
             _check_token_call(self.base, _transformers_schema(self.base), args, kwargs)
         elif self.converted:
@@ -299,6 +355,50 @@ class HostedModel:
         else:
             _check_module_call(self.base, args, kwargs)
         return args, kwargs
+
+    def _generate_arguments(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The checked ``generate`` call: token ids (and mask) as for a forward call, and the
+        options of :data:`GENERATE_OPTIONS` only; ``seed`` is the host's, for sampling."""
+        if not _is_transformers(self.base) or not hasattr(self.base, "generate"):
+            raise _bad_input(
+                f"model {self.name!r} has no generate (only transformers language models do "
+                "here); send a forward call",
+                "call",
+            )
+        tensors = {k: v for k, v in kwargs.items() if k in ("input_ids", "attention_mask")}
+        options = {k: v for k, v in kwargs.items() if k not in tensors}
+        for name, value in options.items():
+            check = GENERATE_OPTIONS.get(name)
+            if check is None:
+                raise _bad_input(
+                    f"generate on this host takes {', '.join(GENERATE_OPTIONS)} (and input_ids, "
+                    f"attention_mask); {name!r} is not one of them",
+                    name,
+                )
+            problem = check(value, self.base.config)
+            if problem:
+                raise _bad_input(f"{name} {problem}, got {value!r}", name)
+        if "max_new_tokens" not in options:
+            raise _bad_input("generate needs max_new_tokens (an int >= 1)", "max_new_tokens")
+        if options.get("seed") is not None and not options.get("do_sample"):
+            raise _bad_input("seed is for sampling: give do_sample=True with it", "seed")
+        if options.get("do_sample") and options.get("seed") is None:
+            raise _bad_input(
+                "do_sample=True needs seed= on this host, so that the tokens can be reproduced",
+                "seed",
+            )
+        _check_token_call(self.base, _transformers_schema(self.base), args, tensors)
+        ids = args[0] if args else tensors["input_ids"]
+        positions = _positive(getattr(self.base.config, "max_position_embeddings", None))
+        if positions is not None and ids.shape[-1] + options["max_new_tokens"] > positions:
+            raise _bad_input(
+                f"{ids.shape[-1]} prompt positions + max_new_tokens={options['max_new_tokens']} "
+                f"is over the model's max_position_embeddings={positions}",
+                "max_new_tokens",
+            )
+        return args, {**tensors, **options}
 
     def _tokenize(self, inputs: Inputs) -> dict[str, torch.Tensor]:
         if self.tokenizer is None:
@@ -423,6 +523,57 @@ def _converted_schema(model: nn.Module) -> _TokenSchema:
     )
 
 
+def _int_between(low: int, high: int | None = None) -> Callable[[Any, Any], str | None]:
+    def check(value: Any, config: Any) -> str | None:
+        if type(value) is not int or value < low or (high is not None and value > high):
+            return f"must be an int from {low}" + ("" if high is None else f" to {high}")
+        return None
+
+    return check
+
+
+def _positive_number(value: Any, config: Any) -> str | None:
+    if type(value) not in (int, float) or not 0 < value < 1e6:
+        return "must be a number > 0"
+    return None
+
+
+def _probability(value: Any, config: Any) -> str | None:
+    if type(value) not in (int, float) or not 0 < value <= 1:
+        return "must be a number in (0, 1]"
+    return None
+
+
+def _flag(value: Any, config: Any) -> str | None:
+    return None if type(value) is bool else "must be true or false"
+
+
+def _token(value: Any, config: Any) -> str | None:
+    vocab = getattr(config, "vocab_size", None)
+    values = value if isinstance(value, list) and value else [value]
+    if len(values) > 64 or not all(type(v) is int and 0 <= v < (vocab or 1 << 62) for v in values):
+        return f"must be a token id (or a list of at most 64) inside the vocabulary of {vocab}"
+    return None
+
+
+MAX_NEW_TOKENS = 1024
+GENERATE_OPTIONS: dict[str, Callable[[Any, Any], str | None]] = {
+    "max_new_tokens": _int_between(1, MAX_NEW_TOKENS),
+    "min_new_tokens": _int_between(0, MAX_NEW_TOKENS),
+    "do_sample": _flag,
+    "temperature": _positive_number,
+    "top_k": _int_between(0),
+    "top_p": _probability,
+    "repetition_penalty": _positive_number,
+    "eos_token_id": _token,
+    "pad_token_id": _token,
+    "use_cache": _flag,
+    "seed": _int_between(0, (1 << 63) - 1),
+}
+"""The ``generate`` options a host accepts, each with its check (greedy decoding or seeded
+sampling). ``seed`` is the host's own: it seeds the sampling generator of the request."""
+
+
 def _check_token_call(
     model: nn.Module, schema: _TokenSchema, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
@@ -431,9 +582,15 @@ def _check_token_call(
     bound = _bound(model, args, kwargs)
     for name, value in bound.items():
         if name not in allowed:
+            hint = (
+                "; it is a generate option: ts.run(model.generate, ..., backend=client) or "
+                "client.generate(...)"
+                if name in GENERATE_OPTIONS
+                else ""
+            )
             raise _bad_input(
                 f"{cls.__name__} on this host takes {', '.join(allowed)}; {name!r} is not one "
-                "of them",
+                f"of them{hint}",
                 name,
             )
         if name in _FLAGS:

@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import layer_types
+from torchsurgeon.layers.graph import Graph
 from torchsurgeon.layers.results import run_with
 from torchsurgeon.plans.errors import PlanError
 from torchsurgeon.plans.plan import Plan
@@ -50,7 +51,8 @@ from torchsurgeon.remote.errors import ApiError
 
 __all__ = ["Cost", "Estimates", "Limits", "estimate", "keep_values", "on_meta"]
 
-_NO_BACKWARD = frozenset({"SaveGrad"})
+GRAD_LAYERS = frozenset({"SaveGrad", "ComputeGrad"})
+"""The layers that act on the backward pass (refused by a host started with ``--no-grad``)."""
 """Layers a host refuses: it runs forward passes only, so no gradient would ever arrive."""
 
 
@@ -90,6 +92,13 @@ class Limits:
     """Runs the watchdog gave up on that may still be finishing; at it, new work gets a 503."""
     request_idle_seconds: float = 30.0
     """Longest pause while a request's body arrives before the host answers 408."""
+    allow_grad: bool = True
+    """Whether plans may run a backward pass (``backward=``, ``SaveGrad``, ``ComputeGrad``);
+    ``torchsurgeon serve --no-grad`` turns it off."""
+    allow_train: bool = True
+    """Whether training runs are served (``torchsurgeon serve --no-train`` turns it off)."""
+    max_train_steps: int = 1000
+    """Optimizer steps in one training run (the run's time is bounded by max_run_seconds)."""
     max_session_runs: int = 16
     """Runs in one session request (each is checked and estimated like a request)."""
     max_expr_nodes: int = 1024
@@ -99,14 +108,15 @@ class Limits:
     refuse calls of the model's modules)."""
 
     def plan_limits(self) -> PlanLimits:
-        """The plan reader's limits (layer allow-list: the registry minus backward-only ones)."""
+        """The plan reader's limits (the registry's layers; whether the gradient layers may
+        run is :attr:`allow_grad`'s, checked with a message naming the flag)."""
         return PlanLimits(
             max_plan_bytes=self.max_plan_bytes,
             max_steps=self.max_steps,
             max_tensor_bytes=self.max_tensor_bytes,
             max_total_tensor_bytes=self.max_plan_bytes,
             max_json_items=self.max_json_items,
-            allowed_layers=frozenset(layer_types()) - _NO_BACKWARD,
+            allowed_layers=frozenset(layer_types()),  # gradient layers: see allow_grad
             allowed_ops=None if self.allowed_ops is None else frozenset(self.allowed_ops),
             max_expr_nodes=self.max_expr_nodes,
         )
@@ -151,6 +161,8 @@ class Cost:
     consulted: frozenset[str] = frozenset()
     """The inputs (``args.0``, ``attention_mask``, ...) whose *values* the run read to
     decide what to do; for every other input only its dtype and shape mattered."""
+    record_bytes: int = 0
+    """The part of :attr:`result_bytes` that recorded values take."""
     records: Any = field(default=None, compare=False, repr=False)
     """The meta run's records (for a session's later runs to read), when asked for."""
 
@@ -429,6 +441,7 @@ def estimate(
     returning: Returning,
     limits: Limits,
     runs: Mapping[str, Mapping[str, list[torch.Tensor]]] | None = None,
+    backward: Graph | None = None,
 ) -> Cost:
     """The cost of ``run(model, *args, **kwargs)`` reduced by ``returning``, on meta tensors.
 
@@ -441,8 +454,8 @@ def estimate(
     meta_args, meta_kwargs = _inputs_on_meta(args, kwargs)
     meter = _Meter(limits)
     try:
-        with torch.no_grad(), _ListIndexes(), meter:
-            result = run_with(model, meta_args, meta_kwargs, runs)
+        with torch.set_grad_enabled(backward is not None), _ListIndexes(), meter:
+            result = run_with(model, meta_args, meta_kwargs, runs, backward)
             returned = returning.apply(result, model, runs)
     except _Refused as refused:
         raise refused.error from None
@@ -452,8 +465,8 @@ def estimate(
         raise ApiError(422, "bad_expression", str(error), error.field or "steps") from None
     except Exception as error:  # what the real run would raise: say so before it is queued
         raise ApiError(422, "run_failed", f"{type(error).__name__}: {error}") from None
-    size = sum(t.numel() * t.element_size() for t in _tensors_in(returned.output))
-    size += sum(t.numel() * t.element_size() for t in _tensors_in(returned.records))
+    recorded = sum(t.numel() * t.element_size() for t in _tensors_in(returned.records))
+    size = recorded + sum(t.numel() * t.element_size() for t in _tensors_in(returned.output))
     if size > limits.max_result_bytes:
         raise ApiError(
             422,
@@ -464,7 +477,7 @@ def estimate(
             "returning",
         )
     records = result.records if runs is not None else None
-    return Cost(meter.peak, size, meter.ops, frozenset(meter.consulted), records)
+    return Cost(meter.peak, size, meter.ops, frozenset(meter.consulted), recorded, records)
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:
@@ -515,7 +528,7 @@ class Estimates:
             cost = entry[1].get(_values_digest(named, entry[0]))
             if cost is not None:
                 return cost
-        cost = estimate(view(), args, kwargs, plan.outputs, limits)
+        cost = estimate(view(), args, kwargs, plan.outputs, limits, backward=plan.backward)
         with self._lock:
             consulted, known = self._entries.setdefault(key, (cost.consulted, {}))
             if consulted == cost.consulted and len(known) < 64:

@@ -102,6 +102,16 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="directory for jobs and results, kept across restarts (default: a temporary one)",
     )
+    parser.add_argument(
+        "--no-grad",
+        action="store_true",
+        help="refuse plans that run a backward pass (backward=, SaveGrad, ComputeGrad)",
+    )
+    parser.add_argument(
+        "--no-train",
+        action="store_true",
+        help="refuse training runs (ts.train with backend=, session training runs)",
+    )
     server = ServerLimits()
     parser.add_argument(
         "--max-connections",
@@ -184,6 +194,10 @@ def serve_main(args: argparse.Namespace) -> int:
         limits = dataclasses.replace(limits, max_run_seconds=args.max_run_seconds)
     if args.max_running_per_key is not None:
         limits = dataclasses.replace(limits, max_running_per_key=args.max_running_per_key)
+    if args.no_grad:
+        limits = dataclasses.replace(limits, allow_grad=False)
+    if args.no_train:
+        limits = dataclasses.replace(limits, allow_train=False)
     app = create_app(
         checkpoints,
         api_keys=read_api_keys(args.api_keys) if args.api_keys else None,

@@ -57,32 +57,54 @@ class Inputs:
     text: tuple[str, ...] | None = None
     padding_side: str | None = None
     """For texts: ``"left"``, ``"right"``, or ``None`` (the host's default: left)."""
+    call: str = "forward"
+    """``"forward"`` (the model's call), ``"generate"`` (``kwargs`` are then the checked
+    ``generate`` options; see the host's schema) or ``"train"`` (a training loop over
+    ``batches`` with the settings in ``train``)."""
+    train: Mapping[str, Any] | None = None
+    """For ``call="train"``: ``params`` (tensor names), ``optimizer`` (JSON), ``steps``."""
+    batches: tuple[Inputs, ...] = ()
+    """For ``call="train"``: each step's inputs (step ``i`` runs batch ``i % len``)."""
+    trained: str | None = None
+    """In a session: the earlier training run whose trained tensors this run's layers use."""
 
 
 # --------------------------------------------------------------------------- requests
 
 
-def encode_request(plan_bytes: bytes, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
+def encode_request(
+    plan_bytes: bytes,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    call: str = "forward",
+    **details: Any,
+) -> bytes:
     """A submission: the plan file's bytes and the call's inputs (texts, tensors, scalars).
 
     With texts, ``kwargs`` may hold ``padding_side="left"`` or ``"right"``: how the host's
     tokenizer pads them (default: left, so the last position is every row's last token).
+    ``call="generate"`` asks for ``model.generate(*args, **kwargs)``; ``call="train"`` for
+    a training loop (``details``: ``training=`` settings and ``batches=``).
     """
     tensors: dict[str, torch.Tensor] = {"plan": _bytes_tensor(plan_bytes)}
-    description = {"version": 1, **_describe_call(args, kwargs, "", tensors)}
+    description = {"version": 1, **_describe_call(args, kwargs, "", tensors, call, **details)}
     return pack(description, tensors, key=REQUEST_KEY)
 
 
-def encode_session(runs: Sequence[tuple[str, bytes, Sequence[Any], Mapping[str, Any]]]) -> bytes:
-    """A session submission: ``(name, plan bytes, args, kwargs)`` per run, in order.
+def encode_session(
+    runs: Sequence[tuple[str, bytes, Sequence[Any], Mapping[str, Any], str, Mapping[str, Any]]],
+) -> bytes:
+    """A session submission: ``(name, plan bytes, args, kwargs, call, details)`` per run, in
+    order (``details``: a training run's ``training`` and ``batches``, ``trained``).
 
     Run ``i``'s plan is tensor ``plan.<i>`` and its input tensors are prefixed ``<i>.``.
     """
     tensors: dict[str, torch.Tensor] = {}
     described = []
-    for i, (name, plan_bytes, args, kwargs) in enumerate(runs):
+    for i, (name, plan_bytes, args, kwargs, call, details) in enumerate(runs):
         tensors[f"plan.{i}"] = _bytes_tensor(plan_bytes)
-        described.append({"name": name, **_describe_call(args, kwargs, f"{i}.", tensors)})
+        call_description = _describe_call(args, kwargs, f"{i}.", tensors, call, **details)
+        described.append({"name": name, **call_description})
     return pack({"version": 1, "runs": described}, tensors, key=REQUEST_KEY)
 
 
@@ -93,9 +115,20 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
 
 
 def _describe_call(
-    args: Sequence[Any], kwargs: Mapping[str, Any], prefix: str, tensors: dict[str, torch.Tensor]
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    prefix: str,
+    tensors: dict[str, torch.Tensor],
+    call: str = "forward",
+    training: Mapping[str, Any] | None = None,
+    batches: Sequence[tuple[Sequence[Any], Mapping[str, Any]]] = (),
+    trained: str | None = None,
 ) -> dict[str, Any]:
-    """One call's inputs as a description; its tensors are added to ``tensors``."""
+    """One call's inputs as a description; its tensors are added to ``tensors``.
+
+    A training call (``call="train"``) has no inputs of its own: ``batches`` are described
+    one by one (their tensors prefixed ``b<i>.``) and ``training`` holds its settings.
+    """
     kwargs = dict(kwargs)
     texts: list[str] | None = None
     described_args: list[dict[str, Any]] = []
@@ -130,6 +163,17 @@ def _describe_call(
     }
     if padding_side is not None:
         description["padding_side"] = padding_side
+    if call != "forward":
+        if call not in _CALLS:
+            raise ValueError(f"call={call!r}: one of {', '.join(_CALLS)}")
+        description["call"] = call
+    if call == "train":
+        description["train"] = dict(training or {})
+        description["batches"] = [
+            _describe_call(a, k, f"{prefix}b{i}.", tensors) for i, (a, k) in enumerate(batches)
+        ]
+    if trained is not None:
+        description["trained"] = trained
     return description
 
 
@@ -143,7 +187,11 @@ def _scalar(value: Any, what: str) -> Any:
 
 
 _PADDING_SIDES = ("left", "right")
-_DESCRIPTION_KEYS = {"args", "kwargs", "text", "padding_side"}
+_DESCRIPTION_KEYS = {
+    "args", "kwargs", "text", "padding_side", "call", "train", "batches", "trained"
+}  # fmt: skip
+_CALLS = ("forward", "generate", "train")
+_MAX_BATCHES = 256
 _MAX_ARGUMENTS = 64
 
 
@@ -337,7 +385,44 @@ def _read_call(
             f"{_shown(padding_side)}",
             where + "padding_side",
         )
-    return Inputs(args, kwargs, text, padding_side)
+    call = description.get("call", "forward")
+    if call not in _CALLS:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"call is one of {', '.join(_CALLS)}, got {_shown(call)}",
+            where + "call",
+        )
+    trained = description.get("trained")
+    if trained is not None and (not isinstance(trained, str) or not trained.isidentifier()):
+        raise ApiError(400, "bad_request", "trained names an earlier run", where + "trained")
+    training, batches = description.get("train"), description.get("batches")
+    if call != "train":
+        if training is not None or batches is not None:
+            raise ApiError(
+                400, "bad_request", "train and batches go with call='train'", where + "call"
+            )
+        return Inputs(args, kwargs, text, padding_side, call, trained=trained)
+    if args or kwargs or text is not None:
+        raise ApiError(
+            400, "bad_request", "a training call's inputs are its batches", where + "args"
+        )
+    if not isinstance(training, dict):
+        raise ApiError(400, "bad_request", "a training call has a 'train' object", where + "train")
+    if not isinstance(batches, list) or not 0 < len(batches) <= _MAX_BATCHES:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"a training call has 1 to {_MAX_BATCHES} batches",
+            where + "batches",
+        )
+    read_batches = []
+    for i, batch in enumerate(batches):
+        at = f"{where}batches.{i}."
+        if not isinstance(batch, dict) or {"train", "batches", "call", "trained"} & set(batch):
+            raise ApiError(400, "bad_request", "a batch is one call's inputs", at[:-1])
+        read_batches.append(_read_call(batch, tensors, used, at, limits))
+    return Inputs(args, kwargs, None, None, call, training, tuple(read_batches), trained)
 
 
 def _read_text(text: Any, limits: Limits) -> tuple[str, ...] | None:

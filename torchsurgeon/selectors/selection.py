@@ -350,7 +350,9 @@ class Selection(TreescopeRepr):
         _check_module(layer, operation)
         self._require_nonempty(operation)
         containers = [
-            path for path, node in zip(self.paths, self.get_all(), strict=True) if is_container(node)
+            path
+            for path, node in zip(self.paths, self.get_all(), strict=True)
+            if is_container(node)
         ]
         if containers:
             shown = ", ".join(describe(p) for p in containers[:3])

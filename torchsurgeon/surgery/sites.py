@@ -15,6 +15,10 @@ of a tuple/list output (the first field of a ``ModelOutput``/dict, or the tensor
 after it. A layer's ``on`` attribute picks another: an ``int`` is a positional argument or
 output element, a ``str`` a keyword argument or output field.
 
+A layer with ``steps`` set (``Save("h", steps=[0, 2])``) acts only at those calls within
+one run — one call per generation step in ``generate`` — and passes the tensor through at
+the others.
+
 Layers at one site run in the order they were inserted, in the direction the data flows:
 a second ``insert_before`` runs after the first (just before the module), and a second
 ``insert_after`` runs after the first. So ``insert_before(SetValues(...))`` followed by
@@ -106,6 +110,8 @@ def _run_before(
     if not layers:
         return None
     for layer in layers._modules.values():
+        if getattr(layer, "steps", None) is not None and not layer.ts_active():
+            continue  # not one of the layer's generation steps
         args, kwargs = _apply_to_input(module, layer, args, kwargs)
     return args, kwargs
 
@@ -115,6 +121,8 @@ def _run_after(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
     if not layers:
         return None
     for layer in layers._modules.values():
+        if getattr(layer, "steps", None) is not None and not layer.ts_active():
+            continue  # not one of the layer's generation steps
         call = layer
         if getattr(layer, "reads_input", False):
             call = functools.partial(layer, input=_primary_input(module, layer, args, kwargs))
