@@ -239,3 +239,183 @@ def test_a_forward_call_with_a_generate_option_is_refused(
     with pytest.raises(RemoteError, match="it is a generate option") as caught:
         client.run(local["gpt2"], ids(), max_new_tokens=3)
     assert caught.value.field == "inputs.max_new_tokens"
+
+
+# --------------------------------------------------------------------------- training
+
+
+def lm_loss() -> ts.Expr:
+    logits = ts.out("logits")[:, :-1]
+    return -logits.log_softmax(-1).gather(-1, ts.input("input_ids")[:, 1:, None]).mean()
+
+
+def adapted(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(3)
+    adapter = L.LowRankAdapter(
+        0.1 * torch.randn(4, HIDDEN, generator=g), torch.zeros(HIDDEN, 4), 2.0
+    )
+    return insert(model, "transformer.h.1.attn.c_proj", "insert_after", adapter)
+
+
+BATCHES = [ids(10), ids(11)]
+
+
+def test_train_equals_a_plain_pytorch_loop() -> None:
+    hf = make_gpt2()
+    probe = adapted(ts.wrap(hf))
+    params = ts.select(probe).at_instances_of("LowRankAdapter")
+    got = ts.train(
+        probe, BATCHES, loss=lm_loss(), params=params, optimizer=ts.optim.AdamW(lr=1e-2), steps=5
+    )
+    layer = ts.select(probe).at_instances_of("LowRankAdapter").get()
+    a, b = layer.a.clone().requires_grad_(True), layer.b.clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([a, b], lr=1e-2)
+
+    def adapter(m: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        return out + (inputs[0] @ a.T) @ b.T * 2.0
+
+    handle = hf.transformer.h[1].attn.c_proj.register_forward_hook(adapter)
+    losses = []
+    try:
+        for step in range(5):
+            batch = BATCHES[step % 2]
+            logits = hf(batch).logits[:, :-1]
+            loss = -logits.log_softmax(-1).gather(-1, batch[:, 1:, None]).mean()
+            a.grad, b.grad = torch.autograd.grad(loss, [a, b])
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+    finally:
+        handle.remove()
+    assert got.losses == losses
+    name = "transformer.h.1.attn.c_proj.ts_after.0"
+    assert sorted(got.tensors) == [f"{name}.a", f"{name}.b"]  # the scale is not trained
+    assert torch.equal(got.tensors[f"{name}.a"], a.detach()) and torch.equal(
+        got.tensors[f"{name}.b"], b.detach()
+    )
+    assert all(p.grad is None for p in hf.parameters())
+    trained = ts.run(got.model, BATCHES[0]).output.logits
+    with torch.no_grad():
+        handle = hf.transformer.h[1].attn.c_proj.register_forward_hook(adapter)
+        try:
+            assert (trained - hf(BATCHES[0]).logits).abs().max() <= 1e-6
+        finally:
+            handle.remove()
+
+
+def test_training_on_the_host_is_one_request_and_feeds_the_next_run(
+    hosting: tuple[Any, Client], local: dict[str, nn.Module]
+) -> None:
+    app, client = hosting
+    hosted = app.state.host.models["gpt2"]
+    before = full_digest(hosted.base)
+    probe = adapted(local["gpt2"])
+    params = ts.select(probe).at_instances_of("LowRankAdapter")
+    settings = {
+        "loss": lm_loss(),
+        "params": params,
+        "optimizer": ts.optim.AdamW(lr=1e-2),
+        "steps": 4,
+    }
+    want = ts.train(probe, BATCHES, **settings)
+    got = ts.train(probe, BATCHES, backend=client, **settings)
+    assert got.losses == want.losses
+    assert all(torch.equal(got.tensors[k], want.tensors[k]) for k in want.tensors)
+    session = ts.session(
+        fit=ts.training(probe, BATCHES, **settings), test=(ts.trained(probe, "fit"), ids(12))
+    )
+    remote, here = client.run(session), ts.run(session)
+    assert torch.equal(remote["test"].output.logits, here["test"].output.logits.detach())
+    assert torch.equal(here["test"].output.logits, ts.run(want.model, ids(12)).output.logits)
+    assert torch.equal(remote["fit"].records["loss"][0], torch.tensor(want.losses))
+    assert full_digest(hosted.base) == before and all(
+        p.grad is None for p in hosted.base.parameters()
+    )
+
+
+def test_training_progress_is_pushed_per_step(
+    hosting: tuple[Any, Client], local: dict[str, nn.Module]
+) -> None:
+    from torchsurgeon.remote.client import Job, _training_request
+    from torchsurgeon.remote.transfer import encode_request
+
+    client = hosting[1]
+    probe = adapted(local["gpt2"])
+    params = ts.select(probe).at_instances_of("LowRankAdapter")
+    plan, settings, calls = _training_request(
+        probe, BATCHES, lm_loss(), params, ts.optim.SGD(lr=0.1), 60
+    )
+    body = encode_request(plan.to_bytes(), (), {}, "train", training=settings, batches=calls)
+    data = client._json(
+        "POST",
+        "/v1/models/gpt2/jobs",
+        content=body,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    job, seen = Job(client, data["id"], "gpt2"), []
+    status = job.status()
+    while not status.finished:
+        if status.progress is not None:
+            seen.append(status.progress)
+        status = job.status(since=status.version, wait=5.0)
+    assert status.state == "done" and seen and seen[-1]["steps"] == 60
+    steps = [p["step"] for p in seen]
+    assert steps == sorted(steps) and all(isinstance(p["loss"], float) for p in seen)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        ({"steps": 0}, "train.steps", "from 1 to max_train_steps"),
+        ({"optimizer": {"name": "Adam2", "settings": {}}}, "train.optimizer", "unknown optimizer"),
+        ({"optimizer": {"name": "AdamW", "settings": {"lr": -1}}}, "train.optimizer", "lr must be"),
+        ({"params": ["transformer.h.0.mlp"]}, "train.params", "not an intervention layer"),
+        ({"params": ["transformer.h.1.attn.c_proj.ts_after.0.nope"]}, "train.params", ""),
+        ({"extra": 1}, "train", "unknown training setting"),
+    ],
+)
+def test_bad_training_requests_name_the_field(
+    client: Client, local: dict[str, nn.Module], change: dict[str, Any], field: str, message: str
+) -> None:
+    from torchsurgeon.remote.client import _training_request
+    from torchsurgeon.remote.transfer import encode_request
+
+    probe = adapted(local["gpt2"])
+    params = ts.select(probe).at_instances_of("LowRankAdapter")
+    plan, settings, calls = _training_request(
+        probe, BATCHES, lm_loss(), params, ts.optim.AdamW(), 2
+    )
+    body = encode_request(
+        plan.to_bytes(), (), {}, "train", training={**settings, **change}, batches=calls
+    )
+    with pytest.raises(RemoteError, match=message) as caught:
+        client._json(
+            "POST",
+            "/v1/models/gpt2/jobs",
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+    assert caught.value.status == 422 and caught.value.field == field
+
+
+def test_a_host_without_training_names_the_flag(
+    checkpoints: dict[str, Path], local: dict[str, nn.Module]
+) -> None:
+    app = create_app({"gpt2": checkpoints["gpt2"]}, limits=Limits(allow_train=False), workers=1)
+    probe = adapted(local["gpt2"])
+    params = ts.select(probe).at_instances_of("LowRankAdapter")
+    with (
+        serve_in_thread(app) as server,
+        Client(server.url, progress=False) as client,
+        pytest.raises(RemoteError, match="--no-train") as caught,
+    ):
+        ts.train(
+            probe,
+            BATCHES,
+            loss=lm_loss(),
+            params=params,
+            optimizer=ts.optim.AdamW(),
+            steps=2,
+            backend=client,
+        )
+    assert caught.value.code == "training_disabled"

@@ -73,6 +73,9 @@ class JobStatus:
     position: int | None = None
     error: RemoteError | None = None
     version: int = 0
+    progress: dict[str, Any] | None = None
+    """While running: what the run last reported (a training run's ``step``, ``steps`` and
+    ``loss``)."""
 
     @property
     def finished(self) -> bool:
@@ -115,6 +118,7 @@ class Job:
             if error
             else None,
             version=data.get("version", 0),
+            progress=data.get("progress") if isinstance(data.get("progress"), dict) else None,
         )
 
     def wait(self, timeout: float | None = None, on_status: Any = None) -> JobStatus:
@@ -313,7 +317,8 @@ class Client:
         timeout: float | None = None,
     ) -> TrainResult:
         """``ts.train(model, batches, ...)`` on the host, in one request: the trained tensors,
-        the loss of every step, and ``model`` with the trained tensors put in (here)."""
+        the loss of every step, and ``model`` with the trained tensors put in (here). While it
+        runs, the job's status reports each step's loss (shown by the progress line)."""
         plan, settings, calls = _training_request(model, batches, loss, params, optimizer, steps)
         name = model_name or self.model or self._model_for(plan)
         body = encode_request(plan.to_bytes(), (), {}, "train", training=settings, batches=calls)
@@ -479,6 +484,11 @@ class _Progress:
         text = status.state
         if status.state == "queued" and status.position is not None:
             text = f"queued (position {status.position})"
+        step, steps, loss = ((status.progress or {}).get(k) for k in ("step", "steps", "loss"))
+        if status.state == "running" and all(
+            isinstance(v, (int, float)) for v in (step, steps, loss)
+        ):
+            text = f"training: step {step}/{steps}, loss {float(loss):.4g}"  # type: ignore[arg-type]
         self._status.update(f"{self._model}: {text}")
 
     def __enter__(self) -> _Progress:

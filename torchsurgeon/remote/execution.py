@@ -38,6 +38,7 @@ from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.limits import GRAD_LAYERS, Limits
 from torchsurgeon.remote.limits import estimate as estimate_cost
+from torchsurgeon.remote.progress import report
 from torchsurgeon.remote.transfer import Inputs, decode_submission, encode_result, result_nbytes
 from torchsurgeon.surgery.errors import SurgeryError
 from torchsurgeon.surgery.paths import iter_nodes
@@ -289,6 +290,9 @@ def run_submission(hosted: HostedModel, runs: list[PreparedRun], limits: Limits)
                     params=names,
                     optimizer=optimizer,
                     steps=steps,
+                    on_step=lambda step, loss, steps=steps: report(
+                        {"step": step + 1, "steps": steps, "loss": loss}
+                    ),
                 )
                 trained[item.name or ""] = done.tensors
                 result = training_result(done)

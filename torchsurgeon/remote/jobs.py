@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.progress import reporting_to
 from torchsurgeon.remote.store import JobStore, StoredJob
 
 __all__ = ["JobError", "JobQueue", "JobRecord", "State"]
@@ -102,6 +103,8 @@ class JobRecord:
     """While running: the watchdog's ``time.monotonic()`` deadline."""
     worker: threading.Thread | None = None
     """While running: the thread that runs it (``None`` once the watchdog gave up on it)."""
+    progress: dict[str, Any] | None = None
+    """While running: what the run last reported (a training run's step and loss)."""
 
 
 class JobQueue:
@@ -267,6 +270,8 @@ class JobQueue:
             out: dict[str, Any] = {"id": job.id, "model": job.model, "state": job.state}
             if job.state == "queued":
                 out["position"] = self._position(job)
+            if job.state == "running" and job.progress is not None:
+                out["progress"] = job.progress
             if job.error is not None:
                 out["error"] = job.error.to_json()
             if job.state == "done" and job.result_bytes is not None:
@@ -437,7 +442,8 @@ class JobQueue:
                     self._active.discard(me)
                     return
                 self._begin(job, me)
-            result, error = _run(job.work)
+            with reporting_to(lambda progress, job=job: self._progress(job, progress)):
+                result, error = _run(job.work)
             if result is not None and error is None and job.worker is me:
                 try:
                     self.store.write_result(job.id, result)
@@ -452,6 +458,12 @@ class JobQueue:
                     return
                 self._end(job, result, error)
             del result, error
+
+    def _progress(self, job: JobRecord, progress: dict[str, Any]) -> None:
+        with self._lock:
+            if job.state == "running":
+                job.progress = dict(progress)
+                self._changed([job])
 
     def _begin(self, job: JobRecord, worker: threading.Thread) -> None:
         """Holds the lock."""
