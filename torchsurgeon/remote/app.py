@@ -58,6 +58,7 @@ def create_app(
     ray_replicas: int | None = None,
     ray_threads: int | None = None,
     state_dir: str | Path | None = None,
+    co_batch: bool = False,
 ) -> FastAPI:
     """A FastAPI app serving ``models`` (modules, or local checkpoint directories).
 
@@ -67,7 +68,9 @@ def create_app(
     :mod:`torchsurgeon.remote.ray_pool`). Jobs and results are kept in ``state_dir`` (a
     SQLite table and result files; a temporary directory, removed at shutdown, if ``None``),
     so a host started again on the same directory finishes what was queued or running.
-    The app's ``state.host`` is the :class:`~torchsurgeon.remote.host.Host`.
+    ``co_batch`` merges compatible requests of different keys into one forward pass (see
+    :mod:`torchsurgeon.remote.batching`). The app's ``state.host`` is the
+    :class:`~torchsurgeon.remote.host.Host`.
     """
     import_anyio()  # before serving: see torchsurgeon.remote.compat
     host = Host(
@@ -78,6 +81,7 @@ def create_app(
         ray_replicas=ray_replicas,
         ray_threads=ray_threads,
         state_dir=state_dir,
+        co_batch=co_batch,
     )
 
     @asynccontextmanager

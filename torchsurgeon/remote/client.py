@@ -210,6 +210,7 @@ class Client:
         request_id: str | None = None,
         backward: Expr | None = None,
         call: str = "forward",
+        co_batch: bool = True,
         **kwargs: Any,
     ) -> Job:
         """Send a plan (or a rewritten model, planned here) and inputs; returns the :class:`Job`.
@@ -220,7 +221,8 @@ class Client:
         ``inputs`` are tensors (token ids), or one text / list of texts for a model with a
         tokenizer; ``kwargs`` are keyword arguments of the model call (tensors or scalars).
         ``request_id`` (default: a fresh UUID) is the submission's ``Idempotency-Key``: the
-        host runs one job per id and key, however often the request arrives. ``backward``
+        host runs one job per id and key, however often the request arrives.
+        ``co_batch=False`` asks a co-batching host to run this request alone. ``backward``
         is a scalar expression the host differentiates after the forward pass
         (``SaveGrad`` layers then record gradients; see ``ts.run``).
         """
@@ -242,7 +244,7 @@ class Client:
             if backward is not None:
                 plan = plan.with_backward(backward)
             name = model_name or self.model or self._model_for(plan)
-            body = encode_request(plan.to_bytes(), inputs, kwargs, call)
+            body = encode_request(plan.to_bytes(), inputs, kwargs, call, alone=not co_batch)
         data = self._json(
             "POST",
             f"/v1/models/{name}/jobs",
@@ -262,6 +264,7 @@ class Client:
         progress: bool | None = None,
         timeout: float | None = None,
         backward: Expr | None = None,
+        co_batch: bool = True,
         **kwargs: Any,
     ) -> Result:
         """Run remotely and wait: the :class:`Result`, as a local ``ts.run`` would give.
@@ -270,7 +273,12 @@ class Client:
         the key's ``max_result_bytes_per_key``).
         """
         job = self.submit(
-            plan_or_model, *inputs, model_name=model_name, backward=backward, **kwargs
+            plan_or_model,
+            *inputs,
+            model_name=model_name,
+            backward=backward,
+            co_batch=co_batch,
+            **kwargs,
         )
         result = job.result(timeout, progress=self.progress if progress is None else progress)
         with contextlib.suppress(RemoteError):  # else the host forgets it after its TTL

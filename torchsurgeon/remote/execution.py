@@ -47,6 +47,7 @@ from torchsurgeon.surgery.rewrite import Edit, rewrite
 __all__ = [
     "JobTimeout",
     "PreparedRun",
+    "encoded_result",
     "prepare_submission",
     "run_request",
     "run_submission",
@@ -297,7 +298,7 @@ def run_submission(hosted: HostedModel, runs: list[PreparedRun], limits: Limits)
                 trained[item.name or ""] = done.tensors
                 result = training_result(done)
                 if item.name is None:
-                    return _encoded(result, limits)
+                    return encoded_result(result, limits)
                 records[item.name] = result.records
                 results[item.name] = result
                 continue
@@ -310,7 +311,7 @@ def run_submission(hosted: HostedModel, runs: list[PreparedRun], limits: Limits)
             with torch.no_grad():
                 returned = item.plan.outputs.apply(result, guarded, session)
             if item.name is None:
-                return _encoded(returned, limits)
+                return encoded_result(returned, limits)
             records[item.name] = result.records
             results[item.name] = returned
     except JobTimeout as error:
@@ -321,7 +322,7 @@ def run_submission(hosted: HostedModel, runs: list[PreparedRun], limits: Limits)
         raise ApiError(422, "bad_expression", str(error), error.field or "steps") from None
     except Exception as error:  # the plan's or the inputs' doing (the base is never changed)
         raise ApiError(422, "run_failed", f"{type(error).__name__}: {error}") from None
-    return _encoded(results, limits)
+    return encoded_result(results, limits)
 
 
 _SAMPLING = threading.Lock()
@@ -349,7 +350,8 @@ def run_request(
     return run_submission(hosted, [PreparedRun(None, plan, view, inputs)], limits)
 
 
-def _encoded(result: Result | dict[str, Result], limits: Limits) -> bytes:
+def encoded_result(result: Result | dict[str, Result], limits: Limits) -> bytes:
+    """The result file's bytes; :class:`ApiError` when it is over ``max_result_bytes``."""
     runs = result.values() if isinstance(result, dict) else [result]
     size = sum(result_nbytes(r) for r in runs)
     if size > limits.max_result_bytes:

@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from torchsurgeon.remote.batching import BatchPart, batch_key, run_batch
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.execution import prepare_submission, run_submission
 from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
@@ -49,7 +50,10 @@ class Host:
         ray_replicas: int | None = None,
         ray_threads: int | None = None,
         state_dir: str | Path | None = None,
+        co_batch: bool = False,
     ) -> None:
+        """``co_batch``: merge compatible requests of different keys into one forward pass
+        (:mod:`torchsurgeon.remote.batching`; in-process workers, not with Ray)."""
         if not models:
             raise ValueError("a host needs at least one model")
         self.limits = limits or Limits()
@@ -74,7 +78,14 @@ class Host:
             self.models = {name: HostedModel.load(name, src) for name, src in models.items()}
         store = JobStore(state_dir)
         try:
-            self.queue = JobQueue(workers, self.limits, store, revive=self._rerun)
+            batcher = None
+            if co_batch and self.pool is None:
+                limits = self.limits
+
+                def batcher(parts: list[Any]) -> list[tuple[bytes | None, Any]]:
+                    return run_batch(parts, limits)
+
+            self.queue = JobQueue(workers, self.limits, store, revive=self._rerun, batcher=batcher)
         except BaseException:
             store.close()
             raise
@@ -130,20 +141,29 @@ class Host:
             if found is not None:
                 return found
         self.queue.admit(owner)  # refuse before paying for validation
-        work = self._prepare(name, body)
+        work, key, part = self._prepare(name, body)
         self.queue.start()
         return self.queue.submit(
-            owner, name, work, request=body, request_key=request_key, digest=digest
+            owner,
+            name,
+            work,
+            request=body,
+            request_key=request_key,
+            digest=digest,
+            batch_key=key,
+            part=part,
         )
 
     def _rerun(self, name: str, body: bytes) -> bytes:
         """Validate and run a job read back from the store (in a worker thread)."""
-        return self._prepare(name, body)()
+        return self._prepare(name, body)[0]()
 
-    def _prepare(self, name: str, body: bytes) -> Callable[[], bytes]:
-        """The job's work, once every up-front check passed; :class:`ApiError` if one fails."""
+    def _prepare(self, name: str, body: bytes) -> tuple[Callable[[], bytes], Any, Any]:
+        """The job's work, once every up-front check passed, and what co-batching needs (its
+        batch key, None when it runs alone; its part); :class:`ApiError` if a check fails."""
         hosted = self.model(name)
         runs = prepare_submission(hosted, body, self.limits)  # inputs checked, cost estimated
+        key = batch_key(hosted, runs, runs[0].inputs.alone) if self.pool is None else None
         if self.pool is not None:
             pool = self.pool
 
@@ -155,7 +175,7 @@ class Host:
             def work() -> bytes:
                 return run_submission(hosted, runs, limits)
 
-        return work
+        return work, key, BatchPart(hosted, runs[0]) if key is not None else None
 
     def models_json(self) -> list[dict[str, Any]]:
         return [m.describe() for m in self.models.values()]

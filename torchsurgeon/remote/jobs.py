@@ -105,6 +105,10 @@ class JobRecord:
     """While running: the thread that runs it (``None`` once the watchdog gave up on it)."""
     progress: dict[str, Any] | None = None
     """While running: what the run last reported (a training run's step and loss)."""
+    batch_key: Any = None
+    """What the job shares with others it may run with in one pass (None: it runs alone)."""
+    part: Any = None
+    """The job as the batcher takes it (with ``batch_key``)."""
 
 
 class JobQueue:
@@ -116,8 +120,11 @@ class JobQueue:
         limits: Limits,
         store: JobStore,
         revive: Callable[[str, bytes], bytes] | None = None,
+        batcher: Callable[[list[Any]], list[tuple[bytes | None, Any]]] | None = None,
     ) -> None:
-        """``revive(model, request_bytes)`` validates and runs a job read back from the store."""
+        """``revive(model, request_bytes)`` validates and runs a job read back from the store;
+        ``batcher(parts)`` runs jobs of one ``batch_key`` together, giving each its
+        ``(result bytes, None)`` or ``(None, ApiError)`` (co-batching; None: jobs run alone)."""
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if limits.max_running_per_key is not None and limits.max_running_per_key < 1:
@@ -133,6 +140,9 @@ class JobQueue:
         self.limits = limits
         self.store = store
         self._revive = revive
+        self._batcher = batcher
+        self.batch_sizes: Counter[int] = Counter()
+        """How many passes ran with how many jobs (co-batching's record; 1: alone)."""
         self._workers = workers
         per_key = limits.max_running_per_key
         self._per_key = max(1, workers - 1) if per_key is None else per_key
@@ -202,6 +212,8 @@ class JobQueue:
         request: bytes | None = None,
         request_key: str | None = None,
         digest: str = "",
+        batch_key: Any = None,
+        part: Any = None,
     ) -> JobRecord:
         """Queue ``work`` for ``owner`` (``request``: the bytes to run it again after a restart).
 
@@ -220,6 +232,8 @@ class JobQueue:
                 work,
                 request_key=request_key,
                 digest=digest,
+                batch_key=batch_key if self._batcher is not None else None,
+                part=part,
             )
             try:
                 self.store.insert(job.id, owner, model, job.submitted, request_key, digest, request)
@@ -441,7 +455,14 @@ class JobQueue:
                 if job is None:
                     self._active.discard(me)
                     return
-                self._begin(job, me)
+                batch = self._batch_of(job)
+                for member in batch:
+                    self._begin(member, me)
+                self.batch_sizes[len(batch)] += 1
+            if len(batch) > 1:
+                if self._run_batch(batch, me):
+                    return  # the watchdog gave up on this worker: a replacement runs
+                continue
             with reporting_to(lambda progress, job=job: self._progress(job, progress)):
                 result, error = _run(job.work)
             if result is not None and error is None and job.worker is me:
@@ -458,6 +479,74 @@ class JobQueue:
                     return
                 self._end(job, result, error)
             del result, error
+
+    def _batch_of(self, job: JobRecord) -> list[JobRecord]:
+        """``job`` and the queued jobs that can run with it (co-batching). Holds the lock.
+
+        Only the head job of each key's queue can join (each key's jobs keep their order),
+        within the keys' running limits, up to ``max_batch_requests``. With room left the
+        worker waits up to ``batch_window_seconds`` once for more to arrive.
+        """
+        if job.batch_key is None or self._batcher is None or self.limits.max_batch_requests < 2:
+            return [job]
+        batch = [job]
+        self._gather(batch)
+        window = self.limits.batch_window_seconds
+        if len(batch) < self.limits.max_batch_requests and window > 0 and not self._stopping:
+            self._lock.wait(window)
+            self._gather(batch)
+        return batch
+
+    def _gather(self, batch: list[JobRecord]) -> None:
+        taken = Counter(j.owner for j in batch)
+        for owner in list(self._turns):
+            if len(batch) >= self.limits.max_batch_requests:
+                return
+            queue = self._queues.get(owner)
+            if not queue or self._running[owner] + taken[owner] >= self._per_key:
+                continue
+            head = queue[0]
+            if head.batch_key != batch[0].batch_key:
+                continue
+            queue.popleft()
+            if not queue:
+                del self._queues[owner]
+                self._turns.remove(owner)
+            batch.append(head)
+            taken[owner] += 1
+
+    def _run_batch(self, batch: list[JobRecord], me: threading.Thread) -> bool:
+        """Run ``batch`` in one pass and end each of its jobs with its own outcome; whether
+        the watchdog gave up on it meanwhile (this worker then stops)."""
+        try:
+            outcomes = self._batcher([j.part for j in batch])  # type: ignore[misc]
+        except Exception as failure:  # a worker must survive anything a batch does
+            outcomes = [(None, failure)] * len(batch)
+        abandoned = False
+        for job, (result, failure) in zip(batch, outcomes, strict=True):
+            error = None
+            if isinstance(failure, ApiError):
+                error = JobError.of(failure)
+            elif failure is not None:
+                error = JobError("internal", f"{type(failure).__name__}: {failure}")
+            if result is not None and error is None and job.worker is me:
+                try:
+                    self.store.write_result(job.id, result)
+                except OSError as stored:
+                    error = JobError("store_failed", f"the result could not be stored: {stored}")
+            with self._lock:
+                if job.worker is not me:  # the watchdog gave up on this run
+                    self.store.remove_result(job.id)
+                    abandoned = True
+                    continue
+                self._end(job, result, error)
+        if not abandoned:
+            return False
+        with self._lock:
+            self._abandoned.discard(me)
+            self._spawn()
+            self._lock.notify_all()
+        return True
 
     def _progress(self, job: JobRecord, progress: dict[str, Any]) -> None:
         with self._lock:

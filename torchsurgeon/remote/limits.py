@@ -99,6 +99,10 @@ class Limits:
     """Whether training runs are served (``torchsurgeon serve --no-train`` turns it off)."""
     max_train_steps: int = 1000
     """Optimizer steps in one training run (the run's time is bounded by max_run_seconds)."""
+    max_batch_requests: int = 8
+    """Requests one co-batched forward pass may hold (a host started with co-batching)."""
+    batch_window_seconds: float = 0.002
+    """How long a worker waits for more requests to join a batch that has room."""
     max_session_runs: int = 16
     """Runs in one session request (each is checked and estimated like a request)."""
     max_expr_nodes: int = 1024

@@ -67,6 +67,8 @@ class Inputs:
     """For ``call="train"``: each step's inputs (step ``i`` runs batch ``i % len``)."""
     trained: str | None = None
     """In a session: the earlier training run whose trained tensors this run's layers use."""
+    alone: bool = False
+    """The request asked not to be co-batched with others (``Client.run(co_batch=False)``)."""
 
 
 # --------------------------------------------------------------------------- requests
@@ -123,6 +125,7 @@ def _describe_call(
     training: Mapping[str, Any] | None = None,
     batches: Sequence[tuple[Sequence[Any], Mapping[str, Any]]] = (),
     trained: str | None = None,
+    alone: bool = False,
 ) -> dict[str, Any]:
     """One call's inputs as a description; its tensors are added to ``tensors``.
 
@@ -174,6 +177,8 @@ def _describe_call(
         ]
     if trained is not None:
         description["trained"] = trained
+    if alone:
+        description["alone"] = True
     return description
 
 
@@ -188,7 +193,7 @@ def _scalar(value: Any, what: str) -> Any:
 
 _PADDING_SIDES = ("left", "right")
 _DESCRIPTION_KEYS = {
-    "args", "kwargs", "text", "padding_side", "call", "train", "batches", "trained"
+    "args", "kwargs", "text", "padding_side", "call", "train", "batches", "trained", "alone"
 }  # fmt: skip
 _CALLS = ("forward", "generate", "train")
 _MAX_BATCHES = 256
@@ -396,13 +401,16 @@ def _read_call(
     trained = description.get("trained")
     if trained is not None and (not isinstance(trained, str) or not trained.isidentifier()):
         raise ApiError(400, "bad_request", "trained names an earlier run", where + "trained")
+    alone = description.get("alone", False)
+    if type(alone) is not bool:
+        raise ApiError(400, "bad_request", "alone is true or false", where + "alone")
     training, batches = description.get("train"), description.get("batches")
     if call != "train":
         if training is not None or batches is not None:
             raise ApiError(
                 400, "bad_request", "train and batches go with call='train'", where + "call"
             )
-        return Inputs(args, kwargs, text, padding_side, call, trained=trained)
+        return Inputs(args, kwargs, text, padding_side, call, trained=trained, alone=alone)
     if args or kwargs or text is not None:
         raise ApiError(
             400, "bad_request", "a training call's inputs are its batches", where + "args"
