@@ -103,6 +103,23 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="directory for jobs and results, kept across restarts (default: a temporary one)",
     )
     parser.add_argument(
+        "--co-batch",
+        action="store_true",
+        help="merge compatible requests of different keys into one forward pass",
+    )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=None,
+        help="with --co-batch: how long a request waits for others to join (default 2)",
+    )
+    parser.add_argument(
+        "--max-result-mb",
+        type=float,
+        default=None,
+        help="largest result one request may return, in MiB (default 64)",
+    )
+    parser.add_argument(
         "--no-grad",
         action="store_true",
         help="refuse plans that run a backward pass (backward=, SaveGrad, ComputeGrad)",
@@ -194,6 +211,14 @@ def serve_main(args: argparse.Namespace) -> int:
         limits = dataclasses.replace(limits, max_run_seconds=args.max_run_seconds)
     if args.max_running_per_key is not None:
         limits = dataclasses.replace(limits, max_running_per_key=args.max_running_per_key)
+    if args.batch_window_ms is not None:
+        if not args.co_batch or args.batch_window_ms < 0:
+            raise ValueError("--batch-window-ms goes with --co-batch and is >= 0")
+        limits = dataclasses.replace(limits, batch_window_seconds=args.batch_window_ms / 1000)
+    if args.max_result_mb is not None:
+        if args.max_result_mb <= 0:
+            raise ValueError("--max-result-mb must be > 0")
+        limits = dataclasses.replace(limits, max_result_bytes=int(args.max_result_mb * 2**20))
     if args.no_grad:
         limits = dataclasses.replace(limits, allow_grad=False)
     if args.no_train:
@@ -206,6 +231,7 @@ def serve_main(args: argparse.Namespace) -> int:
         ray_replicas=args.replicas if args.ray else None,
         ray_threads=args.threads_per_replica,
         state_dir=args.state_dir,
+        co_batch=args.co_batch,
     )
     connections = ServerLimits(
         max_connections=args.max_connections,
