@@ -623,3 +623,26 @@ def test_the_estimate_follows_inputs_indexed_by_python_lists() -> None:
         plan(ts.wrap(module)), Limits(), Inputs(args=(torch.tensor([[1, 2, 3]]),))
     )
     assert cost is not None and cost.consulted == {"args.0"}
+
+
+def test_estimates_are_shared_by_plans_that_differ_only_in_tensor_values() -> None:
+    """Another steering vector costs the same: the cache keys on dtypes and shapes only."""
+    module = make_gpt2()
+    hosted = HostedModel.load("gpt2", module)
+    calls = []
+
+    def vectors(seed: int) -> ts.Plan:
+        g = torch.Generator().manual_seed(seed)
+        layer = ts.layers.Add(torch.randn(HIDDEN, generator=g))
+        return plan(ts.select(hosted.base).at("transformer.h.1").insert_after(layer))
+
+    inputs = Inputs(args=(token_ids(),))
+    for seed in (1, 2):
+        before = len(hosted.estimates._entries)
+        hosted.prepare(vectors(seed), Limits(), inputs)
+        calls.append(len(hosted.estimates._entries) - before)
+    assert calls == [1, 0]  # the second plan found the first's estimate
+    longer = Inputs(args=(token_ids(length=9),))
+    before = len(hosted.estimates._entries)
+    hosted.prepare(vectors(3), Limits(), longer)
+    assert len(hosted.estimates._entries) == before + 1  # another shape: estimated again

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import threading
 import weakref
 from collections import OrderedDict
@@ -501,7 +502,12 @@ class Estimates:
     values), and the values of just those inputs it :attr:`Cost.consulted`: a new prompt of
     the same shape under the same plan costs the same, unless the model read a value of it
     (an attention mask's zeros) to decide what to run — then that input's bytes are part of
-    the key too. Only requests that fit are remembered; the last ``size`` keys are kept.
+    the key too. The plan counts by its manifest, where each of its tensors is a dtype and a
+    shape: in the structure-only view a layer's tensors are on the meta device, so no value
+    of theirs can decide what runs (a run that tried would be refused as ``cannot_estimate``),
+    and a plan that differs from a known one only in its tensors' values (another steering
+    vector) costs what it costs. Only requests that fit are remembered; the last ``size`` keys
+    are kept.
     """
 
     def __init__(self, size: int = 256) -> None:
@@ -519,8 +525,9 @@ class Estimates:
     ) -> Cost:
         """The cost of the request, estimated on ``view()`` unless known; :class:`ApiError`."""
         named = {**{f"args.{i}": v for i, v in enumerate(args)}, **kwargs}
+        manifest, _ = plan.manifest()  # its tensors by dtype and shape only: see the docstring
         key = _digest(
-            plan.to_bytes(),
+            json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(),
             repr(sorted(limits.to_json().items())).encode(),
             repr([(k, _signature(v)) for k, v in named.items()]).encode(),
         )
