@@ -4,7 +4,8 @@ Each experiment (``parity/experiments/eNN_*.py``) is a pair of functions, one pe
 that return a dict of tensors. On seeded random GPT-2 and Llama models (eager attention,
 fp32, nothing downloaded) every pair must agree to ``TOLERANCE`` (max abs diff), and the
 torchsurgeon version, run again against a loopback host serving the same checkpoint, must
-send exactly one request (one plan or one session) and get the local result back.
+send exactly one request (one plan, one session, one generation or one training loop) and
+get the local result back.
 
 nnsight and torchsurgeon each get their own copy of the model (same seed, same weights), so
 whatever nnsight does to the modules it wraps cannot reach the model torchsurgeon rewrites.
@@ -29,6 +30,7 @@ from torch import nn
 import torchsurgeon as ts
 from parity.experiments import EXPERIMENTS
 from parity.families import FAMILIES, Family
+from torchsurgeon.layers.training import Training, trainable
 
 TOLERANCE = 1e-6
 """Max abs difference allowed between the two libraries (fp32), and between host and here."""
@@ -114,24 +116,66 @@ def as_plans(target: Any) -> Any:
     return target if isinstance(target, ts.Plan) else ts.plan(target)
 
 
+def generating(target: Any) -> nn.Module | None:
+    """The model whose ``generate`` ``target`` is (a generation), else None."""
+    owner = getattr(target, "__self__", None)
+    is_generate = getattr(target, "__name__", "") == "generate"
+    return owner if isinstance(owner, nn.Module) and is_generate else None
+
+
+def on_base(model: nn.Module, base: nn.Module) -> nn.Module:
+    """``model``'s plan applied to ``base``, as a host applies it."""
+    return ts.plans.apply(ts.plan(model), base)
+
+
 def local(base: nn.Module) -> Callable[..., Any]:
-    """``run(plan_or_session, *inputs)`` here: exactly what a host does with the request."""
+    """``run(target, *inputs)`` here: exactly what a host does with the request.
+
+    ``target`` is a plan, a rewritten model or a session (``ts.plans.execute``), a rewritten
+    model's ``generate`` (``ts.run(model.generate, ids, max_new_tokens=...)``), or a training
+    loop, ``ts.training(...)`` (``ts.train``); each runs on the plan applied to ``base``.
+    """
 
     def run(target: Any, *inputs: Any, **kwargs: Any) -> Any:
+        if isinstance(target, Training):
+            names = [f"{path}.{field}" for path, field in trainable(target.model, target.params)]
+            return replace(target, model=on_base(target.model, base), params=names).run()
+        model = generating(target)
+        if model is not None:
+            return ts.run(on_base(model, base).generate, *inputs, **kwargs)
         return ts.plans.execute(as_plans(target), base, *inputs, **kwargs)
 
     return run
 
 
 class OneRequest:
-    """``run(...)`` on the host, counting the requests sent."""
+    """``run(...)`` on the host, counting the requests sent; a backend for ``ts.run`` and
+    ``ts.train`` (``backend=``) too, which is how generations and training loops go."""
 
     def __init__(self, client: Any, model_name: str) -> None:
         self.client, self.model_name, self.calls = client, model_name, 0
 
     def __call__(self, target: Any, *inputs: Any, **kwargs: Any) -> Any:
+        if isinstance(target, Training):
+            settings = {"loss": target.loss, "params": target.params, "steps": target.steps}
+            return ts.train(
+                target.model, target.batches, optimizer=target.optimizer, backend=self, **settings
+            )
+        if generating(target) is not None:
+            return ts.run(target, *inputs, backend=self, **kwargs)
+        return self.run(target, *inputs, **kwargs)
+
+    def run(self, target: Any, *inputs: Any, **kwargs: Any) -> Any:
         self.calls += 1
         return self.client.run(target, *inputs, model_name=self.model_name, **kwargs)
+
+    def generate(self, model: nn.Module, *inputs: Any, **options: Any) -> Any:
+        self.calls += 1
+        return self.client.generate(model, *inputs, model_name=self.model_name, **options)
+
+    def train(self, model: nn.Module, batches: Any, **settings: Any) -> Any:
+        self.calls += 1
+        return self.client.train(model, batches, model_name=self.model_name, **settings)
 
 
 def max_diffs(got: dict[str, Any], want: dict[str, Any]) -> dict[str, float]:

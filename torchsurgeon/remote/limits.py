@@ -54,7 +54,6 @@ __all__ = ["Cost", "Estimates", "Limits", "estimate", "keep_values", "on_meta"]
 
 GRAD_LAYERS = frozenset({"SaveGrad", "ComputeGrad"})
 """The layers that act on the backward pass (refused by a host started with ``--no-grad``)."""
-"""Layers a host refuses: it runs forward passes only, so no gradient would ever arrive."""
 
 
 @dataclass(frozen=True)
