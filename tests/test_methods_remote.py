@@ -6,7 +6,9 @@ host with ``backend=`` on ``client.meta(name)`` — a structure-only model, so n
 read weights locally — and the results agree to 1e-6. The backend counts the requests it
 sends: a sweep that is one batch (``max_rows=None``) is one request, whatever the method.
 It also keeps what came back, to check that a known metric travels as one number a row
-rather than as logits.
+rather than as logits. The gradient, generation and training methods (attribution
+patching, steering, LoRA, probes fitted on the host) are one request each too, with the
+same scores, tokens, trained tensors and losses.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from typing import Any
 
 import pytest
 import torch
-from hook_reference import VOCAB, make_gpt2, make_llama
+from hook_reference import HIDDEN, VOCAB, make_gpt2, make_llama
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import torchsurgeon as ts
 from torchsurgeon import methods as M
-from torchsurgeon.remote import Client, create_app, serve_in_thread
+from torchsurgeon.remote import Client, RemoteError, create_app, serve_in_thread
 
 pytestmark = pytest.mark.slow  # starts a host on a loopback port
 
@@ -44,6 +46,13 @@ class Counting:
         self.requests += 1
         self.sent.append(target)
         result = self.client.run(target, *args, **kwargs)
+        self.results.append(result)
+        return result
+
+    def generate(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        self.requests += 1
+        self.sent.append(target)
+        result = self.client.generate(target, *args, **kwargs)
         self.results.append(result)
         return result
 
@@ -348,23 +357,197 @@ def test_embedding_noise_std_on_the_host(
     assert backend.requests == 1
 
 
-# --------------------------------------------------------------------------- refused
+# --------------------------------------------------------------------------- gradients
 
 
-def test_gradient_generation_and_training_methods_refuse_a_backend(
+@FAMILY
+@pytest.mark.parametrize("over", ["resid", "heads"])
+def test_attribution_patching_runs_the_backward_pass_on_the_host_in_one_request(
+    client: Client, local: dict[str, nn.Module], backend: Counting, family: str, over: str
+) -> None:
+    clean, mask = padded(ids_of(18, batch=3), [0, 2, 1])
+    corrupted = corrupt(clean, 5)
+    cases: list[dict[str, Any]] = [
+        {"metric": M.LogitDiff(correct=[5, 9, 3], wrong=[7, 3, 4])},
+        {"metric": M.AnswerProbability(17), "attention_mask": mask},
+    ]
+    for options in cases:
+        want = M.attribution_patching(local[family], clean, corrupted, over=over, **options)
+        got = M.attribution_patching(
+            client.meta(family), clean, corrupted, over=over, backend=backend, **options
+        )
+        assert_same_grid(got, want)
+        assert float(want.values.abs().max()) > 0
+    assert backend.requests == len(cases)
+    for results in backend.results:  # the scores and the metric, not activations or grads
+        (result,) = results.values()
+        assert result.output is None and set(result.saved) == {"scores", "metric_rows"}
+    assert all(r.target.backward is not None for session in backend.sent for r in session.runs)
+
+
+def test_attribution_patching_with_a_python_metric_takes_a_second_request(
+    client: Client, local: dict[str, nn.Module], backend: Counting
+) -> None:
+    clean, mask = padded(ids_of(19, batch=2), [1, 0])
+    corrupted = corrupt(clean, 4)
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1, 3] - logits[:, -2, :].logsumexp(-1)
+
+    options: dict[str, Any] = {"attention_mask": mask, "layers": [0, 2]}
+    want = M.attribution_patching(local["llama"], clean, corrupted, metric, **options)
+    got = M.attribution_patching(
+        client.meta("llama"), clean, corrupted, metric, backend=backend, **options
+    )
+    assert_same_grid(got, want)
+    assert backend.requests == 2  # the logits, then the backward pass from their gradient
+    assert set(backend.results[1]["run"].saved) == {"scores"}
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@FAMILY
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated", [1, -1]])
+def test_steer_generates_on_the_host_in_one_request(
+    client: Client, local: dict[str, nn.Module], backend: Counting, family: str, positions: Any
+) -> None:
+    ids, mask = padded(ids_of(20, batch=3, length=6), [0, 2, 1])
+    vector = 3 * torch.randn(HIDDEN, generator=torch.Generator().manual_seed(3))
+    options: dict[str, Any] = {"layers": [0, 1], "scale": 2.0, "positions": positions}
+    options |= {"max_new_tokens": 5, "attention_mask": mask}
+    for decoding in ({"do_sample": False}, {"do_sample": True, "top_k": 8, "seed": 5}):
+        want = M.steer(local[family], ids, vector, **options, **decoding)
+        got = M.steer(client.meta(family), ids, vector, backend=backend, **options, **decoding)
+        assert torch.equal(got.sequences, want.sequences)
+        assert (got.new_labels, got.positions, got.layers) == (
+            want.new_labels,
+            want.positions,
+            want.layers,
+        )
+        unsteered = M.steer(local[family], ids, vector, **{**options, "scale": 0.0}, **decoding)
+        assert not torch.equal(unsteered.sequences, want.sequences)  # the vector steers
+    assert backend.requests == 2  # one generate request per call
+    assert all(isinstance(r.output, torch.Tensor) and not r.records for r in backend.results)
+
+
+def test_steer_on_the_host_stops_rows_at_their_end_token(
+    client: Client, local: dict[str, nn.Module], backend: Counting
+) -> None:
+    ids = ids_of(21, batch=3, length=6)
+    vector = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(3))
+    options: dict[str, Any] = {"layers": [0], "scale": 0.5, "max_new_tokens": 4}
+    options |= {"positions": "generated", "do_sample": False}
+    first = M.steer(local["llama"], ids, vector, **options)
+    end = int(first.new_tokens[0, 0])  # row 0 ends after the prompt's pass, the others not
+    options |= {"eos_token_id": end, "pad_token_id": 1}
+    want = M.steer(local["llama"], ids, vector, **options)
+    got = M.steer(client.meta("llama"), ids, vector, backend=backend, **options)
+    assert torch.equal(got.sequences, want.sequences)
+    assert want.new_tokens[0, 1:].tolist() == [1, 1, 1] and want.new_tokens.shape[1] == 4
+    assert backend.requests == 1
+
+
+def test_steer_on_the_host_needs_a_seed_to_sample(client: Client, backend: Counting) -> None:
+    vector = torch.ones(HIDDEN)
+    with pytest.raises(RemoteError, match="seed") as raised:
+        M.steer(
+            client.meta("gpt2"), ids_of(22), vector, layers=[0], do_sample=True, backend=backend
+        )
+    assert raised.value.field == "inputs.seed"
+
+
+# --------------------------------------------------------------------------- training
+
+
+def same_lora(got: M.LoraResult, want: M.LoraResult) -> None:
+    assert list(got.adapters) == list(want.adapters)
+    for path, adapter in want.adapters.items():
+        for field in ("a", "b", "scale"):
+            assert diff(getattr(got.adapters[path], field), getattr(adapter, field)) <= TOL
+    assert torch.equal(got.losses, want.losses)
+    assert (got.initial_loss, got.final_loss) == (want.initial_loss, want.final_loss)
+
+
+@FAMILY
+def test_train_lora_trains_on_the_host_in_one_request(
+    client: Client, local: dict[str, nn.Module], backend: Counting, family: str
+) -> None:
+    ids, mask = padded(ids_of(23, batch=5, length=6), [0, 2, 1, 0, 3])
+    loss_mask = torch.ones_like(ids)
+    loss_mask[:, :2] = 0
+    mlp = "transformer.h.*.mlp" if family == "gpt2" else "model.layers.*.mlp"
+    cases: list[dict[str, Any]] = [
+        {},  # every block's attention output and MLP down-projection, full batches
+        {"attention_mask": mask, "batch_size": 3, "targets": mlp},  # measured widths
+        {"loss_mask": loss_mask, "batch_size": 2, "rank": 2, "alpha": 4.0},
+        {"attention_mask": mask, "loss_mask": loss_mask},
+    ]
+    for options in cases:
+        want = M.train_lora(local[family], ids, steps=6, lr=0.05, **options)
+        got = M.train_lora(client.meta(family), ids, steps=6, lr=0.05, backend=backend, **options)
+        same_lora(got, want)
+        assert all(float(a.b.abs().max()) > 0 for a in got.adapters.values())  # trained
+    assert backend.requests == len(cases)
+    for session in backend.sent:
+        assert [r.name for r in session.runs] == ["initial", "fit", "final"]
+    # the adapted model is a plan like any other: it runs on the host as the local one does
+    probe = ids_of(24)
+    remote_logits = client.run(ts.plans.plan(got.model).returning("logits"), probe)
+    assert diff(remote_logits.output["logits"], want.model(probe).logits) <= TOL
+
+
+def test_train_lora_on_the_host_refuses_rows_it_cannot_tell_apart(
     client: Client, backend: Counting
 ) -> None:
-    meta = client.meta("gpt2")
-    ids = ids_of(17)
-    calls = {
-        "attribution_patching": lambda: M.attribution_patching(
-            meta, ids, corrupt(ids, 1), M.LogitDiff(1, 2), backend=backend
-        ),
-        "steer": lambda: M.steer(meta, ids, torch.zeros(64), layers=[0], backend=backend),
-        "train_lora": lambda: M.train_lora(meta, ids, backend=backend),
+    ids = ids_of(25, batch=4)
+    ids[2] = ids[0]
+    loss_mask = torch.ones_like(ids)
+    loss_mask[2, 3] = 0  # the same prompt as row 0, another loss mask
+    with pytest.raises(ValueError, match=r"rows \[0, 2\] are the same prompt"):
+        M.train_lora(
+            client.meta("gpt2"), ids, loss_mask=loss_mask, batch_size=2, steps=2, backend=backend
+        )
+    assert backend.requests == 0
+
+
+@pytest.mark.parametrize("position", [-1, None])
+def test_train_probe_fits_on_the_host_in_one_request(
+    client: Client, local: dict[str, nn.Module], backend: Counting, position: int | None
+) -> None:
+    ids, mask = padded(ids_of(26, batch=8, length=6), [0, 1, 0, 2, 0, 0, 3, 0])
+    labels = (ids[:, -1] % 3) if position is not None else ids % 2
+    options: dict[str, Any] = {"position": position, "attention_mask": mask, "layers": [0, 2]}
+    options |= {"steps": 30, "weight_decay": 0.0}
+    want = M.train_probe(local["llama"], ids, labels, **options)
+    got = M.train_probe(
+        client.meta("llama"), ids, labels, backend=backend, fit_on_host=True, **options
+    )
+    assert backend.requests == 1
+    assert torch.equal(got.accuracy, want.accuracy)
+    assert torch.equal(got.train_accuracy, want.train_accuracy)
+    assert (got.chance, got.n_train, got.n_test) == (want.chance, want.n_train, want.n_test)
+    for a, b in zip(got.probes, want.probes, strict=True):
+        for field in ("weight", "bias", "mean", "std"):
+            assert diff(getattr(a, field), getattr(b, field)) <= TOL, field
+    (results,) = backend.results  # the probes travel back, not the features
+    assert set(results["final"].saved) == {
+        f"{name}{layer}" for name in ("mean", "std", "predicted") for layer in (0, 2)
     }
-    for name, call in calls.items():
-        with pytest.raises(NotImplementedError, match=name) as raised:
-            call()
-        assert "Gradients, generation and training on the host" in str(raised.value)
+
+
+def test_train_probe_fits_on_the_host_only_as_it_fits_locally(
+    client: Client, backend: Counting
+) -> None:
+    ids = ids_of(27, batch=6)
+    labels = ids[:, -1] % 2
+    meta = client.meta("gpt2")
+    with pytest.raises(ValueError, match="weight_decay=0"):
+        M.train_probe(meta, ids, labels, backend=backend, fit_on_host=True)
+    with pytest.raises(ValueError, match="batch_size=None"):
+        M.train_probe(
+            meta, ids, labels, weight_decay=0.0, batch_size=2, backend=backend, fit_on_host=True
+        )
+    with pytest.raises(ValueError, match="give backend="):
+        M.train_probe(meta, ids, labels, weight_decay=0.0, fit_on_host=True)
     assert backend.requests == 0

@@ -226,3 +226,18 @@ def test_plans_with_expressions_survive_the_wire_unchanged(local: dict[str, nn.M
     assert again == plan
     a, b = execute(plan, local["llama"], ids()), execute(again, local["llama"], ids())
     assert same(a.saved["top"], b.saved["top"])
+
+
+def test_constant_tensors_in_computed_values_meet_the_run_on_its_device(
+    client: Client, local: dict[str, nn.Module]
+) -> None:
+    """A returning / backward constant is moved to the run's device (meta in the estimate)."""
+    model = local["gpt2"]
+    weights = torch.linspace(0, 1, VOCAB)
+    plan = ts.plan(model).returning(x=(ts.out("logits") * weights).sum(-1))
+    got, want = client.run(plan, ids()), execute(plan, model, ids())
+    assert same(got.saved["x"], want.saved["x"])
+    probe = insert(model, "transformer.h.0", "insert_after", L.SaveGrad("g"))
+    scalar = (ts.out("logits")[:, -1] * weights).sum()
+    got = client.run(probe, ids(), backward=scalar)
+    assert same(got.saved["g"], ts.run(probe, ids(), backward=scalar).saved["g"])

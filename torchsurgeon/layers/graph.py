@@ -38,7 +38,7 @@ from torchsurgeon.layers.expr import Expr, as_expr
 from torchsurgeon.surgery.errors import PathError
 from torchsurgeon.surgery.paths import get_at
 
-__all__ = ["Graph", "RunValues"]
+__all__ = ["Graph", "RunValues", "device_of"]
 
 
 # --------------------------------------------------------------------------- graphs
@@ -60,6 +60,9 @@ class RunValues:
     model: Any = None
     inputs: Mapping[str, Any] | None = None
     """The model call's arguments by name (``"input_ids"``, ``"args.0"``, keywords)."""
+    device: torch.device | None = None
+    """Where the run's tensors are: a graph's own constants (a computed return's, a loss's)
+    are moved there; a layer's constants are its buffers, already beside its site."""
     modules: dict[str, Any] = field(default_factory=dict)
 
 
@@ -212,6 +215,9 @@ class Graph:
         """
         values = values or _NOTHING
         constants = self.tensors if tensors is None else tensors
+        device = values.device
+        if device is not None and any(t.device != device for t in constants):
+            constants = [t.to(device) for t in constants]
         results: list[Any] = []
         for i, (op, args, params) in enumerate(self.nodes):
             inputs = [results[a] for a in args]
@@ -256,6 +262,20 @@ class Graph:
 
 
 _NOTHING = RunValues()
+
+
+def device_of(*values: Any) -> torch.device | None:
+    """The device of the first tensor found in ``values`` (outputs, records), if any."""
+    stack = list(values)
+    while stack:
+        value = stack.pop(0)
+        if isinstance(value, torch.Tensor):
+            return value.device
+        if isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return None
 
 
 def _node(

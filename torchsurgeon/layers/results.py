@@ -33,7 +33,7 @@ from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import InterventionLayer, Recorder
 from torchsurgeon.layers.compute import StopRun
 from torchsurgeon.layers.expr import Expr
-from torchsurgeon.layers.graph import Graph, RunValues
+from torchsurgeon.layers.graph import Graph, RunValues, device_of
 from torchsurgeon.surgery.errors import SurgeryError
 from torchsurgeon.surgery.frozen import is_frozen
 from torchsurgeon.surgery.lineage import lineage_of
@@ -298,6 +298,7 @@ def _backward(
         has_output=True,
         model=lineage_of(model).base,
         inputs=inputs,
+        device=device_of(output, records),
     )
     value = graph.evaluate(None, values)
     if not isinstance(value, torch.Tensor) or value.numel() != 1:

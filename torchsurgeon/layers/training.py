@@ -33,7 +33,7 @@ from torch import nn
 from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import InterventionLayer
 from torchsurgeon.layers.expr import Expr
-from torchsurgeon.layers.graph import Graph, RunValues
+from torchsurgeon.layers.graph import Graph, RunValues, device_of
 from torchsurgeon.layers.results import named_inputs, run_with
 from torchsurgeon.surgery.errors import SelectionError
 from torchsurgeon.surgery.lineage import lineage_of, with_lineage
@@ -348,6 +348,7 @@ def _step_loss(
             has_output=True,
             model=lineage_of(model).base,
             inputs=named_inputs(model, args, kwargs),
+            device=device_of(result.output, result.records),
         )
         value = graph.evaluate(None, values)
     if not isinstance(value, torch.Tensor) or value.numel() != 1:

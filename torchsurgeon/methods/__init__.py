@@ -30,11 +30,12 @@ method                      question                                            
 ``train_lora``              a low-rank adapter on a frozen, shared base          ``LoraResult``
 ==========================  ====================================================  ==============
 
-On a host: every method that only runs the model forward takes ``backend=`` (a
-``ts.remote.Client``; the model may be ``client.meta(name)``) and runs its forward passes
-there — one request for a sweep that is one batch — with known metrics computed on the host
-(see :mod:`~torchsurgeon.methods.remote`). ``attribution_patching``, ``steer`` and
-``train_lora`` refuse it: they need gradients, generation or training on the host.
+On a host: every method takes ``backend=`` (a ``ts.remote.Client``; the model may be
+``client.meta(name)``) and runs its passes there — one request for a sweep that is one
+batch — with known metrics computed on the host (see :mod:`~torchsurgeon.methods.remote`):
+``attribution_patching``'s backward pass, ``steer``'s generation and ``train_lora``'s
+training loop too, each in one request; ``train_probe(fit_on_host=True)`` fits its probes
+there as well.
 
 Plots live in :mod:`torchsurgeon.methods.plots` (matplotlib, loaded on first use); the toy
 induction model in :mod:`torchsurgeon.methods.toy`.

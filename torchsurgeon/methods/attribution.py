@@ -14,6 +14,11 @@ The gradient flows into a zero vector added after the token embedding (an ``Add`
 vector requires grad), and ``backward`` accumulates into that vector only: the model's own
 parameters get no ``.grad``, and it works on a model whose parameters do not require grad.
 
+On a host (``backend=``) the same batch runs there with ``Save`` and ``SaveGrad`` layers and
+``backward=`` the corrupted rows' metric (the host takes the gradient toward the sites
+only, so no zero vector is needed), and the scores are computed there by the same
+operations: one request, and only the grid and the metric values travel back.
+
 Padded pairs share one ``attention_mask`` (a clean prompt and its corrupted copy have the
 same tokens but one, so the same padding). The metric then reads each row's own last real
 token (:func:`~torchsurgeon.methods.metrics.on_real_tokens`), and the residual-stream grid's
@@ -28,7 +33,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from torchsurgeon.layers import ops
+from torchsurgeon.layers.compute import ComputeGrad
 from torchsurgeon.layers.edit import Add
+from torchsurgeon.layers.expr import Expr, as_expr, out, saved
 from torchsurgeon.layers.record import Save, SaveGrad
 from torchsurgeon.layers.results import Backend, run
 from torchsurgeon.methods.batching import Side, logits_of, rewrite_at
@@ -36,8 +44,15 @@ from torchsurgeon.methods.grid import EffectGrid
 from torchsurgeon.methods.layout import ModelLayout, d_head, layout_of, n_layers
 from torchsurgeon.methods.metrics import Metric, mean_metric, on_real_tokens
 from torchsurgeon.methods.patching import MEASURE, pair, pick_layers, pick_positions
-from torchsurgeon.methods.remote import local_only
-from torchsurgeon.methods.tokens import Decoder, aligned, forward_kwargs, inputs, position_labels
+from torchsurgeon.methods.remote import logits_entry, plan_of, row_values, run_plan
+from torchsurgeon.methods.tokens import (
+    Decoder,
+    aligned,
+    forward_kwargs,
+    inputs,
+    position_labels,
+    token_index,
+)
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
 
@@ -73,18 +88,19 @@ def attribution_patching(
     features); the values estimate ``metric(patched) - metric(corrupted)``. With
     ``attention_mask`` (the one mask of both, padded pairs) positions count real tokens.
 
-    ``backend=`` is refused (``NotImplementedError``): a backward pass on a host is the
-    issue "Gradients, generation and training on the host" — run it locally, or run
-    :func:`activation_patching` on the host.
+    ``backend`` (a ``ts.remote.Client``; ``model`` may be ``client.meta(name)``) runs the
+    forward and the backward pass on that host, in one request, and computes the scores
+    there: the grid's values and one metric value a row come back, not the activations or
+    the gradients. A metric that is a Python callable (not a ``LogitDiff`` or an
+    ``AnswerProbability``) takes two requests: the logits come back, its gradient is taken
+    here and fed into the host's backward pass.
     """
-    local_only("attribution_patching", backend, "a backward pass (gradients)")
     model = wrap(model)
     layout = layout_of(model, layout)
     clean, mask = inputs(clean, attention_mask, "clean")
     corrupted, _ = inputs(corrupted, mask, "corrupted")
     clean, corrupted = pair(clean, corrupted)
     read = on_real_tokens(metric, mask)
-    n = clean.shape[0]
     rows_of = pick_layers(layers, n_layers(model, layout))
     side: Side
     if over == "resid":
@@ -98,6 +114,50 @@ def attribution_patching(
     else:
         raise ValueError(f"over must be 'resid' or 'heads', got {over!r}")
 
+    if backend is not None:
+        values, clean_value, corrupted_value = _on_host(
+            backend, model, clean, corrupted, mask, read, paths, side, over, layout
+        )
+    else:
+        values, clean_value, corrupted_value = _locally(
+            model, clean, corrupted, mask, read, paths, side, over, layout
+        )
+    if over == "resid":
+        longest = 0 if mask is None else int(mask.sum(-1).argmax())
+        tokens = clean[longest] if mask is None else clean[longest][mask[longest].bool()]
+        cols = pick_positions(positions, tokens.shape[0])
+        values = values[:, cols]
+        labels = position_labels(tokens, decoder)
+        col_labels, col_name = tuple(labels[p] for p in cols), "position"
+    else:
+        d_head(model, layout)  # checks that the heads split the projection's input
+        col_labels, col_name = tuple(f"H{h}" for h in range(values.shape[1])), "head"
+    return EffectGrid(
+        values=values,
+        row_labels=tuple(f"L{layer}" for layer in rows_of),
+        col_labels=col_labels,
+        row_name="layer",
+        col_name=col_name,
+        title=f"attribution patching ({'residual stream' if over == 'resid' else 'heads'})",
+        measure=f"estimate of {MEASURE}",
+        clean_metric=clean_value,
+        corrupted_metric=corrupted_value,
+    )
+
+
+def _locally(
+    model: nn.Module,
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    mask: torch.Tensor | None,
+    read: Metric,
+    paths: Sequence[str],
+    side: Side,
+    over: str,
+    layout: ModelLayout,
+) -> tuple[torch.Tensor, float, float]:
+    """The scores ``[layer, column]`` and the clean and corrupted metrics, computed here."""
+    n = clean.shape[0]
     entry = torch.zeros(_width(model, layout), requires_grad=True)
     probe = rewrite_at(model, layout.embed, "insert_after", Add(entry))
     for i, path in enumerate(paths):
@@ -127,24 +187,95 @@ def attribution_patching(
             heads = layout.n_heads or 0
             columns.append(product.reshape(product.shape[0], heads, -1).sum((0, 2)))
     values = torch.stack(columns)
-    if over == "resid":
-        longest = 0 if mask is None else int(mask.sum(-1).argmax())
-        tokens = clean[longest] if mask is None else clean[longest][mask[longest].bool()]
-        cols = pick_positions(positions, tokens.shape[0])
-        values = values[:, cols]
-        labels = position_labels(tokens, decoder)
-        col_labels, col_name = tuple(labels[p] for p in cols), "position"
+    return values, clean_value, float(value.detach())
+
+
+def _on_host(
+    backend: Backend,
+    model: nn.Module,
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    mask: torch.Tensor | None,
+    read: Metric,
+    paths: Sequence[str],
+    side: Side,
+    over: str,
+    layout: ModelLayout,
+) -> tuple[torch.Tensor, float, float]:
+    """:func:`_locally` on the host, in one request: the batch's forward pass, the backward
+    pass from the corrupted rows' metric (``backward=``), and the scores computed there by
+    the same operations; the scores and one metric value a row come back.
+
+    A metric that is a Python callable cannot travel. Its gradient with respect to the
+    logits is then taken here, on the logits a first request brings back, and a
+    ``ComputeGrad`` after the unembedding feeds it into the host's backward pass: every
+    site gets the metric's gradient, as locally (two requests).
+    """
+    n = clean.shape[0]
+    both = None if mask is None else torch.cat([mask, mask])
+    batch, kwargs = torch.cat([clean, corrupted]), forward_kwargs(both)
+    entry = logits_entry(model)
+    rows = row_values(read, [range(n), range(n, 2 * n)], out(entry))
+    probe = model
+    if rows is None:  # a Python metric: its gradient at the logits, taken here
+        config = getattr(model, "config", None)
+        if getattr(config, "final_logit_softcapping", None):
+            raise ValueError(
+                "attribution_patching(backend=...) with a Python metric feeds the metric's "
+                "gradient in at the unembedding's output, and this model caps its logits "
+                "after it (final_logit_softcapping); use LogitDiff or AnswerProbability, "
+                "which the host differentiates itself, or run it locally"
+            )
+        found = run_plan(backend, plan_of(model).returning(entry), batch, **kwargs)
+        logits = logits_of(found.output).detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = mean_metric(read, logits[n:])
+            (gradient,) = torch.autograd.grad(value, [logits])
+        clean_value = float(mean_metric(read, logits[:n].detach()))
+        corrupted_value = float(value.detach())
+        probe = rewrite_at(probe, layout.unembed, "insert_after", ComputeGrad(as_expr(gradient)))
+        backward = out(entry).sum()  # d/d logits = 1, which the ComputeGrad replaces
     else:
-        d_head(model, layout)  # checks that the heads split the projection's input
-        col_labels, col_name = tuple(f"H{h}" for h in range(values.shape[1])), "head"
-    return EffectGrid(
-        values=values,
-        row_labels=tuple(f"L{layer}" for layer in rows_of),
-        col_labels=col_labels,
-        row_name="layer",
-        col_name=col_name,
-        title=f"attribution patching ({'residual stream' if over == 'resid' else 'heads'})",
-        measure=f"estimate of {MEASURE}",
-        clean_metric=clean_value,
-        corrupted_metric=float(value.detach()),
-    )
+        backward = rows[n:].float().mean()
+    for i, path in enumerate(paths):
+        probe = rewrite_at(probe, path, side, Save(f"act{i}"))
+        probe = rewrite_at(probe, path, side, SaveGrad(f"grad{i}"))
+    columns = []
+    for i in range(len(paths)):
+        act, grad = saved(f"act{i}"), saved(f"grad{i}")
+        product = (act[:n] - act[n:]) * grad[n:]  # [n, pos, features]
+        if mask is not None:
+            product = _aligned_real(product, mask)
+        product = product.sum(0)  # [pos, features], summed over prompt pairs
+        if over == "resid":
+            columns.append(product.sum(-1))
+        else:
+            heads = layout.n_heads or 0
+            columns.append(product.reshape([clean.shape[1], heads, -1]).sum([0, 2]))
+    plan = plan_of(probe).with_backward(backward)
+    computed: dict[str, Expr] = {"scores": ops.stack(columns)}
+    if rows is not None:
+        computed["metric_rows"] = rows
+    result = run_plan(backend, plan.returning(**computed), batch, **kwargs)
+    if rows is not None:
+        values = result.saved["metric_rows"]
+        clean_value = float(values[:n].float().mean())
+        corrupted_value = float(values[n:].float().mean())
+    return result.saved["scores"], clean_value, corrupted_value
+
+
+def _aligned_real(product: Expr, mask: torch.Tensor) -> Expr:
+    """``aligned(product * real, mask, end=False)`` as an expression: each pair's ``p``-th
+    real token in column ``p``, zeros at padding.
+
+    The padding is zeroed by indexing, not by multiplying with the mask: the columns that
+    would hold padding read an appended column of zeros (``product * 0``), which is what
+    multiplying by a zero of the mask gives, and the real ones are read unchanged.
+    """
+    n, length = mask.shape
+    first = token_index(mask, 0, length, n)
+    columns = (torch.arange(length)[None] + first[:, None]) % length
+    rows = torch.arange(n)[:, None].expand(n, length)
+    columns = torch.where(mask.cpu().bool()[rows, columns], columns, length)
+    padded = ops.cat([product, product[:, :1] * 0], dim=1)
+    return padded[rows, columns]

@@ -23,6 +23,12 @@ the positions whose token counts as a target). A padded batch comes with its
 ``attention_mask``: the model is called with it (and with position ids that skip padding),
 and a token counts as a target only when it and the token before it are real. The model
 runs in its current train/eval mode; call ``.eval()`` on it first for no dropout.
+
+With ``backend=client`` the loop runs on the host, in one request (a session: the loss
+before training, ``ts.training`` and the loss after it, see :func:`_train_on_host`); the
+model may be ``client.meta(name)``, and a whole-MLP target's widths are then measured on
+the meta device. The result is the same :class:`LoraResult`, with the same tensors and
+losses as a local run on the same checkpoint.
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from torchsurgeon.layers import ops
+from torchsurgeon.layers.expr import Expr, as_expr, input, out
 from torchsurgeon.layers.lora import LowRankAdapter
 from torchsurgeon.layers.record import Save
 from torchsurgeon.layers.results import Backend, run
+from torchsurgeon.layers.training import AdamW, trained, training
 from torchsurgeon.methods.batching import logits_of, rewrite_at
 from torchsurgeon.methods.layout import ModelLayout, features, layout_of, n_layers
-from torchsurgeon.methods.remote import local_only
+from torchsurgeon.methods.remote import logits_entry, plan_of, run_plans
 from torchsurgeon.methods.tokens import forward_kwargs, inputs
 from torchsurgeon.selectors.selection import select
 from torchsurgeon.surgery.frozen import wrap
@@ -107,9 +116,11 @@ def _widths(
         for i, path in enumerate(unknown):
             probe = rewrite_at(probe, path, "insert_before", Save(f"in{i}"))
             probe = rewrite_at(probe, path, "insert_after", Save(f"out{i}"))
-        row_mask = None if mask is None else mask[:1]
+        row, row_mask = ids[:1], None if mask is None else mask[:1]
+        if any(p.is_meta for p in model.parameters()):  # structure only: shapes on meta
+            row, row_mask = row.to("meta"), None  # (widths do not depend on the padding)
         with torch.no_grad():
-            saved = run(probe, ids[:1], **forward_kwargs(row_mask)).records
+            saved = run(probe, row, **forward_kwargs(row_mask)).records
         for i, path in enumerate(unknown):
             if not saved.get(f"in{i}") or not saved.get(f"out{i}"):
                 raise ValueError(f"train_lora: the module at {path!r} did not run on input_ids")
@@ -152,10 +163,10 @@ def train_lora(
     runs ``steps`` steps over minibatches of ``batch_size`` rows (all rows when None),
     drawn with a generator seeded by ``seed``. ``attention_mask`` marks padding.
 
-    ``backend=`` is refused (``NotImplementedError``): training on a host is the issue
-    "Gradients, generation and training on the host".
+    ``backend`` (a ``ts.remote.Client``; ``model`` may be ``client.meta(name)``) trains on
+    that host, in one request (see :func:`_train_on_host`): the same adapters, minibatches,
+    losses and trained tensors as locally, and the same :class:`LoraResult`.
     """
-    local_only("train_lora", backend, "training (gradients and optimizer steps)")
     model = wrap(model)
     ids, mask = inputs(input_ids, attention_mask)
     if loss_mask is not None and tuple(loss_mask.shape) != tuple(ids.shape):
@@ -163,6 +174,7 @@ def train_lora(
             f"loss_mask has shape {tuple(loss_mask.shape)}; it must match input_ids "
             f"{tuple(ids.shape)}"
         )
+    given_loss_mask = loss_mask is not None
     if mask is not None:  # a target is real, and so is the token it is predicted from
         real = mask * torch.cat([mask[:, :1], mask[:, :-1]], dim=1)
         loss_mask = real if loss_mask is None else loss_mask * real
@@ -184,6 +196,22 @@ def train_lora(
         path: f"{path}.{AFTER}.{len(site_layers(get_at(adapted, path), AFTER)) - 1}"
         for path in paths
     }
+    if backend is not None:
+        return _train_on_host(
+            backend,
+            model,
+            adapted,
+            fresh,
+            names,
+            ids,
+            mask,
+            loss_mask,
+            given_loss_mask=given_loss_mask,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+        )
     fn, params = functional(adapted)
     trainable = {
         f"{name}.{field}": params[f"{name}.{field}"].detach().clone().requires_grad_(True)
@@ -226,3 +254,139 @@ def train_lora(
         for path, adapter in fresh.items()
     }
     return LoraResult(add_adapters(model, trained), trained, torch.tensor(losses), initial, final)
+
+
+def _train_on_host(
+    backend: Backend,
+    model: nn.Module,
+    adapted: nn.Module,
+    fresh: dict[str, LowRankAdapter],
+    names: dict[str, str],
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    loss_mask: torch.Tensor | None,
+    *,
+    given_loss_mask: bool,
+    steps: int,
+    lr: float,
+    batch_size: int | None,
+    seed: int,
+) -> LoraResult:
+    """:func:`train_lora`'s loop on the host, as one session (one request).
+
+    ``initial`` runs the adapted model on every row, ``fit`` is a ``ts.training`` run —
+    the adapters' ``a`` and ``b``, ``ts.optim.AdamW(lr, weight_decay=0)`` (what
+    ``torch.optim.Adam(lr)`` computes), one batch per step: every row, or the minibatches
+    the local loop draws, drawn here with the same seeded generator — and ``final`` runs the
+    trained model (``ts.trained``) on every row. The loss is :func:`lm_loss` as an
+    expression; ``initial`` and ``final`` return each token's loss and the mean is taken
+    here, by :func:`lm_loss`'s operations.
+
+    The targets a step's loss counts are read from its batch where they can be: with an
+    ``attention_mask`` only, from ``ts.input("attention_mask")``. A ``loss_mask`` travels
+    as a constant; with minibatches each batch row finds its row of it by its tokens (and
+    mask), so rows that are the same prompt must have the same ``loss_mask`` row.
+    """
+    entry = logits_entry(model)
+    logits = out(entry)
+    from_mask = mask is not None and not given_loss_mask  # the targets: from each batch
+    weights = None if loss_mask is None else loss_mask.float()
+    minibatches = batch_size is not None and batch_size < ids.shape[0]
+    if weights is None:
+        step_weights = None
+    elif from_mask:
+        padding = input("attention_mask")
+        real = padding * ops.cat([padding[:, :1], padding[:, :-1]], dim=1)
+        step_weights = real.float()
+    elif minibatches:
+        step_weights = as_expr(weights)[_row_of(ids, mask, weights)]
+    else:
+        step_weights = as_expr(weights)
+    loss = _loss(logits, input("input_ids"), step_weights)
+
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps if minibatches else 1):
+        rows = (
+            torch.randperm(ids.shape[0], generator=generator)[:batch_size] if minibatches else None
+        )
+        batch = ids if rows is None else ids[rows]
+        padding = mask if rows is None or mask is None else mask[rows]
+        batches.append({"input_ids": batch, **forward_kwargs(padding)})
+    params = [f"{name}.{field}" for name in names.values() for field in ("a", "b")]
+    fit = training(
+        adapted,
+        batches,
+        loss=loss,
+        params=params,
+        optimizer=AdamW(lr, weight_decay=0.0),
+        steps=steps,
+    )
+    every = plan_of(adapted).returning(token_losses=_token_losses(logits, ids))
+    kwargs = forward_kwargs(mask)
+    results = run_plans(
+        backend,
+        [
+            ("initial", every, (ids,), kwargs),
+            ("fit", fit, (), {}),
+            ("final", trained(every, run="fit"), (ids,), kwargs),  # type: ignore[arg-type]
+        ],
+    )
+    done = results["fit"].saved
+
+    def mean(run: str) -> float:
+        losses = results[run].saved["token_losses"]
+        if weights is None:
+            return float(losses.mean())
+        step = weights[:, 1:].reshape(-1).to(losses.dtype)
+        return float((losses * step).sum() / step.sum().clamp_min(1))
+
+    adapters = {
+        path: LowRankAdapter(
+            done[f"{names[path]}.a"].detach().clone(),
+            done[f"{names[path]}.b"].detach().clone(),
+            adapter.scale.clone(),
+        )
+        for path, adapter in fresh.items()
+    }
+    losses = done["loss"].detach().clone()
+    return LoraResult(
+        add_adapters(model, adapters), adapters, losses, mean("initial"), mean("final")
+    )
+
+
+def _token_losses(logits: Expr, target_ids: Expr | torch.Tensor) -> Expr:
+    """Each target's cross-entropy, ``[batch * (pos - 1)]``, as :func:`lm_loss` computes it:
+    ``cross_entropy`` is ``nll_loss(log_softmax(x))``, minus the log-probability gathered
+    at the target."""
+    prediction = logits[:, :-1].float().flatten(0, 1)
+    target = as_expr(target_ids)[:, 1:].reshape([-1])
+    return -prediction.log_softmax(-1).gather(-1, target[:, None])[:, 0]
+
+
+def _loss(logits: Expr, target_ids: Expr, weights: Expr | None) -> Expr:
+    """:func:`lm_loss` as an expression (``weights [batch, pos]``: the loss mask)."""
+    losses = _token_losses(logits, target_ids)
+    if weights is None:
+        return losses.mean()
+    step = weights[:, 1:].reshape([-1]).float()
+    return (losses * step).sum() / step.sum().clamp(min=1)
+
+
+def _row_of(ids: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor) -> Expr:
+    """The row of ``ids`` each row of a step's batch is (``[batch]``): the first row with the
+    same tokens (and mask). Rows that are the same prompt must have the same weights."""
+    keys = ids if mask is None else torch.cat([ids, mask], dim=1)
+    for row in range(ids.shape[0]):
+        same = (keys == keys[row]).all(-1)
+        if not bool((weights[same] == weights[row]).all()):
+            raise ValueError(
+                f"train_lora(backend=...) with minibatches and a loss_mask: rows "
+                f"{same.nonzero().flatten().tolist()} are the same prompt with different "
+                "loss_mask rows, which a step's batch cannot tell apart on the host; "
+                "deduplicate them or train with batch_size=None"
+            )
+    batch = input("input_ids")[:, None, :] == as_expr(ids)[None]
+    if mask is not None:
+        batch = ops.cat([batch, input("attention_mask")[:, None, :] == as_expr(mask)[None]], dim=2)
+    return batch.float().amin(-1).argmax(-1)

@@ -12,9 +12,20 @@ weights trained full-batch with Adam and a little weight decay, a seeded train/t
 shared by every layer. Labels are one per prompt (read at ``position``) or one per token
 (``position=None``, labels ``[batch, pos]``). On a padded batch (``attention_mask=``) each
 prompt is read at its own ``position`` (``-1``: its last real token) and, per token, the
-padding positions are no examples at all: their labels are ignored. With
-``backend=client`` the features are collected on a host (one request per ``batch_size``
-prompts, only the features travel) and the probes are fitted here.
+padding positions are no examples at all: their labels are ignored.
+
+With ``backend=client`` the features are collected on a host (one request per
+``batch_size`` prompts, only the features travel) and the probes are fitted here. With
+``fit_on_host=True`` as well the probes are fitted on the host too, in one request, and
+only the probes come back (see :func:`_fit_on_host`). That is an option, not the default,
+because a fit there is a ``ts.train`` loop: each of its ``steps`` optimizer steps is one
+forward pass of every prompt through the model (up to the last probed block), where the
+local fit runs the model once and iterates on the features. And it needs
+``weight_decay=0``: :func:`fit_probe` uses ``torch.optim.Adam``'s *coupled* weight decay
+(the gradient plus ``weight_decay * weight``, one fused multiply-add), which no
+``ts.optim`` optimizer computes (``AdamW``'s is decoupled), and a loss term in its place
+cannot read the probe's weight (a loss reads the run, not a layer's tensors) — nor would
+it round the same way.
 """
 
 from __future__ import annotations
@@ -26,15 +37,19 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers import ops
-from torchsurgeon.layers.expr import saved
+from torchsurgeon.layers.compute import Compute, Stop
+from torchsurgeon.layers.expr import Expr, as_expr, saved
 from torchsurgeon.layers.record import Save
 from torchsurgeon.layers.results import Backend, run
+from torchsurgeon.layers.training import AdamW, trained, training
 from torchsurgeon.methods.batching import rewrite_at
 from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
 from torchsurgeon.methods.patching import pick_layers
-from torchsurgeon.methods.remote import plan_of, run_plan
+from torchsurgeon.methods.remote import plan_of, run_plan, run_plans
 from torchsurgeon.methods.tokens import forward_kwargs, inputs, token_index
 from torchsurgeon.surgery.frozen import wrap
+from torchsurgeon.surgery.paths import get_at
+from torchsurgeon.surgery.sites import AFTER, site_layers
 
 __all__ = ["Probe", "ProbeResult", "fit_probe", "residual_features", "train_probe"]
 
@@ -216,6 +231,7 @@ def train_probe(
     attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
     backend: Backend | None = None,
+    fit_on_host: bool = False,
 ) -> ProbeResult:
     """Train a linear probe on each layer's residual stream; held-out accuracy per layer.
 
@@ -225,6 +241,9 @@ def train_probe(
 
     ``backend``: the features are collected on that host (:func:`residual_features`, one
     request per ``batch_size`` prompts); the probes are fitted here, on them.
+    ``fit_on_host=True`` (with ``backend``, ``weight_decay=0`` and ``batch_size=None``) fits
+    them on the host as well, in one request: the same probes, and only they travel back,
+    at the price of one forward pass per optimizer step there (see the module docstring).
     """
     model = wrap(model)
     layout = layout_of(model, layout)
@@ -237,30 +256,53 @@ def train_probe(
             f"input_ids {tuple(ids.shape)} they must be {expected}"
         )
     picked = pick_layers(layers, n_layers(model, layout))
-    features = residual_features(
-        model,
-        ids,
-        layers=picked,
-        position=position,
-        batch_size=batch_size,
-        attention_mask=mask,
-        layout=layout,
-        backend=backend,
-    )
     per_token = position is None and mask is not None
     flat = labels[mask.bool().to(labels.device)] if per_token else labels.reshape(-1)
-    probes = tuple(
-        fit_probe(
-            layer_features,
+    if fit_on_host:
+        if backend is None:
+            raise ValueError("fit_on_host=True fits on a host: give backend= too")
+        if weight_decay != 0:
+            raise ValueError(
+                "fit_on_host=True needs weight_decay=0: the local fit's torch.optim.Adam "
+                "weight decay (coupled: added to the gradient) has no ts.optim optimizer on "
+                "a host (AdamW's decay is decoupled), so the probes would differ"
+            )
+        if batch_size is not None:
+            raise ValueError(
+                "fit_on_host=True trains on every prompt at each step (one forward pass on "
+                "the host); leave batch_size=None"
+            )
+        probes = _fit_on_host(
+            backend,
+            model,
+            layout,
+            ids,
+            mask,
             flat,
-            test_fraction=test_fraction,
-            steps=steps,
-            lr=lr,
-            weight_decay=weight_decay,
-            seed=seed,
+            picked,
+            position,
+            test_fraction,
+            steps,
+            lr,
+            seed,
         )
-        for layer_features in features
-    )
+    else:
+        probes = _fit_here(
+            model,
+            layout,
+            ids,
+            mask,
+            flat,
+            picked,
+            position,
+            test_fraction,
+            steps,
+            lr,
+            weight_decay,
+            seed,
+            batch_size,
+            backend,
+        )
     _, test = _split(flat.shape[0], test_fraction, seed)
     chance = float(torch.bincount(flat[test]).max()) / len(test)
     return ProbeResult(
@@ -272,3 +314,171 @@ def train_probe(
         n_train=flat.shape[0] - len(test),
         n_test=len(test),
     )
+
+
+def _fit_here(
+    model: nn.Module,
+    layout: ModelLayout,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    flat: torch.Tensor,
+    picked: Sequence[int],
+    position: int | None,
+    test_fraction: float,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    batch_size: int | None,
+    backend: Backend | None,
+) -> tuple[Probe, ...]:
+    """The features (here or from the host), and one probe per layer fitted here on them."""
+    features = residual_features(
+        model,
+        ids,
+        layers=picked,
+        position=position,
+        batch_size=batch_size,
+        attention_mask=mask,
+        layout=layout,
+        backend=backend,
+    )
+    return tuple(
+        fit_probe(
+            layer_features,
+            flat,
+            test_fraction=test_fraction,
+            steps=steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+        )
+        for layer_features in features
+    )
+
+
+def _fit_on_host(
+    backend: Backend,
+    model: nn.Module,
+    layout: ModelLayout,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    flat: torch.Tensor,
+    picked: Sequence[int],
+    position: int | None,
+    test_fraction: float,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> tuple[Probe, ...]:
+    """One probe per layer fitted on the host, as :func:`fit_probe` fits it, in one request.
+
+    Each probe is a ``Compute`` layer after the last probed block whose expression holds
+    its ``weight`` and ``bias``: it reads its layer's saved residual stream at the examples'
+    positions, standardises it with the training split's mean and deviation, and gives the
+    logits of the training rows and then of every row; a ``Save`` keeps them and a ``Stop``
+    ends the pass there. The session's ``fit`` run trains every probe's tensors at once
+    (``ts.training``: the loss is the sum of the probes' cross-entropies on the training
+    rows, so each probe's gradient is its own; ``ts.optim.AdamW(lr, weight_decay=0)`` is
+    ``torch.optim.Adam(lr)``, step for step), and ``final`` (``ts.trained``) returns each
+    probe's mean, deviation and predictions. Same initial weights, same operations: the
+    same probes as locally.
+    """
+    targets_all = flat.long()
+    if bool((targets_all < 0).any()):
+        raise ValueError("labels must be class indices >= 0")
+    train, test = _split(targets_all.shape[0], test_fraction, seed)
+    n_train, classes = len(train), int(targets_all.max()) + 1
+    rows, columns = _example_index(ids, mask, position)
+    generator = torch.Generator().manual_seed(seed)
+    d_model = _width_of(model, layout, picked[0], ids)
+    first_weight = torch.randn(classes, d_model, generator=generator) * 0.01
+
+    probe = model
+    for layer in picked:
+        probe = rewrite_at(probe, layout.block(layer), "insert_after", Save(f"resid{layer}"))
+    last = layout.block(picked[-1])
+    names: list[str] = []
+    reads: dict[str, Expr] = {}
+    loss: Expr | None = None
+    for layer in picked:
+        x = saved(f"resid{layer}").float()[rows, columns]  # [examples, d_model]
+        mean, std = x[train].mean(0), x[train].std(0).clamp(min=1e-6)
+        standard = (x - mean) / std
+        weight, bias = as_expr(first_weight.clone()), as_expr(torch.zeros(classes))
+        logits = ops.cat(
+            [
+                standard[train] @ weight.transpose(0, 1) + bias,  # what the loss reads
+                standard @ weight.transpose(0, 1) + bias,  # every row, for the accuracy
+            ]
+        )
+        probe = rewrite_at(probe, last, "insert_after", Compute(logits))
+        names.append(f"{last}.{AFTER}.{len(site_layers(get_at(probe, last), AFTER)) - 1}")
+        probe = rewrite_at(probe, last, "insert_after", Save(f"probe{layer}"))
+        read = saved(f"probe{layer}")
+        targets = targets_all[train][:, None]
+        term = -read[:n_train].log_softmax(-1).gather(-1, targets)[:, 0].mean()
+        loss = term if loss is None else loss + term
+        reads |= {f"mean{layer}": mean, f"std{layer}": std}
+        reads[f"predicted{layer}"] = read[n_train:].argmax(-1)
+    probe = rewrite_at(probe, last, "insert_after", Stop())
+    assert loss is not None
+    kwargs = forward_kwargs(mask)
+    fit = training(
+        probe,
+        [{"input_ids": ids, **kwargs}],
+        loss=loss,
+        params=names,
+        optimizer=AdamW(lr, weight_decay=0.0),
+        steps=steps,
+    )
+    final = trained(plan_of(probe).returning(**reads), run="fit")  # type: ignore[arg-type]
+    results = run_plans(backend, [("fit", fit, (), {}), ("final", final, (ids,), kwargs)])
+    done, found = results["fit"].saved, results["final"].saved
+    probes = []
+    for layer, name in zip(picked, names, strict=True):
+        tensors = [done[f"{name}.{k}"] for k in _float_fields(get_at(probe, name))]
+        fitted_weight = next(t for t in tensors if t.dim() == 2)  # [classes, d_model]
+        fitted_bias = next(t for t in tensors if t.dim() == 1)  # [classes]
+        correct = (found[f"predicted{layer}"] == targets_all).float()
+        probes.append(
+            Probe(
+                fitted_weight.detach(),
+                fitted_bias.detach(),
+                found[f"mean{layer}"],
+                found[f"std{layer}"],
+                float(correct[train].mean()),
+                float(correct[test].mean()),
+            )
+        )
+    return tuple(probes)
+
+
+def _float_fields(layer: nn.Module) -> list[str]:
+    return [k for k, t in layer.tensors().items() if t.is_floating_point()]  # type: ignore[operator]
+
+
+def _example_index(
+    ids: torch.Tensor, mask: torch.Tensor | None, position: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, columns)`` of the examples in ``[batch, pos]``, in :func:`residual_features`'s
+    order: each prompt at ``position``, or every (real) token row by row."""
+    batch, length = ids.shape
+    if position is not None:
+        return torch.arange(batch), token_index(mask, position, length, batch).cpu()
+    if mask is None:
+        return torch.arange(batch).repeat_interleave(length), torch.arange(length).repeat(batch)
+    real_rows, real_columns = mask.bool().cpu().nonzero(as_tuple=True)
+    return real_rows, real_columns
+
+
+def _width_of(model: nn.Module, layout: ModelLayout, layer: int, ids: torch.Tensor) -> int:
+    """The width of the residual stream after block ``layer``, from one row run on the meta
+    device (structure only: no weight is read)."""
+    from torchsurgeon.plans.structure import meta
+
+    if not all(p.is_meta for p in model.parameters()):
+        model = meta(model)
+    probe = rewrite_at(model, layout.block(layer), "insert_after", Save("width"))
+    with torch.no_grad():
+        return int(run(probe, ids[:1].to("meta")).saved["width"].shape[-1])

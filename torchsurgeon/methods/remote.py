@@ -1,9 +1,9 @@
-"""Methods on a host: ``backend=`` runs a method's forward passes where the weights are.
+"""Methods on a host: ``backend=`` runs a method's passes where the weights are.
 
-Every method here that only runs the model forward takes ``backend=`` — a
-``ts.remote.Client`` (or anything that runs a :class:`~torchsurgeon.layers.session.Session`
-of plans the way ``ts.run(session, backend=...)`` does). The method then builds the same
-rewrites as it does locally, turns them into plans, and sends them with
+Every method takes ``backend=`` — a ``ts.remote.Client`` (or anything that runs a
+:class:`~torchsurgeon.layers.session.Session` of plans the way ``ts.run(session,
+backend=...)`` does; ``steer`` also needs its ``generate``). A forward-only method builds the
+same rewrites as it does locally, turns them into plans, and sends them with
 ``ts.run(session, backend=backend)``: a sweep that is one batch (``max_rows=None``) is one
 request, whatever the method — the forward passes a method needs besides the sweep (the
 unforced run of neuron forcing, the two sides of a steering vector, the reference batch of
@@ -28,9 +28,23 @@ What travels back is what the method needs, computed on the host by the plan's
 Each value is computed by the same operations, on the same tensors, as locally, so a
 method gives the same result on a host as on a local copy of the same checkpoint.
 
-Methods that need gradients, generation or training on the host (``attribution_patching``,
-``steer``, ``train_lora``) refuse ``backend=`` with a ``NotImplementedError`` naming the
-issue "Gradients, generation and training on the host".
+The methods that need gradients, generation or training run those on the host too, each in
+one request:
+
+- ``attribution_patching`` sends the batch's plan with ``Save`` and ``SaveGrad`` layers and
+  ``backward=`` the corrupted rows' metric (:func:`row_values`); the scores are computed
+  there, and the grid and one metric value a row come back. A Python metric takes a second
+  request: the logits come back, its gradient at them is taken here and fed in by a
+  ``ComputeGrad`` after the unembedding;
+- ``steer`` sends one ``generate`` call of one model whose ``Add`` layers act at the
+  generation steps ``positions`` picks (``steps=``); the sequences come back;
+- ``train_lora`` sends a session: the adapted model's token losses before training, the
+  training loop (``ts.training``: the adapters' tensors, ``ts.optim.AdamW`` with no weight
+  decay, which is ``torch.optim.Adam``, one batch per step) and the token losses of the
+  trained model (``ts.trained``); the trained tensors and the losses come back;
+- ``train_probe(..., fit_on_host=True)`` sends a session that trains the probes as
+  ``Compute`` layers holding their weights (``ts.training``) and returns them with their
+  standardisation and predictions.
 """
 
 from __future__ import annotations
@@ -54,33 +68,19 @@ from torchsurgeon.methods.metrics import (
 from torchsurgeon.methods.tokens import aligned
 
 __all__ = [
-    "ISSUE",
     "Run",
     "clean_top_probability",
     "host_sweep_pass",
-    "local_only",
     "logits_entry",
     "row_values",
     "run_plan",
     "run_plans",
 ]
 
-ISSUE = "Gradients, generation and training on the host"
-"""The issue that will let the gradient, generation and training methods run on a host."""
-
 Run = tuple[str, Any, tuple[Any, ...], Mapping[str, Any]]
 """``(name, plan, args, kwargs)``: one run of a session sent to a host."""
 
 _ROWS = "metric_rows"
-
-
-def local_only(method: str, backend: Backend | None, needs: str) -> None:
-    """Refuse ``backend=`` for a method that needs more than forward passes on the host."""
-    if backend is not None:
-        raise NotImplementedError(
-            f"{method}(backend=...): {method} needs {needs} on the host, which plans do not "
-            f"do yet (the issue {ISSUE!r}); run it on a local model"
-        )
 
 
 def logits_entry(model: nn.Module) -> str:

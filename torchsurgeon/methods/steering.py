@@ -31,14 +31,19 @@ Prompts padded on the left come with ``attention_mask=``: a list of prompt posit
 counts each row's real tokens (``-1`` is each row's last token), and
 :func:`steering_vector` reads each row's own last token and averages over real rows only.
 
-:func:`steering_vector` takes ``backend=client`` (both sides on a host, in one request);
-:func:`steer` does not: generation on a host is the issue "Gradients, generation and
-training on the host".
+On a host (``backend=client``) :func:`steer` is one ``generate`` request: the switch between
+the prompt pass and the later steps is the ``Add`` layers' ``steps=`` (``0``: the prompt's
+pass; ``slice(1, None)``: every later step), one model for the whole call, and the tokens
+come back. They equal the local ones: greedy decoding, or sampling with ``seed=`` (the host
+seeds its generator with it; locally ``steer`` then samples under
+``torch.manual_seed(seed)`` inside ``torch.random.fork_rng()``, as the host does).
+:func:`steering_vector` takes ``backend=`` too: both sides in one request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,6 +51,7 @@ import torch
 from torch import nn
 from transformers.generation import utils as generation_utils
 
+from torchsurgeon.layers.base import Steps
 from torchsurgeon.layers.edit import Add
 from torchsurgeon.layers.expr import saved
 from torchsurgeon.layers.index import Index, idx
@@ -54,7 +60,7 @@ from torchsurgeon.layers.results import Backend, run
 from torchsurgeon.methods.batching import rewrite_at
 from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
 from torchsurgeon.methods.patching import pick_layers, pick_positions
-from torchsurgeon.methods.remote import Run, local_only, plan_of, run_plans
+from torchsurgeon.methods.remote import Run, plan_of, run_plans
 from torchsurgeon.methods.tokens import (
     Decoder,
     forward_kwargs,
@@ -109,18 +115,20 @@ def steering_model(
     layers: Sequence[int],
     scale: float = 1.0,
     index: Index | None = None,
+    steps: Steps = None,
     layout: ModelLayout | None = None,
 ) -> nn.Module:
     """A new model adding ``scale * vector`` to the output of each block in ``layers``.
 
-    ``index`` (over ``[batch, pos, ...]``) restricts the addition, e.g. ``ts.idx[:, [2, 3]]``.
+    ``index`` (over ``[batch, pos, ...]``) restricts the addition, e.g. ``ts.idx[:, [2, 3]]``;
+    ``steps`` to some calls of one ``ts.run`` (generation steps: ``0`` is the prompt's
+    pass, ``slice(1, None)`` every later step).
     """
     model = wrap(model)
     layout = layout_of(model, layout)
     for layer in pick_layers(layers, n_layers(model, layout)):
-        model = rewrite_at(
-            model, layout.block(layer), "insert_after", Add(vector, scale, index=index)
-        )
+        add = Add(vector, scale, index=index, steps=steps)
+        model = rewrite_at(model, layout.block(layer), "insert_after", add)
     return model
 
 
@@ -196,10 +204,16 @@ def steer(
     for a ``transformers`` model, to :func:`torchsurgeon.models.generate` (``do_sample``,
     ``temperature``, ``top_k``, ``seed``) for an explicit one.
 
-    ``backend=`` is refused (``NotImplementedError``): generating on a host is the issue
-    "Gradients, generation and training on the host".
+    ``seed`` (with ``do_sample=True``) makes sampling reproducible: on a ``transformers``
+    model it samples under ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng()``
+    (the global generator is left as it was), as a host does.
+
+    ``backend`` (a ``ts.remote.Client``; ``model`` may be ``client.meta(name)``) generates
+    on that host, in one request: one model whose ``Add`` layers act at the steps
+    ``positions`` picks (``steps=``), and only the sequences come back. The host takes the
+    ``generate`` options of ``ts.remote.hosted.GENERATE_OPTIONS`` and needs ``seed=`` to
+    sample.
     """
-    local_only("steer", backend, "generation")
     model = wrap(model)
     layout = layout_of(model, layout)
     ids, mask = inputs(input_ids, attention_mask)
@@ -209,6 +223,11 @@ def steer(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     explicit = not callable(getattr(model, "generate", None))
+    if explicit and backend is not None:
+        raise TypeError(
+            "steer(backend=...) generates with the host's transformers generate; this model "
+            "has no generate (an explicit model generates locally with ts.generate)"
+        )
     if explicit:
         extra = sorted(set(generate_kwargs) - {"do_sample", "temperature", "top_k", "seed"})
         if extra:
@@ -229,6 +248,24 @@ def steer(
         prompt_index = _prompt_index(list(positions), ids, mask)
         given = [int(p) for p in positions]
         shown = tuple(given if mask is not None else pick_positions(given, ids.shape[1]))
+    if backend is not None:
+        sequences = _generate_on_host(
+            backend,
+            model,
+            ids,
+            mask,
+            vector,
+            picked,
+            scale,
+            shown,
+            prompt_index,
+            layout,
+            max_new_tokens,
+            generate_kwargs,
+        )
+        new = sequences[:, ids.shape[1] :].tolist()
+        labels = tuple(tuple(token_label(decoder, t) for t in row) for row in new)
+        return Steering(sequences, ids.shape[1], picked, float(scale), shown, labels)
     steered = steering_model(model, vector, layers=picked, scale=scale, layout=layout)
     if shown == "all":
         prompt_model, step_model = steered, steered
@@ -252,15 +289,65 @@ def steer(
         )
     else:
         kwargs = dict(generate_kwargs)
+        seed = kwargs.pop("seed", None)
         if mask is not None:
             kwargs["attention_mask"] = mask
-        if prompt_model is step_model:
-            sequences = steered.generate(ids, max_new_tokens=max_new_tokens, **kwargs)
-        else:
-            sequences = _generate_in_two(prompt_model, step_model, ids, max_new_tokens, kwargs)
+        with _seeded(seed):
+            if prompt_model is step_model:
+                sequences = steered.generate(ids, max_new_tokens=max_new_tokens, **kwargs)
+            else:
+                sequences = _generate_in_two(prompt_model, step_model, ids, max_new_tokens, kwargs)
     new = sequences[:, ids.shape[1] :].tolist()
     labels = tuple(tuple(token_label(decoder, t) for t in row) for row in new)
     return Steering(sequences, ids.shape[1], picked, float(scale), shown, labels)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Sampling under ``torch.manual_seed(seed)``, the global generator restored after (what a
+    host does with ``seed=``); nothing when ``seed`` is None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _generate_on_host(
+    backend: Backend,
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    vector: torch.Tensor,
+    picked: tuple[int, ...],
+    scale: float,
+    shown: str | tuple[int, ...],
+    prompt_index: Index | None,
+    layout: ModelLayout,
+    max_new_tokens: int,
+    generate_kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """The steered sequences, generated on the host in one request.
+
+    The prompt model and the step model of the local switch are one model here: each
+    ``Add`` acts at the steps of one ``ts.run`` of ``generate`` that ``positions`` picks
+    (``"prompt"`` and prompt positions: step 0, the prompt's pass; ``"generated"``: every
+    later step; ``"all"``: every step).
+    """
+    steps: Steps = None
+    if shown == "generated":
+        steps = slice(1, None)
+    elif shown != "all":
+        steps = 0
+    steered = steering_model(
+        model, vector, layers=picked, scale=scale, index=prompt_index, steps=steps, layout=layout
+    )
+    kwargs = dict(generate_kwargs)
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    result = run(steered.generate, ids, max_new_tokens=max_new_tokens, backend=backend, **kwargs)
+    return result.output
 
 
 def _prompt_index(positions: list[int], ids: torch.Tensor, mask: torch.Tensor | None) -> Index:

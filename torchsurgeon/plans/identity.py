@@ -16,6 +16,37 @@ it before replaying anything:
 
 A structure-only model built from what a host serves can be *pinned* to the hosted model's
 identity (:func:`pin_identity`), so plans made against it carry the real fingerprint.
+
+**Cached on frozen trees.** ``ts.plan`` and ``ts.apply`` ask for the base's identity on
+every call, and sampling a few elements of every tensor costs tens of microseconds a tensor
+(index kernels, a copy to the CPU). So :func:`identity_of` remembers the structure hash and
+fingerprint of a frozen tree (:func:`~torchsurgeon.surgery.frozen.wrap`) and, on the next
+call, walks the tree reading only what those two depend on: every node's object and class
+and its children's names; every parameter's and buffer's name, object, version counter
+(``_version``, which every in-place write through the tensor, a view or a ``detach()``
+of it bumps: ``p.add_(1)`` under ``torch.no_grad``, ``copy_``, an optimizer step), data
+pointer, shape, strides, dtype and device (which a ``p.data = other`` swap changes without
+bumping the counter). Anything read differs: the identity is computed afresh. The config
+hash is recomputed on every call (a config is a mutable object shared with the model it
+came from). The cache is a :class:`weakref.WeakKeyDictionary` on the root holding only
+weak references, so it keeps no model alive, and it is read and written under a lock
+(hosts call from worker threads). Plain (unwrapped) models are never cached.
+
+What a version counter cannot see, the cache cannot either: a write through ``p.data``
+(``p.data.add_(1)``), or through another tensor object over the same storage that keeps its
+own counter — a frozen tree's parameters are new ``Parameter`` objects over the wrapped
+model's storage, so ``model.weight.add_(1)`` or ``model.load_state_dict(...)`` on the
+*plain* model changes the tree's values without bumping the tree's counters (its buffers
+are the plain model's own tensors, so writes to those are seen). Pass
+``identity_of(tree, cache=False)`` after such a write. Trees holding inference tensors (no
+version counter) or tensor subclasses (``DTensor``, quantized weights) are never cached.
+
+**Sharded tensors.** A ``DTensor`` (``torch.distributed.tensor``, as
+:mod:`torchsurgeon.distributed` shards a model) is fingerprinted by its global shape and
+dtype, its placements and mesh shape, and samples of this rank's local shard: reading
+elements of other ranks' shards would be a collective. Its fingerprint is therefore the
+rank's own and differs from the unsharded model's; ``ts.distributed.plan`` /
+``ts.distributed.apply`` check a sharded model against the identity the unsharded model had.
 """
 
 from __future__ import annotations
@@ -23,6 +54,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,7 +64,7 @@ import torch
 from torch import nn
 
 from torchsurgeon.plans.errors import IdentityMismatchError
-from torchsurgeon.surgery.frozen import original_class
+from torchsurgeon.surgery.frozen import is_frozen, original_class
 from torchsurgeon.surgery.paths import iter_nodes, join
 
 __all__ = [
@@ -114,18 +148,103 @@ def _short(value: str | None) -> str:
     return "none" if value is None else value[:12]
 
 
-def identity_of(model: nn.Module) -> BaseIdentity:
-    """The identity of ``model`` (its pinned identity, for a structure-only model pinned to one)."""
+def identity_of(model: nn.Module, *, cache: bool = True) -> BaseIdentity:
+    """The identity of ``model`` (its pinned identity, for a structure-only model pinned to one).
+
+    On a frozen tree the structure hash and fingerprint are remembered while the tree's
+    nodes and tensors are unchanged (see the module docstring); ``cache=False`` computes
+    them afresh (after a write a version counter does not see, such as ``p.data.add_``).
+    """
     pinned = model.__dict__.get(_PINNED)
-    structure = structure_hash(model)
-    if pinned is not None and pinned.structure_hash == structure and _is_meta(model):
+    structure, weights, is_meta = _hashes(model, cache)
+    if pinned is not None and pinned.structure_hash == structure and is_meta:
         return pinned
     return BaseIdentity(
         architecture=original_class(model).__name__,
         structure_hash=structure,
         config_hash=config_hash(model),
-        fingerprint=fingerprint(model),
+        fingerprint=weights,
     )
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """A frozen tree's hashes and what its walk read when they were computed."""
+
+    seen: tuple[Any, ...]
+    refs: tuple[weakref.ref[Any], ...]
+    structure_hash: str
+    fingerprint: str | None
+    is_meta: bool
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, _Cached] = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+def _hashes(model: nn.Module, cache: bool) -> tuple[str, str | None, bool]:
+    """``(structure_hash, fingerprint, is_meta)`` of ``model``, cached on a frozen root."""
+    observed = _observe(model) if cache and is_frozen(model) else None
+    if observed is not None:
+        objects, seen = observed
+        with _CACHE_LOCK:
+            cached = _CACHE.get(model)
+        if (
+            cached is not None
+            and cached.seen == seen
+            and len(cached.refs) == len(objects)
+            and all(ref() is obj for ref, obj in zip(cached.refs, objects, strict=True))
+        ):
+            return cached.structure_hash, cached.fingerprint, cached.is_meta
+    # What was observed was read *before* the hashes: a write racing with them bumps a
+    # counter past what is stored, so the next call recomputes instead of trusting them.
+    found = structure_hash(model), fingerprint(model), _is_meta(model)
+    if observed is not None:
+        objects, seen = observed
+        entry = _Cached(seen, tuple(weakref.ref(obj) for obj in objects), *found)
+        with _CACHE_LOCK:
+            _CACHE[model] = entry
+    return found
+
+
+def _observe(model: nn.Module) -> tuple[list[Any], tuple[Any, ...]] | None:
+    """The nodes and tensors of ``model`` in walk order, and everything the hashes read.
+
+    ``None`` when the tree cannot be cached: a tensor without a version counter (an
+    inference tensor), without plain storage, or of a subclass whose writes may not reach
+    its own counter.
+    """
+    objects: list[Any] = []
+    seen: list[Any] = []
+
+    def visit(node: nn.Module) -> bool:
+        objects.append(node)
+        seen.append(type(node))
+        for tensors in (node._parameters, node._buffers):
+            for name, tensor in tensors.items():
+                seen.append(name)
+                if tensor is None:
+                    seen.append(None)
+                    continue
+                if type(tensor) not in _PLAIN_TENSORS:
+                    return False
+                objects.append(tensor)
+                seen.append(tensor._version)
+                seen.append(tensor.data_ptr())
+                seen.append(tensor.shape)
+                seen.append(tensor.stride())
+                seen.append(tensor.dtype)
+                seen.append(tensor.device)
+        children = node._modules
+        seen.append(tuple(children))
+        return all(child is None or visit(child) for child in children.values())
+
+    try:
+        complete = visit(model)
+    except (RuntimeError, RecursionError):  # no version counter, no storage, ...
+        return None
+    return (objects, tuple(seen)) if complete else None
 
 
 def pin_identity(model: nn.Module, identity: BaseIdentity) -> nn.Module:
@@ -203,7 +322,11 @@ def config_hash(model: nn.Module) -> str | None:
 
 
 def fingerprint(model: nn.Module) -> str | None:
-    """Hash of names, shapes, dtypes and sampled elements; None if any tensor is on meta."""
+    """Hash of names, shapes, dtypes and sampled elements; None if any tensor is on meta.
+
+    A ``DTensor`` adds its placements and mesh shape, and is sampled from this rank's local
+    shard (see the module docstring).
+    """
     digest = hashlib.sha256()
     sampled: dict[int, bytes] = {}
     for name, tensor in _tensors(model):
@@ -211,9 +334,26 @@ def fingerprint(model: nn.Module) -> str | None:
             return None
         digest.update(f"{name}|{list(tensor.shape)}|{tensor.dtype}\n".encode())
         if id(tensor) not in sampled:
-            sampled[id(tensor)] = _sample(name, tensor)
+            local = tensor
+            if type(tensor) not in _PLAIN_TENSORS and _is_dtensor(tensor):
+                digest.update(_layout(tensor).encode())
+                local = tensor.to_local()
+            sampled[id(tensor)] = _sample(name, local)
         digest.update(sampled[id(tensor)])
     return digest.hexdigest()
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    # A DTensor exists only once its module is imported: no import (and its cost) otherwise.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _layout(tensor: Any) -> str:
+    """How a ``DTensor`` is laid out: placements, mesh shape and device type."""
+    mesh = tensor.device_mesh
+    placements = ",".join(repr(p) for p in tensor.placements)
+    return f"  dtensor|{placements}|mesh{list(mesh.shape)}|{mesh.device_type}\n"
 
 
 def _sample(name: str, tensor: torch.Tensor) -> bytes:

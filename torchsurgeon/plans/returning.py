@@ -29,7 +29,7 @@ from torch import nn
 
 from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.expr import Expr
-from torchsurgeon.layers.graph import Graph, RunValues
+from torchsurgeon.layers.graph import Graph, RunValues, device_of
 from torchsurgeon.layers.results import Result
 from torchsurgeon.plans.errors import PlanError
 from torchsurgeon.surgery.lineage import lineage_of
@@ -261,6 +261,7 @@ class Returning:
             output=result.output,
             has_output=True,
             model=None if model is None else lineage_of(model).base,
+            device=device_of(result.output, result.records),
         )
         records = dict(result.records)
         for name, graph in self.computed.items():

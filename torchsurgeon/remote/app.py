@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from torch import nn
@@ -130,8 +132,13 @@ def create_app(
         owner(request)
         return host.model(name).structure.to_json()
 
-    @app.post("/v1/models/{name}/jobs", status_code=202)
-    async def submit(name: str, request: Request) -> dict[str, Any]:
+    @app.post("/v1/models/{name}/jobs", status_code=202, response_model=None)
+    async def submit(
+        name: str, request: Request, wait: float = 0.0, forget: bool = False
+    ) -> dict[str, Any] | StreamingResponse:
+        """Queue a job; with ``wait``, hold the answer up to that many seconds and, if the
+        job finished by then, answer with its result file itself (one round trip for a
+        small run; ``forget``: the host drops the job once the result is sent)."""
         who = owner(request)
         host.model(name)
         request_key = request.headers.get("idempotency-key")
@@ -145,6 +152,18 @@ def create_app(
         limits = host.limits
         body = await _read_body(request, limits.max_request_bytes, limits.request_idle_seconds)
         job = await run_in_threadpool(host.submit, who, name, body, request_key)
+        if wait > 0:
+            deadline = time.monotonic() + min(wait, _MAX_WAIT)
+            status = host.queue.status(job)
+            while status["state"] not in ("done", "error") and time.monotonic() < deadline:
+                await host.queue.wait(job, status["version"], deadline - time.monotonic())
+                status = host.queue.status(job)
+            if status["state"] == "done":
+                return _result_response(host, job, forget)
+            if status["state"] == "error" and forget:
+                host.queue.forget(job)
+            if status["state"] == "error" and job.error is not None:
+                raise ApiError(422, job.error.code, job.error.message, job.error.field)
         return host.queue.status(job)
 
     @app.get("/v1/jobs/{job_id}")
@@ -164,15 +183,7 @@ def create_app(
             raise ApiError(422, job.error.code, job.error.message, job.error.field)
         if job.state != "done":
             raise ApiError(409, "not_ready", f"job {job_id!r} is {job.state}", "job")
-        try:  # opened here, so a sweep that deletes the file meanwhile cannot cut it short
-            stream = open(host.queue.store.result_path(job.id), "rb")  # noqa: SIM115
-        except FileNotFoundError:
-            raise ApiError(410, "expired", f"the result of job {job_id!r} is gone", "job") from None
-        return StreamingResponse(
-            _chunks(stream),
-            media_type="application/octet-stream",
-            headers={"Content-Length": str(job.result_bytes or 0)},
-        )
+        return _result_response(host, job, forget=False)
 
     @app.delete("/v1/jobs/{job_id}")
     async def forget(job_id: str, request: Request) -> dict[str, Any]:
@@ -181,6 +192,20 @@ def create_app(
         return {"id": job_id, "deleted": True}
 
     return app
+
+
+def _result_response(host: Host, job: Any, forget: bool) -> StreamingResponse:
+    """The finished job's result file, streamed (and the job dropped after, if ``forget``)."""
+    try:  # opened here, so a sweep that deletes the file meanwhile cannot cut it short
+        stream = open(host.queue.store.result_path(job.id), "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        raise ApiError(410, "expired", f"the result of job {job.id!r} is gone", "job") from None
+    return StreamingResponse(
+        _chunks(stream),
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(job.result_bytes or 0), "X-Job-Id": job.id},
+        background=BackgroundTask(host.queue.forget, job) if forget else None,
+    )
 
 
 async def _read_body(request: Request, limit: int, idle: float) -> bytes:

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 __all__ = ["Client", "Job", "JobStatus"]
 
 _POLL_SECONDS = 10.0
+_ANSWER_WAIT = 2.0
+"""Seconds a blocking run's submission waits for the result to come back in its answer."""
 _FIRST_BACKOFF = 0.2
 _MAX_BACKOFF = 5.0
 
@@ -226,6 +228,31 @@ class Client:
         is a scalar expression the host differentiates after the forward pass
         (``SaveGrad`` layers then record gradients; see ``ts.run``).
         """
+        name, body = self._request_of(
+            plan_or_model, inputs, kwargs, model_name, backward, call, co_batch
+        )
+        data = self._json(
+            "POST",
+            f"/v1/models/{name}/jobs",
+            content=body,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Idempotency-Key": request_id or uuid.uuid4().hex,
+            },
+        )
+        return Job(self, data["id"], name)
+
+    def _request_of(
+        self,
+        plan_or_model: Plan | nn.Module | Session,
+        inputs: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        model_name: str | None,
+        backward: Expr | None,
+        call: str,
+        co_batch: bool,
+    ) -> tuple[str, bytes]:
+        """``(hosted model name, request bytes)`` of a submission."""
         if isinstance(plan_or_model, Session):
             if inputs or kwargs:
                 raise TypeError("a session carries each run's inputs; pass no inputs with it")
@@ -245,16 +272,38 @@ class Client:
                 plan = plan.with_backward(backward)
             name = model_name or self.model or self._model_for(plan)
             body = encode_request(plan.to_bytes(), inputs, kwargs, call, alone=not co_batch)
-        data = self._json(
+        return name, body
+
+    def _blocking(
+        self, name: str, body: bytes, timeout: float | None, progress: bool | None
+    ) -> Result:
+        """Submit and wait. A run that finishes within :data:`_ANSWER_WAIT` seconds comes back
+        in the answer to the submission itself — one round trip, and the host drops the job
+        once sent; a longer one is followed as a :class:`Job` (progress shown, then
+        downloaded and deleted)."""
+        response = self._request(
             "POST",
             f"/v1/models/{name}/jobs",
+            params={"wait": _ANSWER_WAIT, "forget": "true"},
             content=body,
             headers={
                 "Content-Type": "application/octet-stream",
-                "Idempotency-Key": request_id or uuid.uuid4().hex,
+                "Idempotency-Key": uuid.uuid4().hex,
             },
         )
-        return Job(self, data["id"], name)
+        if response.headers.get("content-type", "").startswith("application/octet-stream"):
+            return decode_result(response.content)
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            raise RemoteError(502, "bad_response", f"POST answered {response.text[:200]!r}")
+        job = Job(self, data["id"], name)
+        result = job.result(timeout, progress=self.progress if progress is None else progress)
+        with contextlib.suppress(RemoteError):  # else the host forgets it after its TTL
+            self._request("DELETE", f"/v1/jobs/{job.id}", retry=False)
+        return result
 
     def run(
         self,
@@ -272,18 +321,10 @@ class Client:
         The job is deleted on the host once its result is here (it no longer counts against
         the key's ``max_result_bytes_per_key``).
         """
-        job = self.submit(
-            plan_or_model,
-            *inputs,
-            model_name=model_name,
-            backward=backward,
-            co_batch=co_batch,
-            **kwargs,
+        name, body = self._request_of(
+            plan_or_model, inputs, kwargs, model_name, backward, "forward", co_batch
         )
-        result = job.result(timeout, progress=self.progress if progress is None else progress)
-        with contextlib.suppress(RemoteError):  # else the host forgets it after its TTL
-            self._request("DELETE", f"/v1/jobs/{job.id}", retry=False)
-        return result
+        return self._blocking(name, body, timeout, progress)
 
     def generate(
         self,
@@ -305,11 +346,10 @@ class Client:
         come from ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng()``). Anything
         else is refused with a 4xx naming it.
         """
-        job = self.submit(plan_or_model, *inputs, model_name=model_name, call="generate", **options)
-        result = job.result(timeout, progress=self.progress if progress is None else progress)
-        with contextlib.suppress(RemoteError):
-            self._request("DELETE", f"/v1/jobs/{job.id}", retry=False)
-        return result
+        name, body = self._request_of(
+            plan_or_model, inputs, options, model_name, None, "generate", True
+        )
+        return self._blocking(name, body, timeout, progress)
 
     def train(
         self,
@@ -330,19 +370,7 @@ class Client:
         plan, settings, calls = _training_request(model, batches, loss, params, optimizer, steps)
         name = model_name or self.model or self._model_for(plan)
         body = encode_request(plan.to_bytes(), (), {}, "train", training=settings, batches=calls)
-        data = self._json(
-            "POST",
-            f"/v1/models/{name}/jobs",
-            content=body,
-            headers={
-                "Content-Type": "application/octet-stream",
-                "Idempotency-Key": uuid.uuid4().hex,
-            },
-        )
-        job = Job(self, data["id"], name)
-        result = job.result(timeout, progress=self.progress if progress is None else progress)
-        with contextlib.suppress(RemoteError):
-            self._request("DELETE", f"/v1/jobs/{job.id}", retry=False)
+        result = self._blocking(name, body, timeout, progress)
         losses = [float(x) for x in result.records["loss"][0]]
         tensors = {k: v[0] for k, v in result.records.items() if k != "loss"}
         return TrainResult(tensors, losses, with_tensors(model, tensors))

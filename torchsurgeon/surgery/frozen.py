@@ -245,7 +245,9 @@ def _own_parameters(copy: nn.Module, memo: dict[int, nn.Parameter]) -> None:
     for name, param in params.items():
         if type(param) is nn.Parameter:  # subclasses (quantized weights, ...) stay as they are
             if id(param) not in memo:
-                memo[id(param)] = tree_parameter(param.data, param.requires_grad)
+                # detach(), not .data: the tree's Parameter shares the original's version
+                # counter, so a write through either is seen by both (autograd, caches)
+                memo[id(param)] = tree_parameter(param.detach(), param.requires_grad)
             params[name] = memo[id(param)]
 
 
