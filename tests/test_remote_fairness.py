@@ -156,14 +156,14 @@ def test_a_flood_from_one_key_does_not_delay_another_key(
 
     Measured in pairs, one after the other, so both see the same load of the machine.
     """
-    real = host_module.run_request
+    real = host_module.run_submission
 
     def slow_for_the_flood(hosted: HostedModel, *args: object) -> bytes:
         if hosted.name == "slow":  # each of the flood's runs takes a second, and no CPU
             time.sleep(1.0)
         return real(hosted, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(host_module, "run_request", slow_for_the_flood)
+    monkeypatch.setattr(host_module, "run_submission", slow_for_the_flood)
     flooded = create_app({"slow": gpt2, "small": gpt2}, api_keys=KEYS, workers=2)
     idle = create_app({"small": gpt2}, api_keys=KEYS, workers=2)
     flood = encode_request(plan(gpt2).to_bytes(), [token_ids()], {})
@@ -281,7 +281,7 @@ def test_the_watchdog_fails_a_stuck_run_and_replaces_its_worker(
 ) -> None:
     release = threading.Event()
     calls: list[int] = []
-    real = host_module.run_request
+    real = host_module.run_submission
 
     def stuck_once(*args: object, **kwargs: object) -> bytes:
         calls.append(1)
@@ -289,7 +289,7 @@ def test_the_watchdog_fails_a_stuck_run_and_replaces_its_worker(
             release.wait(60)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(host_module, "run_request", stuck_once)
+    monkeypatch.setattr(host_module, "run_submission", stuck_once)
     limits = Limits(max_run_seconds=0.3, watchdog_grace_seconds=0.3, max_abandoned_runs=1)
     app = create_app({"gpt2": gpt2}, limits=limits, workers=1)
     with serve_in_thread(app) as server, Client(server.url, progress=False) as client:

@@ -127,6 +127,8 @@ class InterventionLayer(TreescopeRepr, nn.Module):
         graph: Graph = self.__dict__["_ts_graphs"][name]
         buffers = self._buffers
         constants = [buffers[f"{name}_c{i}"] for i in range(len(graph.tensors))]
+        if constants and constants[0].device != x.device:  # a site with no tensors of its own
+            constants = [c.to(x.device) for c in constants]
         if values is None:
             values = self.__dict__.get("_ts_run")
         try:

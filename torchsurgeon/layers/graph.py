@@ -14,7 +14,10 @@ under ``torch.compile(fullgraph=True)`` with no graph break.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +41,7 @@ from torchsurgeon.layers.expr import Expr, as_expr
 from torchsurgeon.surgery.errors import PathError
 from torchsurgeon.surgery.paths import get_at
 
-__all__ = ["Graph", "RunValues", "device_of"]
+__all__ = ["Graph", "RunValues", "deadline", "device_of"]
 
 
 # --------------------------------------------------------------------------- graphs
@@ -219,7 +222,10 @@ class Graph:
         if device is not None and any(t.device != device for t in constants):
             constants = [t.to(device) for t in constants]
         results: list[Any] = []
+        deadline = getattr(_DEADLINE, "at", None)
         for i, (op, args, params) in enumerate(self.nodes):
+            if deadline is not None and time.monotonic() > deadline:
+                raise ExpressionError(f"node {i}: the run went past its time limit")
             inputs = [results[a] for a in args]
             p = dict(params)
             try:
@@ -262,6 +268,19 @@ class Graph:
 
 
 _NOTHING = RunValues()
+_DEADLINE = threading.local()
+
+
+@contextmanager
+def deadline(at: float | None) -> Iterator[None]:
+    """While the block runs, this thread's graphs stop at ``time.monotonic() > at`` (checked
+    before every node: a host's run time applies inside an expression too)."""
+    before = getattr(_DEADLINE, "at", None)
+    _DEADLINE.at = at
+    try:
+        yield
+    finally:
+        _DEADLINE.at = before
 
 
 def device_of(*values: Any) -> torch.device | None:

@@ -261,7 +261,7 @@ class Returning:
             output=result.output,
             has_output=True,
             model=None if model is None else lineage_of(model).base,
-            device=device_of(result.output, result.records),
+            device=device_of(result.output, result.records) or _device_of_model(model),
         )
         records = dict(result.records)
         for name, graph in self.computed.items():
@@ -310,6 +310,15 @@ class Returning:
                 return None
             return type(output)(items) if type(output) in (tuple, list) else tuple(items)
         return output if whole else None
+
+
+def _device_of_model(model: nn.Module | None) -> torch.device | None:
+    """Where ``model``'s first tensor lives (a run that stopped before any output)."""
+    if model is None:
+        return None
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return None
 
 
 def output_entries(output: Any) -> list[str]:

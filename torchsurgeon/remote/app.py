@@ -33,8 +33,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from torch import nn
@@ -135,7 +134,7 @@ def create_app(
     @app.post("/v1/models/{name}/jobs", status_code=202, response_model=None)
     async def submit(
         name: str, request: Request, wait: float = 0.0, forget: bool = False
-    ) -> dict[str, Any] | StreamingResponse:
+    ) -> dict[str, Any] | Response:
         """Queue a job; with ``wait``, hold the answer up to that many seconds and, if the
         job finished by then, answer with its result file itself (one round trip for a
         small run; ``forget``: the host drops the job once the result is sent)."""
@@ -194,17 +193,23 @@ def create_app(
     return app
 
 
-def _result_response(host: Host, job: Any, forget: bool) -> StreamingResponse:
-    """The finished job's result file, streamed (and the job dropped after, if ``forget``)."""
+def _result_response(host: Host, job: Any, forget: bool) -> Response:
+    """The finished job's result file, streamed; with ``forget``, read whole and the job
+    dropped before the answer goes out (so nothing stays held once the client has it)."""
     try:  # opened here, so a sweep that deletes the file meanwhile cannot cut it short
         stream = open(host.queue.store.result_path(job.id), "rb")  # noqa: SIM115
     except FileNotFoundError:
         raise ApiError(410, "expired", f"the result of job {job.id!r} is gone", "job") from None
+    headers = {"X-Job-Id": job.id}
+    if forget:
+        with stream:
+            content = stream.read()
+        host.queue.forget(job)
+        return Response(content, media_type="application/octet-stream", headers=headers)
     return StreamingResponse(
         _chunks(stream),
         media_type="application/octet-stream",
-        headers={"Content-Length": str(job.result_bytes or 0), "X-Job-Id": job.id},
-        background=BackgroundTask(host.queue.forget, job) if forget else None,
+        headers={"Content-Length": str(job.result_bytes or 0), **headers},
     )
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers.allowed import ExpressionError
+from torchsurgeon.layers.graph import deadline as expression_deadline
 from torchsurgeon.layers.results import Result, run_with
 from torchsurgeon.layers.session import training_result
 from torchsurgeon.layers.training import Batch, Optimizer, train, trainable, with_tensors
@@ -272,56 +273,72 @@ def run_submission(hosted: HostedModel, runs: list[PreparedRun], limits: Limits)
     """Run a prepared submission (each session run in order, one deadline for all); the
     encoded result."""
     deadline = time.monotonic() + limits.max_run_seconds
-    records: dict[str, Any] = {}
-    results: dict[str, Result] = {}
-    trained: dict[str, dict[str, torch.Tensor]] = {}
     try:
-        for item in runs:
-            guarded = with_deadline(item.view, deadline, limits.max_run_seconds)
-            session = records if item.name is not None else None
-            if item.inputs.trained is not None:
-                guarded = with_tensors(guarded, trained[item.inputs.trained])
-            if item.training is not None:
-                names, optimizer, steps = item.training
-                batches = [Batch(*hosted.call_arguments(b)) for b in item.inputs.batches]
-                done = train(
-                    guarded,
-                    batches,
-                    loss=item.plan.backward,  # type: ignore[arg-type]
-                    params=names,
-                    optimizer=optimizer,
-                    steps=steps,
-                    on_step=lambda step, loss, steps=steps: report(
-                        {"step": step + 1, "steps": steps, "loss": loss}
-                    ),
-                )
-                trained[item.name or ""] = done.tensors
-                result = training_result(done)
-                if item.name is None:
-                    return encoded_result(result, limits)
-                records[item.name] = result.records
-                results[item.name] = result
-                continue
-            args, kwargs = hosted.call_arguments(item.inputs)
-            if item.inputs.call == "generate":
-                result = _generate(guarded, args, kwargs, session)
-            else:
-                with torch.set_grad_enabled(item.plan.backward is not None):
-                    result = run_with(guarded, args, kwargs, session, item.plan.backward)
-            with torch.no_grad():
-                returned = item.plan.outputs.apply(result, guarded, session)
-            if item.name is None:
-                return encoded_result(returned, limits)
-            records[item.name] = result.records
-            results[item.name] = returned
+        with expression_deadline(deadline):
+            return _run_all(hosted, runs, limits, deadline)
     except JobTimeout as error:
         raise ApiError(408, "timeout", str(error)) from None
     except PlanError as error:
         raise ApiError(422, "bad_returning", str(error), "returning") from None
     except ExpressionError as error:
+        if time.monotonic() > deadline:
+            message = f"the run went past the limit max_run_seconds={limits.max_run_seconds:g}"
+            raise ApiError(408, "timeout", message) from None
         raise ApiError(422, "bad_expression", str(error), error.field or "steps") from None
+    except ApiError:
+        raise
     except Exception as error:  # the plan's or the inputs' doing (the base is never changed)
-        raise ApiError(422, "run_failed", f"{type(error).__name__}: {error}") from None
+        raise ApiError(422, "run_failed", f"{type(error).__name__}: {error}", "steps") from None
+
+
+def _run_all(
+    hosted: HostedModel,
+    runs: list[PreparedRun],
+    limits: Limits,
+    deadline: float,
+) -> bytes:
+    """The runs in order (one, or a session's); the encoded result."""
+    records: dict[str, Any] = {}
+    results: dict[str, Result] = {}
+    trained: dict[str, dict[str, torch.Tensor]] = {}
+    for item in runs:
+        guarded = with_deadline(item.view, deadline, limits.max_run_seconds)
+        session = records if item.name is not None else None
+        if item.inputs.trained is not None:
+            guarded = with_tensors(guarded, trained[item.inputs.trained])
+        if item.training is not None:
+            names, optimizer, steps = item.training
+            batches = [Batch(*hosted.call_arguments(b)) for b in item.inputs.batches]
+            done = train(
+                guarded,
+                batches,
+                loss=item.plan.backward,  # type: ignore[arg-type]
+                params=names,
+                optimizer=optimizer,
+                steps=steps,
+                on_step=lambda step, loss, steps=steps: report(
+                    {"step": step + 1, "steps": steps, "loss": loss}
+                ),
+            )
+            trained[item.name or ""] = done.tensors
+            result = training_result(done)
+            if item.name is None:
+                return encoded_result(result, limits)
+            records[item.name] = result.records
+            results[item.name] = result
+            continue
+        args, kwargs = hosted.call_arguments(item.inputs)
+        if item.inputs.call == "generate":
+            result = _generate(guarded, args, kwargs, session)
+        else:
+            with torch.set_grad_enabled(item.plan.backward is not None):
+                result = run_with(guarded, args, kwargs, session, item.plan.backward)
+        with torch.no_grad():
+            returned = item.plan.outputs.apply(result, guarded, session)
+        if item.name is None:
+            return encoded_result(returned, limits)
+        records[item.name] = result.records
+        results[item.name] = returned
     return encoded_result(results, limits)
 
 

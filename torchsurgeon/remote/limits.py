@@ -75,6 +75,12 @@ class Limits:
     """Tensors alive at once during a run (activations, saves, the output), as estimated."""
     max_tensor_ops: int = 20_000
     """Tensor operations one run may perform, as estimated (a 70B Llama's forward: ~4,000)."""
+    max_work: float = 1e15
+    """Arithmetic one run may do, as estimated: ``2 * m * n * k`` per matrix product and the
+    input elements of every other operation (a 70B Llama's forward over 4,000 tokens: about
+    5.6e14). Bounds what a view makes cheap in memory and dear in time (``expand`` then
+    ``@``, a reduction of an expanded tensor). Set it to what the host's hardware does in
+    ``max_run_seconds`` (``serve --max-work``): a CPU core does ~1e10 a second."""
     max_json_items: int = 1 << 17
     """Array elements and object members in a plan's JSON (index lists, Patch rows, ...)."""
     max_queue_per_key: int = 32
@@ -195,6 +201,7 @@ class _Meter(TorchDispatchMode):
         super().__init__()
         self.limits = limits
         self.ops = 0
+        self.work = 0.0
         self.live = 0
         self.peak = 0
         self.consulted: set[str] = set()
@@ -216,6 +223,18 @@ class _Meter(TorchDispatchMode):
                 )
             )
         flat_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        self.work += _work(func, flat_in)
+        if self.work > self.limits.max_work:
+            raise _Refused(
+                ApiError(
+                    422,
+                    "limit_exceeded",
+                    f"the run would do about {self.work:.3g} element operations, over the limit "
+                    f"max_work={self.limits.max_work:g}; the last was {func} on "
+                    f"{[list(t.shape) for t in flat_in][:3]}",
+                    "max_work",
+                )
+            )
         if func is _LOCAL_SCALAR:  # .item(), bool(t): the value decides what runs next
             twin = _twin(args[0])
             if twin is None:
@@ -366,6 +385,24 @@ def _plain_index(index: Any) -> bool:
     return True
 
 
+_PRODUCTS = {
+    "mm", "bmm", "addmm", "baddbmm", "matmul", "addbmm", "linear", "dot", "vdot", "mv", "addmv",
+}  # fmt: skip
+
+
+def _work(func: Any, tensors: list[torch.Tensor]) -> float:
+    """The arithmetic of one operation: ``2 m n k`` for a matrix product (from the shapes of
+    its two last-dimension operands), else the elements it reads."""
+    name = getattr(getattr(func, "_schema", None), "name", "").split("::")[-1]
+    matrices = [t for t in tensors if t.dim() >= 1]
+    if name in _PRODUCTS and len(matrices) >= 2:
+        a, b = matrices[-2], matrices[-1]
+        batch = max(a.numel() // max(a.shape[-1], 1), 1)
+        columns = b.shape[-1] if b.dim() >= 2 else 1
+        return 2.0 * batch * a.shape[-1] * columns
+    return float(sum(t.numel() for t in tensors))
+
+
 def _twin(tensor: torch.Tensor) -> torch.Tensor | None:
     return tensor.__dict__.get("_ts_twin") if tensor.is_meta else tensor
 
@@ -457,18 +494,22 @@ def estimate(
     """
     meta_args, meta_kwargs = _inputs_on_meta(args, kwargs)
     meter = _Meter(limits)
+    phase = "steps"  # where a refusal with no field of its own happened: the plan's layers
     try:
         with torch.set_grad_enabled(backward is not None), _ListIndexes(), meter:
             result = run_with(model, meta_args, meta_kwargs, runs, backward)
+            phase = "returning"
             returned = returning.apply(result, model, runs)
     except _Refused as refused:
-        raise refused.error from None
+        error = refused.error
+        raise ApiError(error.status, error.code, error.message, error.field or phase) from None
     except PlanError as error:
         raise ApiError(422, "bad_returning", str(error), "returning") from None
     except ExpressionError as error:
-        raise ApiError(422, "bad_expression", str(error), error.field or "steps") from None
+        raise ApiError(422, "bad_expression", str(error), error.field or phase) from None
     except Exception as error:  # what the real run would raise: say so before it is queued
-        raise ApiError(422, "run_failed", f"{type(error).__name__}: {error}") from None
+        message = f"{type(error).__name__}: {error}".replace("Meta", "")
+        raise ApiError(422, "run_failed", message, phase) from None
     recorded = sum(t.numel() * t.element_size() for t in _tensors_in(returned.records))
     size = recorded + sum(t.numel() * t.element_size() for t in _tensors_in(returned.output))
     if size > limits.max_result_bytes:

@@ -120,6 +120,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="largest result one request may return, in MiB (default 64)",
     )
     parser.add_argument(
+        "--max-work",
+        type=float,
+        default=None,
+        help="arithmetic one run may do, as estimated (default 1e15; ~1e10/s per CPU core)",
+    )
+    parser.add_argument(
         "--no-grad",
         action="store_true",
         help="refuse plans that run a backward pass (backward=, SaveGrad, ComputeGrad)",
@@ -219,6 +225,10 @@ def serve_main(args: argparse.Namespace) -> int:
         if args.max_result_mb <= 0:
             raise ValueError("--max-result-mb must be > 0")
         limits = dataclasses.replace(limits, max_result_bytes=int(args.max_result_mb * 2**20))
+    if args.max_work is not None:
+        if args.max_work <= 0:
+            raise ValueError("--max-work must be > 0")
+        limits = dataclasses.replace(limits, max_work=args.max_work)
     if args.no_grad:
         limits = dataclasses.replace(limits, allow_grad=False)
     if args.no_train:
