@@ -370,7 +370,7 @@ def test_training_progress_is_pushed_per_step(
         ({"optimizer": {"name": "Adam2", "settings": {}}}, "train.optimizer", "unknown optimizer"),
         ({"optimizer": {"name": "AdamW", "settings": {"lr": -1}}}, "train.optimizer", "lr must be"),
         ({"params": ["transformer.h.0.mlp"]}, "train.params", "not an intervention layer"),
-        ({"params": ["transformer.h.1.attn.c_proj.ts_after.0.nope"]}, "train.params", ""),
+        ({"params": ["transformer.h.1.attn.c_proj.ts_after.0.nope"]}, "train.params", "nope"),
         ({"extra": 1}, "train", "unknown training setting"),
     ],
 )
