@@ -51,6 +51,8 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
+"""The tensor dtypes a plan may hold (as constants, layer tensors or in its tensor table), by
+the name the manifest and ``x.to("...")`` use: one table for expressions and plan files."""
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
+from torchsurgeon.layers.allowed import DTYPES as ALLOWED_DTYPES
 from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import layer_types
 from torchsurgeon.layers.graph import Graph
@@ -44,18 +45,7 @@ __all__ = [
 
 FORMAT = "torchsurgeon.plan"
 SCHEMA_VERSION = 1
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
+DTYPES: dict[str, torch.dtype] = ALLOWED_DTYPES
 """The tensor dtypes a plan may hold, by the name the manifest uses."""
 
 
