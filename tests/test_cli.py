@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from requirements import require
 from test_demo import narrow_checkpoint
 
 from torchsurgeon import cli
@@ -105,7 +106,7 @@ def test_checkpoint_that_fails_to_load(capsys: pytest.CaptureFixture[str], broke
 def test_serve_errors_before_listening(
     capsys: pytest.CaptureFixture[str], broken: Path, checkpoint: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("uvicorn")
+    require("uvicorn", "serve needs the remote extra")
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = str(busy.getsockname()[1])
         err = one_line_error(capsys, "serve", "--model", f"m={checkpoint}", "--port", port)

@@ -267,7 +267,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 def test_serve_flags_are_checked_before_anything_loads(
     capsys: pytest.CaptureFixture[str], checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
-    pytest.importorskip("uvicorn")
+    require("uvicorn", "serve needs the remote extra")
     model = f"m={checkpoints['gpt2']}"
     err = one_line_error(capsys, "serve", "--model", model, "--attn-implementation", "flash")
     assert "argument --attn-implementation: invalid choice: 'flash'" in err

@@ -48,12 +48,7 @@ class Compute(InterventionLayer):
 
     def __init__(self, expr: Expr, *, on: int | str | None = None, steps: Steps = None) -> None:
         super().__init__(on=on, steps=steps)
-        if not isinstance(expr, Expr):
-            raise TypeError(
-                f"Compute takes an expression (built from ts.here, ts.saved, ...), got "
-                f"{type(expr).__name__}; for a fixed value use SetValues(None, value)"
-            )
-        self._set_expr("expr", expr)
+        self._set_expr("expr", _expression(expr, "Compute", "for a fixed value use SetValues"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value = self._evaluate("expr", x)
@@ -62,6 +57,16 @@ class Compute(InterventionLayer):
                 f"{self._where()}the expression gave a {type(value).__name__}, not a tensor"
             )
         return value
+
+
+def _expression(value: Any, owner: str, hint: str) -> Expr:
+    """``value`` if it is an expression, else a ``TypeError`` saying what ``owner`` takes."""
+    if not isinstance(value, Expr):
+        raise TypeError(
+            f"{owner} takes an expression (built from ts.here, ts.saved, ...; {hint}), got "
+            f"{type(value).__name__}"
+        )
+    return value
 
 
 class _EditGrad(torch.autograd.Function):
@@ -95,12 +100,7 @@ class ComputeGrad(InterventionLayer):
 
     def __init__(self, expr: Expr, *, on: int | str | None = None, steps: Steps = None) -> None:
         super().__init__(on=on, steps=steps)
-        if not isinstance(expr, Expr):
-            raise TypeError(
-                f"ComputeGrad takes an expression (ts.here is the gradient), got "
-                f"{type(expr).__name__}"
-            )
-        self._set_expr("expr", expr)
+        self._set_expr("expr", _expression(expr, "ComputeGrad", "ts.here is the gradient"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or not x.requires_grad:

@@ -246,7 +246,9 @@ def run_with(
             layer.__dict__.get("_ts_store") is None and layer.__dict__.get("_ts_run") is None
             for layer in layers
         )
-        inputs = named_inputs(model, args, kwargs)
+        # only layers that read the run (and a backward expression) may read its inputs
+        readers = graph is not None or any(not isinstance(m, Recorder) for m in layers)
+        inputs = named_inputs(model, args, kwargs) if readers else {}
         if free:
             _claim(model, layers, records, runs, sites, inputs)
     if not free:  # nested, or another thread: record on our own copies of the sites
