@@ -198,6 +198,9 @@ def _rank_main(rank: int, config: tuple[Any, ...], fn: Callable[..., Any], args:
             partial = result + ".partial"
             torch.save(value, partial)
             os.replace(partial, result)
+        # every rank done before any tears its connections down: gloo aborts a rank whose
+        # peer closes a pair it still uses ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
