@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -203,6 +204,15 @@ def _rank_main(rank: int, config: tuple[Any, ...], fn: Callable[..., Any], args:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # The rank's work is done and rank 0's value is on disk. Leave without the interpreter's
+    # teardown: objects still holding a gloo process group (a device mesh, a DTensor in a
+    # reference cycle) would be destroyed there, and gloo's worker threads then abort the
+    # process (SIGABRT, "terminate called without an active exception"), which the launch
+    # would report as a failed rank. A rank that raised takes the normal path (its traceback
+    # is reported).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --------------------------------------------------------------------- plans on ranks
