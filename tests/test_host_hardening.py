@@ -26,13 +26,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import torchsurgeon as ts
+from torchsurgeon.layers.graph import deadline as graph_deadline
 from torchsurgeon.plans import plan
 from torchsurgeon.plans.errors import PlanFormatError, PlanLimitError
 from torchsurgeon.plans.identity import identity_of
 from torchsurgeon.plans.schema import PlanLimits
 from torchsurgeon.plans.wire import json_depth
 from torchsurgeon.remote import ApiError, Client, Limits, RemoteError, create_app, serve_in_thread
-from torchsurgeon.remote.execution import with_deadline
+from torchsurgeon.remote.deadline import JobTimeout
 from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.limits import estimate
 from torchsurgeon.remote.transfer import Inputs, encode_request
@@ -535,12 +536,19 @@ def test_the_run_time_limit_is_checked_before_every_module_call() -> None:
         assert time.monotonic() - start < 5
 
 
-def test_the_deadline_guard_sits_on_every_module_of_the_view(local: nn.Module) -> None:
-    probe = ts.select(local).at("transformer.h.1.mlp").insert_after(ts.layers.Scale(2.0))
-    guarded = with_deadline(probe, time.monotonic() + 60, 60)
-    unguarded = [path for path, node in iter_nodes(guarded) if not node._forward_pre_hooks]
+def test_the_deadline_guard_sits_on_every_module_of_the_hosted_base(local: nn.Module) -> None:
+    hosted = HostedModel.load("gpt2", local)
+    unguarded = [path for path, node in iter_nodes(hosted.base) if not node._forward_pre_hooks]
     assert unguarded == []
+    probe = ts.select(hosted.base).at("transformer.h.1.mlp").insert_after(ts.layers.Scale(2.0))
+    view, _ = hosted.prepare(plan(probe), Limits())
+    layers = {path for path, node in iter_nodes(view) if ".ts_" in path}
+    unguarded = [p for p, n in iter_nodes(view) if not n._forward_pre_hooks and p not in layers]
+    assert unguarded == [] and layers  # every module of a request's view shares the check
     assert all(not node._forward_pre_hooks for _, node in iter_nodes(ts.wrap(local)))
+    with graph_deadline(time.monotonic() - 1), pytest.raises(JobTimeout):
+        view(token_ids())  # past its deadline: the first module call stops the run
+    view(token_ids())  # no deadline outside a job
 
 
 @pytest.mark.slow  # starts, or talks to, a host on a loopback port

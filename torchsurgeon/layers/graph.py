@@ -41,7 +41,7 @@ from torchsurgeon.layers.expr import Expr, as_expr
 from torchsurgeon.surgery.errors import PathError
 from torchsurgeon.surgery.paths import get_at
 
-__all__ = ["Graph", "RunValues", "deadline", "device_of"]
+__all__ = ["Graph", "RunValues", "current_deadline", "deadline", "device_of"]
 
 
 # --------------------------------------------------------------------------- graphs
@@ -281,6 +281,11 @@ def deadline(at: float | None) -> Iterator[None]:
         yield
     finally:
         _DEADLINE.at = before
+
+
+def current_deadline() -> float | None:
+    """This thread's deadline (a ``time.monotonic()`` value), or None outside :func:`deadline`."""
+    return getattr(_DEADLINE, "at", None)
 
 
 def device_of(*values: Any) -> torch.device | None:

@@ -48,6 +48,7 @@ __all__ = ["create_app"]
 _MAX_WAIT = 30.0
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _CHUNK = 1 << 20
+_RESULT_TYPE = "application/octet-stream"
 
 
 def create_app(
@@ -137,7 +138,9 @@ def create_app(
     ) -> dict[str, Any] | Response:
         """Queue a job; with ``wait``, hold the answer up to that many seconds and, if the
         job finished by then, answer with its result file itself (one round trip for a
-        small run; ``forget``: the host drops the job once the result is sent)."""
+        small run; ``forget``: the host drops the job once the result is sent, and a result
+        that comes while the answer waits goes to it from the worker in memory, without
+        touching the store)."""
         who = owner(request)
         host.model(name)
         request_key = request.headers.get("idempotency-key")
@@ -150,13 +153,20 @@ def create_app(
             )
         limits = host.limits
         body = await _read_body(request, limits.max_request_bytes, limits.request_idle_seconds)
-        job = await run_in_threadpool(host.submit, who, name, body, request_key)
+        hand_over = wait > 0 and forget
+        job = await run_in_threadpool(host.submit, who, name, body, request_key, hand_over)
         if wait > 0:
             deadline = time.monotonic() + min(wait, _MAX_WAIT)
             status = host.queue.status(job)
-            while status["state"] not in ("done", "error") and time.monotonic() < deadline:
-                await host.queue.wait(job, status["version"], deadline - time.monotonic())
-                status = host.queue.status(job)
+            try:
+                while status["state"] not in ("done", "error") and time.monotonic() < deadline:
+                    await host.queue.wait(job, status["version"], deadline - time.monotonic())
+                    status = host.queue.status(job)
+            finally:  # also when the request is cancelled: a held result goes with the job
+                held = host.queue.take(job) if hand_over else None
+            if held is not None:  # straight from the worker: never written to the store
+                return Response(held, media_type=_RESULT_TYPE, headers={"X-Job-Id": job.id})
+            status = host.queue.status(job)
             if status["state"] == "done":
                 return _result_response(host, job, forget)
             if status["state"] == "error" and forget:
@@ -205,10 +215,10 @@ def _result_response(host: Host, job: Any, forget: bool) -> Response:
         with stream:
             content = stream.read()
         host.queue.forget(job)
-        return Response(content, media_type="application/octet-stream", headers=headers)
+        return Response(content, media_type=_RESULT_TYPE, headers=headers)
     return StreamingResponse(
         _chunks(stream),
-        media_type="application/octet-stream",
+        media_type=_RESULT_TYPE,
         headers={"Content-Length": str(job.result_bytes or 0), **headers},
     )
 

@@ -32,16 +32,12 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers.base import Recorder
+from torchsurgeon.layers.graph import deadline
 from torchsurgeon.layers.results import Result, run_with
 from torchsurgeon.plans.plan import Plan
+from torchsurgeon.remote.deadline import JobTimeout
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.execution import (
-    JobTimeout,
-    PreparedRun,
-    encoded_result,
-    run_submission,
-    with_deadline,
-)
+from torchsurgeon.remote.execution import PreparedRun, encoded_result, run_submission, timed_out
 from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.selectors.selection import replay
@@ -183,14 +179,13 @@ def _merged(parts: Sequence[BatchPart], limits: Limits) -> list[tuple[bytes | No
     merged = {name: torch.cat([call[name] for call in calls]) for name in calls[0]}
     if "use_cache" in _forward_parameters(model):
         merged["use_cache"] = False  # a cache cannot be split per request (nor does it travel)
-    guarded = with_deadline(model, _deadline(limits), limits.max_run_seconds)
     try:
-        with torch.no_grad():
-            result = run_with(guarded, (), merged)
+        with torch.no_grad(), deadline(time.monotonic() + limits.max_run_seconds):
+            result = run_with(model, (), merged)  # the hosted base checks the deadline
     except _NotBatched:
         raise
-    except JobTimeout as error:
-        return [(None, ApiError(408, "timeout", str(error)))] * len(parts)
+    except JobTimeout:
+        return [(None, timed_out(limits))] * len(parts)
     except Exception as error:  # one request's plan failed where it ran alone fine: retry alone
         del error
         return [_alone(part, limits) for part in parts]
@@ -251,7 +246,3 @@ def _forward_parameters(model: nn.Module) -> list[str]:
         return list(inspect.signature(original_class(model).forward).parameters)
     except (TypeError, ValueError):
         return []
-
-
-def _deadline(limits: Limits) -> float:
-    return time.monotonic() + limits.max_run_seconds

@@ -3,14 +3,11 @@
 :func:`prepare_submission` makes every check a request owes before it is queued — one run
 or a session's runs in order (:mod:`torchsurgeon.layers.session`). :func:`run_submission`
 is the whole job of a worker, in-process or in a Ray actor: it takes the views
-:meth:`~torchsurgeon.remote.hosted.HostedModel.prepare` made, adds a *deadline
-guard* — a forward pre-hook on every module of the view, intervention layers included,
-placed by one more copy-on-write rewrite, so only this request's view carries it — runs
-the model without gradients, applies the plan's reductions
-(:mod:`torchsurgeon.plans.returning`) and encodes the result. A run past
-``max_run_seconds`` stops at the next module call with a ``timeout`` error. (The guard costs
-a shallow copy of every node once per request, ~30 µs a node, and a clock read per module
-call; the cost estimate made before the job was queued bounds what one call can do.)
+:meth:`~torchsurgeon.remote.hosted.HostedModel.prepare` made, runs them under the job's
+deadline (checked before every module call of the hosted base and every node of an
+expression: :mod:`torchsurgeon.remote.deadline`; a run past ``max_run_seconds`` stops with a
+``timeout`` error), applies the plan's reductions (:mod:`torchsurgeon.plans.returning`) and
+encodes the result.
 
 Whatever a run raises is the request's doing — its plan, its inputs — and comes back as a
 422 ``run_failed`` naming the exception, never as a host error.
@@ -35,6 +32,7 @@ from torchsurgeon.layers.training import Batch, Optimizer, train, trainable, wit
 from torchsurgeon.plans.errors import PlanError, PlanFormatError, PlanLimitError
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.returning import Returning
+from torchsurgeon.remote.deadline import JobTimeout
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.limits import GRAD_LAYERS, Limits
@@ -42,37 +40,15 @@ from torchsurgeon.remote.limits import estimate as estimate_cost
 from torchsurgeon.remote.progress import report
 from torchsurgeon.remote.transfer import Inputs, decode_submission, encode_result, result_nbytes
 from torchsurgeon.surgery.errors import SurgeryError
-from torchsurgeon.surgery.paths import iter_nodes
-from torchsurgeon.surgery.rewrite import Edit, rewrite
 
 __all__ = [
-    "JobTimeout",
     "PreparedRun",
     "encoded_result",
     "prepare_submission",
     "run_request",
     "run_submission",
-    "with_deadline",
+    "timed_out",
 ]
-
-
-class JobTimeout(RuntimeError):
-    """A run went past its deadline."""
-
-
-def with_deadline(view: nn.Module, deadline: float, limit: float) -> nn.Module:
-    """``view`` with a check of ``time.monotonic() < deadline`` before every module call."""
-
-    def check(module: nn.Module, args: Any) -> None:
-        if time.monotonic() > deadline:
-            raise JobTimeout(f"the run went past the limit max_run_seconds={limit:g}")
-
-    def guard(node: nn.Module, path: str) -> nn.Module:
-        node.register_forward_pre_hook(check, prepend=True)
-        return node
-
-    edits: dict[str, Edit] = {path: guard for path, _ in iter_nodes(view)}
-    return rewrite(view, edits)
 
 
 @dataclass(frozen=True)
@@ -107,7 +83,7 @@ def prepare_submission(
     for name, plan_bytes, inputs in submitted:
         where = "" if name is None else f"runs.{name}."
         try:
-            plan = Plan.from_bytes(plan_bytes, limits.plan_limits())
+            plan = hosted.read_plan(plan_bytes, limits)
         except PlanLimitError as error:
             raise ApiError(422, "limit_exceeded", error.reason, where + error.field) from None
         except PlanFormatError as error:
@@ -275,15 +251,14 @@ def run_submission(hosted: HostedModel, runs: list[PreparedRun], limits: Limits)
     deadline = time.monotonic() + limits.max_run_seconds
     try:
         with expression_deadline(deadline):
-            return _run_all(hosted, runs, limits, deadline)
-    except JobTimeout as error:
-        raise ApiError(408, "timeout", str(error)) from None
+            return _run_all(hosted, runs, limits)
+    except JobTimeout:
+        raise timed_out(limits) from None
     except PlanError as error:
         raise ApiError(422, "bad_returning", str(error), "returning") from None
     except ExpressionError as error:
         if time.monotonic() > deadline:
-            message = f"the run went past the limit max_run_seconds={limits.max_run_seconds:g}"
-            raise ApiError(408, "timeout", message) from None
+            raise timed_out(limits) from None
         raise ApiError(422, "bad_expression", str(error), error.field or "steps") from None
     except ApiError:
         raise
@@ -295,22 +270,21 @@ def _run_all(
     hosted: HostedModel,
     runs: list[PreparedRun],
     limits: Limits,
-    deadline: float,
 ) -> bytes:
     """The runs in order (one, or a session's); the encoded result."""
     records: dict[str, Any] = {}
     results: dict[str, Result] = {}
     trained: dict[str, dict[str, torch.Tensor]] = {}
     for item in runs:
-        guarded = with_deadline(item.view, deadline, limits.max_run_seconds)
+        view = item.view  # the hosted base checks the job's deadline (remote/deadline.py)
         session = records if item.name is not None else None
         if item.inputs.trained is not None:
-            guarded = with_tensors(guarded, trained[item.inputs.trained])
+            view = with_tensors(view, trained[item.inputs.trained])
         if item.training is not None:
             names, optimizer, steps = item.training
             batches = [Batch(*hosted.call_arguments(b)) for b in item.inputs.batches]
             done = train(
-                guarded,
+                view,
                 batches,
                 loss=item.plan.backward,  # type: ignore[arg-type]
                 params=names,
@@ -329,12 +303,12 @@ def _run_all(
             continue
         args, kwargs = hosted.call_arguments(item.inputs)
         if item.inputs.call == "generate":
-            result = _generate(guarded, args, kwargs, session)
+            result = _generate(view, args, kwargs, session)
         else:
             with torch.set_grad_enabled(item.plan.backward is not None):
-                result = run_with(guarded, args, kwargs, session, item.plan.backward)
+                result = run_with(view, args, kwargs, session, item.plan.backward)
         with torch.no_grad():
-            returned = item.plan.outputs.apply(result, guarded, session)
+            returned = item.plan.outputs.apply(result, view, session)
         if item.name is None:
             return encoded_result(returned, limits)
         records[item.name] = result.records
@@ -358,6 +332,12 @@ def _generate(
         with _SAMPLING, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return run_with(view.generate, args, kwargs, session)
+
+
+def timed_out(limits: Limits) -> ApiError:
+    """The ``408 timeout`` of a run past ``max_run_seconds``."""
+    message = f"the run went past the limit max_run_seconds={limits.max_run_seconds:g}"
+    return ApiError(408, "timeout", message)
 
 
 def run_request(

@@ -129,11 +129,18 @@ class Host:
     # ----------------------------------------------------------------- submissions
 
     def submit(
-        self, owner: str, name: str, body: bytes, request_key: str | None = None
+        self,
+        owner: str,
+        name: str,
+        body: bytes,
+        request_key: str | None = None,
+        hand_over: bool = False,
     ) -> JobRecord:
         """Check a submission completely, then queue it; :class:`ApiError` if refused.
 
         With ``request_key``, the job this key already made with it is returned as it is.
+        ``hand_over``: the caller waits for the result and forgets the job (a blocking run;
+        see :meth:`~torchsurgeon.remote.jobs.JobQueue.take`).
         """
         digest = hashlib.sha256(body).hexdigest()
         if request_key is not None:
@@ -152,6 +159,7 @@ class Host:
             digest=digest,
             batch_key=key,
             part=part,
+            hand_over=hand_over,
         )
 
     def _rerun(self, name: str, body: bytes) -> bytes:

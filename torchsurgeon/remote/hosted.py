@@ -39,7 +39,10 @@ its explicit-dataflow conversion, ``ts.load(path)``. The host never downloads an
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +61,7 @@ from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.replay import apply
 from torchsurgeon.plans.returning import Returning
 from torchsurgeon.plans.structure import Structure, structure_of, without_value_warnings
+from torchsurgeon.remote.deadline import guard_deadlines
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.limits import Cost, Estimates, Limits, estimate, keep_values
 from torchsurgeon.remote.transfer import Inputs
@@ -66,7 +70,7 @@ from torchsurgeon.surgery.lineage import Lineage, with_lineage
 from torchsurgeon.surgery.paths import iter_nodes
 from torchsurgeon.surgery.tree import map as map_tensors
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "HostedModel", "LocalCheckpoint", "load_checkpoint"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "HostedModel", "LocalCheckpoint", "Views", "load_checkpoint"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _INT_DTYPES = (torch.int64, torch.int32)
@@ -150,6 +154,7 @@ class HostedModel:
     """The ``transformers`` attention implementation of the base (None: not a
     ``transformers`` model)."""
     estimates: Estimates = field(default_factory=Estimates, compare=False, repr=False)
+    views: Views = field(default_factory=lambda: Views(), compare=False, repr=False)
 
     @classmethod
     def load(cls, name: str, source: nn.Module | str | Path | LocalCheckpoint) -> HostedModel:
@@ -162,7 +167,9 @@ class HostedModel:
             checkpoint = LocalCheckpoint.of(source)
             path = str(checkpoint.path)
             module, tokenizer = load_checkpoint(checkpoint)
-        base = wrap(module).eval()  # the flags of our own frozen copy, not of `source`
+        # our own frozen copy (its flags, not `source`'s), checking a job's deadline before
+        # every module call; every request's view shares those checks
+        base = guard_deadlines(wrap(module).eval())
         identity = identity_of(base)
         structure = structure_of(base, identity)
         return cls(
@@ -244,8 +251,13 @@ class HostedModel:
         cost carries this run's meta records.
         """
         match = "exact" if plan.base.fingerprint is not None else "structure"
-        view = self._apply(plan, self.base, match)
-        saves = sum(isinstance(m, Recorder) for _, m in iter_nodes(view))
+        known = self.views.view(plan)
+        if known is None:
+            view = self._apply(plan, self.base, match)
+            saves = sum(isinstance(m, Recorder) for _, m in iter_nodes(view))
+            self.views.keep_view(plan, view, saves)
+        else:
+            view, saves = known
         if saves > limits.max_saves:
             raise ApiError(
                 422,
@@ -269,6 +281,16 @@ class HostedModel:
             cost = estimate(view_on_meta(), args, kwargs, plan.outputs, limits, runs, plan.backward)
             return view, cost
         return view, None
+
+    def read_plan(self, data: bytes, limits: Limits) -> Plan:
+        """``Plan.from_bytes(data)`` under ``limits``; the same bytes under the same limits
+        are read once (see :class:`Views`). Raises what ``Plan.from_bytes`` raises."""
+        plan_limits = limits.plan_limits()
+        key = (hashlib.sha256(data).digest(), plan_limits)
+        plan = self.views.plan(key)
+        if plan is None:
+            plan = self.views.keep_plan(key, Plan.from_bytes(data, plan_limits))
+        return plan
 
     def meta_view(self, plan: Plan) -> nn.Module:
         """``plan`` applied to the structure-only copy (for estimates)."""
@@ -417,6 +439,55 @@ class HostedModel:
         if "position_ids" in _parameters(original_class(self.base)):
             out["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return out
+
+
+class Views:
+    """The plans a host read and the views it made of them, kept for the next request.
+
+    Researchers send one plan with many inputs (a probe over a dataset, a sweep over
+    prompts); reading a plan (parse, schema, layer checks) and replaying it on the base cost
+    a few milliseconds a request. A plan is kept by its bytes and the plan limits it was
+    read under, its view (the base rewritten by it) by the plan object, with the count of
+    its recording layers; the last ``size`` plans are kept (an LRU). Both are immutable: a
+    view is a frozen tree, and two runs of one view never share records (``ts.run`` gives a
+    run that finds the view busy a private copy of its recording sites). A plan that fails
+    to read or to apply is not kept.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._plans: OrderedDict[tuple[bytes, Any], Plan] = OrderedDict()
+        self._views: dict[int, tuple[Plan, nn.Module, int]] = {}
+        self._lock = threading.Lock()
+
+    def plan(self, key: tuple[bytes, Any]) -> Plan | None:
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+            return plan
+
+    def keep_plan(self, key: tuple[bytes, Any], plan: Plan) -> Plan:
+        with self._lock:
+            plan = self._plans.setdefault(key, plan)
+            self._plans.move_to_end(key)
+            while len(self._plans) > self._size:
+                _, dropped = self._plans.popitem(last=False)
+                self._views.pop(id(dropped), None)
+            return plan
+
+    def view(self, plan: Plan) -> tuple[nn.Module, int] | None:
+        """The view of a kept ``plan`` (the very object :meth:`keep_plan` returned)."""
+        with self._lock:
+            entry = self._views.get(id(plan))
+        if entry is None or entry[0] is not plan:
+            return None
+        return entry[1], entry[2]
+
+    def keep_view(self, plan: Plan, view: nn.Module, saves: int) -> None:
+        with self._lock:
+            if any(kept is plan for kept in self._plans.values()):  # only kept plans' views
+                self._views[id(plan)] = (plan, view, saves)
 
 
 def _is_transformers(model: nn.Module) -> bool:

@@ -109,6 +109,10 @@ class JobRecord:
     """What the job shares with others it may run with in one pass (None: it runs alone)."""
     part: Any = None
     """The job as the batcher takes it (with ``batch_key``)."""
+    handed: bool = False
+    """A request is waiting to take this job's result and forget the job (a blocking run)."""
+    held: bytes | None = None
+    """A handed job's result, kept here for the waiting request (never written to the store)."""
 
 
 class JobQueue:
@@ -214,10 +218,13 @@ class JobQueue:
         digest: str = "",
         batch_key: Any = None,
         part: Any = None,
+        hand_over: bool = False,
     ) -> JobRecord:
         """Queue ``work`` for ``owner`` (``request``: the bytes to run it again after a restart).
 
-        With ``request_key``, a second submission of it returns the first job.
+        With ``request_key``, a second submission of it returns the first job. With
+        ``hand_over``, the caller waits for the result and then forgets the job: a result
+        that comes while it waits is kept in memory for it (:meth:`take`), not stored.
         """
         with self._lock:
             if request_key is not None:
@@ -234,6 +241,7 @@ class JobQueue:
                 digest=digest,
                 batch_key=batch_key if self._batcher is not None else None,
                 part=part,
+                handed=hand_over,
             )
             try:
                 self.store.insert(job.id, owner, model, job.submitted, request_key, digest, request)
@@ -265,6 +273,19 @@ class JobQueue:
                 self._dequeue(job)
             if not self._closed:
                 self._persist(self.store.delete, job.id)
+
+    def take(self, job: JobRecord) -> bytes | None:
+        """A handed job's result, if it came while its request waited: the job is forgotten.
+
+        None if there is none (the job is not done, or its result went to the store): then
+        the job is no longer handed, and a result that comes later is stored as usual (the
+        request gave up waiting, and the client fetches it with ``GET .../result``).
+        """
+        with self._lock:
+            held, job.held, job.handed = job.held, None, False
+        if held is not None:
+            self.forget(job)
+        return held
 
     def status(self, job: JobRecord) -> dict[str, Any]:
         """The job's status as JSON (``position``: jobs that start before it, while queued).
@@ -465,20 +486,11 @@ class JobQueue:
                 continue
             with reporting_to(lambda progress, job=job: self._progress(job, progress)):
                 result, error = _run(job.work)
-            if result is not None and error is None and job.worker is me:
-                try:
-                    self.store.write_result(job.id, result)
-                except OSError as failure:
-                    error = JobError("store_failed", f"the result could not be stored: {failure}")
-            with self._lock:
-                if job.worker is not me:  # the watchdog gave up on this run: drop its result
-                    self.store.remove_result(job.id)
-                    self._abandoned.discard(me)
-                    self._spawn()
-                    self._lock.notify_all()
-                    return
-                self._end(job, result, error)
+            abandoned = self._finish(job, result, error, me)
             del result, error
+            if abandoned:
+                self._replace(me)
+                return
 
     def _batch_of(self, job: JobRecord) -> list[JobRecord]:
         """``job`` and the queued jobs that can run with it (co-batching). Holds the lock.
@@ -529,24 +541,39 @@ class JobQueue:
                 error = JobError.of(failure)
             elif failure is not None:
                 error = JobError("internal", f"{type(failure).__name__}: {failure}")
-            if result is not None and error is None and job.worker is me:
-                try:
-                    self.store.write_result(job.id, result)
-                except OSError as stored:
-                    error = JobError("store_failed", f"the result could not be stored: {stored}")
-            with self._lock:
-                if job.worker is not me:  # the watchdog gave up on this run
-                    self.store.remove_result(job.id)
-                    abandoned = True
-                    continue
-                self._end(job, result, error)
-        if not abandoned:
-            return False
+            abandoned = self._finish(job, result, error, me) or abandoned
+        if abandoned:
+            self._replace(me)
+        return abandoned
+
+    def _finish(
+        self, job: JobRecord, result: bytes | None, error: JobError | None, me: threading.Thread
+    ) -> bool:
+        """End ``job`` with its run's outcome: a handed job's result is held for its request,
+        any other is stored first. Whether the watchdog gave up on the run (result dropped)."""
+        with self._lock:
+            if job.worker is me and job.handed and result is not None and error is None:
+                job.held = result
+                self._end(job, result, None)
+                return False
+        if result is not None and error is None and job.worker is me:
+            try:
+                self.store.write_result(job.id, result)
+            except OSError as failure:
+                error = JobError("store_failed", f"the result could not be stored: {failure}")
+        with self._lock:
+            if job.worker is not me:  # the watchdog gave up on this run: drop its result
+                self.store.remove_result(job.id)
+                return True
+            self._end(job, result, error)
+        return False
+
+    def _replace(self, me: threading.Thread) -> None:
+        """This worker's run was given up on: it stops, and a new worker takes its place."""
         with self._lock:
             self._abandoned.discard(me)
             self._spawn()
             self._lock.notify_all()
-        return True
 
     def _progress(self, job: JobRecord, progress: dict[str, Any]) -> None:
         with self._lock:
@@ -580,6 +607,9 @@ class JobQueue:
         if job.id not in self._jobs or self._closed:  # forgotten meanwhile, or host closed
             if not self._closed:
                 self.store.remove_result(job.id)
+            job.held = None
+        elif job.held is not None:
+            pass  # its request takes it and forgets the job; a restart first runs it again
         else:
             self._persist(
                 self.store.update,
