@@ -9,14 +9,16 @@ Three questions, each answered side by side in one run:
     the same checkpoint in their own processes (so clients and server do not share a GIL):
     one with ``--co-batch``, one without. Rounds alternate between the hosts; requests/s is
     the requests of a round over its wall time, and the median of the rounds is printed with
-    the ratio. Every remote result is checked against the same plan run alone here.
+    the ratio. One untimed round per host first (each plan's first request pays for its
+    cost estimate). Every remote result is checked against the same plan run alone here.
 ``overhead``
     One client, one request at a time, against the host without co-batching:
     ``client.run(plan, ids)`` vs ``ts.plans.execute(plan, base, ids)`` here, interleaved;
     the p50 of each and of their difference.
 ``transfer``
-    A plan returning 256 MiB of logits: the time to download and decode the finished
-    result (``GET /v1/jobs/{id}/result``), as MB/s (10^6 bytes).
+    A plan returning 256 MiB of logits: the time ``job.result()`` takes for the finished
+    job (a status call, the download of ``GET /v1/jobs/{id}/result`` and the decode), as
+    MB/s (10^6 bytes).
 
     python benchmarks/host.py              # ~2 minutes on 2 cores
     python benchmarks/host.py --quick      # fewer rounds and requests, a 64 MiB transfer
@@ -167,6 +169,8 @@ def main() -> None:
             n = len(KEYS) * per_client
             work = list(zip(plans(base, n), [ids(i) for i in range(n)], strict=True))
             want = [execute(p, base, x) for p, x in work]
+            for url in (off_url, on_url):  # warm-up: each plan's first estimate, not timed
+                round_of(url, work, per_client)
             rates: dict[str, list[float]] = {"off": [], "on": []}
             for _ in range(rounds):
                 for name, url in (("off", off_url), ("on", on_url)):
@@ -206,10 +210,7 @@ def main() -> None:
                 job = client.submit(big, x)
                 job.wait()
                 t = time.perf_counter()
-                response = client._request("GET", f"/v1/jobs/{job.id}/result")
-                from torchsurgeon.remote.transfer import decode_result
-
-                result = decode_result(response.content)
+                result = job.result()  # one status call, then the download and the decode
                 elapsed = time.perf_counter() - t
                 size = result.output["logits"].numel() * 4
                 print(f"\ntransfer of a {size / 2**20:.0f} MiB result (download + decode):")

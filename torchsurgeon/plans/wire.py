@@ -90,48 +90,101 @@ def unpack(data: bytes, limits: PlanLimits) -> tuple[Any, dict[str, torch.Tensor
 
 
 def unpack_container(
-    data: bytes, key: str, limits: PlanLimits, what: str = "plan"
+    data: bytes | torch.Tensor, key: str, limits: PlanLimits, what: str = "plan"
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """``(JSON in metadata[key], tensors)`` of a safetensors file, within ``limits``.
 
     The same checked reader serves plans and anything else torchsurgeon ships as
-    safetensors + JSON (a host's requests); ``what`` names the kind in messages.
+    safetensors + JSON (a host's requests, its results); ``what`` names the kind in
+    messages. ``data`` is the file's bytes, or a 1-D ``uint8`` CPU tensor holding them (a
+    download streamed into memory): then each tensor of 1 MiB or more is a view of that
+    buffer, not a copy, and smaller ones are copied out of it (so a small tensor does not
+    keep a large buffer alive).
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+    buffer = None
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.uint8 or data.dim() != 1 or data.device.type != "cpu":
+            raise PlanFormatError(
+                f"expected bytes or a 1-D uint8 CPU tensor, got a {data.dim()}-D "
+                f"{str(data.dtype).removeprefix('torch.')} tensor on {data.device}"
+            )
+        buffer = data.contiguous()
+        size = buffer.numel()
+        prefix = memoryview(buffer.numpy())
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data)
+        size = len(data)
+        prefix = memoryview(data)
+    else:
         raise PlanFormatError(f"expected bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) > limits.max_plan_bytes:
+    if size > limits.max_plan_bytes:
         raise PlanLimitError(
-            f"the {what} is {len(data)} bytes, over the limit of {limits.max_plan_bytes}"
+            f"the {what} is {size} bytes, over the limit of {limits.max_plan_bytes}"
         )
-    if len(data) < 8:
-        raise PlanFormatError(f"truncated: {len(data)} bytes, too short for a {what} header")
-    (header_size,) = struct.unpack("<Q", data[:8])
-    if header_size > limits.max_manifest_bytes or 8 + header_size > len(data):
-        _refuse_other_formats(data, what)  # a nonsensical header length: say what it is
+    if size < 8:
+        raise PlanFormatError(f"truncated: {size} bytes, too short for a {what} header")
+    (header_size,) = struct.unpack("<Q", prefix[:8])
+    if header_size > limits.max_manifest_bytes or 8 + header_size > size:
+        _refuse_other_formats(bytes(prefix[:8]), what)  # a nonsensical header length: say what
     if header_size > limits.max_manifest_bytes:
         raise PlanLimitError(
             f"the header claims {header_size} bytes, over the limit of "
             f"{limits.max_manifest_bytes} (or this is not a {what} file)"
         )
-    if 8 + header_size > len(data):
+    if 8 + header_size > size:
         raise PlanFormatError(
             f"truncated: the header claims {header_size} bytes but the file has only "
-            f"{len(data) - 8} after the length prefix"
+            f"{size - 8} after the length prefix"
         )
-    header = parse_json(data[8 : 8 + header_size], "the safetensors header", limits)
+    header = parse_json(bytes(prefix[8 : 8 + header_size]), "the safetensors header", limits)
     if not isinstance(header, dict):
         raise PlanFormatError("the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None)
     if not isinstance(metadata, dict) or not isinstance(metadata.get(key), str):
         raise PlanFormatError(f"no {key!r} entry in the file's metadata: not a {what}")
-    _check_entries(header, len(data) - 8 - header_size, limits)
+    _check_entries(header, size - 8 - header_size, limits)
     manifest = parse_json(metadata[key], f"the {what}'s JSON", limits)
+    if buffer is not None:
+        return manifest, _views(buffer, header, 8 + header_size)
     try:
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as error:
         raise PlanFormatError(f"the tensor data is malformed: {error}") from None
     return manifest, tensors
+
+
+_TORCH_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_VIEW_BYTES = 1 << 20
+
+
+def _views(buffer: torch.Tensor, header: dict[str, Any], start: int) -> dict[str, torch.Tensor]:
+    """The tensors of a checked header (:func:`_check_entries`) as views of ``buffer``.
+
+    A tensor whose bytes are not aligned to its element size (a producer other than
+    safetensors may write such a file) and any under 1 MiB are copied out instead.
+    """
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = (start + o for o in entry["data_offsets"])
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        raw = buffer[begin:end]
+        if end - begin < _VIEW_BYTES or begin % _SAFETENSORS_DTYPES[entry["dtype"]]:
+            raw = raw.clone()
+        if entry["dtype"] == "BOOL" and bool((raw > 1).any()):
+            raise PlanFormatError("a bool tensor holds bytes other than 0 and 1", f"tensors.{name}")
+        tensors[name] = raw.view(dtype).reshape(entry["shape"])
+    return tensors
 
 
 def _refuse_other_formats(data: bytes, what: str) -> None:

@@ -30,10 +30,12 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from torchsurgeon.layers.expr import Expr
@@ -63,6 +65,7 @@ _POLL_SECONDS = 10.0
 _ANSWER_WAIT = 2.0
 """Seconds a blocking run's submission waits for the result to come back in its answer."""
 _FIRST_BACKOFF = 0.2
+_DOWNLOAD_CHUNK = 1 << 20
 _MAX_BACKOFF = 5.0
 
 
@@ -143,8 +146,7 @@ class Job:
             if status.error is not None:
                 raise status.error
             shown.update(JobStatus(self.id, "downloading"))
-            response = self.client._request("GET", f"/v1/jobs/{self.id}/result")
-            return decode_result(response.content)
+            return decode_result(self.client._download(f"/v1/jobs/{self.id}/result"))
 
     def delete(self) -> None:
         """Forget the job on the host, with its result (it then no longer counts against the
@@ -400,6 +402,49 @@ class Client:
         self, method: str, path: str, *, retry: bool = True, **kwargs: Any
     ) -> httpx.Response:
         """One call, retried with backoff while the host cannot be reached (``retry``)."""
+        return self._retried(
+            lambda: self._http.request(method, path, **kwargs), method, path, retry
+        )
+
+    def _download(self, path: str) -> torch.Tensor:
+        """A ``GET`` of a (possibly large) result file, streamed into one ``uint8`` tensor.
+
+        The body goes from the socket into a buffer of its ``Content-Length`` (no list of
+        chunks joined, no second copy), and :func:`decode_result` takes the tensors out of
+        it as views. A transfer cut short is retried like any unreachable host.
+        """
+        import httpx
+
+        def fetch() -> httpx.Response | torch.Tensor:
+            with self._http.stream("GET", path) as response:
+                size = response.headers.get("content-length", "")
+                encoded = response.headers.get("content-encoding", "identity") != "identity"
+                if response.status_code >= 400 or not size.isdigit() or encoded:
+                    response.read()  # an error, or a body to decode (a compressing proxy)
+                    return response
+                if response.is_stream_consumed:  # already in memory (a test transport)
+                    return response
+                buffer = torch.empty(int(size), dtype=torch.uint8)
+                into, filled = memoryview(buffer.numpy()), 0
+                for chunk in response.iter_raw(_DOWNLOAD_CHUNK):
+                    if filled + len(chunk) > len(into):
+                        raise httpx.RemoteProtocolError("the body is longer than Content-Length")
+                    into[filled : filled + len(chunk)] = chunk
+                    filled += len(chunk)
+                if filled != len(into):
+                    raise httpx.RemoteProtocolError(f"the body ended at {filled} of {size} bytes")
+                return buffer
+
+        got = self._retried(fetch, "GET", path, True)
+        return (
+            got
+            if isinstance(got, torch.Tensor)
+            else torch.frombuffer(bytearray(got.content), dtype=torch.uint8)
+        )
+
+    def _retried(self, send: Callable[[], Any], method: str, path: str, retry: bool) -> Any:
+        """``send()``, retried with backoff while the host cannot be reached (``retry``); an
+        HTTP error answer is raised as :class:`RemoteError`."""
         import httpx
 
         give_up = time.monotonic() + (self.reconnect_seconds if retry else 0.0)
@@ -407,7 +452,7 @@ class Client:
         while True:
             attempts += 1
             try:
-                response = self._http.request(method, path, **kwargs)
+                response = send()
                 break
             except httpx.TransportError as failure:
                 left = give_up - time.monotonic()
@@ -423,7 +468,7 @@ class Client:
                 backoff = min(2 * backoff, _MAX_BACKOFF)
         if attempts > 1:
             self.reconnects += 1
-        if response.status_code >= 400:
+        if isinstance(response, httpx.Response) and response.status_code >= 400:
             try:
                 error = response.json()["error"]
             except (ValueError, KeyError, TypeError):

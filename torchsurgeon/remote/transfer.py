@@ -514,8 +514,12 @@ def encode_result(result: Result | Mapping[str, Result]) -> bytes:
     return pack({"version": 1, **describe(result)}, tensors, key=RESULT_KEY)
 
 
-def decode_result(data: bytes) -> Result | dict[str, Result]:
+def decode_result(data: bytes | torch.Tensor) -> Result | dict[str, Result]:
     """A :class:`Result` from a host's result file (the same class local ``ts.run`` returns).
+
+    ``data`` is the file's bytes or a 1-D ``uint8`` tensor holding them (what
+    ``Client`` streams a large download into): then the result's large tensors are views
+    of that buffer, with no copy.
 
     The client trusts the host with numbers, not with code: the file is read with the same
     checked reader as a plan, every entry must be one the encoder writes, and nothing it
@@ -523,10 +527,11 @@ def decode_result(data: bytes) -> Result | dict[str, Result]:
     only if that class is a known ``ModelOutput`` (:func:`_output_class`), else as a plain
     ``dict``. A malformed file raises :class:`RemoteError` ``bad_result`` naming the entry.
     """
+    size = data.numel() if isinstance(data, torch.Tensor) else len(data)
     limits = PlanLimits(
-        max_plan_bytes=len(data),
-        max_tensor_bytes=len(data),
-        max_total_tensor_bytes=len(data),
+        max_plan_bytes=size,
+        max_tensor_bytes=size,
+        max_total_tensor_bytes=size,
         max_tensors=1 << 20,
     )
     try:
