@@ -22,6 +22,7 @@ Three questions, each answered side by side in one run:
 
     python benchmarks/host.py              # ~2 minutes on 2 cores
     python benchmarks/host.py --quick      # fewer rounds and requests, a 64 MiB transfer
+    python benchmarks/host.py --hidden 64 --vocab 1024   # a model whose pass is mostly fixed cost
 """
 
 from __future__ import annotations
@@ -149,14 +150,19 @@ def round_of(
 
 
 def main() -> None:
+    global HIDDEN, VOCAB  # the model's shape, which the plans and inputs above read
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help=f"width ({HIDDEN})")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help=f"vocabulary ({VOCAB})")
     args = parser.parse_args()
+    HIDDEN, VOCAB = args.hidden, args.vocab
     rounds, per_client, sequential = (2, 4, 20) if args.quick else (4, 8, 60)
     transfer_mib = 64 if args.quick else 256
     torch.set_num_threads(1)
     print(f"torchsurgeon {ts.__version__}, torch {torch.__version__}, {cpu_name()}, "
-          f"{os.cpu_count()} cores")  # fmt: skip
+          f"{os.cpu_count()} cores; GPT-2 of {LAYERS} layers, width {HIDDEN}, "
+          f"vocab {VOCAB}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         path = checkpoint(root)

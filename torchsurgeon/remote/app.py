@@ -34,6 +34,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from torch import nn
@@ -162,10 +163,15 @@ def create_app(
                 while status["state"] not in ("done", "error") and time.monotonic() < deadline:
                     await host.queue.wait(job, status["version"], deadline - time.monotonic())
                     status = host.queue.status(job)
-            finally:  # also when the request is cancelled: a held result goes with the job
-                held = host.queue.take(job) if hand_over else None
-            if held is not None:  # straight from the worker: never written to the store
-                return Response(held, media_type=_RESULT_TYPE, headers={"X-Job-Id": job.id})
+            except BaseException:  # cancelled: a result held for this answer goes with its job
+                if hand_over and host.queue.take(job) is not None:
+                    host.queue.forget(job)
+                raise
+            held = host.queue.take(job) if hand_over else None
+            if held is not None:  # straight from the worker, never stored; forgotten once sent
+                after = BackgroundTask(host.queue.forget, job)
+                headers = {"X-Job-Id": job.id}
+                return Response(held, media_type=_RESULT_TYPE, headers=headers, background=after)
             status = host.queue.status(job)
             if status["state"] == "done":
                 return _result_response(host, job, forget)

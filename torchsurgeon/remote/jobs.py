@@ -275,7 +275,8 @@ class JobQueue:
                 self._persist(self.store.delete, job.id)
 
     def take(self, job: JobRecord) -> bytes | None:
-        """A handed job's result, if it came while its request waited: the job is forgotten.
+        """A handed job's result, if it came while its request waited (the caller forgets
+        the job once it has answered).
 
         None if there is none (the job is not done, or its result went to the store): then
         the job is no longer handed, and a result that comes later is stored as usual (the
@@ -283,8 +284,6 @@ class JobQueue:
         """
         with self._lock:
             held, job.held, job.handed = job.held, None, False
-        if held is not None:
-            self.forget(job)
         return held
 
     def status(self, job: JobRecord) -> dict[str, Any]:
