@@ -227,6 +227,59 @@ def test_one_request_to_a_host_gives_the_local_result(
     assert_close(got, want)
 
 
+@pytest.fixture(scope="module")
+def tp_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A host serving the Llama checkpoint sharded over 2 gloo ranks (``serve --tp 2``)."""
+    from torchsurgeon.remote import Client, LocalCheckpoint, create_app, serve_in_thread
+
+    path = tmp_path_factory.mktemp("parity-tp") / "checkpoint"
+    build("llama").save_pretrained(path)
+    checkpoint = LocalCheckpoint(path, attn_implementation="eager")
+    app = create_app({"llama": checkpoint}, workers=1, tensor_parallel=2)
+    with (
+        serve_in_thread(app, host="127.0.0.1") as server,
+        Client(server.url, progress=False) as connected,
+    ):
+        yield connected
+
+
+TP_TOLERANCE = 1e-5
+"""Sharded against unsharded: a row-wise layer sums its shards' partial products."""
+TP_REFUSED = {
+    "e19_lora_training": "unsupported",  # a tensor-parallel host does not train
+    "e08_cache": "plan_does_not_fit",  # a Save inside the TP region (act_fn): refused
+    "e04_module_inputs": "run_failed",  # the sharded Llama's layers get attention_mask=None
+    "e16_attribution_patching": "bad_returning",  # a SaveGrad the sharded backward misses
+}
+"""What a tensor-parallel host refuses, and how (never a result that differs silently)."""
+
+
+@pytest.mark.slow  # two ranks and a host on a loopback port
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_a_tensor_parallel_host_gives_the_local_result(
+    tp_client: Any, token_ids: torch.Tensor, name: str
+) -> None:
+    module = experiment(name)
+    hf = build("llama")
+    f = FAMILIES["llama"]
+    model = ts.convert(hf) if converted(module) else ts.wrap(hf)
+    remote = OneRequest(tp_client, "llama")
+    if converted(module) or name in TP_REFUSED:
+        from torchsurgeon.remote import RemoteError
+
+        with pytest.raises(RemoteError) as refused:
+            module.ts_version(model, token_ids, f, remote)
+        # a plan on the conversion does not fit the transformers model this host serves
+        wanted = TP_REFUSED.get(name, "identity_mismatch")
+        assert refused.value.status in (409, 422) and refused.value.code == wanted, refused.value
+        return
+    got = module.ts_version(model, token_ids, f, remote)
+    assert remote.calls == 1
+    want = module.ts_version(model, token_ids, f, local(hf))
+    over = {k: d for k, d in max_diffs(got, want).items() if not d <= TP_TOLERANCE}
+    assert not over, f"max abs diff over {TP_TOLERANCE}: {over}"
+
+
 def test_every_experiment_module_is_listed() -> None:
     found = sorted(p.stem for p in (Path(__file__).parent / "experiments").glob("e[0-9]*.py"))
     assert found == list(EXPERIMENTS)

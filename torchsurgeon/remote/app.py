@@ -62,6 +62,8 @@ def create_app(
     ray_threads: int | None = None,
     state_dir: str | Path | None = None,
     co_batch: bool = False,
+    tensor_parallel: int | None = None,
+    tensor_parallel_device: str = "cpu",
 ) -> FastAPI:
     """A FastAPI app serving ``models`` (modules, or local checkpoint directories).
 
@@ -72,7 +74,10 @@ def create_app(
     SQLite table and result files; a temporary directory, removed at shutdown, if ``None``),
     so a host started again on the same directory finishes what was queued or running.
     ``co_batch`` merges compatible requests of different keys into one forward pass (see
-    :mod:`torchsurgeon.remote.batching`). The app's ``state.host`` is the
+    :mod:`torchsurgeon.remote.batching`). ``tensor_parallel=N`` serves each model (a
+    checkpoint path) sharded over N ranks on this machine, gloo on ``"cpu"`` or NCCL on
+    ``"cuda"`` (``tensor_parallel_device``; see :mod:`torchsurgeon.remote.tp_pool`). The
+    app's ``state.host`` is the
     :class:`~torchsurgeon.remote.host.Host`.
     """
     import_anyio()  # before serving: see torchsurgeon.remote.compat
@@ -85,6 +90,8 @@ def create_app(
         ray_threads=ray_threads,
         state_dir=state_dir,
         co_batch=co_batch,
+        tensor_parallel=tensor_parallel,
+        tensor_parallel_device=tensor_parallel_device,
     )
 
     @asynccontextmanager

@@ -31,6 +31,7 @@ from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.jobs import JobQueue, JobRecord
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.store import JobStore
+from torchsurgeon.remote.tp_pool import TensorParallelPool
 
 __all__ = ["ANONYMOUS", "Host"]
 
@@ -51,9 +52,13 @@ class Host:
         ray_threads: int | None = None,
         state_dir: str | Path | None = None,
         co_batch: bool = False,
+        tensor_parallel: int | None = None,
+        tensor_parallel_device: str = "cpu",
     ) -> None:
         """``co_batch``: merge compatible requests of different keys into one forward pass
-        (:mod:`torchsurgeon.remote.batching`; in-process workers, not with Ray)."""
+        (:mod:`torchsurgeon.remote.batching`; in-process workers, not with Ray).
+        ``tensor_parallel``: serve each model sharded over that many ranks on this machine
+        (:mod:`torchsurgeon.remote.tp_pool`; gloo on ``"cpu"``, NCCL on ``"cuda"``)."""
         if not models:
             raise ValueError("a host needs at least one model")
         self.limits = limits or Limits()
@@ -61,17 +66,23 @@ class Host:
         if self._keys is not None and not self._keys:
             raise ValueError("api_keys is empty: pass None to serve without keys")
         self.pool: Any = None
-        if ray_replicas is not None:
+        if tensor_parallel is not None and ray_replicas is not None:
+            raise ValueError(
+                "tensor_parallel and ray_replicas do not combine yet: a tensor-parallel host "
+                "runs its ranks on this machine"
+            )
+        if tensor_parallel is not None and co_batch:
+            raise ValueError("co_batch merges passes of in-process workers, not of sharded ranks")
+        if tensor_parallel is not None:
+            sources = _checkpoints(models, "with tensor_parallel, each rank loads its shards")
+            self.pool = TensorParallelPool(
+                sources, tensor_parallel, self.limits, device=tensor_parallel_device
+            )
+            self.models = self.pool.hosted(sources)
+        elif ray_replicas is not None:
             from torchsurgeon.remote.ray_pool import RayPool
 
-            sources = {}
-            for name, source in models.items():
-                if isinstance(source, nn.Module):
-                    raise TypeError(
-                        f"model {name!r}: with Ray, models are checkpoint paths (each replica "
-                        "loads its own copy), not in-memory modules"
-                    )
-                sources[name] = source if isinstance(source, LocalCheckpoint) else str(source)
+            sources = _checkpoints(models, "with Ray, each replica loads its own copy")
             self.pool = RayPool(sources, ray_replicas, self.limits, ray_threads)
             self.models = self.pool.hosted(sources)
         else:
@@ -171,6 +182,8 @@ class Host:
         batch key, None when it runs alone; its part); :class:`ApiError` if a check fails."""
         hosted = self.model(name)
         runs = prepare_submission(hosted, body, self.limits)  # inputs checked, cost estimated
+        if isinstance(self.pool, TensorParallelPool):
+            self.pool.check(runs)  # what sharded ranks serve: one forward run
         key = batch_key(hosted, runs, runs[0].inputs.alone) if self.pool is None else None
         if self.pool is not None:
             pool = self.pool
@@ -187,6 +200,20 @@ class Host:
 
     def models_json(self) -> list[dict[str, Any]]:
         return [m.describe() for m in self.models.values()]
+
+
+def _checkpoints(
+    models: Mapping[str, nn.Module | str | Path], why: str
+) -> dict[str, str | LocalCheckpoint]:
+    """The models as checkpoint paths; a ``TypeError`` for an in-memory module."""
+    sources: dict[str, str | LocalCheckpoint] = {}
+    for name, source in models.items():
+        if isinstance(source, nn.Module):
+            raise TypeError(
+                f"model {name!r}: {why}, so models are checkpoint paths, not in-memory modules"
+            )
+        sources[name] = source if isinstance(source, LocalCheckpoint) else str(source)
+    return sources
 
 
 def _digest(key: str | None) -> str:

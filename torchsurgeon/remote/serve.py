@@ -82,6 +82,17 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--ray", action="store_true", help="run model replicas as Ray actors")
     parser.add_argument("--replicas", type=int, default=1, help="Ray replicas (with --ray)")
     parser.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve each model sharded over N tensor-parallel ranks on this machine (gloo on "
+        "CPU; with --tp-device cuda, NCCL and one GPU per rank)",
+    )
+    parser.add_argument(
+        "--tp-device", choices=("cpu", "cuda"), default="cpu", help="the ranks' device (cpu)"
+    )
+    parser.add_argument(
         "--threads-per-replica",
         type=int,
         default=None,
@@ -211,6 +222,8 @@ def serve_main(args: argparse.Namespace) -> int:
 
     if args.replicas < 1:
         raise ValueError("--replicas must be at least 1")
+    if args.tp is not None and (args.tp < 2 or args.ray or args.co_batch):
+        raise ValueError("--tp takes N >= 2 ranks, without --ray or --co-batch")
     checkpoints = checkpoints_to_serve(args)
     limits = Limits()
     if args.max_run_seconds is not None:
@@ -242,6 +255,8 @@ def serve_main(args: argparse.Namespace) -> int:
         ray_threads=args.threads_per_replica,
         state_dir=args.state_dir,
         co_batch=args.co_batch,
+        tensor_parallel=args.tp,
+        tensor_parallel_device=args.tp_device,
     )
     connections = ServerLimits(
         max_connections=args.max_connections,

@@ -1,0 +1,95 @@
+"""A tensor-parallel host: ``serve --tp 2`` answers like the single-process host.
+
+One Llama checkpoint is served twice, in-process: by a plain host and by a host whose two
+gloo ranks each hold half of every sharded weight (``create_app(..., tensor_parallel=2)``,
+what ``torchsurgeon serve --tp 2`` builds). Every case of the distributed battery — every
+layer type at sharded sites (MLP hidden, gate/up outputs, heads, q/k/v) and at replicated
+ones (the residual stream) — sent through ``Client.run`` must give the same logits and the
+same saved tensors from both (max abs diff <= 1e-5). What the ranks do not serve is refused
+before anything is queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_distributed import LLAMA_CASES, TOLERANCE, make_llama
+
+import torchsurgeon as ts
+from torchsurgeon.remote import Client, RemoteError, create_app, serve_in_thread
+
+pytestmark = pytest.mark.slow  # spawns two ranks and starts two hosts
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tp-host") / "llama"
+    make_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hosts(checkpoint: Path) -> Iterator[dict[str, Any]]:
+    single = create_app({"llama": checkpoint})
+    sharded = create_app({"llama": checkpoint}, tensor_parallel=2)
+    with (
+        serve_in_thread(single) as one,
+        serve_in_thread(sharded) as two,
+        Client(one.url, progress=False, model="llama") as plain,
+        Client(two.url, progress=False, model="llama") as ranks,
+    ):
+        yield {"single": plain, "tp": ranks, "app": sharded}
+
+
+def _tensors(result: ts.Result) -> dict[str, torch.Tensor]:
+    return {"logits": result.output["logits"], **{k: v for k, v in result.saved.items()}}
+
+
+def test_every_case_equals_the_single_process_host(hosts: dict[str, Any]) -> None:
+    base = ts.wrap(make_llama())
+    ids = torch.randint(1, 64, (5, 7), generator=torch.Generator().manual_seed(0))
+    worst: dict[str, float] = {}
+    for name, probe in LLAMA_CASES.items():
+        tree = probe(base)
+        want = _tensors(hosts["single"].run(tree, ids))
+        got = _tensors(hosts["tp"].run(tree, ids))
+        assert got.keys() == want.keys(), name
+        worst[name] = max(float((got[k] - want[k]).abs().max()) for k in want)
+    print("max abs diff, tp=2 host vs single-process host:", worst)
+    assert max(worst.values()) <= TOLERANCE, worst
+    health = hosts["tp"]._json("GET", "/v1/health")
+    assert health["replicas"]["state"] == "ok" and health["replicas"]["ranks"] == 2
+
+
+def test_what_the_ranks_do_not_serve_is_refused_before_it_is_queued(
+    hosts: dict[str, Any],
+) -> None:
+    base = ts.wrap(make_llama())
+    probe = ts.select(base).at("model.layers.0").insert_after(ts.layers.SaveGrad("g"))
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RemoteError) as refused:
+        hosts["tp"].run(probe, ids, backward=ts.out("logits").sum())
+    assert refused.value.status == 422 and refused.value.code == "unsupported"
+    assert refused.value.field == "backward"
+    with pytest.raises(RemoteError) as refused:
+        hosts["tp"].generate(base, ids, max_new_tokens=2)
+    assert refused.value.code == "unsupported" and refused.value.field == "call"
+    saved = hosts["tp"].run(
+        ts.select(base).at("model.layers.1").insert_after(ts.layers.Save("x")), ids
+    )
+    assert saved.saved["x"].shape == (2, 5, 32)  # the ranks still serve after refusals
+
+
+def test_a_tensor_parallel_host_refuses_what_it_cannot_serve_at_start(checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="tensor_parallel must be an int >= 2"):
+        create_app({"llama": checkpoint}, tensor_parallel=1)
+    with pytest.raises(ValueError, match="co_batch"):
+        create_app({"llama": checkpoint}, tensor_parallel=2, co_batch=True)
+    with pytest.raises(ValueError, match="do not combine"):
+        create_app({"llama": checkpoint}, tensor_parallel=2, ray_replicas=2)
+    with pytest.raises(TypeError, match="checkpoint paths"):
+        create_app({"llama": make_llama()}, tensor_parallel=2)

@@ -1,0 +1,356 @@
+"""A host serving tensor-parallel models: N ranks, each holding one shard of every model.
+
+``torchsurgeon serve --model NAME=PATH --tp N`` (``create_app(..., tensor_parallel=N)``)
+starts N rank processes on this machine (``torch.multiprocessing``, *spawn*), joined in one
+process group — gloo on CPU, NCCL with one GPU per rank — over a ``TCPStore`` on a loopback
+port the operating system picks (the rendezvous of :func:`torchsurgeon.distributed.launch`).
+Every rank loads every model from its local checkpoint and shards it with
+:func:`~torchsurgeon.distributed.parallelize.parallelize` (the model's own
+``base_model_tp_plan``); rank 0 also describes each model — its structure and identity,
+computed from the unsharded model before sharding — so the HTTP process validates plans and
+estimates their cost against a structure-only stand-in, exactly as a single-process host
+does, and a plan made against one runs on the other.
+
+**A request on N ranks.** The HTTP process holds no weights. For each job it sends the
+request's bytes to every rank (each rank has its own inbox, so an idle rank waits on its
+queue, never inside a collective that would time out) and waits for rank 0's answer. Every
+rank reads the request with the host's limits, replays the plan on its shards with
+:func:`torchsurgeon.distributed.localize.apply` — recording layers gather the full
+activation once, edits act on each shard, see ``docs/distributed.md`` — and runs it without
+gradients (unless the plan asks for ``backward=``) as a single-process host runs it — a
+session's runs in order, a generation step by step; rank 0's encoded result is the answer.
+Requests run one at a time (the ranks' collectives must come in the same order
+everywhere). Training is not served: a 422 ``unsupported`` naming ``call``, before anything
+is queued.
+
+**Failures.** An error in a request (a plan that does not fit, a bad input) is the same on
+every rank, so every rank reports it and stays in step; rank 0's is the job's error. A rank
+that dies, or a run past ``max_run_seconds`` + ``watchdog_grace_seconds``, fails the job
+(``replica_died`` / ``timeout``) and the pool starts all N ranks afresh before the next
+job: a process group that lost a member cannot be repaired in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue as queues
+import threading
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from torchsurgeon.remote.errors import ApiError
+from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
+from torchsurgeon.remote.limits import Limits
+
+__all__ = ["TensorParallelPool"]
+
+_START_SECONDS = 600.0
+_STOP_GRACE = 5.0
+
+
+class TensorParallelPool:
+    """N ranks serving sharded models; the host's ``pool`` (as :class:`RayPool` is)."""
+
+    def __init__(
+        self,
+        sources: Mapping[str, str | LocalCheckpoint],
+        world_size: int,
+        limits: Limits,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> None:
+        if not isinstance(world_size, int) or world_size < 2:
+            raise ValueError(f"tensor_parallel must be an int >= 2 (ranks), got {world_size!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' (gloo) or 'cuda' (NCCL), got {device!r}")
+        if device == "cuda" and torch.cuda.device_count() < world_size:
+            raise ValueError(
+                f"--tp {world_size} on CUDA needs one GPU per rank; "
+                f"{torch.cuda.device_count()} visible"
+            )
+        self.sources = {name: LocalCheckpoint.of(s) for name, s in sources.items()}
+        for name, checkpoint in self.sources.items():
+            if checkpoint.convert:
+                raise ValueError(
+                    f"model {name!r}: a tensor-parallel host serves transformers models (their "
+                    "base_model_tp_plan); leave convert out"
+                )
+        self.world_size, self.limits, self.device = world_size, limits, device
+        self.threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+        self._context = mp.get_context("spawn")
+        self._lock = threading.Lock()  # one request at a time: collectives come in order
+        self._ranks: list[Any] = []
+        self._inboxes: list[Any] = []
+        self._outbox: Any = None
+        self._store: Any = None
+        self.described: dict[str, dict[str, Any]] = {}
+        self.restarts = 0
+        self._start()
+
+    # ----------------------------------------------------------------- the host's side
+
+    def hosted(self, sources: Mapping[str, Any]) -> dict[str, HostedModel]:
+        """Structure-only stand-ins the host validates plans against."""
+        from torchsurgeon.plans.structure import Structure
+
+        return {
+            name: HostedModel.from_structure(
+                name,
+                Structure.from_json(self.described[name]["structure"]),
+                str(self.sources[name].path),
+                self.described[name]["takes_text"],
+                attn_implementation=self.described[name]["attn_implementation"],
+            )
+            for name in sources
+        }
+
+    def run(self, name: str, request: bytes) -> bytes:
+        """Run one request on all ranks: rank 0's result bytes, or :class:`ApiError`."""
+        limit = self.limits.max_run_seconds + self.limits.watchdog_grace_seconds
+        with self._lock:
+            if not self._ranks:
+                self._start()
+            for inbox in self._inboxes:
+                inbox.put(("run", name, request))
+            try:
+                kind, value = self._answer(time.monotonic() + limit)
+            except ApiError:
+                self._restart()
+                raise
+        if kind == "error":
+            raise ApiError(value["status"], value["code"], value["message"], value["field"])
+        return value
+
+    def check(self, runs: list[Any]) -> None:
+        """Refuse (422 ``unsupported``) a checked submission the ranks do not serve."""
+        check_tensor_parallel([r.inputs for r in runs])
+
+    def health(self) -> dict[str, Any]:
+        live = sum(1 for rank in self._ranks if rank.is_alive())
+        state = "ok" if live == self.world_size else "down"
+        return {"state": state, "live": live, "ranks": self.world_size, "restarts": self.restarts}
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop()
+
+    # ----------------------------------------------------------------- ranks
+
+    def _start(self) -> None:
+        from torchsurgeon.distributed.launch import _loopback_store
+
+        self._store = _loopback_store(self.world_size, _START_SECONDS)
+        self._inboxes = [self._context.Queue() for _ in range(self.world_size)]
+        self._outbox = self._context.Queue()
+        sources = {name: c.to_json() for name, c in self.sources.items()}
+        config = (self.world_size, self._store.port, self.device, self.threads, self.limits)
+        self._ranks = [
+            self._context.Process(
+                target=_rank_main,
+                args=(rank, config, sources, self._inboxes[rank], self._outbox),
+                name=f"torchsurgeon-tp-rank-{rank}",
+                daemon=True,
+            )
+            for rank in range(self.world_size)
+        ]
+        for process in self._ranks:
+            process.start()
+        try:
+            kind, value = self._answer(time.monotonic() + _START_SECONDS)
+        except ApiError as error:
+            self._stop()
+            raise RuntimeError(
+                f"the tensor-parallel ranks did not start: {error.message}"
+            ) from None
+        if kind == "error":
+            self._stop()
+            raise RuntimeError(f"the tensor-parallel ranks did not start: {value['message']}")
+        self.described = value
+
+    def _answer(self, deadline: float) -> tuple[str, Any]:
+        """Rank 0's next message; :class:`ApiError` when a rank died or time ran out."""
+        while True:
+            try:
+                return self._outbox.get(timeout=0.2)
+            except queues.Empty:
+                pass
+            dead = [r for r, process in enumerate(self._ranks) if not process.is_alive()]
+            if dead:
+                raise ApiError(
+                    500,
+                    "replica_died",
+                    f"tensor-parallel rank {dead[0]} died (exit code "
+                    f"{self._ranks[dead[0]].exitcode}); the ranks are started again",
+                )
+            if time.monotonic() > deadline:
+                raise ApiError(
+                    408,
+                    "timeout",
+                    "the tensor-parallel ranks did not answer within max_run_seconds + "
+                    "watchdog_grace_seconds; they are started again",
+                )
+
+    def _restart(self) -> None:
+        self._stop()
+        self.restarts += 1
+
+    def _stop(self) -> None:
+        for inbox in self._inboxes:
+            with contextlib.suppress(OSError, ValueError):  # a queue already closed
+                inbox.put(("stop", None, None))
+        stop_by = time.monotonic() + _STOP_GRACE
+        for process in self._ranks:
+            process.join(max(0.0, stop_by - time.monotonic()))
+        for process in self._ranks:
+            if process.is_alive():
+                process.terminate()
+                process.join(_STOP_GRACE)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for box in (*self._inboxes, *([self._outbox] if self._outbox is not None else [])):
+            box.close()
+            box.join_thread()
+        self._ranks, self._inboxes, self._outbox, self._store = [], [], None, None
+
+
+# --------------------------------------------------------------------- in a rank
+
+
+def _rank_main(
+    rank: int, config: tuple[Any, ...], sources: dict[str, Any], inbox: Any, outbox: Any
+) -> None:
+    """One rank: join the group, load and shard every model, then serve the inbox."""
+    import torch.distributed as dist
+
+    from torchsurgeon.distributed.launch import _loopback_interface
+
+    world_size, port, device, threads, limits = config
+    torch.set_num_threads(threads)
+    loopback = _loopback_interface()
+    if loopback is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    store = dist.TCPStore(
+        "127.0.0.1", port, is_master=False, timeout=timedelta(seconds=_START_SECONDS)
+    )
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo",
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=limits.max_run_seconds + limits.watchdog_grace_seconds),
+    )
+    try:
+        try:
+            models = _load(sources, device)
+        except Exception as error:  # the host reports it and does not start
+            if rank == 0:
+                outbox.put(("error", {"message": f"{type(error).__name__}: {error}"}))
+            return
+        if rank == 0:
+            outbox.put(("ready", {name: m[2] for name, m in models.items()}))
+        while True:
+            op, name, request = inbox.get()
+            if op == "stop":
+                break
+            kind, value = _serve(models, name, request, limits)
+            if rank == 0:
+                outbox.put((kind, value))
+    finally:
+        dist.destroy_process_group()
+    outbox.close()
+    outbox.join_thread()
+    os._exit(0)  # past the group's teardown; see torchsurgeon.distributed.launch
+
+
+def _load(sources: dict[str, Any], device: str) -> dict[str, tuple[Any, Any, dict[str, Any]]]:
+    """Every model: its stand-in (for the call's schema), its shards, and its description."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchsurgeon.distributed.parallelize import parallelize
+    from torchsurgeon.plans.identity import identity_of
+    from torchsurgeon.plans.structure import structure_of
+    from torchsurgeon.remote.hosted import _attn_implementation, load_checkpoint
+    from torchsurgeon.surgery.frozen import wrap
+
+    mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
+    models = {}
+    for name, data in sources.items():
+        checkpoint = LocalCheckpoint.from_json(dict(data))
+        module, tokenizer = load_checkpoint(checkpoint)
+        module = module.eval()
+        whole = wrap(module)
+        structure = structure_of(whole, identity_of(whole))
+        described = {
+            "structure": structure.to_json(),
+            "takes_text": tokenizer is not None,
+            "attn_implementation": _attn_implementation(whole),
+        }
+        standin = HostedModel.from_structure(
+            name,
+            structure,
+            str(Path(checkpoint.path)),
+            tokenizer is not None,
+            attn_implementation=described["attn_implementation"],
+        )
+        del whole
+        if device == "cuda":
+            module = module.to(torch.device("cuda", torch.cuda.current_device()))
+        models[name] = (standin, parallelize(module, mesh, "auto"), described)
+    return models
+
+
+def _serve(
+    models: dict[str, tuple[Any, Any, dict[str, Any]]], name: str, request: bytes, limits: Limits
+) -> tuple[str, Any]:
+    """One request on this rank: ``("result", bytes)`` (rank 0's is sent) or an error."""
+    from torchsurgeon.distributed.localize import apply
+    from torchsurgeon.distributed.parallelize import TensorParallelError
+    from torchsurgeon.plans.errors import IdentityMismatchError, PlanError
+    from torchsurgeon.remote.execution import PreparedRun, run_submission
+    from torchsurgeon.remote.transfer import decode_submission
+
+    try:
+        standin, sharded, _ = models[name]
+        submitted = decode_submission(request, limits)
+        check_tensor_parallel([inputs for _, _, inputs in submitted])
+        runs = []
+        for run, plan_bytes, inputs in submitted:
+            plan = standin.read_plan(plan_bytes, limits)
+            try:
+                view = apply(plan, sharded)
+            except IdentityMismatchError as error:
+                raise ApiError(409, "identity_mismatch", f"model {name!r}: {error}") from None
+            except (PlanError, TensorParallelError) as error:  # e.g. a site inside a TP region
+                raise ApiError(422, "plan_does_not_fit", str(error), "steps") from None
+            runs.append(PreparedRun(run, plan, view, inputs))
+        return "result", run_submission(standin, runs, limits)  # as a single host runs it
+    except ApiError as error:
+        return "error", {"status": error.status, **error.to_json()["error"]}
+    except Exception as error:  # the same on every rank
+        message = f"{type(error).__name__}: {error}"
+        return "error", {"status": 500, "code": "internal", "message": message, "field": ""}
+
+
+def check_tensor_parallel(inputs: list[Any]) -> None:
+    """Refuse (422 ``unsupported``) what a tensor-parallel host does not run: training."""
+    for each in inputs:
+        if each.call == "train":
+            raise ApiError(
+                422,
+                "unsupported",
+                "a tensor-parallel host does not train (forward runs, sessions, generation "
+                "and backward= are served)",
+                "call",
+            )
