@@ -58,3 +58,17 @@ def test_overhead_quick_with_nnsight() -> None:
     stdout = _run("--methods", "bare,hooks,nnsight", "--sizes", "1x8")
     assert "all methods agree" in stdout
     assert set(_table_rows(stdout)) == {("bare", "1x8"), ("hooks", "1x8"), ("nnsight", "1x8")}
+
+
+def test_the_gpu_check_compares_on_the_device_it_is_given() -> None:
+    """``benchmarks/gpu_check.py`` is for a GPU; its dtype check runs the same on the CPU."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert gpu_check.check_dtypes(torch.device("cpu")) == []  # fp32, bf16, fp16: diff 0
+    if not torch.cuda.is_available():
+        assert gpu_check.main([]) == 2  # says there is nothing to check, and exits 2
