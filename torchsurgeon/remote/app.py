@@ -34,7 +34,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from torch import nn
@@ -175,10 +174,9 @@ def create_app(
                     host.queue.forget(job)
                 raise
             held = host.queue.take(job) if hand_over else None
-            if held is not None:  # straight from the worker, never stored; forgotten once sent
-                after = BackgroundTask(host.queue.forget, job)
-                headers = {"X-Job-Id": job.id}
-                return Response(held, media_type=_RESULT_TYPE, headers=headers, background=after)
+            if held is not None:  # straight from the worker, never stored
+                host.queue.forget(job)  # before the answer: nothing of it stays held after
+                return Response(held, media_type=_RESULT_TYPE, headers={"X-Job-Id": job.id})
             status = host.queue.status(job)
             if status["state"] == "done":
                 return _result_response(host, job, forget)
