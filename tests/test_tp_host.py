@@ -20,7 +20,7 @@ import torch
 from test_distributed import LLAMA_CASES, TOLERANCE, make_llama
 
 import torchsurgeon as ts
-from torchsurgeon.remote import Client, create_app, serve_in_thread
+from torchsurgeon.remote import Client, RemoteError, create_app, serve_in_thread
 
 pytestmark = pytest.mark.slow  # spawns two ranks and starts two hosts
 
@@ -36,6 +36,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def hosts(checkpoint: Path) -> Iterator[dict[str, Any]]:
     single = create_app({"llama": checkpoint})
     sharded = create_app({"llama": checkpoint}, tensor_parallel=2)
+    processes = list(sharded.state.host.pool._ranks)
+    assert len(processes) == 2 and all(p.is_alive() for p in processes)
     with (
         serve_in_thread(single) as one,
         serve_in_thread(sharded) as two,
@@ -43,6 +45,7 @@ def hosts(checkpoint: Path) -> Iterator[dict[str, Any]]:
         Client(two.url, progress=False, model="llama") as ranks,
     ):
         yield {"single": plain, "tp": ranks, "app": sharded}
+    assert not any(p.is_alive() for p in processes)  # the host's shutdown stopped its ranks
 
 
 def _tensors(result: ts.Result) -> dict[str, torch.Tensor]:
@@ -95,3 +98,18 @@ def test_a_tensor_parallel_host_refuses_what_it_cannot_serve_at_start(checkpoint
         create_app({"llama": checkpoint}, tensor_parallel=2, ray_replicas=2)
     with pytest.raises(TypeError, match="checkpoint paths"):
         create_app({"llama": make_llama()}, tensor_parallel=2)
+
+
+def test_a_rank_that_dies_fails_its_job_and_the_ranks_start_again(hosts: dict[str, Any]) -> None:
+    pool = hosts["app"].state.host.pool
+    base = ts.wrap(make_llama())
+    probe = ts.select(base).at("model.layers.1").insert_after(ts.layers.Save("x"))
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    want = hosts["single"].run(probe, ids).saved["x"]
+    pool._ranks[1].kill()
+    pool._ranks[1].join()
+    with pytest.raises(RemoteError) as failed:
+        hosts["tp"].run(probe, ids)
+    assert failed.value.code == "replica_died" and "rank 1 died" in failed.value.message, failed.value
+    assert float((hosts["tp"].run(probe, ids).saved["x"] - want).abs().max()) <= TOLERANCE
+    assert pool.restarts == 1 and all(p.is_alive() for p in pool._ranks)

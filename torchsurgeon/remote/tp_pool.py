@@ -13,7 +13,9 @@ does, and a plan made against one runs on the other.
 
 **A request on N ranks.** The HTTP process holds no weights. For each job it sends the
 request's bytes to every rank (each rank has its own inbox, so an idle rank waits on its
-queue, never inside a collective that would time out) and waits for rank 0's answer. Every
+queue, never inside a collective that would time out) and waits until every rank has
+answered (only rank 0 with the result: a rank that died while the others finished, which
+rank 0 may see only as a broken connection, fails the job instead of passing). Every
 rank reads the request with the host's limits, replays the plan on its shards with
 :func:`torchsurgeon.distributed.localize.apply` — recording layers gather the full
 activation once, edits act on each shard, see ``docs/distributed.md`` — and runs it without
@@ -176,10 +178,15 @@ class TensorParallelPool:
         self.described = value
 
     def _answer(self, deadline: float) -> tuple[str, Any]:
-        """Rank 0's next message; :class:`ApiError` when a rank died or time ran out."""
-        while True:
+        """Rank 0's answer, once every rank has answered (a rank that died while rank 0
+        finished, e.g. with a broken-connection error, fails the job); :class:`ApiError`
+        when a rank died or time ran out."""
+        answers: dict[int, tuple[str, Any]] = {}
+        while len(answers) < self.world_size:
             try:
-                return self._outbox.get(timeout=0.2)
+                rank, kind, value = self._outbox.get(timeout=0.2)
+                answers[rank] = (kind, value)
+                continue
             except queues.Empty:
                 pass
             dead = [r for r, process in enumerate(self._ranks) if not process.is_alive()]
@@ -197,6 +204,7 @@ class TensorParallelPool:
                     "the tensor-parallel ranks did not answer within max_run_seconds + "
                     "watchdog_grace_seconds; they are started again",
                 )
+        return answers[0]
 
     def _restart(self) -> None:
         self._stop()
@@ -255,18 +263,16 @@ def _rank_main(
         try:
             models = _load(sources, device)
         except Exception as error:  # the host reports it and does not start
-            if rank == 0:
-                outbox.put(("error", {"message": f"{type(error).__name__}: {error}"}))
+            outbox.put((rank, "error", {"message": f"{type(error).__name__}: {error}"}))
             return
-        if rank == 0:
-            outbox.put(("ready", {name: m[2] for name, m in models.items()}))
+        described = {name: m[2] for name, m in models.items()} if rank == 0 else None
+        outbox.put((rank, "ready", described))
         while True:
             op, name, request = inbox.get()
             if op == "stop":
                 break
             kind, value = _serve(models, name, request, limits)
-            if rank == 0:
-                outbox.put((kind, value))
+            outbox.put((rank, kind, value if rank == 0 else None))  # rank 0's is the answer
     finally:
         dist.destroy_process_group()
     outbox.close()
