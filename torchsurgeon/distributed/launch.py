@@ -86,15 +86,7 @@ def launch(
     ``init_device_mesh(device, (world_size,))``). ``device="cuda"`` uses NCCL with one GPU
     per rank; ``"cpu"`` uses gloo.
     """
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' (gloo) or 'cuda' (NCCL), got {device!r}")
-    if device == "cuda" and torch.cuda.device_count() < world_size:
-        raise ValueError(
-            f"device='cuda' needs one GPU per rank: {world_size} ranks, "
-            f"{torch.cuda.device_count()} GPU(s) visible; use device='cpu' (gloo)"
-        )
+    check_ranks(world_size, device)
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     deadline = time.monotonic() + timeout
@@ -112,6 +104,48 @@ def launch(
         if not result.exists():
             raise LaunchError("rank 0 finished without handing back a result")
         return torch.load(result, weights_only=False)
+
+
+def check_ranks(world_size: Any, device: str, *, name: str = "world_size", least: int = 1) -> None:
+    """Refuse (``ValueError``) a rank count or device a process group cannot have here."""
+    if not isinstance(world_size, int) or world_size < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {world_size!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' (gloo) or 'cuda' (NCCL), got {device!r}")
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        raise ValueError(
+            f"device='cuda' needs one GPU per rank: {world_size} ranks, "
+            f"{torch.cuda.device_count()} GPU(s) visible; use device='cpu' (gloo)"
+        )
+
+
+def join_group(
+    rank: int,
+    world_size: int,
+    port: int,
+    device: str,
+    threads: int,
+    timeout: float,
+    collective_timeout: float | None = None,
+) -> None:
+    """In a spawned rank: ``threads`` torch threads, loopback sockets, and the process group
+    (gloo, or NCCL with GPU ``rank``) through the launcher's store on ``port``; collectives
+    time out after ``collective_timeout`` seconds (default: ``timeout``)."""
+    torch.set_num_threads(threads)
+    loopback = _loopback_interface()
+    if loopback is not None:  # the ranks talk over loopback, whatever the hostname resolves to
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=timeout))
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo",
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=collective_timeout or timeout),
+    )
 
 
 def _loopback_store(world_size: int, timeout: float) -> dist.TCPStore:
@@ -178,21 +212,7 @@ def _stop(processes: Sequence[Any]) -> None:
 
 def _rank_main(rank: int, config: tuple[Any, ...], fn: Callable[..., Any], args: Any) -> None:
     world_size, port, device, threads, timeout, result = config
-    torch.set_num_threads(threads)
-    loopback = _loopback_interface()
-    if loopback is not None:  # the ranks talk over loopback, whatever the hostname resolves to
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=timeout))
-    dist.init_process_group(
-        "nccl" if device == "cuda" else "gloo",
-        store=store,
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout),
-    )
+    join_group(rank, world_size, port, device, threads, timeout)
     try:
         value = fn(*args)
         if rank == 0:

@@ -45,17 +45,18 @@ __all__ = ["METADATA_KEY", "json_depth", "pack", "parse_json", "unpack", "unpack
 
 METADATA_KEY = "torchsurgeon.plan"
 _SAFETENSORS_DTYPES = {
-    "F16": 2,
-    "BF16": 2,
-    "F32": 4,
-    "F64": 8,
-    "I8": 1,
-    "I16": 2,
-    "I32": 4,
-    "I64": 8,
-    "U8": 1,
-    "BOOL": 1,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
+"""The safetensors dtypes a file may hold, with the torch dtype each one is."""
 _LONE_SURROGATE = re.compile(
     rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
     rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
@@ -153,18 +154,6 @@ def unpack_container(
     return manifest, tensors
 
 
-_TORCH_DTYPES = {
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 _VIEW_BYTES = 1 << 20
 
 
@@ -177,9 +166,9 @@ def _views(buffer: torch.Tensor, header: dict[str, Any], start: int) -> dict[str
     tensors = {}
     for name, entry in header.items():
         begin, end = (start + o for o in entry["data_offsets"])
-        dtype = _TORCH_DTYPES[entry["dtype"]]
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
         raw = buffer[begin:end]
-        if end - begin < _VIEW_BYTES or begin % _SAFETENSORS_DTYPES[entry["dtype"]]:
+        if end - begin < _VIEW_BYTES or begin % dtype.itemsize:
             raw = raw.clone()
         if entry["dtype"] == "BOOL" and bool((raw > 1).any()):
             raise PlanFormatError("a bool tensor holds bytes other than 0 and 1", f"tensors.{name}")
@@ -219,7 +208,7 @@ def _check_entries(header: dict[str, Any], data_size: int, limits: PlanLimits) -
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
         ):
             raise PlanFormatError(f"bad shape {shape!r}", field)
-        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[dtype]
+        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
         if nbytes > limits.max_tensor_bytes:
             raise PlanLimitError(
                 f"{nbytes} bytes, over the per-tensor limit of {limits.max_tensor_bytes}", field

@@ -222,8 +222,6 @@ def serve_main(args: argparse.Namespace) -> int:
 
     if args.replicas < 1:
         raise ValueError("--replicas must be at least 1")
-    if args.tp is not None and (args.tp < 2 or args.ray or args.co_batch):
-        raise ValueError("--tp takes N >= 2 ranks, without --ray or --co-batch")
     checkpoints = checkpoints_to_serve(args)
     limits = Limits()
     if args.max_run_seconds is not None:

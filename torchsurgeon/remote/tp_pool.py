@@ -40,13 +40,13 @@ import queue as queues
 import threading
 import time
 from collections.abc import Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
+from torchsurgeon.distributed.launch import _loopback_store, check_ranks, join_group
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.limits import Limits
@@ -69,15 +69,7 @@ class TensorParallelPool:
         device: str = "cpu",
         threads: int | None = None,
     ) -> None:
-        if not isinstance(world_size, int) or world_size < 2:
-            raise ValueError(f"tensor_parallel must be an int >= 2 (ranks), got {world_size!r}")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' (gloo) or 'cuda' (NCCL), got {device!r}")
-        if device == "cuda" and torch.cuda.device_count() < world_size:
-            raise ValueError(
-                f"--tp {world_size} on CUDA needs one GPU per rank; "
-                f"{torch.cuda.device_count()} visible"
-            )
+        check_ranks(world_size, device, name="tensor_parallel", least=2)
         self.sources = {name: LocalCheckpoint.of(s) for name, s in sources.items()}
         for name, checkpoint in self.sources.items():
             if checkpoint.convert:
@@ -147,8 +139,6 @@ class TensorParallelPool:
     # ----------------------------------------------------------------- ranks
 
     def _start(self) -> None:
-        from torchsurgeon.distributed.launch import _loopback_store
-
         self._store = _loopback_store(self.world_size, _START_SECONDS)
         self._inboxes = [self._context.Queue() for _ in range(self.world_size)]
         self._outbox = self._context.Queue()
@@ -239,26 +229,9 @@ def _rank_main(
     """One rank: join the group, load and shard every model, then serve the inbox."""
     import torch.distributed as dist
 
-    from torchsurgeon.distributed.launch import _loopback_interface
-
     world_size, port, device, threads, limits = config
-    torch.set_num_threads(threads)
-    loopback = _loopback_interface()
-    if loopback is not None:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    store = dist.TCPStore(
-        "127.0.0.1", port, is_master=False, timeout=timedelta(seconds=_START_SECONDS)
-    )
-    dist.init_process_group(
-        "nccl" if device == "cuda" else "gloo",
-        store=store,
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=limits.max_run_seconds + limits.watchdog_grace_seconds),
-    )
+    run_limit = limits.max_run_seconds + limits.watchdog_grace_seconds
+    join_group(rank, world_size, port, device, threads, _START_SECONDS, run_limit)
     try:
         try:
             models = _load(sources, device)
