@@ -203,6 +203,13 @@ GATHERED_CASE: Probe = chain(
     before("model.layers.0.mlp.down_proj", Save("normalized")),
 )
 
+UPSTREAM_GRAD_CASE: Probe = chain(  # for backward=: autograd is asked for these tensors only
+    after("model.layers.0.mlp.gate_proj", SaveGrad("g_gate0")),  # sharded, upstream of ...
+    after("model.layers.0", SaveGrad("g_resid0")),  # ... a replicated site
+    after(GATE, SaveGrad("g_gate1")),
+)
+BACKWARD = ts.out("logits")[:, -1, :8].sum()  # gradients of order one, as the activations
+
 C_FC, C_PROJ = "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"
 GPT2_CASES: dict[str, Probe] = {
     "save hidden, every block": lambda m: (
@@ -242,6 +249,10 @@ def with_backward(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor
     result = ts.run(model, ids)
     (result.output.logits * weights(result.output.logits.shape[-1])).sum().backward()
     return entries(result)
+
+
+def with_backward_expression(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    return entries(ts.run(model, ids, backward=BACKWARD))
 
 
 def errors_of(tree: nn.Module, ids: torch.Tensor) -> dict[str, str]:
@@ -299,6 +310,8 @@ def llama_rank(plans: dict[str, bytes], ids: torch.Tensor, mesh: Any) -> dict[st
     gathers.clear()
     out["cases"]["gathered"] = with_backward(tsd.localize(GATHERED_CASE(tree)), ids)
     out["gathers"]["gathered"] = len(gathers)
+    upstream = tsd.localize(UPSTREAM_GRAD_CASE(tree))
+    out["cases"]["backward= upstream"] = with_backward_expression(upstream, ids)
     rank0 = tsd.apply(
         ts.Plan.from_bytes(plans["save hidden, every layer"]), tree, record_on="rank0"
     )
@@ -368,6 +381,8 @@ def ranks() -> dict[str, Any]:
     out["seconds"] = time.monotonic() - start
     llama_cases = {**LLAMA_CASES, "grads": GRAD_CASE, "gathered": GATHERED_CASE}
     out["llama"]["reference"] = unsharded(llama, llama_cases, ids)
+    upstream = with_backward_expression(UPSTREAM_GRAD_CASE(llama), ids)
+    out["llama"]["reference"]["backward= upstream"] = upstream
     gpt2_cases = {**GPT2_CASES, "grads": after(C_PROJ, SaveGrad("g"))}
     out["gpt2"]["reference"] = unsharded(gpt2, gpt2_cases, ids)
     base = {}
@@ -398,7 +413,7 @@ def test_every_llama_layer_at_every_site_equals_the_unsharded_model(ranks: dict)
     assert max(diffs.values()) <= TOLERANCE, {k: v for k, v in diffs.items() if v > TOLERANCE}
     base = ranks["base logits"]["llama"]
     for case, values in ranks["llama"]["reference"].items():
-        if case not in ("save hidden, every layer", "grads", "gathered"):
+        if case not in ("save hidden, every layer", "grads", "gathered", "backward= upstream"):
             assert max_diff(values["logits"], base) > 1e-4, f"{case} changes nothing"
     print(f"  (battery launch: {ranks['seconds']:.1f} s)")
 

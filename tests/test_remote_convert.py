@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForC
 import torchsurgeon as ts
 from torchsurgeon import cli
 from torchsurgeon.plans import Plan, apply, plan
+from torchsurgeon.plans.errors import PlanFormatError
 from torchsurgeon.remote import Client, Limits, RemoteError, create_app, serve_in_thread
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
@@ -112,6 +113,34 @@ def test_the_description_says_how_each_model_is_served(client: Client) -> None:
     assert served["gpt2-eager"]["attn_implementation"] == "eager"
     assert served["llama-sdpa"]["attn_implementation"] == "sdpa"
     assert served["llama-default"]["attn_implementation"] == "sdpa"  # transformers' choice
+
+
+@pytest.mark.slow
+def test_a_structure_only_copy_has_the_served_attention(
+    client: Client, checkpoints: dict[str, Path]
+) -> None:
+    """The masks a layer receives depend on the attention implementation (eager attention is
+    given a 4-D mask, SDPA none when it can use ``is_causal``): a stand-in that estimates a
+    plan reading ``attention_mask`` (a Ray or tensor-parallel host's) must use the host's."""
+    assert client.meta("gpt2-eager").config._attn_implementation == "eager"
+    assert client.meta("llama-sdpa").config._attn_implementation == "sdpa"
+    structure = client.structure("gpt2-eager")
+    reads_mask = ts.layers.Save("mask", on="attention_mask")
+    ids = token_ids()
+    for attention, mask in (("eager", (1, 1, 7, 7)), ("sdpa", None)):
+        standin = HostedModel.from_structure(
+            "m", structure, str(checkpoints["gpt2"]), False, attn_implementation=attention
+        )
+        probe = ts.select(standin.base).at("transformer.h.0.attn").insert_before(reads_mask)
+        request = plan(probe)
+        if mask is None:  # the same refusal the served sdpa model would give when it runs
+            with pytest.raises(ApiError, match="no input tensor for on='attention_mask'"):
+                standin.prepare(request, Limits(), Inputs((ids,)))
+        else:
+            _, cost = standin.prepare(request, Limits(), Inputs((ids,)))
+            assert cost is not None
+    with pytest.raises(PlanFormatError, match="attn_implementation must be 'eager' or 'sdpa'"):
+        structure.build("flash_attention_2")  # a host cannot make a client load kernels
 
 
 @pytest.mark.slow

@@ -94,8 +94,6 @@ def test_a_tensor_parallel_host_refuses_what_it_cannot_serve_at_start(checkpoint
         create_app({"llama": checkpoint}, tensor_parallel=1)
     with pytest.raises(ValueError, match="co_batch"):
         create_app({"llama": checkpoint}, tensor_parallel=2, co_batch=True)
-    with pytest.raises(ValueError, match="do not combine"):
-        create_app({"llama": checkpoint}, tensor_parallel=2, ray_replicas=2)
     with pytest.raises(TypeError, match="checkpoint paths"):
         create_app({"llama": make_llama()}, tensor_parallel=2)
 

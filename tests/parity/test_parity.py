@@ -248,8 +248,6 @@ TP_TOLERANCE = 1e-5
 TP_REFUSED = {
     "e19_lora_training": "unsupported",  # a tensor-parallel host does not train
     "e08_cache": "plan_does_not_fit",  # a Save inside the TP region (act_fn): refused
-    "e04_module_inputs": "run_failed",  # the sharded Llama's layers get attention_mask=None
-    "e16_attribution_patching": "bad_returning",  # a SaveGrad the sharded backward misses
 }
 """What a tensor-parallel host refuses, and how (never a result that differs silently)."""
 

@@ -179,6 +179,9 @@ class Sharded(nn.Module):
                 store.append(full)
 
         x.register_hook(keep)
+        sites = self.layer.__dict__.get("_ts_grad_sites")
+        if sites is not None:  # a backward= run asks autograd for these tensors' gradients
+            sites.append(x)  # (else it stops at the nearest replicated site and skips this)
         return x
 
     def _full(self, x: torch.Tensor, split: Split) -> torch.Tensor | None:

@@ -56,6 +56,9 @@ _CONTAINERS = {
     "torch.nn.modules.container.Sequential": nn.Sequential,
     "torch.nn.modules.container.ModuleDict": nn.ModuleDict,
 }
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+"""The attention implementations built into ``transformers`` (none loads a kernel or code):
+what a host may serve and a structure-only model may be built with."""
 # Config keys that say where the host keeps its files (never served).
 _HOST_LOCAL_KEYS = frozenset({"_name_or_path", "name_or_path", "_commit_hash"})
 # Config keys a client never builds from: they choose code to load (attention kernels from
@@ -134,19 +137,33 @@ class Structure:
         except (KeyError, TypeError) as error:
             raise PlanFormatError(f"not a model structure: missing or bad {error}") from None
 
-    def build(self) -> nn.Module:
+    def build(self, attn_implementation: str | None = None) -> nn.Module:
         """The structure-only model (meta device, frozen), pinned to :attr:`identity`.
+
+        ``attn_implementation`` (``"eager"`` or ``"sdpa"``, the two built into
+        ``transformers``; None for its default) picks a ``transformers`` model's attention,
+        as the served model's was picked: the masks its layers receive depend on it (eager
+        attention is given a 4-D mask, SDPA often none), so a stand-in that estimates a plan
+        reading ``attention_mask`` must use the host's. Any other value is refused.
 
         :class:`PlanFormatError` when the structure names a class outside the allow-list
         (see the module docstring) or is malformed.
         """
+        if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise PlanFormatError(
+                f"attn_implementation must be {' or '.join(map(repr, ATTN_IMPLEMENTATIONS))} "
+                f"(or None), got {attn_implementation!r}",
+                "attn_implementation",
+            )
         try:
             if self.kind == "transformers":
                 if not isinstance(self.config, Mapping):
                     raise PlanFormatError(
                         "a transformers structure needs a config object", "config"
                     )
-                model = _build_transformers(self.architecture, dict(self.config))
+                model = _build_transformers(
+                    self.architecture, dict(self.config), attn_implementation
+                )
             elif self.kind == "tree":
                 model = _build_tree(self.nodes)
             else:
@@ -294,7 +311,9 @@ def _transformers_class(architecture: str, model_type: Any) -> type | None:
     return cls
 
 
-def _build_transformers(architecture: str, config: dict[str, Any]) -> nn.Module:
+def _build_transformers(
+    architecture: str, config: dict[str, Any], attn_implementation: str | None
+) -> nn.Module:
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
@@ -310,6 +329,8 @@ def _build_transformers(architecture: str, config: dict[str, Any]) -> nn.Module:
         )
     try:
         hf_config = CONFIG_MAPPING[model_type].from_dict(_buildable_config(config))
+        if attn_implementation is not None:  # built in: loads no code
+            hf_config._attn_implementation = attn_implementation
         dtype = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or ""))
         with torch.device("meta"):
             model = cls(hf_config)

@@ -66,14 +66,22 @@ class Host:
         if self._keys is not None and not self._keys:
             raise ValueError("api_keys is empty: pass None to serve without keys")
         self.pool: Any = None
-        if tensor_parallel is not None and ray_replicas is not None:
-            raise ValueError(
-                "tensor_parallel and ray_replicas do not combine yet: a tensor-parallel host "
-                "runs its ranks on this machine"
-            )
         if tensor_parallel is not None and co_batch:
             raise ValueError("co_batch merges passes of in-process workers, not of sharded ranks")
-        if tensor_parallel is not None:
+        if tensor_parallel is not None and ray_replicas is not None:
+            from torchsurgeon.remote.ray_pool import RayPool
+
+            if tensor_parallel_device != "cpu":
+                raise ValueError(
+                    "tensor-parallel ranks on Ray run on CPU (gloo) here; for NCCL leave Ray "
+                    "out (the ranks are then this machine's processes, one GPU each)"
+                )
+            sources = _checkpoints(models, "with tensor_parallel, each rank loads its shards")
+            self.pool = RayPool(
+                sources, ray_replicas, self.limits, ray_threads, tensor_parallel=tensor_parallel
+            )
+            self.models = self.pool.hosted(sources)
+        elif tensor_parallel is not None:
             sources = _checkpoints(models, "with tensor_parallel, each rank loads its shards")
             self.pool = TensorParallelPool(
                 sources, tensor_parallel, self.limits, device=tensor_parallel_device
@@ -182,8 +190,8 @@ class Host:
         batch key, None when it runs alone; its part); :class:`ApiError` if a check fails."""
         hosted = self.model(name)
         runs = prepare_submission(hosted, body, self.limits)  # inputs checked, cost estimated
-        if isinstance(self.pool, TensorParallelPool):
-            self.pool.check(runs)  # what sharded ranks serve: one forward run
+        if self.pool is not None:
+            self.pool.check(runs)  # e.g. what sharded ranks do not serve: training
         key = batch_key(hosted, runs, runs[0].inputs.alone) if self.pool is None else None
         if self.pool is not None:
             pool = self.pool

@@ -60,7 +60,12 @@ from torchsurgeon.plans.identity import BaseIdentity, identity_of, pin_identity
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.replay import apply
 from torchsurgeon.plans.returning import Returning
-from torchsurgeon.plans.structure import Structure, structure_of, without_value_warnings
+from torchsurgeon.plans.structure import (
+    ATTN_IMPLEMENTATIONS,
+    Structure,
+    structure_of,
+    without_value_warnings,
+)
 from torchsurgeon.remote.deadline import guard_deadlines
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.limits import Cost, Estimates, Limits, estimate, keep_values
@@ -80,9 +85,6 @@ _TOKEN_TENSORS = ("input_ids", "attention_mask", "position_ids", "token_type_ids
 _TENSORS = (*_TOKEN_TENSORS, "inputs_embeds")
 _FLAGS = ("use_cache", "output_hidden_states", "output_attentions")
 _MADE_FROM_TEXT = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
-
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
-"""The ``transformers`` attention implementations a host may load a model with."""
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,10 @@ class HostedModel:
         identity: the stand-ins a ``tree`` structure builds have no ``forward`` for the
         cost estimate to run.
         """
-        base = _converted_on_meta(source, structure.identity) if converted else structure.build()
+        if converted:
+            base = _converted_on_meta(source, structure.identity)
+        else:  # the served model's attention: the masks its layers see depend on it
+            base = structure.build(attn_implementation)
         tokenizer = load_tokenizer(source) if takes_text else None
         return cls(
             name,

@@ -41,6 +41,11 @@ another live (or the fresh) replica — a job is a forward pass, it has no side 
 repeat; if that replica dies too, the job fails with ``replica_died``. :meth:`RayPool.health`
 (``/v1/health``) says how many replicas are live and how many were replaced.
 
+**Tensor-parallel ranks.** With ``tensor_parallel=N`` the owner starts no replicas: it
+reserves a placement group of N CPUs and runs one group of N rank actors in it
+(:class:`~torchsurgeon.remote.ray_tp.RankGroup`), every job on all N; the rest — the private
+cluster, dying together, the process list — is the same.
+
 Each replica runs torch with ``threads`` intra-op threads (default: this process's thread
 count divided among the replicas, at least 1), so N replicas on one machine do not
 oversubscribe its cores. A CPU matmul split over another number of threads sums in another
@@ -71,12 +76,15 @@ from typing import IO, Any
 
 import torch
 
+from torchsurgeon.distributed.launch import check_ranks
 from torchsurgeon.plans.identity import identity_of
 from torchsurgeon.plans.structure import Structure
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.execution import prepare_submission, run_submission
 from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.ray_tp import RankGroup
+from torchsurgeon.remote.tp_pool import check_tensor_parallel
 
 __all__ = ["ModelWorker", "RayPool"]
 
@@ -152,15 +160,26 @@ class RayPool:
         replicas: int,
         limits: Limits,
         threads: int | None = None,
+        *,
+        tensor_parallel: int | None = None,
     ) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
+        if tensor_parallel is not None:
+            check_ranks(tensor_parallel, "cpu", name="tensor_parallel", least=2)
+            if replicas != 1:
+                raise ValueError(
+                    "with tensor_parallel, Ray runs one group of ranks (replicas=1), got "
+                    f"replicas={replicas}"
+                )
         if importlib.util.find_spec("ray") is None:
             raise ImportError("serving with Ray needs Ray: pip install 'torchsurgeon[ray]'")
+        actors = tensor_parallel or replicas
         if threads is None:
-            threads = max(1, torch.get_num_threads() // replicas)
+            threads = max(1, torch.get_num_threads() // actors)
         self.threads = threads
         self.replicas = replicas
+        self.tensor_parallel = tensor_parallel
         env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
         env.update(
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # single machine: every port on loopback
@@ -188,6 +207,7 @@ class RayPool:
         start = {
             "sources": {name: LocalCheckpoint.of(s).to_json() for name, s in sources.items()},
             "replicas": replicas,
+            "tensor_parallel": tensor_parallel,
             "limits": limits.to_json(),
             "threads": threads,
         }
@@ -216,14 +236,21 @@ class RayPool:
                 Structure.from_json(self.described[name]["structure"]),
                 str(LocalCheckpoint.of(sources[name]).path),
                 self.described[name]["takes_text"],
-                converted=self.described[name]["converted"],
+                converted=self.described[name].get("converted", False),
                 attn_implementation=self.described[name]["attn_implementation"],
             )
             for name in sources
         }
 
+    def check(self, runs: list[Any]) -> None:
+        """Refuse (422) a checked submission the actors do not serve: with
+        ``tensor_parallel``, what sharded ranks do not run (training)."""
+        if self.tensor_parallel is not None:
+            check_tensor_parallel([r.inputs for r in runs])
+
     def run(self, name: str, request: bytes) -> bytes:
-        """Run one request on a live replica: its result bytes, or :class:`ApiError`."""
+        """Run one request on a live replica (or the rank group): its result bytes, or
+        :class:`ApiError`."""
         reply, result = self._call({"op": "run", "model": name}, request)
         error = reply.get("error")
         if error is not None:
@@ -433,6 +460,7 @@ class _Owner:
         self.replaced = 0
         self.rerun = 0
         self.replicas: list[_Replica] = []
+        self.group: RankGroup | None = None  # with tensor_parallel: the ranks, instead
         self.pids: list[tuple[int, float]] = []
         self.monitoring: threading.Thread | None = None
 
@@ -446,21 +474,15 @@ class _Owner:
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
-            num_cpus=start["replicas"],
+            num_cpus=start.get("tensor_parallel") or start["replicas"],
         )
         self.pids = self._descendants()
         self._args = (start["sources"], start["limits"], start["threads"])
-        self._actor = ray.remote(num_cpus=0)(ModelWorker)
-        self.replicas = [
-            _Replica(self._actor.remote(*self._args)) for _ in range(start["replicas"])
-        ]
-        described = ray.get([r.actor.structures.remote() for r in self.replicas])
-        pids = ray.get([r.actor.ping.remote() for r in self.replicas])
-        if any(d != described[0] for d in described):
-            raise RuntimeError("the replicas loaded different models from the same paths")
-        self.described = described[0]
-        for replica, pid in zip(self.replicas, pids, strict=True):
-            replica.state, replica.pid = "live", pid
+        if start.get("tensor_parallel"):
+            self.group = RankGroup(ray, start["tensor_parallel"], *self._args)
+            self.described = self.group.described
+        else:
+            self._start_replicas(start["replicas"])
         self.pids = self._descendants()
         exposed = _exposed_sockets([os.getpid(), *(p for p, _ in self.pids)])
         if exposed:
@@ -469,11 +491,25 @@ class _Owner:
                 "torchsurgeon serves only from a loopback-only Ray cluster"
             )
 
+    def _start_replicas(self, count: int) -> None:
+        ray = self._ray
+        self._actor = ray.remote(num_cpus=0)(ModelWorker)
+        self.replicas = [_Replica(self._actor.remote(*self._args)) for _ in range(count)]
+        described = ray.get([r.actor.structures.remote() for r in self.replicas])
+        pids = ray.get([r.actor.ping.remote() for r in self.replicas])
+        if any(d != described[0] for d in described):
+            raise RuntimeError("the replicas loaded different models from the same paths")
+        self.described = described[0]
+        for replica, pid in zip(self.replicas, pids, strict=True):
+            replica.state, replica.pid = "live", pid
+
     # ----------------------------------------------------------------- jobs
 
     def run(self, name: str, request: bytes) -> tuple[bytes, dict[str, Any] | None]:
         from ray.exceptions import RayActorError
 
+        if self.group is not None:
+            return self.group.run(name, request)
         for attempt in range(2):
             replica = self._pick()
             if replica is None:
@@ -517,6 +553,8 @@ class _Owner:
         return "no replica is live" + (f": {'; '.join(reasons)}" if reasons else "")
 
     def each_live(self, method: str) -> list[Any]:
+        if self.group is not None:
+            return self.group.each(method)
         with self._lock:
             live = [r for r in self.replicas if r.state == "live"]
         return self._ray.get([getattr(r.actor, method).remote() for r in live])
@@ -580,6 +618,8 @@ class _Owner:
         """One round of :meth:`monitor`."""
         from ray.exceptions import RayActorError
 
+        if self.group is not None:
+            self.group.check()
         with self._lock:
             live = [r for r in self.replicas if r.state == "live"]
         pending = [r.ping for r in live if r.ping is not None]
@@ -602,6 +642,8 @@ class _Owner:
             report(pids)
 
     def health(self) -> dict[str, Any]:
+        if self.group is not None:
+            return self.group.health()
         with self._lock:
             members = [
                 {"state": r.state, "pid": r.pid, "busy": r.busy, "reason": r.reason}
@@ -636,6 +678,9 @@ class _Owner:
         if self.monitoring is not None:
             self.monitoring.join(10)
         started = self._descendants()
+        if self.group is not None:
+            with contextlib.suppress(Exception):
+                self.group.close()
         with contextlib.suppress(Exception):
             self._ray.shutdown()
         _kill_all(sorted({*self.pids, *started}))

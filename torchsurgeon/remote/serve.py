@@ -12,7 +12,9 @@ plan can select (see :class:`~torchsurgeon.remote.hosted.LocalCheckpoint`); ``--
 file with one key per line (blank lines and ``#`` comments ignored); ``--state-dir`` is
 where jobs and results persist (a host started again on it finishes what was queued or
 running); ``--ray --replicas N`` runs N model replicas as Ray actors on a local Ray
-cluster. The connection limits (``--max-connections``, ``--header-timeout``, ...) are
+cluster; ``--tp N`` shards each model over N ranks (with ``--ray``, N Ray actors in one
+placement group: :mod:`torchsurgeon.remote.ray_tp`). The connection limits
+(``--max-connections``, ``--header-timeout``, ...) are
 :class:`~torchsurgeon.remote.server.ServerLimits`. SIGTERM stops the host within about
 ``--shutdown-timeout`` seconds plus a few, even with jobs running (they run again on restart).
 The parser is added to the ``torchsurgeon`` command by :func:`add_serve_parser`;
@@ -44,7 +46,9 @@ queries, keys, values and per-head outputs plans can select. --api-keys is a fil
 key per line (blank lines and # comments ignored); clients send it as
 'Authorization: Bearer KEY'. --state-dir keeps jobs and results (SQLite + files) so that a
 restarted host finishes queued and interrupted jobs; without it they live in a temporary
-directory. --ray --replicas N runs N model replicas as Ray actors on a local Ray cluster."""
+directory. --ray --replicas N runs N model replicas as Ray actors on a local Ray cluster.
+--tp N shards each model over N tensor-parallel ranks (with --ray: N Ray actors placed in
+one placement group)."""
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -86,8 +90,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="serve each model sharded over N tensor-parallel ranks on this machine (gloo on "
-        "CPU; with --tp-device cuda, NCCL and one GPU per rank)",
+        help="serve each model sharded over N tensor-parallel ranks (gloo on CPU; with "
+        "--tp-device cuda, NCCL and one GPU per rank; with --ray, Ray actors in a placement "
+        "group)",
     )
     parser.add_argument(
         "--tp-device", choices=("cpu", "cuda"), default="cpu", help="the ranks' device (cpu)"

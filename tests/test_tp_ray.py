@@ -1,0 +1,141 @@
+"""Tensor-parallel ranks as Ray actors: ``serve --tp 2 --ray`` answers like a single host.
+
+``create_app(..., tensor_parallel=2, ray_replicas=1)`` places the two gloo ranks as Ray
+actors in one placement group of the host's private cluster (:mod:`torchsurgeon.remote.ray_tp`).
+Checked from outside: every case of the distributed battery gives the single-process
+host's logits and saved tensors (max abs diff <= 1e-5); the ranks are processes of the
+host's Ray cluster (not the host's children); a rank killed with SIGKILL shows in
+``/v1/health``, fails the next job with ``replica_died``, and the job after it succeeds on a
+fresh group; training is refused before it is queued; and the stopped host leaves no rank
+running. What does not combine is refused when the host starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from requirements import require
+from test_distributed import LLAMA_CASES, TOLERANCE, make_llama
+
+import torchsurgeon as ts
+from torchsurgeon.remote import Client, RemoteError, create_app, serve_in_thread
+
+pytestmark = pytest.mark.slow  # a Ray cluster, two ranks and two hosts
+
+
+@pytest.fixture(scope="module")
+def psutil() -> Any:
+    require("ray", "the Ray tests need `pip install ray`")
+    return require("psutil")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tp-ray") / "llama"
+    make_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hosts(psutil: Any, checkpoint: Path) -> Iterator[dict[str, Any]]:
+    single = create_app({"llama": checkpoint})
+    sharded = create_app({"llama": checkpoint}, tensor_parallel=2, ray_replicas=1)
+    pool = sharded.state.host.pool
+    ranks: list[Any] = []
+    with (
+        serve_in_thread(single) as one,
+        serve_in_thread(sharded) as two,
+        Client(one.url, progress=False, model="llama") as plain,
+        Client(two.url, progress=False, model="llama") as on_ray,
+    ):
+        ranks = [psutil.Process(m["pid"]) for m in pool.health(detail=True)["members"]]
+        yield {"single": plain, "tp": on_ray, "pool": pool, "psutil": psutil, "ranks": ranks}
+    _, left = psutil.wait_procs(ranks, timeout=30)
+    assert not left, f"the stopped host left ranks {[p.pid for p in left]} running"
+
+
+def _tensors(result: ts.Result) -> dict[str, torch.Tensor]:
+    return {"logits": result.output["logits"], **dict(result.saved)}
+
+
+def _ids(seed: int, rows: int = 5) -> torch.Tensor:
+    return torch.randint(1, 64, (rows, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_case_on_ray_ranks_equals_the_single_process_host(hosts: dict[str, Any]) -> None:
+    base = ts.wrap(make_llama())
+    ids = _ids(0)
+    worst: dict[str, float] = {}
+    for name, probe in LLAMA_CASES.items():
+        tree = probe(base)
+        want = _tensors(hosts["single"].run(tree, ids))
+        got = _tensors(hosts["tp"].run(tree, ids))
+        assert got.keys() == want.keys(), name
+        worst[name] = max(float((got[k] - want[k]).abs().max()) for k in want)
+    print("max abs diff, tp=2 on Ray vs single-process host:", worst)
+    assert max(worst.values()) <= TOLERANCE, worst
+    health = hosts["tp"]._json("GET", "/v1/health")["replicas"]
+    assert health == {"state": "ok", "live": 2, "ranks": 2, "restarts": 0, "placement": "PACK"}
+    # the ranks are Ray worker processes, not processes this host spawned itself
+    children = {p.pid for p in hosts["psutil"].Process().children()}
+    assert all(rank.pid not in children and rank.is_running() for rank in hosts["ranks"])
+
+
+def test_training_is_refused_before_it_is_queued(hosts: dict[str, Any]) -> None:
+    base = ts.wrap(make_llama())
+    probe = ts.select(base).at("model.layers.0").insert_after(ts.layers.Add(torch.zeros(32)))
+    with pytest.raises(RemoteError) as refused:
+        hosts["tp"].train(
+            probe,
+            [_ids(3, rows=2)],
+            loss=ts.out("logits").logsumexp(-1).mean(),
+            params=ts.select(probe).at_instances_of("Add"),
+            optimizer=ts.optim.AdamW(lr=1e-2),
+            steps=1,
+        )
+    assert refused.value.status == 422 and refused.value.code == "unsupported"
+    assert refused.value.field == "call"
+
+
+def test_a_killed_rank_fails_one_job_and_a_fresh_group_serves_the_next(
+    hosts: dict[str, Any],
+) -> None:
+    pool, psutil = hosts["pool"], hosts["psutil"]
+    base = ts.wrap(make_llama())
+    probe = ts.select(base).at("model.layers.1").insert_after(ts.layers.Save("x"))
+    ids = _ids(2, rows=2)
+    want = hosts["single"].run(probe, ids).saved["x"]
+    victim = psutil.Process(pool.health(detail=True)["members"][1]["pid"])
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(30)
+    deadline = time.monotonic() + 30  # the owner's monitor pings the ranks twice a second
+    while pool.health()["live"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pool.health()["state"] == "down" and pool.health()["live"] == 1
+    with pytest.raises(RemoteError) as failed:
+        hosts["tp"].run(probe, ids)
+    assert failed.value.code == "replica_died", failed.value
+    got = hosts["tp"].run(probe, ids).saved["x"]
+    assert float((got - want).abs().max()) <= TOLERANCE
+    health = pool.health(detail=True)
+    assert health["state"] == "ok" and health["restarts"] == 1
+    hosts["ranks"].extend(psutil.Process(m["pid"]) for m in health["members"])
+
+
+def test_what_does_not_combine_with_ray_ranks_is_refused_at_start(checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="one group of ranks"):
+        create_app({"llama": checkpoint}, tensor_parallel=2, ray_replicas=2)
+    with pytest.raises(ValueError, match="on Ray run on CPU"):
+        create_app(
+            {"llama": checkpoint},
+            tensor_parallel=2,
+            ray_replicas=1,
+            tensor_parallel_device="cuda",
+        )

@@ -1,0 +1,254 @@
+"""Tensor-parallel ranks as Ray actors: ``serve --tp N --ray``.
+
+The ranks of :mod:`torchsurgeon.remote.tp_pool` need not be this process's children. With
+``--ray`` they are N :class:`TensorParallelRank` actors in one Ray *placement group* of N
+bundles (one CPU each): Ray decides where each rank runs and keeps the group's resources
+reserved while it lives; ``torch.distributed`` does the communicating — rank 0 opens the
+rendezvous store, every rank joins one gloo process group through it, loads and shards every
+model, and from then on serves each request exactly as a rank of the in-process pool does
+(:func:`~torchsurgeon.remote.tp_pool._serve`: replay with ``tsd.apply``, run, rank 0's
+bytes are the answer). No home-made cluster: Ray schedules, torch communicates.
+
+The actors live in the host's private, loopback-only Ray cluster (see
+:mod:`torchsurgeon.remote.ray_pool`, whose pool owner drives this :class:`RankGroup`), so
+here the group spans one machine's cores; the placement group is packed (``"PACK"``) and
+the rendezvous listens on loopback. A group that spans machines needs a cluster reached
+over the network, which the host deliberately never joins.
+
+**Failures.** One request runs at a time (collectives must come in the same order on every
+rank). When a rank's actor dies, or the ranks do not answer within ``max_run_seconds`` +
+``watchdog_grace_seconds``, the job fails (``replica_died`` / ``timeout``), every actor of
+the group is killed, and a fresh group (in the same placement group) starts before the next
+job; it must describe the very models the first one did.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from torchsurgeon.remote.limits import Limits
+
+__all__ = ["RankGroup", "TensorParallelRank"]
+
+_START_SECONDS = 600.0
+
+
+class TensorParallelRank:
+    """One rank of a tensor-parallel group, as a Ray actor in the group's placement group."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        sources: Mapping[str, Mapping[str, Any]],
+        limits: Mapping[str, Any],
+        threads: int,
+    ) -> None:
+        torch.set_num_threads(threads)  # Ray starts workers with OMP_NUM_THREADS=1
+        self.rank, self.world_size, self.threads = rank, world_size, threads
+        self.sources = {name: dict(source) for name, source in sources.items()}
+        self.limits = Limits.from_json(dict(limits))
+        self.models: dict[str, Any] = {}
+        self._store: Any = None
+
+    def rendezvous(self) -> int:
+        """Rank 0: open the group's store (loopback, a port the OS picks); its port."""
+        from torchsurgeon.distributed.launch import _loopback_store
+
+        self._store = _loopback_store(self.world_size, _START_SECONDS)
+        return int(self._store.port)
+
+    def join(self, port: int) -> dict[str, Any] | None:
+        """Join the process group, load and shard every model; rank 0 describes them."""
+        from torchsurgeon.distributed.launch import join_group
+        from torchsurgeon.remote.tp_pool import _load
+
+        run_limit = self.limits.max_run_seconds + self.limits.watchdog_grace_seconds
+        join_group(self.rank, self.world_size, port, "cpu", self.threads, _START_SECONDS, run_limit)
+        self.models = _load(self.sources, "cpu")
+        return {name: m[2] for name, m in self.models.items()} if self.rank == 0 else None
+
+    def run(self, name: str, request: bytes) -> tuple[str, Any]:
+        """``("result", bytes)`` or ``("error", json)``: rank 0's value, None elsewhere."""
+        from torchsurgeon.remote.tp_pool import _serve
+
+        kind, value = _serve(self.models, name, request, self.limits)
+        return kind, value if self.rank == 0 else None
+
+    def ping(self) -> int:
+        """This rank's process id."""
+        return os.getpid()
+
+
+class RankGroup:
+    """The pool owner's side: one placement group and the N rank actors placed in it."""
+
+    def __init__(
+        self,
+        ray: Any,
+        world_size: int,
+        sources: Mapping[str, Any],
+        limits: Mapping[str, Any],
+        threads: int,
+    ) -> None:
+        from ray.util.placement_group import placement_group
+
+        self._ray = ray
+        self.world_size = world_size
+        self._args = (world_size, dict(sources), dict(limits), threads)
+        parsed = Limits.from_json(dict(limits))
+        self._run_limit = parsed.max_run_seconds + parsed.watchdog_grace_seconds
+        self._lock = threading.Lock()  # one request at a time: collectives come in order
+        self.ranks: list[Any] = []
+        self.pids: list[int | None] = [None] * world_size
+        self._pings: dict[int, Any] = {}
+        self._dead: set[int] = set()
+        self.restarts = 0
+        self.reason = ""
+        self.placement = placement_group([{"CPU": 1}] * world_size, strategy="PACK")
+        if not self.placement.wait(_START_SECONDS):
+            raise RuntimeError(
+                f"Ray could not reserve {world_size} CPUs for the tensor-parallel ranks"
+            )
+        self.described = self._start()
+
+    def _start(self) -> dict[str, Any]:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        actor = self._ray.remote(num_cpus=1)(TensorParallelRank)
+        self.ranks = [
+            actor.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement, placement_group_bundle_index=rank
+                ),
+                name=None,
+            ).remote(rank, *self._args)
+            for rank in range(self.world_size)
+        ]
+        try:
+            port = self._ray.get(self.ranks[0].rendezvous.remote(), timeout=_START_SECONDS)
+            joined = [r.join.remote(port) for r in self.ranks]
+            described = self._ray.get(joined, timeout=_START_SECONDS)[0]
+            self.pids = self._ray.get([r.ping.remote() for r in self.ranks], timeout=60)
+        except Exception:
+            self._stop()
+            raise
+        return described
+
+    def run(self, name: str, request: bytes) -> tuple[bytes, dict[str, Any] | None]:
+        """Run one request on every rank: ``(rank 0's bytes, None)`` or ``(b"", error)``."""
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        with self._lock:
+            if not self.ranks:
+                failed = self._restart()
+                if failed is not None:
+                    return b"", failed
+            refs = [rank.run.remote(name, request) for rank in self.ranks]
+            try:
+                answers = self._ray.get(refs, timeout=self._run_limit)
+            except RayActorError:
+                self._stop()
+                return b"", _error(
+                    500,
+                    "replica_died",
+                    "a tensor-parallel rank died during this job; the ranks are started again",
+                )
+            except GetTimeoutError:
+                self._stop()
+                return b"", _error(
+                    408,
+                    "timeout",
+                    "the tensor-parallel ranks did not answer within max_run_seconds + "
+                    "watchdog_grace_seconds; they are started again",
+                )
+        kind, value = answers[0]
+        if kind == "error":
+            return b"", dict(value)
+        return value, None
+
+    def _restart(self) -> dict[str, Any] | None:
+        """A fresh group after a failure; the error to answer with if it cannot start."""
+        started = time.monotonic()
+        try:
+            described = self._start()
+        except Exception as error:
+            self.reason = f"the ranks did not start again: {type(error).__name__}: {error}"
+            return _error(503, "replica_died", self.reason)
+        if described != self.described:
+            self._stop()
+            self.reason = "the restarted ranks loaded different models from the same paths"
+            return _error(503, "replica_died", self.reason)
+        self.restarts += 1
+        self.reason = f"restarted in {time.monotonic() - started:.1f} s"
+        return None
+
+    def _stop(self) -> None:
+        for rank in self.ranks:
+            try:
+                self._ray.kill(rank, no_restart=True)
+            except Exception:  # already gone
+                continue
+        self.ranks, self.pids, self._pings, self._dead = [], [None] * self.world_size, {}, set()
+
+    def check(self) -> None:
+        """One round of the owner's monitor: note ranks whose actor died (for health; the
+        next job fails on them and restarts the group). A ping queued behind a long job
+        simply waits: only an actor's death fails it."""
+        from ray.exceptions import RayActorError
+
+        ranks, pings, dead = self.ranks, dict(self._pings), set(self._dead)
+        waiting = list(pings.values())
+        ready = self._ray.wait(waiting, num_returns=len(waiting), timeout=0)[0] if waiting else []
+        for index, rank in enumerate(ranks):
+            ping = pings.get(index)
+            if ping is not None and ping in ready:
+                del pings[index]
+                try:
+                    self._ray.get(ping)
+                except RayActorError:
+                    dead.add(index)
+            if index not in pings and index not in dead:
+                pings[index] = rank.ping.remote()
+        if ranks is self.ranks:  # not restarted meanwhile (a restart makes a new list)
+            self._pings, self._dead = pings, dead
+
+    def each(self, method: str) -> list[Any]:
+        """``method()`` of every rank: ``ping`` (their process ids; for operators and tests)."""
+        if method != "ping":
+            raise ValueError(
+                f"the tensor-parallel ranks answer 'ping' only, not {method!r} (a rank holds "
+                "shards: no whole-model fingerprint, no per-replica count)"
+            )
+        with self._lock:
+            return list(self._ray.get([getattr(r, method).remote() for r in self.ranks]))
+
+    def health(self) -> dict[str, Any]:
+        live = len(self.ranks) - len(self._dead)
+        return {
+            "state": "ok" if live == self.world_size else "down",
+            "live": live,
+            "ranks": self.world_size,
+            "restarts": self.restarts,
+            "members": [{"rank": i, "pid": pid} for i, pid in enumerate(self.pids)],
+            "placement": "PACK",
+        }
+
+    def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        self._stop()
+        try:
+            remove_placement_group(self.placement)
+        except Exception:  # the cluster is going down anyway
+            return
+
+
+def _error(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"status": status, "code": code, "message": message, "field": ""}
