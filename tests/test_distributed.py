@@ -207,8 +207,10 @@ UPSTREAM_GRAD_CASE: Probe = chain(  # for backward=: autograd is asked for these
     after("model.layers.0.mlp.gate_proj", SaveGrad("g_gate0")),  # sharded, upstream of ...
     after("model.layers.0", SaveGrad("g_resid0")),  # ... a replicated site
     after(GATE, SaveGrad("g_gate1")),
+    after(DOWN, LowRankAdapter(rand(3, WIDTH, seed=6) * 0.1, rand(32, 3, seed=7), 1.5)),
+    before(DOWN, SaveGrad("g_down_in")),  # through the adapter's sum over the ranks too
 )
-BACKWARD = ts.out("logits")[:, -1, :8].sum()  # gradients of order one, as the activations
+BACKWARD = ts.out("logits")[:, -1, :8].mean()  # gradients of order one, as the activations
 
 C_FC, C_PROJ = "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"
 GPT2_CASES: dict[str, Probe] = {

@@ -7,8 +7,8 @@
 - :func:`gather_to_first` builds it on rank 0 only (a gather: rank 0 receives ``N - 1``
   shards and nobody else receives anything). The result is detached.
 - :func:`sum_over_ranks` adds a small tensor over the ranks (a LoRA adapter's low-rank
-  partial products at a row-wise projection), differentiably, in rank order so every rank
-  gets the same bits.
+  partial products at a row-wise projection), in rank order so every rank gets the same
+  bits; its gradient passes back unchanged (every rank uses the whole sum).
 
 They run on torch's functional collectives (``torch.distributed._functional_collectives``),
 over the process group of the model's device mesh.
@@ -64,9 +64,27 @@ def gather_to_first(local: torch.Tensor, split: Split, mesh: DeviceMesh) -> torc
 
 
 def sum_over_ranks(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-    """``x`` summed over the ranks of ``mesh`` (the same on every rank; differentiable)."""
-    parts = mesh.size()
-    if parts == 1:
+    """``x`` summed over the ranks of ``mesh`` (the same on every rank; differentiable).
+
+    The sum is used whole on every rank (each computes the same loss from it), so the
+    gradient of each rank's own ``x`` is the sum's gradient as it is: the backward is the
+    identity, with no collective. (A differentiable all-gather would sum that replicated
+    gradient over the ranks in its backward and give ``N`` times the true one.)
+    """
+    if mesh.size() == 1:
         return x
-    stacked = _all_gather_first_dim(x.unsqueeze(0), mesh)
-    return stacked.sum(0)
+    return _SumOverRanks.apply(x, mesh.get_group())
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: all-gather and add in rank order (the same bits everywhere); backward: the
+    identity (see :func:`sum_over_ranks`)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        stacked = funcol.all_gather_tensor(x.unsqueeze(0).contiguous(), 0, group)
+        return settled(stacked).sum(0)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
