@@ -211,6 +211,12 @@ UPSTREAM_GRAD_CASE: Probe = chain(  # for backward=: autograd is asked for these
     before(DOWN, SaveGrad("g_down_in")),  # through the adapter's sum over the ranks too
 )
 BACKWARD = ts.out("logits")[:, -1, :8].mean()  # gradients of order one, as the activations
+FROM_SAVED_CASE: Probe = chain(  # a loss read from a gathered shard, gradients upstream of it
+    before(DOWN, Save("down_in")),
+    after("model.layers.0", SaveGrad("g_resid0")),
+    before(f"{MLP}.up_proj", SaveGrad("g_up_in")),
+)
+FROM_SAVED = ts.saved("down_in").square().mean() + BACKWARD
 
 C_FC, C_PROJ = "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"
 GPT2_CASES: dict[str, Probe] = {
@@ -253,8 +259,10 @@ def with_backward(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor
     return entries(result)
 
 
-def with_backward_expression(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    return entries(ts.run(model, ids, backward=BACKWARD))
+def with_backward_expression(
+    model: nn.Module, ids: torch.Tensor, loss: ts.Expr = BACKWARD
+) -> dict[str, torch.Tensor]:
+    return entries(ts.run(model, ids, backward=loss))
 
 
 def errors_of(tree: nn.Module, ids: torch.Tensor) -> dict[str, str]:
@@ -281,13 +289,16 @@ def errors_of(tree: nn.Module, ids: torch.Tensor) -> dict[str, str]:
 def counting_gathers() -> list[int]:
     """Count the activation gathers of placed layers (on this rank, from now on)."""
     calls: list[int] = []
-    original = sharded_module.gather
 
-    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append(1)
-        return original(*args, **kwargs)
+    def counting(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+            calls.append(1)
+            return original(*args, **kwargs)
 
-    sharded_module.gather = counted
+        return counted
+
+    sharded_module.gather = counting(sharded_module.gather)  # gather-edit-scatter
+    sharded_module.gather_whole = counting(sharded_module.gather_whole)  # recordings
     return calls
 
 
@@ -314,6 +325,10 @@ def llama_rank(plans: dict[str, bytes], ids: torch.Tensor, mesh: Any) -> dict[st
     out["gathers"]["gathered"] = len(gathers)
     upstream = tsd.localize(UPSTREAM_GRAD_CASE(tree))
     out["cases"]["backward= upstream"] = with_backward_expression(upstream, ids)
+    from_saved = tsd.localize(FROM_SAVED_CASE(tree))
+    out["cases"]["backward= from a saved shard"] = with_backward_expression(
+        from_saved, ids, FROM_SAVED
+    )
     rank0 = tsd.apply(
         ts.Plan.from_bytes(plans["save hidden, every layer"]), tree, record_on="rank0"
     )
@@ -385,6 +400,8 @@ def ranks() -> dict[str, Any]:
     out["llama"]["reference"] = unsharded(llama, llama_cases, ids)
     upstream = with_backward_expression(UPSTREAM_GRAD_CASE(llama), ids)
     out["llama"]["reference"]["backward= upstream"] = upstream
+    from_saved = with_backward_expression(FROM_SAVED_CASE(llama), ids, FROM_SAVED)
+    out["llama"]["reference"]["backward= from a saved shard"] = from_saved
     gpt2_cases = {**GPT2_CASES, "grads": after(C_PROJ, SaveGrad("g"))}
     out["gpt2"]["reference"] = unsharded(gpt2, gpt2_cases, ids)
     base = {}
@@ -415,7 +432,13 @@ def test_every_llama_layer_at_every_site_equals_the_unsharded_model(ranks: dict)
     assert max(diffs.values()) <= TOLERANCE, {k: v for k, v in diffs.items() if v > TOLERANCE}
     base = ranks["base logits"]["llama"]
     for case, values in ranks["llama"]["reference"].items():
-        if case not in ("save hidden, every layer", "grads", "gathered", "backward= upstream"):
+        if case not in (
+            "save hidden, every layer",
+            "grads",
+            "gathered",
+            "backward= upstream",
+            "backward= from a saved shard",
+        ):
             assert max_diff(values["logits"], base) > 1e-4, f"{case} changes nothing"
     print(f"  (battery launch: {ranks['seconds']:.1f} s)")
 

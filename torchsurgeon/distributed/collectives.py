@@ -1,9 +1,13 @@
-"""The three collectives a sharded site needs: gather a shard, gather it to rank 0, sum.
+"""The collectives a sharded site needs: gather a shard (two ways), gather it to rank 0, sum.
 
 - :func:`gather` builds the full tensor on every rank from the shards (an all-gather along
   the split dimension). It is differentiable: the gradient of the full tensor, which each
   rank may compute differently, is summed over the ranks and cut back to each shard (a
-  reduce-scatter) — what a gather-edit-scatter needs for ``backward`` to be right.
+  reduce-scatter) — what a gather-edit-scatter needs for ``backward`` to be right, since
+  each rank keeps only its own part of the edited tensor.
+- :func:`gather_whole` builds the same full tensor for a use every rank makes alike (a
+  recording read by the loss, a replicated output): each shard's gradient is its own part
+  of the full tensor's gradient, which every rank already has whole.
 - :func:`gather_to_first` builds it on rank 0 only (a gather: rank 0 receives ``N - 1``
   shards and nobody else receives anything). The result is detached.
 - :func:`sum_over_ranks` adds a small tensor over the ranks (a LoRA adapter's low-rank
@@ -16,6 +20,8 @@ over the process group of the model's device mesh.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -23,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from torchsurgeon.distributed.split import Split
 
-__all__ = ["gather", "gather_to_first", "settled", "sum_over_ranks"]
+__all__ = ["gather", "gather_to_first", "gather_whole", "settled", "sum_over_ranks"]
 
 
 def settled(x: torch.Tensor) -> torch.Tensor:
@@ -48,6 +54,33 @@ def gather(local: torch.Tensor, split: Split, mesh: DeviceMesh) -> torch.Tensor:
     dim = split.dim % local.dim()
     full = _all_gather_first_dim(local.movedim(dim, 0), mesh)
     return full.movedim(0, dim)
+
+
+def gather_whole(local: torch.Tensor, split: Split, mesh: DeviceMesh) -> torch.Tensor:
+    """The full tensor on every rank, for a use every rank makes alike (a recording the same
+    loss reads on every rank, a layer whose output is replicated): the gradient of the full
+    tensor is then the same on every rank, and each shard's gradient is its own part of it,
+    with no collective in the backward. (:func:`gather` would sum that replicated gradient
+    over the ranks and give ``N`` times the true one.)"""
+    if split.parts == 1:
+        return local
+    return _GatherWhole.apply(local, split, mesh.get_group())
+
+
+class _GatherWhole(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, local: torch.Tensor, split: Split, group: dist.ProcessGroup
+    ) -> torch.Tensor:
+        ctx.split = split
+        dim = split.dim % local.dim()
+        moved = local.movedim(dim, 0).contiguous()
+        return settled(funcol.all_gather_tensor(moved, 0, group)).movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        split = ctx.split
+        return grad.narrow(split.dim % grad.dim(), split.offset, split.width), None, None
 
 
 def gather_to_first(local: torch.Tensor, split: Split, mesh: DeviceMesh) -> torch.Tensor | None:

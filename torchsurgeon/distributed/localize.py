@@ -22,11 +22,14 @@ against the identity the unsharded model had before it was sharded.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from torchsurgeon.distributed.parallelize import (
+    SiteGuard,
     SiteLayout,
     TensorParallelError,
     guard_of,
@@ -41,6 +44,7 @@ from torchsurgeon.plans.replay import apply as apply_plan
 from torchsurgeon.surgery.frozen import freeze_tree
 from torchsurgeon.surgery.paths import SITE_LISTS, child_path, iter_nodes
 from torchsurgeon.surgery.rewrite import Edit, rewrite
+from torchsurgeon.surgery.sites import _run_before
 
 __all__ = ["apply", "localize", "plan"]
 
@@ -98,9 +102,28 @@ def _placing(layout: SiteLayout, mesh: DeviceMesh, record_on: str) -> Edit:
                 for layer in layers
             ]
             node._modules[which] = freeze_tree(nn.ModuleList(placed), child_path(path, which))
+        if node._modules.get(SITE_LISTS[0]):
+            _before_torch_input_hook(node)
         return node
 
     return edit
+
+
+def _before_torch_input_hook(node: nn.Module) -> None:
+    """Run the site's ``insert_before`` layers ahead of the projection's own input hook.
+
+    ``parallelize_module`` gives each projection a pre-hook that wraps its input in a new
+    ``DTensor``; layers run after it would see a tensor private to this projection. Run
+    before it, they see the very tensor the module was called with, as on the unsharded
+    model — which matters where one tensor feeds two projections (an MLP's gate and up):
+    a ``SaveGrad`` there records the gradient from both, not from one. The guard stays
+    first. The copy gets its own hook table (the original's is shared with other trees).
+    """
+    hooks = node._forward_pre_hooks
+    guard = [k for k, h in hooks.items() if isinstance(h, SiteGuard)]
+    ours = [k for k, h in hooks.items() if h is _run_before]
+    rest = [k for k in hooks if k not in guard and k not in ours]
+    node.__dict__["_forward_pre_hooks"] = OrderedDict((k, hooks[k]) for k in guard + ours + rest)
 
 
 def plan(model: nn.Module) -> Plan:

@@ -23,9 +23,10 @@ full tensor's elements:
   tensor's shape; it costs one all-gather per call.
 
 At a site whose tensor is replicated (the input of a column-wise projection, the output of
-a row-wise one) the layer runs as it is, on the local copy of the full tensor. The DTensor a
-projection's pre-hook makes of its input is taken apart and put back together around the
-layer, with its placement, global shape and stride unchanged.
+a row-wise one) the layer runs as it is, on the local copy of the full tensor. Layers before
+a projection run ahead of its ``parallelize_module`` input hook (see ``localize``), on the
+tensor the module was called with; a DTensor a layer does receive is taken apart and put
+back together around the layer, with its placement, global shape and stride unchanged.
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from torchsurgeon.distributed.collectives import gather, gather_to_first, settled, sum_over_ranks
+from torchsurgeon.distributed.collectives import (
+    gather,
+    gather_to_first,
+    gather_whole,
+    settled,
+    sum_over_ranks,
+)
 from torchsurgeon.distributed.parallelize import SiteLayout, TensorParallelError
 from torchsurgeon.distributed.split import Split, cut, local_part
 from torchsurgeon.layers.base import InterventionLayer, Recorder
@@ -185,8 +192,8 @@ class Sharded(nn.Module):
         return x
 
     def _full(self, x: torch.Tensor, split: Split) -> torch.Tensor | None:
-        if self.record_on == "all":
-            return gather(x, split, self.mesh)
+        if self.record_on == "all":  # recorded alike on every rank (a loss may read it)
+            return gather_whole(x, split, self.mesh)
         return gather_to_first(x, split, self.mesh)
 
     # -- editing -------------------------------------------------------------------------
@@ -230,9 +237,10 @@ class Sharded(nn.Module):
         if original_class(layer) is not LowRankAdapter or (
             split is not None and split_in is not None
         ):
-            full_in = gather(input, split_in, self.mesh) if split_in is not None else input
-            if split is None:
+            if split is None:  # a replicated output: every rank uses the whole input alike
+                full_in = gather_whole(input, split_in, self.mesh) if split_in else input
                 return layer(x, input=full_in)
+            full_in = gather(input, split_in, self.mesh) if split_in is not None else input
             return self._gathered(x, split, lambda full: layer(full, input=full_in))
         a, b = layer.a, layer.b
         if split is None and split_in is None:
