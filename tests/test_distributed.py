@@ -217,6 +217,34 @@ FROM_SAVED_CASE: Probe = chain(  # a loss read from a gathered shard, gradients 
     before(f"{MLP}.up_proj", SaveGrad("g_up_in")),
 )
 FROM_SAVED = ts.saved("down_in").square().mean() + BACKWARD
+TRAIN_CASE: Probe = chain(  # a layer of each kind of site, every one of them trained
+    after(UP, LowRankAdapter(rand(4, 32, seed=20), rand(WIDTH, 4, seed=21) * 0.1, 0.7)),
+    after(DOWN, LowRankAdapter(rand(3, WIDTH, seed=22) * 0.1, rand(32, 3, seed=23), 1.5)),
+    after("model.layers.0", Add(rand(32, seed=24), 0.5)),
+    before(DOWN, SetValues(ts.idx[:, -1, 4730:4742], rand(12, seed=25))),  # both shards
+)
+TRAINING = {  # SGD: equal gradients give equal steps (Adam's scaling magnifies rounding)
+    "loss": ts.out("logits")[:, -1].logsumexp(-1).mean(),
+    "optimizer": ts.optim.SGD(lr=0.5),
+    "steps": 3,
+}
+
+
+TRAINED = [  # the layers TRAIN_CASE inserted, as the plan names them (on either model)
+    f"{UP}.ts_after.0",
+    f"{DOWN}.ts_after.0",
+    "model.layers.0.ts_after.0",
+    f"{DOWN}.ts_before.0",
+]
+
+
+def trained(
+    model: nn.Module, ids: torch.Tensor, place: Callable[[nn.Module], nn.Module] = lambda m: m
+) -> dict[str, Any]:
+    """``ts.train`` of every layer ``TRAIN_CASE`` put in ``model``: losses and tensors."""
+    done = ts.train(place(TRAIN_CASE(model)), [ids], params=TRAINED, **TRAINING)
+    return {"losses": done.losses, "tensors": done.tensors}
+
 
 C_FC, C_PROJ = "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"
 GPT2_CASES: dict[str, Probe] = {
@@ -325,6 +353,7 @@ def llama_rank(plans: dict[str, bytes], ids: torch.Tensor, mesh: Any) -> dict[st
     out["gathers"]["gathered"] = len(gathers)
     upstream = tsd.localize(UPSTREAM_GRAD_CASE(tree))
     out["cases"]["backward= upstream"] = with_backward_expression(upstream, ids)
+    out["trained"] = trained(tree, ids, tsd.localize)
     from_saved = tsd.localize(FROM_SAVED_CASE(tree))
     out["cases"]["backward= from a saved shard"] = with_backward_expression(
         from_saved, ids, FROM_SAVED
@@ -409,6 +438,7 @@ def ranks() -> dict[str, Any]:
         base["llama"] = llama(ids).logits
         base["gpt2"] = gpt2(ids).logits
     out["base logits"] = base
+    out["llama"]["trained reference"] = trained(llama, ids)
     return out
 
 
@@ -441,6 +471,44 @@ def test_every_llama_layer_at_every_site_equals_the_unsharded_model(ranks: dict)
         ):
             assert max_diff(values["logits"], base) > 1e-4, f"{case} changes nothing"
     print(f"  (battery launch: {ranks['seconds']:.1f} s)")
+
+
+@pytest.mark.slow
+def test_training_the_layers_of_a_sharded_model_equals_training_the_unsharded_one(
+    ranks: dict,
+) -> None:
+    got, want = ranks["llama"]["trained"], ranks["llama"]["trained reference"]
+    assert (
+        sorted(got["tensors"])
+        == sorted(want["tensors"])
+        == sorted(
+            f"{layer}.{field}"
+            for layer, field in [
+                (TRAINED[0], "a"),
+                (TRAINED[0], "b"),
+                (TRAINED[1], "a"),
+                (TRAINED[1], "b"),
+                (TRAINED[2], "vector"),
+                (TRAINED[3], "value"),
+            ]
+        )
+    )
+    print("\nlosses on 2 ranks:", got["losses"], "unsharded:", want["losses"])
+    for g, w in zip(got["losses"], want["losses"], strict=True):  # a logsumexp of ~10
+        assert abs(g - w) <= TOLERANCE * abs(w)
+    assert want["losses"][-1] < want["losses"][0]  # it trained
+    diffs = {k: max_diff(got["tensors"][k], t) for k, t in want["tensors"].items()}
+    print("\ntrained on 2 ranks vs unsharded, max abs diff:", diffs)
+    assert max(diffs.values()) <= TOLERANCE, diffs
+    start = TRAIN_CASE(ts.wrap(make_llama()))
+
+    def initial(name: str) -> torch.Tensor:
+        layer, _, field = name.rpartition(".")
+        return ts.select(start).at(layer).get().tensors()[field]
+
+    # every tensor was trained (a step of its own gradient, not zero)
+    moved = {k: max_diff(t, initial(k)) for k, t in want["tensors"].items()}
+    assert min(moved.values()) > 1e-4, moved
 
 
 @pytest.mark.slow

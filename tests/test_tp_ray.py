@@ -6,7 +6,7 @@ Checked from outside: every case of the distributed battery gives the single-pro
 host's logits and saved tensors (max abs diff <= 1e-5); the ranks are processes of the
 host's Ray cluster (not the host's children); a rank killed with SIGKILL shows in
 ``/v1/health``, fails the next job with ``replica_died``, and the job after it succeeds on a
-fresh group; training is refused before it is queued; and the stopped host leaves no rank
+fresh group; training equals the single host's; and the stopped host leaves no rank
 running. What does not combine is refused when the host starts.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 from requirements import require
-from test_distributed import LLAMA_CASES, TOLERANCE, make_llama
+from test_distributed import LLAMA_CASES, TOLERANCE, UP, WIDTH, make_llama
 
 import torchsurgeon as ts
 from torchsurgeon.remote import Client, RemoteError, create_app, serve_in_thread
@@ -88,20 +88,27 @@ def test_every_case_on_ray_ranks_equals_the_single_process_host(hosts: dict[str,
     assert all(rank.pid not in children and rank.is_running() for rank in hosts["ranks"])
 
 
-def test_training_is_refused_before_it_is_queued(hosts: dict[str, Any]) -> None:
+def test_training_on_ray_ranks_equals_the_single_process_host(hosts: dict[str, Any]) -> None:
     base = ts.wrap(make_llama())
     probe = ts.select(base).at("model.layers.0").insert_after(ts.layers.Add(torch.zeros(32)))
-    with pytest.raises(RemoteError) as refused:
-        hosts["tp"].train(
-            probe,
-            [_ids(3, rows=2)],
-            loss=ts.out("logits").logsumexp(-1).mean(),
-            params=ts.select(probe).at_instances_of("Add"),
-            optimizer=ts.optim.AdamW(lr=1e-2),
-            steps=1,
-        )
-    assert refused.value.status == 422 and refused.value.code == "unsupported"
-    assert refused.value.field == "call"
+    a = torch.randn(2, 32, generator=torch.Generator().manual_seed(5))
+    adapter = ts.layers.LowRankAdapter(a, torch.zeros(WIDTH, 2), 1.0)
+    probe = ts.select(probe).at(UP).insert_after(adapter)  # a column-wise shard: summed
+    settings = {
+        "loss": ts.out("logits")[:, -1].logsumexp(-1).mean(),
+        "params": ["model.layers.0.ts_after.0", f"{UP}.ts_after.0"],
+        "optimizer": ts.optim.SGD(lr=0.5),
+        "steps": 2,
+    }
+    batches = [_ids(3, rows=2), _ids(4, rows=2)]
+    want = hosts["single"].train(probe, batches, **settings)
+    got = hosts["tp"].train(probe, batches, **settings)
+    assert got.tensors.keys() == want.tensors.keys() and len(got.tensors) == 3
+    for g, w in zip(got.losses, want.losses, strict=True):
+        assert abs(g - w) <= TOLERANCE * abs(w)
+    diffs = {k: float((got.tensors[k] - t).abs().max()) for k, t in want.tensors.items()}
+    assert max(diffs.values()) <= TOLERANCE, diffs
+    assert float(want.tensors[f"{UP}.ts_after.0.b"].abs().max()) > 1e-3  # it trained
 
 
 def test_a_killed_rank_fails_one_job_and_a_fresh_group_serves_the_next(

@@ -246,7 +246,6 @@ def tp_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 TP_TOLERANCE = 1e-5
 """Sharded against unsharded: a row-wise layer sums its shards' partial products."""
 TP_REFUSED = {
-    "e19_lora_training": "unsupported",  # a tensor-parallel host does not train
     "e08_cache": "plan_does_not_fit",  # a Save inside the TP region (act_fn): refused
 }
 """What a tensor-parallel host refuses, and how (never a result that differs silently)."""

@@ -8,6 +8,8 @@
 - :func:`gather_whole` builds the same full tensor for a use every rank makes alike (a
   recording read by the loss, a replicated output): each shard's gradient is its own part
   of the full tensor's gradient, which every rank already has whole.
+- :func:`shared_input` passes a replicated tensor to a per-shard use (an adapter after a
+  column-wise projection reads the whole input): its backward sums the ranks' shares.
 - :func:`gather_to_first` builds it on rank 0 only (a gather: rank 0 receives ``N - 1``
   shards and nobody else receives anything). The result is detached.
 - :func:`sum_over_ranks` adds a small tensor over the ranks (a LoRA adapter's low-rank
@@ -29,7 +31,14 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from torchsurgeon.distributed.split import Split
 
-__all__ = ["gather", "gather_to_first", "gather_whole", "settled", "sum_over_ranks"]
+__all__ = [
+    "gather",
+    "gather_to_first",
+    "gather_whole",
+    "settled",
+    "shared_input",
+    "sum_over_ranks",
+]
 
 
 def settled(x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +90,28 @@ class _GatherWhole(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         split = ctx.split
         return grad.narrow(split.dim % grad.dim(), split.offset, split.width), None, None
+
+
+def shared_input(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """``x`` (the same on every rank) for a use each rank makes for its own shard only (an
+    adapter after a column-wise projection reads the whole input for this rank's output
+    columns): the identity forward; backward, each rank's gradient is its share, so the
+    shares are summed over the ranks (in rank order: the same bits everywhere)."""
+    if mesh.size() == 1:
+        return x
+    return _SharedInput.apply(x, mesh.get_group())
+
+
+class _SharedInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        stacked = funcol.all_gather_tensor(grad.unsqueeze(0).contiguous(), 0, ctx.group)
+        return settled(stacked).sum(0), None
 
 
 def gather_to_first(local: torch.Tensor, split: Split, mesh: DeviceMesh) -> torch.Tensor | None:

@@ -43,6 +43,7 @@ from torchsurgeon.distributed.collectives import (
     gather_to_first,
     gather_whole,
     settled,
+    shared_input,
     sum_over_ranks,
 )
 from torchsurgeon.distributed.parallelize import SiteLayout, TensorParallelError
@@ -97,6 +98,19 @@ class Sharded(nn.Module):
         self.record_on = record_on
         self._ts_local: dict[Any, Any] = {}
 
+    def partial_fields(self) -> frozenset[str]:
+        """The layer's tensor fields whose gradient on this rank is only this rank's share,
+        to be summed over the ranks when the layer is trained: every tensor of a layer at a
+        sharded site (each rank's copy touches its own elements only), and after a row-wise
+        projection an adapter's ``a`` (each rank multiplies its own input columns). The
+        others are used alike on every rank, which then holds their whole gradient."""
+        layer = self.layer
+        fields = layer.tensors() if isinstance(layer, InterventionLayer) else {}
+        if self.split is not None:
+            return frozenset(fields)
+        lora = original_class(layer) is LowRankAdapter
+        return frozenset({"a"}) if lora and self.input_split is not None else frozenset()
+
     def extra_repr(self) -> str:
         side = "input" if self.which == SITE_LISTS[0] else "output"
         shape = self.split.describe() if self.split is not None else "replicated"
@@ -118,8 +132,13 @@ class Sharded(nn.Module):
             return None
         if isinstance(input, DTensor):
             self._check_placement(input, self.input_split, "input")
-            return input.to_local()
-        return settled(input)
+            local = input.to_local()
+        else:
+            local = settled(input)
+        if self.split is not None and self.input_split is None:
+            # the whole input, used for this rank's output shard only: its gradient is a share
+            return shared_input(local, self.mesh)
+        return local
 
     def _check_placement(self, x: DTensor, split: Split | None, what: str) -> None:
         placement = x.placements[0]

@@ -37,7 +37,7 @@ from torchsurgeon.layers.graph import Graph, RunValues, device_of
 from torchsurgeon.layers.results import named_inputs, run_with
 from torchsurgeon.surgery.errors import SelectionError
 from torchsurgeon.surgery.lineage import lineage_of, with_lineage
-from torchsurgeon.surgery.paths import get_at, iter_nodes
+from torchsurgeon.surgery.paths import child_path, get_at, iter_nodes
 from torchsurgeon.surgery.rewrite import rewrite, setting
 
 __all__ = [
@@ -230,19 +230,32 @@ def trainable(model: nn.Module, params: Any) -> list[tuple[str, str]]:
     return found
 
 
+def _layer_at(model: nn.Module, path: str) -> tuple[str, nn.Module]:
+    """``(path as a plan names it, node)`` for ``path``. On a sharded model a layer sits
+    inside a wrapper placed for its site (``Sharded``, see ``torchsurgeon.distributed``):
+    the wrapper's path (the plan's) and the layer inside, whichever of the two was named."""
+    node = get_at(model, path)
+    if getattr(node, "ts_sharded", False):
+        return path, node.layer
+    parent, _, last = path.rpartition(".")
+    if last == "layer" and parent and getattr(get_at(model, parent), "ts_sharded", False):
+        return parent, node
+    return path, node
+
+
 def _named(model: nn.Module, name: str) -> list[tuple[str, str]]:
     head, _, tail = name.rpartition(".")
     layer = None
     if head:
         try:
-            candidate = get_at(model, head)
+            head, candidate = _layer_at(model, head)
         except KeyError:
             candidate = None
         if isinstance(candidate, InterventionLayer) and tail in candidate.tensors():
             layer, fields = candidate, [tail]
             name = head
     if layer is None:
-        node = get_at(model, name)
+        name, node = _layer_at(model, name)
         if not isinstance(node, InterventionLayer):
             raise SelectionError(
                 f"params: {name!r} is a {type(node).__name__}, not an intervention layer; the "
@@ -263,6 +276,7 @@ def with_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Mo
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         path, _, tensor_field = name.rpartition(".")
+        path = child_path(path, "layer") if _wrapped(model, path) else path  # sharded
         by_layer.setdefault(path, {})[tensor_field] = tensor
     new = rewrite(model, {path: setting(values) for path, values in by_layer.items()})
     return with_lineage(new, lineage_of(model)) if new is not model else new
@@ -284,7 +298,10 @@ def train(
     ``batches`` are the inputs of each step's run: a tensor (token ids), a tuple of
     positional arguments, or a dict of keyword arguments; step ``i`` runs batch
     ``i % len(batches)``. ``on_step(step, loss)`` sees each step. With ``backend=`` (a
-    ``ts.remote.Client``) the host runs the loop in one request.
+    ``ts.remote.Client``) the host runs the loop in one request. On a rewrite of a model
+    sharded by ``ts.distributed.parallelize`` (call it on every rank alike) each rank's
+    gradients are made whole before every step (``torchsurgeon.distributed.training``), so
+    the trained tensors are the unsharded model's, named as the plan names them.
     """
     if backend is not None:
         return backend.train(
@@ -299,9 +316,8 @@ def train(
     graph = loss if isinstance(loss, Graph) else Graph.of(loss)
     graph.check_leaves(here=False, output=True)
     names = [f"{path}.{f}" for path, f in trainable(model, params)]
-    layers = dict(iter_nodes(model))
     current = {
-        name: layers[name.rpartition(".")[0]]
+        name: _layer_at(model, name.rpartition(".")[0])[1]
         .tensors()[name.rpartition(".")[2]]
         .detach()
         .clone()
@@ -309,11 +325,14 @@ def train(
         for name in names
     }
     torch_optimizer = optimizer.build(list(current.values()))
+    reduce = _grad_reduction(model, names, list(current.values()))
     losses: list[float] = []
     for step in range(steps):
         args, kwargs = call_of(batches[step % len(batches)])
         value = _step_loss(with_tensors(model, current), graph, args, kwargs)
         grads = torch.autograd.grad(value, list(current.values()), allow_unused=True)
+        if reduce is not None:  # a sharded model: each rank's shares summed over the ranks
+            grads = reduce(grads)
         for tensor, grad in zip(current.values(), grads, strict=True):
             tensor.grad = grad
         torch_optimizer.step()
@@ -323,6 +342,22 @@ def train(
             on_step(step, losses[-1])
     trained = {name: t.detach() for name, t in current.items()}
     return TrainResult(trained, losses, with_tensors(model, trained))
+
+
+def _wrapped(model: nn.Module, path: str) -> bool:
+    return bool(getattr(get_at(model, path), "ts_sharded", False))
+
+
+def _grad_reduction(
+    model: nn.Module, names: list[str], tensors: list[torch.Tensor]
+) -> Callable[..., Any] | None:
+    """For a sharded model with layers placed at its sharded sites, what makes each rank's
+    gradients whole; None otherwise (elsewhere every rank has every gradient whole)."""
+    if not any(getattr(node, "ts_sharded", False) for _, node in iter_nodes(model)):
+        return None
+    from torchsurgeon.distributed.training import grad_reduction
+
+    return grad_reduction(model, names, tensors)
 
 
 def call_of(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

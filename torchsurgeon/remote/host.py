@@ -190,8 +190,6 @@ class Host:
         batch key, None when it runs alone; its part); :class:`ApiError` if a check fails."""
         hosted = self.model(name)
         runs = prepare_submission(hosted, body, self.limits)  # inputs checked, cost estimated
-        if self.pool is not None:
-            self.pool.check(runs)  # e.g. what sharded ranks do not serve: training
         key = batch_key(hosted, runs, runs[0].inputs.alone) if self.pool is None else None
         if self.pool is not None:
             pool = self.pool

@@ -84,7 +84,6 @@ from torchsurgeon.remote.execution import prepare_submission, run_submission
 from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.ray_tp import RankGroup
-from torchsurgeon.remote.tp_pool import check_tensor_parallel
 
 __all__ = ["ModelWorker", "RayPool"]
 
@@ -241,12 +240,6 @@ class RayPool:
             )
             for name in sources
         }
-
-    def check(self, runs: list[Any]) -> None:
-        """Refuse (422) a checked submission the actors do not serve: with
-        ``tensor_parallel``, what sharded ranks do not run (training)."""
-        if self.tensor_parallel is not None:
-            check_tensor_parallel([r.inputs for r in runs])
 
     def run(self, name: str, request: bytes) -> bytes:
         """Run one request on a live replica (or the rank group): its result bytes, or

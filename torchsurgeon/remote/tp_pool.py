@@ -20,10 +20,10 @@ rank reads the request with the host's limits, replays the plan on its shards wi
 :func:`torchsurgeon.distributed.localize.apply` — recording layers gather the full
 activation once, edits act on each shard, see ``docs/distributed.md`` — and runs it without
 gradients (unless the plan asks for ``backward=``) as a single-process host runs it — a
-session's runs in order, a generation step by step; rank 0's encoded result is the answer.
-Requests run one at a time (the ranks' collectives must come in the same order
-everywhere). Training is not served: a 422 ``unsupported`` naming ``call``, before anything
-is queued.
+session's runs in order, a generation step by step, a training loop (each rank's gradients
+made whole before every step: :mod:`torchsurgeon.distributed.training`); rank 0's encoded
+result is the answer. Requests run one at a time (the ranks' collectives must come in the
+same order everywhere).
 
 **Failures.** An error in a request (a plan that does not fit, a bad input) is the same on
 every rank, so every rank reports it and stays in step; rank 0's is the job's error. A rank
@@ -122,10 +122,6 @@ class TensorParallelPool:
         if kind == "error":
             raise ApiError(value["status"], value["code"], value["message"], value["field"])
         return value
-
-    def check(self, runs: list[Any]) -> None:
-        """Refuse (422 ``unsupported``) a checked submission the ranks do not serve."""
-        check_tensor_parallel([r.inputs for r in runs])
 
     def health(self) -> dict[str, Any]:
         live = sum(1 for rank in self._ranks if rank.is_alive())
@@ -294,26 +290,12 @@ def _serve(
     models: dict[str, tuple[Any, Any, dict[str, Any]]], name: str, request: bytes, limits: Limits
 ) -> tuple[str, Any]:
     """One request on this rank: ``("result", bytes)`` (rank 0's is sent) or an error."""
-    from torchsurgeon.distributed.localize import apply
-    from torchsurgeon.distributed.parallelize import TensorParallelError
-    from torchsurgeon.plans.errors import IdentityMismatchError, PlanError
-    from torchsurgeon.remote.execution import PreparedRun, run_submission
-    from torchsurgeon.remote.transfer import decode_submission
+    from torchsurgeon.remote.execution import prepare_submission, run_submission
 
     try:
         standin, sharded, _ = models[name]
-        submitted = decode_submission(request, limits)
-        check_tensor_parallel([inputs for _, _, inputs in submitted])
-        runs = []
-        for run, plan_bytes, inputs in submitted:
-            plan = standin.read_plan(plan_bytes, limits)
-            try:
-                view = apply(plan, sharded)
-            except IdentityMismatchError as error:
-                raise ApiError(409, "identity_mismatch", f"model {name!r}: {error}") from None
-            except (PlanError, TensorParallelError) as error:  # e.g. a site inside a TP region
-                raise ApiError(422, "plan_does_not_fit", str(error), "steps") from None
-            runs.append(PreparedRun(run, plan, view, inputs))
+        # the checks a single host makes (the HTTP process estimated the cost already)
+        runs = prepare_submission(_OnShards(standin, sharded), request, limits, estimate=False)
         return "result", run_submission(standin, runs, limits)  # as a single host runs it
     except ApiError as error:
         return "error", {"status": error.status, **error.to_json()["error"]}
@@ -322,14 +304,25 @@ def _serve(
         return "error", {"status": 500, "code": "internal", "message": message, "field": ""}
 
 
-def check_tensor_parallel(inputs: list[Any]) -> None:
-    """Refuse (422 ``unsupported``) what a tensor-parallel host does not run: training."""
-    for each in inputs:
-        if each.call == "train":
-            raise ApiError(
-                422,
-                "unsupported",
-                "a tensor-parallel host does not train (forward runs, sessions, generation "
-                "and backward= are served)",
-                "call",
-            )
+class _OnShards:
+    """The stand-in's checks, with each plan replayed on this rank's shards (``tsd.apply``)
+    where a single host would rewrite its weights."""
+
+    def __init__(self, standin: HostedModel, sharded: Any) -> None:
+        self._standin, self._sharded = standin, sharded
+
+    def __getattr__(self, name: str) -> Any:  # read_plan, call_arguments, name, takes_text
+        return getattr(self._standin, name)
+
+    def prepare(self, plan: Any, limits: Limits, *_: Any) -> tuple[Any, None]:
+        from torchsurgeon.distributed.localize import apply
+        from torchsurgeon.distributed.parallelize import TensorParallelError
+        from torchsurgeon.plans.errors import IdentityMismatchError, PlanError
+
+        try:
+            return apply(plan, self._sharded), None
+        except IdentityMismatchError as error:
+            message = f"model {self._standin.name!r}: {error}"
+            raise ApiError(409, "identity_mismatch", message) from None
+        except (PlanError, TensorParallelError) as error:  # e.g. a site inside a TP region
+            raise ApiError(422, "plan_does_not_fit", str(error), "steps") from None
