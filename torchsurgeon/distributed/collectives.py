@@ -84,7 +84,7 @@ class _GatherWhole(torch.autograd.Function):
         ctx.split = split
         dim = split.dim % local.dim()
         moved = local.movedim(dim, 0).contiguous()
-        return settled(funcol.all_gather_tensor(moved, 0, group)).movedim(0, dim)
+        return settled(funcol.all_gather_single(moved, 0, group)).movedim(0, dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -110,7 +110,7 @@ class _SharedInput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        stacked = funcol.all_gather_tensor(grad.unsqueeze(0).contiguous(), 0, ctx.group)
+        stacked = funcol.all_gather_single(grad.unsqueeze(0).contiguous(), 0, ctx.group)
         return settled(stacked).sum(0), None
 
 
@@ -146,7 +146,7 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: object, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        stacked = funcol.all_gather_tensor(x.unsqueeze(0).contiguous(), 0, group)
+        stacked = funcol.all_gather_single(x.unsqueeze(0).contiguous(), 0, group)
         return settled(stacked).sum(0)
 
     @staticmethod
