@@ -762,3 +762,32 @@ def test_the_rendezvous_listens_on_loopback_only() -> None:
         if line.split()[3] == "0A" and line.split()[1].endswith(port)
     ]
     assert listening == ["0100007F" + port]  # 127.0.0.1, and no other address
+
+
+COMPILED_CASES = ("seed experiment", "LoRA after row-wise down", "heads (o_proj input)", "noise")
+
+
+def compiled_rank(ids: torch.Tensor) -> dict[str, Any]:
+    """``torch.compile`` of a localized rewrite against the same rewrite run eagerly."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    tree = tsd.parallelize(make_llama(), mesh, "auto")
+    view = tsd.localize(chain(*(LLAMA_CASES[c] for c in COMPILED_CASES))(tree))
+    with torch.no_grad():
+        eager = entries(ts.run(view, ids))
+        compiled = entries(ts.run(torch.compile(view), ids))
+    return {"eager": eager, "compiled": compiled}
+
+
+@pytest.mark.slow  # two ranks, each compiling the sharded model (~20 s)
+def test_a_compiled_sharded_rewrite_equals_the_eager_one() -> None:
+    ids = token_ids()
+    out = tsd.launch(compiled_rank, ids, world_size=WORLD, timeout=600)
+    eager, compiled = out["eager"], out["compiled"]
+    assert sorted(compiled) == sorted(eager) == ["h", "heads", "logits"]
+    diffs = {k: max_diff(compiled[k], eager[k]) for k in eager}
+    print("\ncompiled vs eager on 2 ranks, max abs diff:", diffs)
+    assert max(diffs.values()) <= TOLERANCE, diffs
+    probe = chain(*(LLAMA_CASES[c] for c in COMPILED_CASES))(ts.wrap(make_llama()))
+    with torch.no_grad():
+        want = entries(ts.run(probe, ids))
+    assert max(max_diff(eager[k], want[k]) for k in want) <= TOLERANCE  # the unsharded model

@@ -217,13 +217,12 @@ class Sharded(nn.Module):
 
     # -- editing -------------------------------------------------------------------------
 
+    @torch.compiler.disable  # index arithmetic on meta tensors: run eagerly, never traced
     def _local_layer(self, x: torch.Tensor, split: Split) -> Any:
         """The layer cut to this shard, ``None`` (nothing here) or ``_GATHER``; kept per shape."""
         layer = self.layer
         tensors = layer.tensors() if isinstance(layer, InterventionLayer) else {}
-        keep = not torch.compiler.is_compiling() and not any(
-            t.requires_grad for t in tensors.values()
-        )
+        keep = not any(t.requires_grad for t in tensors.values())
         key = (tuple(x.shape), x.dtype, x.device)
         if keep and key in self._ts_local:
             return self._ts_local[key]
