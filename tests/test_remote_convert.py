@@ -122,8 +122,6 @@ def test_a_structure_only_copy_has_the_served_attention(
     """The masks a layer receives depend on the attention implementation (eager attention is
     given a 4-D mask, SDPA none when it can use ``is_causal``): a stand-in that estimates a
     plan reading ``attention_mask`` (a Ray or tensor-parallel host's) must use the host's."""
-    assert client.meta("gpt2-eager").config._attn_implementation == "eager"
-    assert client.meta("llama-sdpa").config._attn_implementation == "sdpa"
     structure = client.structure("gpt2-eager")
     reads_mask = ts.layers.Save("mask", on="attention_mask")
     ids = token_ids()

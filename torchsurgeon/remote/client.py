@@ -198,13 +198,10 @@ class Client:
         """A structure-only (meta device) copy of the hosted model, to select and plan against.
 
         It is pinned to the hosted model's identity, so plans made from it run exactly there
-        and apply to a local copy of the same checkpoint, and it has the hosted model's
-        attention implementation (so its layers see the masks the hosted ones do).
+        and apply to a local copy of the same checkpoint.
         """
         if name not in self._metas:
-            served = [m for m in self.models() if m.get("name") == name]
-            attention = served[0].get("attn_implementation") if served else None
-            self._metas[name] = self.structure(name).build(attention)  # checked: built-in only
+            self._metas[name] = self.structure(name).build()
         return self._metas[name]
 
     # ----------------------------------------------------------------- running
