@@ -239,14 +239,21 @@ TRAINED = [  # the layers TRAIN_CASE inserted, as the plan names them (on either
 
 
 def trained(
-    model: nn.Module, ids: torch.Tensor, place: Callable[[nn.Module], nn.Module] = lambda m: m
+    model: nn.Module,
+    ids: torch.Tensor,
+    place: Callable[[nn.Module], nn.Module] = lambda m: m,
+    gpt2: bool = False,
 ) -> dict[str, Any]:
-    """``ts.train`` of every layer ``TRAIN_CASE`` put in ``model``: losses and tensors."""
-    done = ts.train(place(TRAIN_CASE(model)), [ids], params=TRAINED, **TRAINING)
+    """``ts.train`` of every layer ``TRAIN_CASE`` (GPT-2: the two adapters of ``"LoRA on
+    both projections"``) put in ``model``: losses and tensors."""
+    probe = GPT2_CASES["LoRA on both projections"] if gpt2 else TRAIN_CASE
+    params = GPT2_TRAINED if gpt2 else TRAINED
+    done = ts.train(place(probe(model)), [ids], params=params, **TRAINING)
     return {"losses": done.losses, "tensors": done.tensors}
 
 
 C_FC, C_PROJ = "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"
+GPT2_TRAINED = [f"{C_FC}.ts_after.0", f"{C_PROJ}.ts_after.0"]  # sharded Conv1D projections
 GPT2_CASES: dict[str, Probe] = {
     "save hidden, every block": lambda m: (
         ts.select(m).at_instances_of("GPT2MLP").at("c_proj").insert_before(Save("hidden{layer}"))
@@ -383,6 +390,7 @@ def gpt2_rank(plans: dict[str, bytes], ids: torch.Tensor, mesh: Any) -> dict[str
             continue
         with torch.no_grad():
             out["cases"][name] = entries(ts.run(view, ids))
+    out["trained"] = trained(tree, ids, tsd.localize, gpt2=True)
     try:
         tsd.localize(after("transformer.h.0.mlp.act", Save("act"))(tree))
     except tsd.TensorParallelError as error:
@@ -439,6 +447,7 @@ def ranks() -> dict[str, Any]:
         base["gpt2"] = gpt2(ids).logits
     out["base logits"] = base
     out["llama"]["trained reference"] = trained(llama, ids)
+    out["gpt2"]["trained reference"] = trained(gpt2, ids, gpt2=True)
     return out
 
 
@@ -474,25 +483,16 @@ def test_every_llama_layer_at_every_site_equals_the_unsharded_model(ranks: dict)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_training_the_layers_of_a_sharded_model_equals_training_the_unsharded_one(
-    ranks: dict,
+    ranks: dict, family: str
 ) -> None:
-    got, want = ranks["llama"]["trained"], ranks["llama"]["trained reference"]
-    assert (
-        sorted(got["tensors"])
-        == sorted(want["tensors"])
-        == sorted(
-            f"{layer}.{field}"
-            for layer, field in [
-                (TRAINED[0], "a"),
-                (TRAINED[0], "b"),
-                (TRAINED[1], "a"),
-                (TRAINED[1], "b"),
-                (TRAINED[2], "vector"),
-                (TRAINED[3], "value"),
-            ]
-        )
-    )
+    got, want = ranks[family]["trained"], ranks[family]["trained reference"]
+    fields = {layer: ("a", "b") for layer in (*TRAINED[:2], *GPT2_TRAINED)}
+    fields.update({TRAINED[2]: ("vector",), TRAINED[3]: ("value",)})
+    layers = GPT2_TRAINED if family == "gpt2" else TRAINED
+    expected = sorted(f"{layer}.{field}" for layer in layers for field in fields[layer])
+    assert sorted(got["tensors"]) == sorted(want["tensors"]) == expected
     print("\nlosses on 2 ranks:", got["losses"], "unsharded:", want["losses"])
     for g, w in zip(got["losses"], want["losses"], strict=True):  # a logsumexp of ~10
         assert abs(g - w) <= TOLERANCE * abs(w)
@@ -500,7 +500,11 @@ def test_training_the_layers_of_a_sharded_model_equals_training_the_unsharded_on
     diffs = {k: max_diff(got["tensors"][k], t) for k, t in want["tensors"].items()}
     print("\ntrained on 2 ranks vs unsharded, max abs diff:", diffs)
     assert max(diffs.values()) <= TOLERANCE, diffs
-    start = TRAIN_CASE(ts.wrap(make_llama()))
+    start = (
+        GPT2_CASES["LoRA on both projections"](ts.wrap(make_gpt2()))
+        if family == "gpt2"
+        else TRAIN_CASE(ts.wrap(make_llama()))
+    )
 
     def initial(name: str) -> torch.Tensor:
         layer, _, field = name.rpartition(".")
