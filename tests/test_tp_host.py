@@ -52,16 +52,22 @@ def _tensors(result: ts.Result) -> dict[str, torch.Tensor]:
     return {"logits": result.output["logits"], **{k: v for k, v in result.saved.items()}}
 
 
-def test_every_case_equals_the_single_process_host(hosts: dict[str, Any]) -> None:
+def case_diffs(single: Client, sharded: Client) -> dict[str, float]:
+    """Every case of the distributed battery on both hosts: the max abs diff per case."""
     base = ts.wrap(make_llama())
     ids = torch.randint(1, 64, (5, 7), generator=torch.Generator().manual_seed(0))
     worst: dict[str, float] = {}
     for name, probe in LLAMA_CASES.items():
         tree = probe(base)
-        want = _tensors(hosts["single"].run(tree, ids))
-        got = _tensors(hosts["tp"].run(tree, ids))
+        want = _tensors(single.run(tree, ids))
+        got = _tensors(sharded.run(tree, ids))
         assert got.keys() == want.keys(), name
         worst[name] = max(float((got[k] - want[k]).abs().max()) for k in want)
+    return worst
+
+
+def test_every_case_equals_the_single_process_host(hosts: dict[str, Any]) -> None:
+    worst = case_diffs(hosts["single"], hosts["tp"])
     print("max abs diff, tp=2 host vs single-process host:", worst)
     assert max(worst.values()) <= TOLERANCE, worst
     health = hosts["tp"]._json("GET", "/v1/health")

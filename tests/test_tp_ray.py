@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import torch
 from requirements import require
-from test_distributed import LLAMA_CASES, TOLERANCE, UP, WIDTH, make_llama
+from test_distributed import TOLERANCE, UP, WIDTH, make_llama
+from test_tp_host import case_diffs
 
 import torchsurgeon as ts
 from torchsurgeon.remote import Client, RemoteError, create_app, serve_in_thread
@@ -61,24 +62,12 @@ def hosts(psutil: Any, checkpoint: Path) -> Iterator[dict[str, Any]]:
     assert not left, f"the stopped host left ranks {[p.pid for p in left]} running"
 
 
-def _tensors(result: ts.Result) -> dict[str, torch.Tensor]:
-    return {"logits": result.output["logits"], **dict(result.saved)}
-
-
 def _ids(seed: int, rows: int = 5) -> torch.Tensor:
     return torch.randint(1, 64, (rows, 7), generator=torch.Generator().manual_seed(seed))
 
 
 def test_every_case_on_ray_ranks_equals_the_single_process_host(hosts: dict[str, Any]) -> None:
-    base = ts.wrap(make_llama())
-    ids = _ids(0)
-    worst: dict[str, float] = {}
-    for name, probe in LLAMA_CASES.items():
-        tree = probe(base)
-        want = _tensors(hosts["single"].run(tree, ids))
-        got = _tensors(hosts["tp"].run(tree, ids))
-        assert got.keys() == want.keys(), name
-        worst[name] = max(float((got[k] - want[k]).abs().max()) for k in want)
+    worst = case_diffs(hosts["single"], hosts["tp"])
     print("max abs diff, tp=2 on Ray vs single-process host:", worst)
     assert max(worst.values()) <= TOLERANCE, worst
     health = hosts["tp"]._json("GET", "/v1/health")["replicas"]

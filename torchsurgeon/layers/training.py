@@ -235,12 +235,17 @@ def _layer_at(model: nn.Module, path: str) -> tuple[str, nn.Module]:
     inside a wrapper placed for its site (``Sharded``, see ``torchsurgeon.distributed``):
     the wrapper's path (the plan's) and the layer inside, whichever of the two was named."""
     node = get_at(model, path)
-    if getattr(node, "ts_sharded", False):
+    if _is_wrapper(node):
         return path, node.layer
     parent, _, last = path.rpartition(".")
-    if last == "layer" and parent and getattr(get_at(model, parent), "ts_sharded", False):
+    if last == "layer" and parent and _is_wrapper(get_at(model, parent)):
         return parent, node
     return path, node
+
+
+def _is_wrapper(node: nn.Module) -> bool:
+    """Whether ``node`` is a sharded site's ``Sharded`` wrapper (marked, so no import)."""
+    return bool(getattr(node, "ts_sharded", False))
 
 
 def _named(model: nn.Module, name: str) -> list[tuple[str, str]]:
@@ -276,7 +281,7 @@ def with_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Mo
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         path, _, tensor_field = name.rpartition(".")
-        path = child_path(path, "layer") if _wrapped(model, path) else path  # sharded
+        path = child_path(path, "layer") if _is_wrapper(get_at(model, path)) else path
         by_layer.setdefault(path, {})[tensor_field] = tensor
     new = rewrite(model, {path: setting(values) for path, values in by_layer.items()})
     return with_lineage(new, lineage_of(model)) if new is not model else new
@@ -344,16 +349,12 @@ def train(
     return TrainResult(trained, losses, with_tensors(model, trained))
 
 
-def _wrapped(model: nn.Module, path: str) -> bool:
-    return bool(getattr(get_at(model, path), "ts_sharded", False))
-
-
 def _grad_reduction(
     model: nn.Module, names: list[str], tensors: list[torch.Tensor]
 ) -> Callable[..., Any] | None:
     """For a sharded model with layers placed at its sharded sites, what makes each rank's
     gradients whole; None otherwise (elsewhere every rank has every gradient whole)."""
-    if not any(getattr(node, "ts_sharded", False) for _, node in iter_nodes(model)):
+    if not any(_is_wrapper(node) for _, node in iter_nodes(model)):
         return None
     from torchsurgeon.distributed.training import grad_reduction
 

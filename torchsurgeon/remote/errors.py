@@ -28,6 +28,15 @@ class ApiError(Exception):
     def to_json(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, "field": self.field}}
 
+    def to_record(self) -> dict[str, Any]:
+        """The error with its status, as plain JSON: how a worker, replica or rank reports
+        it to the host (read back with :meth:`from_record`)."""
+        return {"status": self.status, **self.to_json()["error"]}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ApiError:
+        return cls(record["status"], record["code"], record["message"], record.get("field", ""))
+
 
 class RemoteError(SurgeryError, RuntimeError):
     """What the host refused or what failed there, raised by the client."""

@@ -68,30 +68,21 @@ class Host:
         self.pool: Any = None
         if tensor_parallel is not None and co_batch:
             raise ValueError("co_batch merges passes of in-process workers, not of sharded ranks")
-        if tensor_parallel is not None and ray_replicas is not None:
-            from torchsurgeon.remote.ray_pool import RayPool
-
-            if tensor_parallel_device != "cpu":
-                raise ValueError(
-                    "tensor-parallel ranks on Ray run on CPU (gloo) here; for NCCL leave Ray "
-                    "out (the ranks are then this machine's processes, one GPU each)"
-                )
-            sources = _checkpoints(models, "with tensor_parallel, each rank loads its shards")
-            self.pool = RayPool(
-                sources, ray_replicas, self.limits, ray_threads, tensor_parallel=tensor_parallel
+        if tensor_parallel is not None or ray_replicas is not None:
+            why = (
+                "with tensor_parallel, each rank loads its shards"
+                if tensor_parallel is not None
+                else "with Ray, each replica loads its own copy"
             )
-            self.models = self.pool.hosted(sources)
-        elif tensor_parallel is not None:
-            sources = _checkpoints(models, "with tensor_parallel, each rank loads its shards")
-            self.pool = TensorParallelPool(
-                sources, tensor_parallel, self.limits, device=tensor_parallel_device
+            sources = _checkpoints(models, why)
+            self.pool = _pool(
+                sources,
+                self.limits,
+                ray_replicas,
+                ray_threads,
+                tensor_parallel,
+                tensor_parallel_device,
             )
-            self.models = self.pool.hosted(sources)
-        elif ray_replicas is not None:
-            from torchsurgeon.remote.ray_pool import RayPool
-
-            sources = _checkpoints(models, "with Ray, each replica loads its own copy")
-            self.pool = RayPool(sources, ray_replicas, self.limits, ray_threads)
             self.models = self.pool.hosted(sources)
         else:
             self.models = {name: HostedModel.load(name, src) for name, src in models.items()}
@@ -206,6 +197,28 @@ class Host:
 
     def models_json(self) -> list[dict[str, Any]]:
         return [m.describe() for m in self.models.values()]
+
+
+def _pool(
+    sources: dict[str, Any],
+    limits: Limits,
+    ray_replicas: int | None,
+    ray_threads: int | None,
+    tensor_parallel: int | None,
+    device: str,
+) -> Any:
+    """Where jobs run when not in this process: Ray replicas, tensor-parallel ranks (on this
+    machine, or as Ray actors in a placement group)."""
+    if ray_replicas is None:
+        return TensorParallelPool(sources, tensor_parallel, limits, device=device)
+    from torchsurgeon.remote.ray_pool import RayPool
+
+    if tensor_parallel is not None and device != "cpu":
+        raise ValueError(
+            "tensor-parallel ranks on Ray run on CPU (gloo) here; for NCCL leave Ray out (the "
+            "ranks are then this machine's processes, one GPU each)"
+        )
+    return RayPool(sources, ray_replicas, limits, ray_threads, tensor_parallel=tensor_parallel)
 
 
 def _checkpoints(

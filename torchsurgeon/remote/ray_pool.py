@@ -135,9 +135,9 @@ class ModelWorker:
             runs = prepare_submission(hosted, request, self.limits, estimate=False)
             return run_submission(hosted, runs, self.limits), None
         except ApiError as error:
-            return b"", {"status": error.status, **error.to_json()["error"]}
+            return b"", error.to_record()
         except Exception as error:  # reported to the client as the job's error
-            return b"", {"status": 500, "code": "internal", "message": repr(error), "field": ""}
+            return b"", ApiError(500, "internal", repr(error)).to_record()
 
     def count(self) -> int:
         return self.served
@@ -247,7 +247,7 @@ class RayPool:
         reply, result = self._call({"op": "run", "model": name}, request)
         error = reply.get("error")
         if error is not None:
-            raise ApiError(error["status"], error["code"], error["message"], error["field"])
+            raise ApiError.from_record(error)
         return result
 
     def fingerprints(self) -> list[dict[str, str | None]]:
@@ -506,7 +506,7 @@ class _Owner:
         for attempt in range(2):
             replica = self._pick()
             if replica is None:
-                return b"", _error(503, "no_replica", self._no_replica_reason())
+                return b"", ApiError(503, "no_replica", self._no_replica_reason()).to_record()
             try:
                 return self._ray.get(replica.actor.run.remote(name, request))
             except RayActorError:
@@ -517,12 +517,13 @@ class _Owner:
             finally:
                 with self._lock:
                     replica.busy -= 1
-        return b"", _error(
+        died = ApiError(
             503,
             "replica_died",
             "the replica running this job died, and so did the one it was retried on; the "
             "host is replacing them (see /v1/health)",
         )
+        return b"", died.to_record()
 
     def _pick(self) -> _Replica | None:
         """The least busy live replica (waiting while replacements start), or None."""
@@ -681,10 +682,6 @@ class _Owner:
         shutil.rmtree(self._temp, ignore_errors=True)
 
 
-def _error(status: int, code: str, message: str) -> dict[str, Any]:
-    return {"status": status, "code": code, "message": message, "field": ""}
-
-
 def _exposed_sockets(pids: list[int]) -> list[str]:
     """``"address:port (process)"`` of every socket of ``pids`` bound beyond loopback."""
     import psutil
@@ -739,7 +736,9 @@ def _owner_main() -> None:
             elif header["op"] == "served":
                 reply["value"] = owner.each_live("count")
         except Exception as error:  # reported to the caller, the owner keeps serving
-            reply["error"] = _error(500, "internal", f"{type(error).__name__}: {error}")
+            reply["error"] = ApiError(
+                500, "internal", f"{type(error).__name__}: {error}"
+            ).to_record()
         with contextlib.suppress(OSError, ValueError):
             _send(replies, lock, reply, result)
 

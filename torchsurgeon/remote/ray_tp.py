@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.limits import Limits
 
 __all__ = ["RankGroup", "TensorParallelRank"]
@@ -155,19 +156,15 @@ class RankGroup:
                 answers = self._ray.get(refs, timeout=self._run_limit)
             except RayActorError:
                 self._stop()
-                return b"", _error(
-                    500,
-                    "replica_died",
-                    "a tensor-parallel rank died during this job; the ranks are started again",
-                )
+                died = "a tensor-parallel rank died during this job; the ranks are started again"
+                return b"", ApiError(500, "replica_died", died).to_record()
             except GetTimeoutError:
                 self._stop()
-                return b"", _error(
-                    408,
-                    "timeout",
+                late = (
                     "the tensor-parallel ranks did not answer within max_run_seconds + "
-                    "watchdog_grace_seconds; they are started again",
+                    "watchdog_grace_seconds; they are started again"
                 )
+                return b"", ApiError(408, "timeout", late).to_record()
         kind, value = answers[0]
         if kind == "error":
             return b"", dict(value)
@@ -180,11 +177,11 @@ class RankGroup:
             described = self._start()
         except Exception as error:
             self.reason = f"the ranks did not start again: {type(error).__name__}: {error}"
-            return _error(503, "replica_died", self.reason)
+            return ApiError(503, "replica_died", self.reason).to_record()
         if described != self.described:
             self._stop()
             self.reason = "the restarted ranks loaded different models from the same paths"
-            return _error(503, "replica_died", self.reason)
+            return ApiError(503, "replica_died", self.reason).to_record()
         self.restarts += 1
         self.reason = f"restarted in {time.monotonic() - started:.1f} s"
         return None
@@ -248,7 +245,3 @@ class RankGroup:
             remove_placement_group(self.placement)
         except Exception:  # the cluster is going down anyway
             return
-
-
-def _error(status: int, code: str, message: str) -> dict[str, Any]:
-    return {"status": status, "code": code, "message": message, "field": ""}

@@ -120,7 +120,7 @@ class TensorParallelPool:
                 self._restart()
                 raise
         if kind == "error":
-            raise ApiError(value["status"], value["code"], value["message"], value["field"])
+            raise ApiError.from_record(value)
         return value
 
     def health(self) -> dict[str, Any]:
@@ -298,10 +298,10 @@ def _serve(
         runs = prepare_submission(_OnShards(standin, sharded), request, limits, estimate=False)
         return "result", run_submission(standin, runs, limits)  # as a single host runs it
     except ApiError as error:
-        return "error", {"status": error.status, **error.to_json()["error"]}
+        return "error", error.to_record()
     except Exception as error:  # the same on every rank
         message = f"{type(error).__name__}: {error}"
-        return "error", {"status": 500, "code": "internal", "message": message, "field": ""}
+        return "error", ApiError(500, "internal", message).to_record()
 
 
 class _OnShards:
