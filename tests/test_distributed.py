@@ -183,6 +183,12 @@ LLAMA_CASES: dict[str, Probe] = {
     "down output (replicated, all-reduced)": chain(
         after(DOWN, Save("down_out")), after(DOWN, Scale(rand(32, seed=9)))
     ),
+    "inside the MLP (act_fn: laid out by its DTensor twin)": chain(
+        before(f"{MLP}.act_fn", Save("act_in")),
+        after(f"{MLP}.act_fn", SetValues(ts.idx[:, 2:, [7171, 10, 4736]], 2.0)),
+        after(f"{MLP}.act_fn", Scale(0.5, index=ts.idx[..., 4700:4800])),
+        after(f"{MLP}.act_fn", Save("act")),
+    ),
     "residual stream": chain(
         after("model.layers.0", Add(rand(32, seed=10), 2.0)),
         after("model.layers.0", Save("resid")),
@@ -201,6 +207,8 @@ GATHERED_CASE: Probe = chain(
     before("model.layers.0.mlp.down_proj", Normalize()),
     after("model.layers.0.mlp.gate_proj", SaveGrad("g_gate0")),
     before("model.layers.0.mlp.down_proj", Save("normalized")),
+    after(f"{MLP}.act_fn", Normalize()),  # inside a region: gathered by the layout found there
+    after(f"{MLP}.act_fn", SaveGrad("g_act")),
 )
 
 UPSTREAM_GRAD_CASE: Probe = chain(  # for backward=: autograd is asked for these tensors only
@@ -222,6 +230,7 @@ TRAIN_CASE: Probe = chain(  # a layer of each kind of site, every one of them tr
     after(DOWN, LowRankAdapter(rand(3, WIDTH, seed=22) * 0.1, rand(32, 3, seed=23), 1.5)),
     after("model.layers.0", Add(rand(32, seed=24), 0.5)),
     before(DOWN, SetValues(ts.idx[:, -1, 4730:4742], rand(12, seed=25))),  # both shards
+    after(f"{MLP}.act_fn", Add(rand(WIDTH, seed=26), 0.5)),  # inside the sharded region
 )
 TRAINING = {  # SGD: equal gradients give equal steps (Adam's scaling magnifies rounding)
     "loss": ts.out("logits")[:, -1].logsumexp(-1).mean(),
@@ -235,6 +244,7 @@ TRAINED = [  # the layers TRAIN_CASE inserted, as the plan names them (on either
     f"{DOWN}.ts_after.0",
     "model.layers.0.ts_after.0",
     f"{DOWN}.ts_before.0",
+    f"{MLP}.act_fn.ts_after.0",
 ]
 
 
@@ -267,6 +277,12 @@ GPT2_CASES: dict[str, Probe] = {
     "LoRA on both projections": chain(
         after(C_FC, LowRankAdapter(rand(2, 32, seed=12), rand(128, 2, seed=13), 0.5)),
         after(C_PROJ, LowRankAdapter(rand(2, 128, seed=14), rand(32, 2, seed=15), 0.5)),
+    ),
+    "inside the MLP (act: split; dropout: replicated)": chain(
+        after("transformer.h.1.mlp.act", Add(rand(128, seed=16), index=ts.idx[:, -1])),
+        after("transformer.h.1.mlp.act", Save("act")),
+        before("transformer.h.1.mlp.dropout", Scale(rand(32, seed=17))),
+        before("transformer.h.1.mlp.dropout", Save("dropout_in")),
     ),
     "mlp output and attention (replicated)": chain(
         after("transformer.h.1.mlp", Scale(1.5)),
@@ -314,7 +330,6 @@ def errors_of(tree: nn.Module, ids: torch.Tensor) -> dict[str, str]:
 
     unplaced = before(DOWN, SetValues(SEED_INDEX, 5.0))(tree)
     attempt("unplaced", lambda: unplaced(ids))
-    attempt("inside", lambda: tsd.localize(after(f"{MLP}.act_fn", Save("act"))(tree)))
     attempt("replaced", lambda: tsd.localize(at(tree, f"{MLP}.act_fn").replace(Scale(2.0))))
     placed = tsd.localize(before(DOWN, Save("h"))(tree))
     attempt("inserted after localize", lambda: before(UP, Zero())(placed)(ids))
@@ -391,10 +406,6 @@ def gpt2_rank(plans: dict[str, bytes], ids: torch.Tensor, mesh: Any) -> dict[str
         with torch.no_grad():
             out["cases"][name] = entries(ts.run(view, ids))
     out["trained"] = trained(tree, ids, tsd.localize, gpt2=True)
-    try:
-        tsd.localize(after("transformer.h.0.mlp.act", Save("act"))(tree))
-    except tsd.TensorParallelError as error:
-        out["inside"] = str(error)
     out["conv1d paths"] = list(ts.select(tree).at_instances_of("Conv1D").paths)
     try:
         tsd.parallelize(make_gpt2(n_inner=127), mesh, GPT2_PLAN)
@@ -403,9 +414,68 @@ def gpt2_rank(plans: dict[str, bytes], ids: torch.Tensor, mesh: Any) -> dict[str
     return out
 
 
+class Opaque:
+    """An argument no meta copy can be made of (as a key-value cache is)."""
+
+
+class Block(nn.Module):
+    """A region whose code makes tensors no layer may treat as a part of the full one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.act, self.total, self.flat = nn.ReLU(), nn.Identity(), nn.Identity()
+        self.twice, self.head = nn.Identity(), nn.Identity()
+
+    def forward(self, x: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        h = self.act(self.up(x))
+        total = self.total(h.sum(-1, keepdim=True))  # a partial sum on each rank
+        flat = self.flat(h.reshape(h.shape[0], -1))  # features folded into positions
+        self.twice(h)
+        self.twice(x)  # called on a split and on a replicated tensor
+        self.head(h[..., :4])  # the first 4 features of the full tensor? of each shard here
+        return self.down(h) + 0 * total + 0 * flat.sum()
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        return self.block(x, extra=extra)
+
+
+def refusals_inside(mesh: Any) -> dict[str, str]:
+    """What the sites inside a region refuse, and how they say so; and what they allow."""
+    torch.manual_seed(0)
+    tree = tsd.parallelize(Outer(), mesh, {"block.up": "colwise", "block.down": "rowwise"})
+    x = rand(2, 3, 8, seed=30)
+    found: dict[str, str] = {}
+    for name, probe, kwargs in (
+        ("partial sum", after("block.total", Save("t")), {}),
+        ("folded", after("block.flat", Save("f")), {}),
+        ("twice", after("block.twice", Save("w")), {}),
+        ("sliced", after("block.head", Save("s")), {}),
+        ("opaque argument", after("block.act", Save("a")), {"extra": Opaque()}),
+        ("split", after("block.act", Save("a")), {}),
+    ):
+        try:
+            result = ts.run(tsd.localize(probe(tree)), x, **kwargs)
+        except tsd.TensorParallelError as error:
+            found[name] = str(error)
+        else:
+            found[name] = f"ran: {[tuple(v[0].shape) for v in result.records.values()]}"
+    return found
+
+
 def battery(llama: dict[str, bytes], gpt2: dict[str, bytes], ids: torch.Tensor) -> dict:
     mesh = init_device_mesh("cpu", (WORLD,))
-    return {"llama": llama_rank(llama, ids, mesh), "gpt2": gpt2_rank(gpt2, ids, mesh)}
+    return {
+        "llama": llama_rank(llama, ids, mesh),
+        "gpt2": gpt2_rank(gpt2, ids, mesh),
+        "inside": refusals_inside(mesh),
+    }
 
 
 def plans_of(base: nn.Module, cases: dict[str, Probe]) -> dict[str, bytes]:
@@ -489,7 +559,7 @@ def test_training_the_layers_of_a_sharded_model_equals_training_the_unsharded_on
 ) -> None:
     got, want = ranks[family]["trained"], ranks[family]["trained reference"]
     fields = {layer: ("a", "b") for layer in (*TRAINED[:2], *GPT2_TRAINED)}
-    fields.update({TRAINED[2]: ("vector",), TRAINED[3]: ("value",)})
+    fields.update({TRAINED[2]: ("vector",), TRAINED[3]: ("value",), TRAINED[4]: ("vector",)})
     layers = GPT2_TRAINED if family == "gpt2" else TRAINED
     expected = sorted(f"{layer}.{field}" for layer in layers for field in fields[layer])
     assert sorted(got["tensors"]) == sorted(want["tensors"]) == expected
@@ -571,9 +641,10 @@ GATHERS = {
     "q, k, v": 3,
     "gate input (replicated DTensor)": 0,
     "down output (replicated, all-reduced)": 0,
+    "inside the MLP (act_fn: laid out by its DTensor twin)": 2,
     "residual stream": 0,
     "grads": 2,
-    "gathered": 3,  # Normalize needs the whole tensor: gather-edit-scatter (and its backward)
+    "gathered": 5,  # Normalize needs the whole tensor: gather-edit-scatter (and its backward)
 }
 
 
@@ -593,12 +664,21 @@ def test_layers_that_cannot_be_placed_are_refused_with_the_way_out(ranks: dict) 
     assert "was not placed for tensor parallelism" in errors["unplaced"]
     assert "ts.distributed.localize" in errors["unplaced"]
     assert "rank 0 holds 0..4735" in errors["unplaced"]  # (the battery's rank 0 reports)
-    assert "inside the tensor-parallel region" in errors["inside"]
-    assert "model.layers.1.mlp.down_proj" in errors["inside"]
     assert "was replaced" in errors["replaced"]
     assert "was not placed" in errors["inserted after localize"]
-    assert "inside the tensor-parallel region" in ranks["gpt2"]["inside"]
     assert "127 features do not split evenly over 2 ranks" in ranks["gpt2"]["odd width"]
+
+
+@pytest.mark.slow
+def test_a_site_inside_a_region_whose_layout_is_unknown_is_refused(ranks: dict) -> None:
+    found = ranks["inside"]
+    print("\n".join(f"{k}: {v}" for k, v in found.items()))
+    assert found["split"] == "ran: [(2, 3, 16)]"  # the whole ReLU output, gathered
+    assert "'block.total' is a partial sum (Partial)" in found["partial sum"]
+    assert "_StridedShard" in found["folded"] and "interleaves" in found["folded"]
+    assert "this rank's tensor differs from another rank's" in found["sliced"]
+    assert "called 2 times in one call of its region" in found["twice"]
+    assert "argument 'extra' of type Opaque" in found["opaque argument"]
 
 
 @pytest.mark.slow

@@ -245,10 +245,6 @@ def tp_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 TP_TOLERANCE = 1e-5
 """Sharded against unsharded: a row-wise layer sums its shards' partial products."""
-TP_REFUSED = {
-    "e08_cache": "plan_does_not_fit",  # a Save inside the TP region (act_fn): refused
-}
-"""What a tensor-parallel host refuses, and how (never a result that differs silently)."""
 
 
 @pytest.mark.slow  # two ranks and a host on a loopback port
@@ -261,13 +257,13 @@ def test_a_tensor_parallel_host_gives_the_local_result(
     f = FAMILIES["llama"]
     model = ts.convert(hf) if converted(module) else ts.wrap(hf)
     remote = OneRequest(tp_client, "llama")
-    if converted(module) or name in TP_REFUSED:
+    if converted(module):
         from torchsurgeon.remote import RemoteError
 
         with pytest.raises(RemoteError) as refused:
             module.ts_version(model, token_ids, f, remote)
         # a plan on the conversion does not fit the transformers model this host serves
-        wanted = TP_REFUSED.get(name, "identity_mismatch")
+        wanted = "identity_mismatch"
         assert refused.value.status in (409, 422) and refused.value.code == wanted, refused.value
         return
     got = module.ts_version(model, token_ids, f, remote)

@@ -5,9 +5,10 @@ the same layers, the same plan — and then, once, :func:`localize` wraps every 
 before or after a tensor-parallel projection in a
 :class:`~torchsurgeon.distributed.sharded.Sharded` that knows the projection's layout
 (one more copy-on-write rewrite: the projections' private copies get new site lists; no
-tensor is copied). A layer inside a sharded region, where no layout is known, is refused
-here with the nearest valid sites; a layer inserted after ``localize`` is refused by the
-site's guard when the model runs. Layers at replicated sites (the residual stream, a whole
+tensor is copied). A layer inside a sharded region is placed too, with the region's
+:class:`~torchsurgeon.distributed.inside.RegionProbe` (hooked on the region) that finds its
+layout each call; a layer inserted after ``localize`` is refused by the site's guard when
+the model runs. Layers at replicated sites (the residual stream, a whole
 MLP or attention block) are left as they are: every rank holds the full tensor there and
 runs them as the unsharded model would.
 
@@ -28,12 +29,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from torchsurgeon.distributed.inside import RegionProbe
 from torchsurgeon.distributed.parallelize import (
     SiteGuard,
     SiteLayout,
     TensorParallelError,
     guard_of,
-    misplaced,
     tensor_parallel_of,
 )
 from torchsurgeon.distributed.sharded import RECORD_ON, Sharded
@@ -72,7 +73,8 @@ def localize(model: nn.Module, *, record_on: str = "all") -> nn.Module:
             "localize expects a model made by ts.distributed.parallelize (or rewritten from one)"
         )
     edits: dict[str, Edit] = {}
-    for path, node in iter_nodes(model):
+    regions = dict(iter_nodes(model))
+    for path, node in regions.items():
         guard = guard_of(node)
         if guard is None:
             continue
@@ -80,16 +82,35 @@ def localize(model: nn.Module, *, record_on: str = "all") -> nn.Module:
         layout = guard.layout
         if layout.role == "region":
             continue
+        probe = info.probes[layout.region] if layout.role == "inside" else None
         for which in SITE_LISTS:
             layers = list(node._modules.get(which) or ())
-            if layout.role == "inside" and layers:
-                raise misplaced(layers[0], layout, which)
             if any(not isinstance(layer, Sharded) for layer in layers):
-                edits[path] = _placing(guard.layout, info.mesh, record_on)
+                edits[path] = _placing(guard.layout, info.mesh, record_on, probe)
+            if probe is not None and layers and not _announces(regions[layout.region], probe):
+                edits[layout.region] = _announcing(probe)
     return rewrite(model, edits)
 
 
-def _placing(layout: SiteLayout, mesh: DeviceMesh, record_on: str) -> Edit:
+def _announces(region: nn.Module, probe: RegionProbe) -> bool:
+    return any(hook is probe for hook in region._forward_pre_hooks.values())
+
+
+def _announcing(probe: RegionProbe) -> Edit:
+    """Give the region (its copy) the probe's hooks: the inside layouts of each call."""
+
+    def edit(node: nn.Module, path: str) -> nn.Module:
+        if not _announces(node, probe):
+            node.register_forward_pre_hook(probe, with_kwargs=True)
+            node.register_forward_hook(probe.done, always_call=True)
+        return node
+
+    return edit
+
+
+def _placing(
+    layout: SiteLayout, mesh: DeviceMesh, record_on: str, probe: RegionProbe | None
+) -> Edit:
     def edit(node: nn.Module, path: str) -> nn.Module:
         for which in SITE_LISTS:
             layers = node._modules.get(which)
@@ -98,7 +119,7 @@ def _placing(layout: SiteLayout, mesh: DeviceMesh, record_on: str) -> Edit:
             placed = [
                 layer
                 if isinstance(layer, Sharded)
-                else Sharded(layer, layout, which, mesh, record_on)
+                else Sharded(layer, layout, which, mesh, record_on, probe)
                 for layer in layers
             ]
             node._modules[which] = freeze_tree(nn.ModuleList(placed), child_path(path, which))

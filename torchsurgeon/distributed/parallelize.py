@@ -18,10 +18,12 @@ plain local tensor again (``use_local_output=True``, the default). So, on each r
 module the plan names, how the tensors at its two sides are split (a
 :class:`~torchsurgeon.distributed.split.Split` or replicated); for each module holding
 sharded children (a *region*) that its own input and output are replicated; and for every
-other module inside a region that its tensors' layout is unknown. Each of those modules gets
-a guard — a forward pre-hook — that refuses to run intervention layers that were not placed
-for their site (see :func:`~torchsurgeon.distributed.localize.localize`) and layers inside a
-region, so no layer ever acts on a shard as if it were the whole tensor.
+other module inside a region that its layout follows from the region's code (for those it
+keeps a meta copy of the unsharded region, whose ``DTensor`` run finds it per call: see
+:mod:`~torchsurgeon.distributed.inside`). Each of those modules gets a guard — a forward
+pre-hook — that refuses to run intervention layers that were not placed for their site (see
+:func:`~torchsurgeon.distributed.localize.localize`), so no layer ever acts on a shard as if
+it were the whole tensor.
 
 GPT-2's ``Conv1D`` (a linear map with its weight stored ``[in, out]``) is not among the
 module types torch's styles take; a ``ColwiseParallel``/``RowwiseParallel`` aimed at one is
@@ -30,6 +32,7 @@ applied with the weight's other dimension split, which computes the same thing.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import weakref
 from collections.abc import Mapping
@@ -46,6 +49,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from transformers.pytorch_utils import Conv1D
 
+from torchsurgeon.distributed.inside import RegionProbe, meta_copy
 from torchsurgeon.distributed.split import Split
 from torchsurgeon.plans.identity import BaseIdentity, identity_of
 from torchsurgeon.surgery.errors import SurgeryError, closest
@@ -82,7 +86,8 @@ class SiteLayout:
     what layers inserted *after* it see (``None``: replicated, the full tensor on every
     rank). ``role`` is the module's part: ``colwise`` / ``rowwise`` (named by the plan),
     ``region`` (holds sharded children; its own input and output are replicated) or
-    ``inside`` (within a region, not named by the plan: its tensors' layout is unknown).
+    ``inside`` (within a region, not named by the plan: its tensors' layout follows from the
+    region's code and is found per call, see ``inside``).
     ``children`` are the guarded children, which must stay in place.
     """
 
@@ -92,7 +97,6 @@ class SiteLayout:
     output: Split | None = None
     region: str = ""
     children: tuple[str, ...] = ()
-    nearest: tuple[str, ...] = ()
 
     def side(self, which: str) -> Split | None:
         return self.input if which == SITE_LISTS[0] else self.output
@@ -116,6 +120,8 @@ class TensorParallel:
     mesh: DeviceMesh
     identity: BaseIdentity
     layouts: Mapping[str, SiteLayout] = field(default_factory=dict)
+    probes: Mapping[str, RegionProbe] = field(default_factory=dict)
+    """Per region: what finds the layout of the sites inside it (see ``inside``)."""
 
 
 _MODELS: weakref.WeakKeyDictionary[nn.Module, TensorParallel] = weakref.WeakKeyDictionary()
@@ -149,7 +155,7 @@ class SiteGuard:
         if layout.role != "region":
             for which in SITE_LISTS:
                 for layer in module._modules.get(which) or ():
-                    if layout.role == "inside" or not getattr(layer, "ts_sharded", False):
+                    if not getattr(layer, "ts_sharded", False):
                         raise misplaced(layer, layout, which)
         self.check_children(module)
 
@@ -179,17 +185,11 @@ def misplaced(layer: nn.Module, layout: SiteLayout, which: str) -> TensorParalle
     side = "before" if which == SITE_LISTS[0] else "after"
     name = type(layer).__name__
     where = f"{name} inserted {side} {describe(layout.path)}"
-    if layout.role == "inside":
-        nearest = ", ".join(repr(p) for p in layout.nearest) or "the projections around it"
-        return TensorParallelError(
-            f"{where}: this module sits inside the tensor-parallel region "
-            f"{describe(layout.region)}, where each rank holds part of the activation along a "
-            "dimension the plan does not name, so the layer cannot know which elements it "
-            f"sees. Insert it at a sharded projection instead ({nearest}; e.g. insert_before "
-            "the row-wise projection sees its whole input), or at the region itself."
-        )
     split = layout.side(which)
-    shape = split.describe() if split is not None else "replicated"
+    if layout.role == "inside":
+        shape = f"inside the sharded region {describe(layout.region)}, where it may be a shard"
+    else:
+        shape = split.describe() if split is not None else "replicated"
     return TensorParallelError(
         f"{where} was not placed for tensor parallelism (the tensor there is {shape}); as it "
         "is it would act on this rank's shard as if it were the whole tensor. Call "
@@ -386,11 +386,10 @@ def _regions(model: nn.Module, layouts: dict[str, SiteLayout]) -> dict[str, Site
             )
         if not makes:
             continue
-        nearest = tuple(c.path for c in children if c.role in ("colwise", "rowwise"))
         for path, _ in iter_nodes(modules[parent], parent):
             if path == parent or path in layouts:
                 continue
-            out[path] = SiteLayout(path, "inside", region=parent, nearest=nearest)
+            out[path] = SiteLayout(path, "inside", region=parent)
         if parent in out:
             raise TensorParallelError(f"{parent!r} is both a sharded region and inside one")
         out[parent] = SiteLayout(parent, "region")
@@ -468,6 +467,7 @@ def parallelize(
         path: _conv1d_style(style) if _is_conv1d(modules[path]) else style
         for path, style in styles.items()
     }
+    probes = _probes(modules, layouts, torch_plan, mesh)  # meta copies, made before sharding
     parallelize_module(model, mesh, torch_plan)
     for path, layout in layouts.items():
         modules[path].register_forward_pre_hook(SiteGuard(layout), prepend=True)
@@ -475,5 +475,29 @@ def parallelize(
         if isinstance(param, DTensor) and param.requires_grad:
             param.register_post_accumulate_grad_hook(_drop_grad)
     tree = wrap(model)
-    _MODELS[tree] = TensorParallel(mesh, identity, layouts)
+    _MODELS[tree] = TensorParallel(mesh, identity, layouts, probes)
     return tree
+
+
+def _probes(
+    modules: Mapping[str, nn.Module],
+    layouts: Mapping[str, SiteLayout],
+    torch_plan: Mapping[str, ParallelStyle],
+    mesh: DeviceMesh,
+) -> dict[str, RegionProbe]:
+    """A :class:`RegionProbe` per region with modules inside it: a meta copy of the unsharded
+    region and its children's styles, returning ``DTensor`` s (``use_local_output=False``)."""
+    probes = {}
+    for region, layout in layouts.items():
+        if layout.role != "region" or not any(
+            other.role == "inside" and other.region == region for other in layouts.values()
+        ):
+            continue
+        styles = {}
+        for path, style in torch_plan.items():
+            if path.rpartition(".")[0] == region:
+                twin = copy.copy(style)
+                twin.use_local_output = False
+                styles[path[len(region) + 1 :]] = twin
+        probes[region] = RegionProbe(region, meta_copy(modules[region]), styles, mesh)
+    return probes

@@ -22,6 +22,10 @@ full tensor's elements:
   tensor, keep this rank's part (gather-edit-scatter). Correct for any layer that keeps the
   tensor's shape; it costs one all-gather per call.
 
+Inside a region (between its projections) the split is the one the region's ``DTensor``
+twin found for this call (:mod:`~torchsurgeon.distributed.inside`), and the local tensor is
+checked against it first: its shape, and at a replicated site its values on every rank.
+
 At a site whose tensor is replicated (the input of a column-wise projection, the output of
 a row-wise one) the layer runs as it is, on the local copy of the full tensor. Layers before
 a projection run ahead of its ``parallelize_module`` input hook (see ``localize``), on the
@@ -42,10 +46,12 @@ from torchsurgeon.distributed.collectives import (
     gather,
     gather_to_first,
     gather_whole,
+    same_on_every_rank,
     settled,
     shared_input,
     sum_over_ranks,
 )
+from torchsurgeon.distributed.inside import InsideError, RegionProbe
 from torchsurgeon.distributed.parallelize import SiteLayout, TensorParallelError
 from torchsurgeon.distributed.split import Split, cut, local_part
 from torchsurgeon.layers.base import InterventionLayer, Recorder
@@ -60,6 +66,8 @@ from torchsurgeon.surgery.paths import SITE_LISTS, describe
 __all__ = ["RECORD_ON", "Sharded"]
 
 RECORD_ON = ("all", "rank0")
+Sides = tuple[Split | None, Split | None]
+"""The split of a layer's tensor and of its module's input (``None``: replicated)."""
 _GATHER = object()
 """What :func:`_local_copy` returns for a layer that needs the full tensor."""
 
@@ -77,6 +85,7 @@ class Sharded(nn.Module):
         which: str,
         mesh: DeviceMesh,
         record_on: str = "all",
+        probe: RegionProbe | None = None,
     ) -> None:
         super().__init__()
         if record_on not in RECORD_ON:
@@ -92,6 +101,9 @@ class Sharded(nn.Module):
         self.reads_input = bool(getattr(layer, "reads_input", False))
         self.split = layout.side(which)
         self.input_split = layout.input if which == SITE_LISTS[1] else None
+        self.probe = probe
+        """For a site inside a region: what finds its layout when the region is called."""
+        self.inside = layout.path[len(layout.region) + 1 :] if probe is not None else ""
         self.site = layout.path
         self.which = which
         self.mesh = mesh
@@ -106,36 +118,91 @@ class Sharded(nn.Module):
         others are used alike on every rank, which then holds their whole gradient."""
         layer = self.layer
         fields = layer.tensors() if isinstance(layer, InterventionLayer) else {}
-        if self.split is not None:
+        split, split_in = self.split, self.input_split
+        if self.probe is not None:  # as in the latest call (not run yet: no gradient at all)
+            sides = self.probe.last.get(self.inside)
+            if sides is None or sides.refused:
+                return frozenset(fields)
+            before = self.which == SITE_LISTS[0]
+            split, split_in = (sides.input, None) if before else (sides.output, sides.input)
+        if split is not None:
             return frozenset(fields)
         lora = original_class(layer) is LowRankAdapter
-        return frozenset({"a"}) if lora and self.input_split is not None else frozenset()
+        return frozenset({"a"}) if lora and split_in is not None else frozenset()
 
     def extra_repr(self) -> str:
         side = "input" if self.which == SITE_LISTS[0] else "output"
-        shape = self.split.describe() if self.split is not None else "replicated"
+        if self.probe is not None:
+            shape = "inside the region, laid out as its DTensor twin finds per call"
+        else:
+            shape = self.split.describe() if self.split is not None else "replicated"
         return f"{side} of {describe(self.site)}: {shape}, record_on={self.record_on!r}"
 
     # -- the call ------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, input: torch.Tensor | None = None) -> torch.Tensor:
+        split, split_in = self._sides(x, input)
+        local_in = self._local_input(input, split, split_in)
         if isinstance(x, DTensor):
-            self._check_placement(x, self.split, "tensor")
-            out = self._run(x.to_local(), self._local_input(input))
+            self._check_placement(x, split, "tensor")
+            out = self._run(x.to_local(), local_in, (split, split_in))
             return DTensor.from_local(
                 out, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride()
             )
-        return self._run(settled(x), self._local_input(input))
+        return self._run(settled(x), local_in, (split, split_in))
 
-    def _local_input(self, input: torch.Tensor | None) -> torch.Tensor | None:
+    def _sides(self, x: torch.Tensor, input: torch.Tensor | None) -> Sides:
+        """The splits of the tensor and of the module's input, for this call."""
+        if self.probe is None:
+            return self.split, self.input_split
+        before = self.which == SITE_LISTS[0]
+        try:
+            sides = self.probe.sides(self.inside)
+            split, shape = sides.side(before)
+            reads = not before and input is not None
+            split_in, shape_in = sides.side(True) if reads else (None, None)
+        except InsideError as error:
+            raise TensorParallelError(f"{self._where()}{error}") from None
+        self._check_shape(x, split, shape, "tensor")
+        if reads:
+            self._check_shape(input, split_in, shape_in, "input")
+        return split, split_in
+
+    def _check_shape(
+        self, x: torch.Tensor, split: Split | None, full: tuple[int, ...] | None, what: str
+    ) -> None:
+        """Refuse a local tensor whose shape is not what its DTensor twin's placement implies."""
+        local = list(full or ())
+        if split is not None:
+            local[split.dim] = split.width
+        twin = (
+            f"run on DTensors the region's code gives a tensor of full shape {full}, "
+            f"{split.describe() if split is not None else 'replicated'}"
+        )
+        if full is None or tuple(x.shape) != tuple(local):
+            raise TensorParallelError(
+                f"{self._where()}this rank's {what} has shape {tuple(x.shape)}, but {twin}, "
+                f"i.e. {tuple(local)} here: the local code does not compute the shard its "
+                "DTensor twin does, so the layer cannot know which elements it sees"
+            )
+        if split is None and not same_on_every_rank(x, self.mesh):
+            raise TensorParallelError(
+                f"{self._where()}{twin}, but this rank's {what} differs from another rank's: "
+                "the local code does not compute what its DTensor twin does (e.g. it slices "
+                "the sharded features by position), so the layer cannot know what it sees"
+            )
+
+    def _local_input(
+        self, input: torch.Tensor | None, split: Split | None, split_in: Split | None
+    ) -> torch.Tensor | None:
         if input is None:
             return None
         if isinstance(input, DTensor):
-            self._check_placement(input, self.input_split, "input")
+            self._check_placement(input, split_in, "input")
             local = input.to_local()
         else:
             local = settled(input)
-        if self.split is not None and self.input_split is None:
+        if split is not None and split_in is None:
             # the whole input, used for this rank's output shard only: its gradient is a share
             return shared_input(local, self.mesh)
         return local
@@ -160,15 +227,15 @@ class Sharded(nn.Module):
         side = "before" if self.which == SITE_LISTS[0] else "after"
         return f"{type(self.layer).__name__} {side} {describe(self.site)} (tensor parallel): "
 
-    def _run(self, x: torch.Tensor, input: torch.Tensor | None) -> torch.Tensor:
-        split, layer = self.split, self.layer
+    def _run(self, x: torch.Tensor, input: torch.Tensor | None, sides: Sides) -> torch.Tensor:
+        layer, split = self.layer, sides[0]
         if split is not None and (x.dim() < -split.dim or x.shape[split.dim] != split.width):
             raise TensorParallelError(
                 f"{self._where()}this rank's tensor has shape {tuple(x.shape)}, but the site "
                 f"is {split.describe()}"
             )
         if self.reads_input:
-            return self._with_input(x, input)
+            return self._with_input(x, input, sides)
         if split is None:
             return layer(x)
         if original_class(layer) is SaveGrad:
@@ -223,7 +290,7 @@ class Sharded(nn.Module):
         layer = self.layer
         tensors = layer.tensors() if isinstance(layer, InterventionLayer) else {}
         keep = not any(t.requires_grad for t in tensors.values())
-        key = (tuple(x.shape), x.dtype, x.device)
+        key = (tuple(x.shape), x.dtype, x.device, split)
         if keep and key in self._ts_local:
             return self._ts_local[key]
         shape = split.full_shape(tuple(x.shape))
@@ -247,9 +314,11 @@ class Sharded(nn.Module):
         dim = split.dim % out.dim()
         return out.narrow(dim, split.offset, split.width).contiguous()
 
-    def _with_input(self, x: torch.Tensor, input: torch.Tensor | None) -> torch.Tensor:
+    def _with_input(
+        self, x: torch.Tensor, input: torch.Tensor | None, sides: Sides
+    ) -> torch.Tensor:
         """A layer that reads the module's input too (LoRA), after the module."""
-        layer, split, split_in = self.layer, self.split, self.input_split
+        layer, (split, split_in) = self.layer, sides
         if input is None:
             return layer(x)  # the layer says what it needs
         if original_class(layer) is not LowRankAdapter or (

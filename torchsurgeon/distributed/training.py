@@ -42,14 +42,15 @@ def grad_reduction(
     info = tensor_parallel_of(model)
     if info is None:
         return None
-    partial = []
+    places = []
     for name in names:
         layer_path, _, field = name.rpartition(".")
-        wrapper = get_at(model, layer_path)
-        partial.append(isinstance(wrapper, Sharded) and field in wrapper.partial_fields())
+        places.append((get_at(model, layer_path), field))
     mesh, group = info.mesh, info.mesh.get_group()
 
     def reduce(grads: Grads) -> list[torch.Tensor | None]:
+        # asked after each backward: a site inside a region is laid out as its last call was
+        partial = [isinstance(w, Sharded) and f in w.partial_fields() for w, f in places]
         whole: list[torch.Tensor | None] = []
         for grad, shared, tensor in zip(grads, partial, tensors, strict=True):
             if shared:  # this rank's share (none, if its copy touched nothing): summed
