@@ -37,6 +37,7 @@ import torchsurgeon as ts
 import torchsurgeon.distributed as tsd
 import torchsurgeon.distributed.sharded as sharded_module
 from torchsurgeon.distributed.launch import _build, _loopback_store
+from torchsurgeon.distributed.parallelize import tensor_parallel_of
 from torchsurgeon.layers import (
     Add,
     InterventionLayer,
@@ -292,8 +293,56 @@ GPT2_CASES: dict[str, Probe] = {
 }
 
 
+# A converted model (ts.convert) has its attention's steps as modules: q/k/v are
+# HeadProjections split by heads, everything between them and attn.out sits inside the region.
+BLOCK1 = "blocks.1"
+CONVERTED_CASES: dict[str, Probe] = {
+    "heads: pattern and head_out": chain(
+        after(f"{BLOCK1}.attn.pattern", Save("pattern")),
+        after(f"{BLOCK1}.attn.head_out", Zero(ts.idx[:, :, 1])),  # head 1: rank 0's second
+        after(f"{BLOCK1}.attn.head_out", Scale(3.0, index=ts.idx[:, -1, [0, 3]])),  # both
+        after(f"{BLOCK1}.attn.head_out", Save("z")),
+    ),
+    "q, k, v heads": chain(
+        after("blocks.0.attn.q", Save("q")),
+        after("blocks.0.attn.k", SetValues(ts.idx[:, 2, 1], 3.0)),  # key head 1: rank 1's
+        after("blocks.0.attn.v", Save("v")),
+    ),
+    "rotary, scores, mask": chain(
+        after(f"{BLOCK1}.attn.q_rot", Save("q_rot")),
+        after(f"{BLOCK1}.attn.scores", Scale(0.5, index=ts.idx[:, 2:])),
+        after(f"{BLOCK1}.attn.mask", Save("masked")),
+    ),
+    "mlp hidden": chain(
+        after(f"{BLOCK1}.mlp.hidden", SetValues(ts.idx[3:, -1, [7171, 2519]], 5.0)),
+        after(f"{BLOCK1}.mlp.hidden", Save("hidden")),
+    ),
+    "attention output's input (heads flattened)": chain(
+        before(f"{BLOCK1}.attn.out", Zero(ts.idx[..., 8:16])),
+        before(f"{BLOCK1}.attn.out", Save("heads")),
+    ),
+    "residual stream": chain(
+        after("blocks.0", Add(rand(32, seed=40), 1.0)), after("blocks.0", Save("resid"))
+    ),
+}
+CONVERTED_GRAD_CASE: Probe = chain(
+    after(f"{BLOCK1}.attn.pattern", SaveGrad("g_pattern")),
+    after(f"{BLOCK1}.mlp.hidden", SaveGrad("g_hidden")),
+    after("blocks.0.attn.v", SaveGrad("g_v")),
+)
+CONVERTED_GPT2_CASES: dict[str, Probe] = {
+    "heads and MLP hidden": chain(
+        after(f"{BLOCK1}.attn.pattern", Save("pattern")),
+        after(f"{BLOCK1}.attn.head_out", Zero(ts.idx[:, :, 2])),
+        after(f"{BLOCK1}.mlp.hidden", Add(rand(128, seed=41), index=ts.idx[:, -1])),
+        after(f"{BLOCK1}.mlp.hidden", Save("hidden")),
+    ),
+}
+
+
 def entries(result: ts.Result) -> dict[str, torch.Tensor]:
-    out = {"logits": result.output.logits}
+    output = result.output  # a transformers model's output, or a converted model's logits
+    out = {"logits": output if isinstance(output, torch.Tensor) else output.logits}
     out.update({key: values[0] for key, values in result.records.items() if values})
     return {key: value.detach().clone() for key, value in out.items()}
 
@@ -306,7 +355,9 @@ def weights(vocab: int) -> torch.Tensor:
 
 def with_backward(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     result = ts.run(model, ids)
-    (result.output.logits * weights(result.output.logits.shape[-1])).sum().backward()
+    logits = entries(result)["logits"]
+    output = result.output if isinstance(result.output, torch.Tensor) else result.output.logits
+    (output * weights(logits.shape[-1])).sum().backward()
     return entries(result)
 
 
@@ -469,12 +520,59 @@ def refusals_inside(mesh: Any) -> dict[str, str]:
     return found
 
 
-def battery(llama: dict[str, bytes], gpt2: dict[str, bytes], ids: torch.Tensor) -> dict:
+def cached_runs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer inside the MLP region (which is called with ``x`` alone) in a generation and
+    in a forward pass filling a KV cache: the tokens, and what the layer saved."""
+    hidden = CONVERTED_CASES["mlp hidden"](model)
+    if tensor_parallel_of(model) is not None:
+        hidden = tsd.localize(hidden)
+    tokens = ts.models.generate(hidden, ids, 3)
+    saved = ts.run(hidden, ids, cache=hidden.new_cache()).saved["hidden"]
+    return tokens, saved
+
+
+def cached_heads(model: nn.Module, ids: torch.Tensor) -> Any:
+    """A layer inside block 1's attention, which is called with the KV cache (holding, on a
+    sharded model, block 0's keys for this rank's heads): what it saved, or the refusal."""
+    heads = CONVERTED_CASES["heads: pattern and head_out"](model)
+    if tensor_parallel_of(model) is not None:
+        heads = tsd.localize(heads)
+    try:
+        return ts.run(heads, ids, cache=heads.new_cache()).saved["pattern"]
+    except tsd.TensorParallelError as error:
+        return str(error)
+
+
+def converted_rank(plans: dict[str, dict[str, bytes]], ids: torch.Tensor, mesh: Any) -> dict:
+    """Converted Llama and GPT-2, sharded with their config's plan ("auto")."""
+    out: dict[str, Any] = {}
+    trees = {}
+    for family, make in (("converted llama", make_llama), ("converted gpt2", make_gpt2)):
+        tree = trees[family] = tsd.parallelize(ts.convert(make()), mesh, "auto")
+        cases = {}
+        for name, data in plans[family].items():
+            view = tsd.apply(ts.Plan.from_bytes(data), tree)
+            if name == "grads":
+                cases[name] = with_backward(view, ids)
+                continue
+            with torch.no_grad():
+                cases[name] = entries(ts.run(view, ids))
+        out[family] = {"cases": cases}
+    llama = trees["converted llama"]
+    out["converted llama"]["generate"] = cached_runs(llama, ids)
+    out["converted llama"]["cached heads"] = cached_heads(llama, ids)
+    return out
+
+
+def battery(
+    llama: dict[str, bytes], gpt2: dict[str, bytes], converted: dict, ids: torch.Tensor
+) -> dict:
     mesh = init_device_mesh("cpu", (WORLD,))
     return {
         "llama": llama_rank(llama, ids, mesh),
         "gpt2": gpt2_rank(gpt2, ids, mesh),
         "inside": refusals_inside(mesh),
+        **converted_rank(converted, ids, mesh),
     }
 
 
@@ -500,8 +598,21 @@ def ranks() -> dict[str, Any]:
     llama, gpt2 = ts.wrap(make_llama()), ts.wrap(make_gpt2())
     llama_plans = plans_of(llama, {**LLAMA_CASES, "grads": GRAD_CASE})
     gpt2_plans = plans_of(gpt2, {**GPT2_CASES, "grads": after(C_PROJ, SaveGrad("g"))})
+    converted = {
+        "converted llama": ts.wrap(ts.convert(make_llama())),
+        "converted gpt2": ts.wrap(ts.convert(make_gpt2())),
+    }
+    converted_cases = {
+        "converted llama": {**CONVERTED_CASES, "grads": CONVERTED_GRAD_CASE},
+        "converted gpt2": CONVERTED_GPT2_CASES,
+    }
+    converted_plans = {
+        family: plans_of(converted[family], cases) for family, cases in converted_cases.items()
+    }
     start = time.monotonic()
-    out = tsd.launch(battery, llama_plans, gpt2_plans, ids, world_size=WORLD, timeout=300)
+    out = tsd.launch(
+        battery, llama_plans, gpt2_plans, converted_plans, ids, world_size=WORLD, timeout=300
+    )
     out["seconds"] = time.monotonic() - start
     llama_cases = {**LLAMA_CASES, "grads": GRAD_CASE, "gathered": GATHERED_CASE}
     out["llama"]["reference"] = unsharded(llama, llama_cases, ids)
@@ -518,6 +629,13 @@ def ranks() -> dict[str, Any]:
     out["base logits"] = base
     out["llama"]["trained reference"] = trained(llama, ids)
     out["gpt2"]["trained reference"] = trained(gpt2, ids, gpt2=True)
+    for family, cases in converted_cases.items():
+        out[family]["reference"] = unsharded(converted[family], cases, ids)
+        with torch.no_grad():
+            base[family] = converted[family](ids)
+    llama_converted = converted["converted llama"]
+    out["converted llama"]["generate reference"] = cached_runs(llama_converted, ids)
+    out["converted llama"]["cached heads reference"] = cached_heads(llama_converted, ids)
     return out
 
 
@@ -592,6 +710,30 @@ def test_every_gpt2_layer_at_every_site_equals_the_unsharded_model(ranks: dict) 
     base = ranks["base logits"]["gpt2"]
     for case in ("neurons", "c_fc output", "LoRA on both projections"):
         assert max_diff(ranks["gpt2"]["reference"][case]["logits"], base) > 1e-4, case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["converted llama", "converted gpt2"])
+def test_every_layer_of_a_converted_model_equals_the_unsharded_conversion(
+    ranks: dict, family: str
+) -> None:
+    diffs = compare(family, ranks)
+    assert max(diffs.values()) <= TOLERANCE, {k: v for k, v in diffs.items() if v > TOLERANCE}
+    base = ranks["base logits"][family]
+    for case, values in ranks[family]["reference"].items():
+        if case != "grads":
+            assert max_diff(values["logits"], base) > 1e-4, f"{case} changes nothing"
+
+
+@pytest.mark.slow
+def test_generating_from_a_sharded_conversion_equals_the_unsharded_one(ranks: dict) -> None:
+    got, want = ranks["converted llama"]["generate"], ranks["converted llama"]["generate reference"]
+    assert torch.equal(got[0], want[0]) and got[0].shape == (5, 9)
+    assert max_diff(got[1], want[1]) <= TOLERANCE
+    refused = ranks["converted llama"]["cached heads"]
+    assert ranks["converted llama"]["cached heads reference"].shape == (5, 4, 6, 6)
+    assert "argument 1.cache.keys[0] holding different values on different ranks" in refused
+    assert "without a KV cache" in refused
 
 
 @pytest.mark.slow
@@ -803,6 +945,21 @@ def test_plans_torchsurgeon_cannot_follow_are_refused(mesh1: Any, plan: dict, me
     with pytest.raises(tsd.TensorParallelError, match=message):
         tsd.parallelize(model, mesh1, plan)
     assert not any(isinstance(p, DTensor) for p in model.parameters())  # refused before sharding
+
+
+def test_a_converted_models_head_projection_is_split_by_heads_only(mesh1: Any) -> None:
+    model = ts.convert(make_llama())
+    with pytest.raises(tsd.TensorParallelError, match="split by heads, column-wise"):
+        tsd.parallelize(
+            model, mesh1, {"blocks.*.attn.q": "rowwise", "blocks.*.attn.out": "colwise"}
+        )
+    assert not any(isinstance(p, DTensor) for p in model.parameters())  # refused before sharding
+    layouts = tsd.site_layouts(tsd.parallelize(model, mesh1, "auto"))
+    assert layouts["blocks.0.attn.k"].describe() == (
+        "colwise (input: replicated; output: dimension -2 of 2 split over 1 ranks (rank 0 "
+        "holds 0..1))"
+    )
+    assert layouts["blocks.0.attn.pattern"].role == "inside"
 
 
 def test_models_torchsurgeon_cannot_follow_are_refused(mesh1: Any) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_distributed import LLAMA_CASES, TOLERANCE, make_llama
+from test_distributed import CONVERTED_CASES, LLAMA_CASES, TOLERANCE, make_llama
 
 import torchsurgeon as ts
 from torchsurgeon.remote import Client, RemoteError, create_app, serve_in_thread
@@ -49,18 +49,22 @@ def hosts(checkpoint: Path) -> Iterator[dict[str, Any]]:
 
 
 def _tensors(result: ts.Result) -> dict[str, torch.Tensor]:
-    return {"logits": result.output["logits"], **{k: v for k, v in result.saved.items()}}
+    output = result.output
+    logits = output if isinstance(output, torch.Tensor) else output["logits"]
+    return {"logits": logits, **{k: v for k, v in result.saved.items()}}
 
 
-def case_diffs(single: Client, sharded: Client) -> dict[str, float]:
-    """Every case of the distributed battery on both hosts: the max abs diff per case."""
-    base = ts.wrap(make_llama())
+def case_diffs(single: Client, sharded: Client, *, converted: bool = False) -> dict[str, float]:
+    """Every case of the distributed battery on both hosts: the max abs diff per case (of
+    the converted model's cases, on ``"llama-converted"``, with ``converted``)."""
+    base = ts.wrap(ts.convert(make_llama()) if converted else make_llama())
+    cases, model = (CONVERTED_CASES, "llama-converted") if converted else (LLAMA_CASES, "llama")
     ids = torch.randint(1, 64, (5, 7), generator=torch.Generator().manual_seed(0))
     worst: dict[str, float] = {}
-    for name, probe in LLAMA_CASES.items():
+    for name, probe in cases.items():
         tree = probe(base)
-        want = _tensors(single.run(tree, ids))
-        got = _tensors(sharded.run(tree, ids))
+        want = _tensors(single.run(tree, ids, model_name=model))
+        got = _tensors(sharded.run(tree, ids, model_name=model))
         assert got.keys() == want.keys(), name
         worst[name] = max(float((got[k] - want[k]).abs().max()) for k in want)
     return worst

@@ -26,7 +26,13 @@ from test_distributed import TOLERANCE, UP, WIDTH, make_llama
 from test_tp_host import case_diffs
 
 import torchsurgeon as ts
-from torchsurgeon.remote import Client, RemoteError, create_app, serve_in_thread
+from torchsurgeon.remote import (
+    Client,
+    LocalCheckpoint,
+    RemoteError,
+    create_app,
+    serve_in_thread,
+)
 
 pytestmark = pytest.mark.slow  # a Ray cluster, two ranks and two hosts
 
@@ -46,8 +52,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hosts(psutil: Any, checkpoint: Path) -> Iterator[dict[str, Any]]:
-    single = create_app({"llama": checkpoint})
-    sharded = create_app({"llama": checkpoint}, tensor_parallel=2, ray_replicas=1)
+    served = {"llama": checkpoint, "llama-converted": LocalCheckpoint(checkpoint, convert=True)}
+    single = create_app(served)
+    sharded = create_app(served, tensor_parallel=2, ray_replicas=1)
     pool = sharded.state.host.pool
     ranks: list[Any] = []
     with (
@@ -75,6 +82,14 @@ def test_every_case_on_ray_ranks_equals_the_single_process_host(hosts: dict[str,
     # the ranks are Ray worker processes, not processes this host spawned itself
     children = {p.pid for p in hosts["psutil"].Process().children()}
     assert all(rank.pid not in children and rank.is_running() for rank in hosts["ranks"])
+
+
+def test_a_converted_model_on_ray_ranks_equals_the_single_process_host(
+    hosts: dict[str, Any],
+) -> None:
+    worst = case_diffs(hosts["single"], hosts["tp"], converted=True)
+    print("max abs diff, converted, tp=2 on Ray vs single-process host:", worst)
+    assert max(worst.values()) <= TOLERANCE, worst
 
 
 def test_training_on_ray_ranks_equals_the_single_process_host(hosts: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@
   column-wise projection reads the whole input): its backward sums the ranks' shares.
 - :func:`gather_to_first` builds it on rank 0 only (a gather: rank 0 receives ``N - 1``
   shards and nobody else receives anything). The result is detached.
-- :func:`same_on_every_rank` checks that a tensor said to be replicated is (two checksums).
+- :func:`same_on_every_rank` checks that tensors said to be replicated are (checksums).
 - :func:`sum_over_ranks` adds a small tensor over the ranks (a LoRA adapter's low-rank
   partial products at a row-wise projection), in rank order so every rank gets the same
   bits; its gradient passes back unchanged (every rank uses the whole sum).
@@ -129,16 +129,21 @@ def gather_to_first(local: torch.Tensor, split: Split, mesh: DeviceMesh) -> torc
     return torch.cat(pieces, dim=split.dim % local.dim())
 
 
-def same_on_every_rank(x: torch.Tensor, mesh: DeviceMesh) -> bool:
-    """Whether ``x`` holds the same values on every rank (two checksums all-gathered: the sum
-    and a position-weighted sum, in float64; equal tensors give equal bits)."""
-    if mesh.size() == 1:
-        return True
-    flat = x.detach().reshape(-1).to(torch.float64)
-    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-    sums = torch.stack([flat.sum(), (flat * weights.reciprocal_()).sum()]).unsqueeze(0)
-    seen = settled(funcol.all_gather_single(sums.contiguous(), 0, mesh.get_group()))
-    return bool((seen == seen[0]).all())
+def same_on_every_rank(tensors: list[torch.Tensor], mesh: DeviceMesh) -> list[bool]:
+    """For each tensor, whether it holds the same values on every rank: two checksums each
+    (the sum and a position-weighted sum, in float64; equal tensors give equal bits), all
+    of them in one all-gather."""
+    if mesh.size() == 1 or not tensors:
+        return [True] * len(tensors)
+    sums = []
+    for x in tensors:
+        flat = x.detach().reshape(-1).to(torch.float64)
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        sums += [flat.sum(), (flat * weights.reciprocal_()).sum()]
+    mine = torch.stack(sums).unsqueeze(0).contiguous()
+    seen = settled(funcol.all_gather_single(mine, 0, mesh.get_group()))
+    agree = (seen == seen[0]).all(0).view(len(tensors), 2).all(1)
+    return agree.tolist()
 
 
 def sum_over_ranks(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:

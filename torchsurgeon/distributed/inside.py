@@ -28,6 +28,7 @@ refused with the reason.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from torchsurgeon.distributed.collectives import same_on_every_rank
 from torchsurgeon.distributed.split import Split
 from torchsurgeon.layers.index import remember
 from torchsurgeon.surgery.errors import SurgeryError
@@ -48,7 +50,9 @@ from torchsurgeon.surgery.paths import child_path, describe
 __all__ = ["InsideSides", "RegionProbe", "meta_copy"]
 
 _LEAVES = (bool, int, float, str, type(None), torch.dtype, torch.device)
-"""Argument values other than tensors a region may be called with (they enter the key)."""
+"""Argument values other than tensors a region may be called with (they enter the key);
+tuples, lists, dicts and dataclass instances (a converted model's ``ForwardContext``) of
+them are walked."""
 
 
 class InsideError(SurgeryError, ValueError):
@@ -161,6 +165,19 @@ class RegionProbe:
     # -- the analysis ---------------------------------------------------------------------
 
     def _analyse(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, InsideSides]:
+        named = [t for i, v in enumerate(args) for t in _tensors(v, f"argument {i}")]
+        named += [t for k, v in kwargs.items() for t in _tensors(v, f"argument {k!r}")]
+        agree = same_on_every_rank([t for _, t in named], self.mesh)
+        differing = [name for (name, _), same in zip(named, agree, strict=True) if not same]
+        if differing:  # the twin is given whole (replicated) tensors: these are not
+            reason = (
+                f"the region {describe(self.path)} is called with {differing[0]} holding "
+                "different values on different ranks (e.g. a key-value cache holding this "
+                "rank's heads), so its DTensor twin, which takes every argument as whole, "
+                "cannot find the layout of the sites inside it; run without a KV cache, or "
+                "insert the layer at a projection of the region"
+            )
+            return {name: _refused(reason) for name in self._inside_names()}
         region = self._sharded_copy()
         seen: dict[str, list[tuple[Any, Any]]] = {}
         handles = []
@@ -180,11 +197,16 @@ class RegionProbe:
                 f"the unsharded region {describe(self.path)} could not run on DTensors to "
                 f"find the layout of the tensors inside it ({type(error).__name__}: {error})"
             )
-            return {name: _refused(reason) for name, _ in region.named_modules() if name}
+            return {name: _refused(reason) for name in self._inside_names()}
         finally:
             for handle in handles:
                 handle.remove()
         return {name: self._sides(name, calls) for name, calls in seen.items()}
+
+    def _inside_names(self) -> list[str]:
+        region = self._sharded if self._sharded is not None else self._unsharded
+        assert region is not None
+        return [name for name, _ in region.named_modules() if name]
 
     def _sharded_copy(self) -> nn.Module:
         if self._sharded is None:
@@ -284,11 +306,31 @@ def _signature(value: Any, where: str) -> Any:
         return ("dict", tuple((k, _signature(v, f"{where}[{k!r}]")) for k, v in value.items()))
     if isinstance(value, _LEAVES):
         return ("value", type(value).__name__, value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a ForwardContext
+        items = tuple(
+            (f.name, _signature(getattr(value, f.name), f"{where}.{f.name}"))
+            for f in dataclasses.fields(value)
+        )
+        return ("dataclass", type(value).__qualname__, items)
     raise InsideError(
         f"the region is called with {where} of type {type(value).__name__}, which cannot be "
         "copied to meta tensors to find the layout of the sites inside it (a key-value "
-        "cache: run with use_cache=False)"
+        "cache: run without one, use_cache=False)"
     )
+
+
+def _tensors(value: Any, where: str) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a region call's arguments (as :func:`_signature` walks them), named."""
+    if isinstance(value, torch.Tensor):
+        return [(where, value)]
+    if type(value) in (tuple, list):
+        return [t for i, v in enumerate(value) for t in _tensors(v, f"{where}[{i}]")]
+    if type(value) is dict:
+        return [t for k, v in value.items() for t in _tensors(v, f"{where}[{k!r}]")]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        return [t for f in fields for t in _tensors(getattr(value, f.name), f"{where}.{f.name}")]
+    return []
 
 
 def _to_meta(value: Any, mesh: DeviceMesh) -> Any:
@@ -299,4 +341,9 @@ def _to_meta(value: Any, mesh: DeviceMesh) -> Any:
         return type(value)(_to_meta(v, mesh) for v in value)
     if type(value) is dict:
         return {k: _to_meta(v, mesh) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        twin = copy.copy(value)
+        for f in dataclasses.fields(value):
+            object.__setattr__(twin, f.name, _to_meta(getattr(value, f.name), mesh))
+        return twin
     return value

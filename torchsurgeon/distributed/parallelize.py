@@ -25,9 +25,12 @@ pre-hook — that refuses to run intervention layers that were not placed for th
 :func:`~torchsurgeon.distributed.localize.localize`), so no layer ever acts on a shard as if
 it were the whole tensor.
 
-GPT-2's ``Conv1D`` (a linear map with its weight stored ``[in, out]``) is not among the
-module types torch's styles take; a ``ColwiseParallel``/``RowwiseParallel`` aimed at one is
-applied with the weight's other dimension split, which computes the same thing.
+Three linear maps are not among the module types torch's styles take, and are sharded by a
+style of the same kind with its own weight placements: GPT-2's ``Conv1D`` (weight
+``[in, out]``: the other dimension split), a converted model's ``Projection`` (as an
+``nn.Linear``) and ``HeadProjection`` (weight ``[head, d_head, d_model]``: split by heads,
+column-wise only, so its output ``[batch, pos, head, d_head]`` is split along dimension -2).
+A converted model's config carries its plan (``TransformerConfig.base_model_tp_plan``).
 """
 
 from __future__ import annotations
@@ -47,10 +50,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
+from torch.distributed.tensor.placement_types import Placement
 from transformers.pytorch_utils import Conv1D
 
 from torchsurgeon.distributed.inside import RegionProbe, meta_copy
 from torchsurgeon.distributed.split import Split
+from torchsurgeon.layers.transformer.projection import HeadProjection, Projection
 from torchsurgeon.plans.identity import BaseIdentity, identity_of
 from torchsurgeon.surgery.errors import SurgeryError, closest
 from torchsurgeon.surgery.frozen import is_frozen, wrap
@@ -198,29 +203,47 @@ def misplaced(layer: nn.Module, layout: SiteLayout, which: str) -> TensorParalle
     )
 
 
-# --------------------------------------------------------------------- GPT-2's Conv1D
+# --------------------------------------------------------------------- other linear maps
+
+_COLWISE, _ROWWISE = 0, 1
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return isinstance(module, Conv1D)
+def _weight_splits(module: nn.Module) -> tuple[dict[str, Placement], dict[str, Placement]] | None:
+    """For a linear map torch's styles do not take: how a column-wise and a row-wise split
+    place its weight and bias; ``None`` for ``nn.Linear`` / ``nn.Embedding`` (torch's own).
+
+    - ``Conv1D`` (GPT-2, weight ``[in, out]``): the weight's other dimension split;
+    - ``Projection`` (a converted model, weight ``[out, in]``): as ``nn.Linear``;
+    - ``HeadProjection`` (weight ``[head, d_head, d_model]``): column-wise only, by heads.
+    """
+    if isinstance(module, Conv1D):
+        return {"weight": Shard(1), "bias": Shard(0)}, {"weight": Shard(0), "bias": Replicate()}
+    if isinstance(module, Projection):
+        return {"weight": Shard(0), "bias": Shard(0)}, {"weight": Shard(1), "bias": Replicate()}
+    if isinstance(module, HeadProjection):
+        return {"weight": Shard(0), "bias": Shard(0)}, {}
+    return None
 
 
-def _conv1d_style(style: ParallelStyle) -> ParallelStyle:
-    """``style`` for a ``Conv1D`` (weight ``[in, out]``): the other weight dimension split."""
+def _own_style(style: ParallelStyle, module: nn.Module) -> ParallelStyle:
+    """``style`` for a module of :func:`_weight_splits` (an equivalent style otherwise)."""
+    splits = _weight_splits(module)
+    if splits is None:
+        return style
     colwise = isinstance(style, ColwiseParallel)
-    weight_dim = 1 if colwise else 0
-    bias = Shard(0) if colwise else Replicate()
+    placements = splits[_COLWISE if colwise else _ROWWISE]
+    kind = type(module)
 
-    def partition(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
-        if not _is_conv1d(module):
+    def partition(name: str, part: nn.Module, mesh: DeviceMesh) -> None:
+        if not isinstance(part, kind):
             return
-        for key, placement in (("weight", Shard(weight_dim)), ("bias", bias)):
-            param = module._parameters.get(key)
+        for key, placement in placements.items():
+            param = part._parameters.get(key)
             if param is not None:
                 sharded = distribute_tensor(param, mesh, [placement], src_data_rank=0)
-                module.register_parameter(key, nn.Parameter(sharded, param.requires_grad))
+                part.register_parameter(key, nn.Parameter(sharded, param.requires_grad))
 
-    class Conv1DStyle(type(style)):  # type: ignore[misc]
+    class OwnStyle(type(style)):  # type: ignore[misc]
         def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
             if not colwise:
                 self.desired_input_layouts = (Shard(-1),)
@@ -232,8 +255,10 @@ def _conv1d_style(style: ParallelStyle) -> ParallelStyle:
                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
             )
 
-    copy = Conv1DStyle.__new__(Conv1DStyle)
+    copy = OwnStyle.__new__(OwnStyle)
     copy.__dict__.update(style.__dict__)
+    if isinstance(module, HeadProjection):  # [batch, pos, head, d_head]: split by heads
+        copy.output_layouts = (Shard(-2),)
     return copy
 
 
@@ -241,29 +266,33 @@ def _conv1d_style(style: ParallelStyle) -> ParallelStyle:
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
-    """``(in, out)`` features of a Linear, Embedding (ids -> dim) or Conv1D."""
+    """``(in, out)`` features of a Linear, Projection, Embedding (ids -> dim) or Conv1D; for
+    a HeadProjection, ``(d_model, heads)``."""
     weight = module.weight
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, Projection)):
         return weight.shape[1], weight.shape[0]
-    if _is_conv1d(module):
+    if isinstance(module, Conv1D):
         return weight.shape[0], weight.shape[1]
+    if isinstance(module, HeadProjection):
+        return weight.shape[2], weight.shape[0]
     return 0, weight.shape[1]  # nn.Embedding: token ids in, embedding_dim out
 
 
 def _split_of(
-    layouts: tuple[Any, ...], size: int, parts: int, part: int, where: str
+    layouts: tuple[Any, ...], size: int, parts: int, part: int, where: str, dim: int = -1
 ) -> Split | None:
     placement = layouts[0]
     if isinstance(placement, Replicate):
         return None
     if isinstance(placement, Shard) and placement.dim == -1:
+        what = "heads" if dim == -2 else "features"
         if size % parts:
             raise TensorParallelError(
-                f"{where}: {size} features do not split evenly over {parts} ranks; torch's "
+                f"{where}: {size} {what} do not split evenly over {parts} ranks; torch's "
                 "tensor-parallel styles need equal shards (DTensor.from_local assumes them). "
                 f"Use a world size that divides {size}."
             )
-        return Split(-1, size, parts, part)
+        return Split(dim, size, parts, part)
     raise TensorParallelError(
         f"{where}: layout {placement} is not supported; use Replicate() or Shard(-1) (the "
         "defaults of ColwiseParallel / RowwiseParallel)"
@@ -280,10 +309,17 @@ def _layout(
             "(the Megatron MLP/attention split); SequenceParallel, PrepareModuleInput/Output "
             "and custom styles are not supported yet"
         )
-    if not isinstance(module, (nn.Linear, nn.Embedding)) and not _is_conv1d(module):
+    if not isinstance(module, (nn.Linear, nn.Embedding)) and _weight_splits(module) is None:
         raise TensorParallelError(
             f"{where}: the module is a {type(module).__name__}; the styles shard nn.Linear, "
-            "nn.Embedding and transformers' Conv1D"
+            "nn.Embedding, transformers' Conv1D and a converted model's Projection / "
+            "HeadProjection"
+        )
+    heads = isinstance(module, HeadProjection)
+    if heads and not isinstance(style, ColwiseParallel):
+        raise TensorParallelError(
+            f"{where}: a HeadProjection ([batch, pos, d_model] to [batch, pos, head, d_head]) "
+            "is split by heads, column-wise; use ColwiseParallel / 'colwise'"
         )
     if not style.use_local_output:
         raise TensorParallelError(
@@ -292,7 +328,8 @@ def _layout(
             "default, use_local_output=True"
         )
     features_in, features_out = _features(module)
-    output = _split_of(style.output_layouts, features_out, parts, part, where + " output")
+    dim = -2 if heads else -1  # a HeadProjection's output is [batch, pos, head, d_head]
+    output = _split_of(style.output_layouts, features_out, parts, part, where + " output", dim)
     if isinstance(style, ColwiseParallel):
         return SiteLayout(path, "colwise", None, output)
     embedding = isinstance(module, nn.Embedding)
@@ -463,10 +500,7 @@ def parallelize(
     layouts = _regions(model, layouts)
     identity = identity_of(model)
     _same_model_everywhere(identity, mesh)
-    torch_plan = {
-        path: _conv1d_style(style) if _is_conv1d(modules[path]) else style
-        for path, style in styles.items()
-    }
+    torch_plan = {path: _own_style(style, modules[path]) for path, style in styles.items()}
     probes = _probes(modules, layouts, torch_plan, mesh)  # meta copies, made before sharding
     parallelize_module(model, mesh, torch_plan)
     for path, layout in layouts.items():

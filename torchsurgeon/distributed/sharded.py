@@ -185,7 +185,7 @@ class Sharded(nn.Module):
                 f"i.e. {tuple(local)} here: the local code does not compute the shard its "
                 "DTensor twin does, so the layer cannot know which elements it sees"
             )
-        if split is None and not same_on_every_rank(x, self.mesh):
+        if split is None and not same_on_every_rank([x], self.mesh)[0]:
             raise TensorParallelError(
                 f"{self._where()}{twin}, but this rank's {what} differs from another rank's: "
                 "the local code does not compute what its DTensor twin does (e.g. it slices "

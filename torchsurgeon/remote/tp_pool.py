@@ -6,7 +6,8 @@ process group — gloo on CPU, NCCL with one GPU per rank — over a ``TCPStore`
 port the operating system picks (the rendezvous of :func:`torchsurgeon.distributed.launch`).
 Every rank loads every model from its local checkpoint and shards it with
 :func:`~torchsurgeon.distributed.parallelize.parallelize` (the model's own
-``base_model_tp_plan``); rank 0 also describes each model — its structure and identity,
+``base_model_tp_plan``; a checkpoint served converted, by the conversion's heads and MLP
+features); rank 0 also describes each model — its structure and identity,
 computed from the unsharded model before sharding — so the HTTP process validates plans and
 estimates their cost against a structure-only stand-in, exactly as a single-process host
 does, and a plan made against one runs on the other.
@@ -71,12 +72,6 @@ class TensorParallelPool:
     ) -> None:
         check_ranks(world_size, device, name="tensor_parallel", least=2)
         self.sources = {name: LocalCheckpoint.of(s) for name, s in sources.items()}
-        for name, checkpoint in self.sources.items():
-            if checkpoint.convert:
-                raise ValueError(
-                    f"model {name!r}: a tensor-parallel host serves transformers models (their "
-                    "base_model_tp_plan); leave convert out"
-                )
         self.world_size, self.limits, self.device = world_size, limits, device
         self.threads = threads or max(1, (os.cpu_count() or 1) // world_size)
         self._context = mp.get_context("spawn")
@@ -101,6 +96,7 @@ class TensorParallelPool:
                 Structure.from_json(self.described[name]["structure"]),
                 str(self.sources[name].path),
                 self.described[name]["takes_text"],
+                converted=self.described[name]["converted"],
                 attn_implementation=self.described[name]["attn_implementation"],
             )
             for name in sources
@@ -271,12 +267,14 @@ def _load(sources: dict[str, Any], device: str) -> dict[str, tuple[Any, Any, dic
             "structure": structure.to_json(),
             "takes_text": tokenizer is not None,
             "attn_implementation": _attn_implementation(whole),
+            "converted": checkpoint.convert,
         }
         standin = HostedModel.from_structure(
             name,
             structure,
             str(Path(checkpoint.path)),
             tokenizer is not None,
+            converted=checkpoint.convert,
             attn_implementation=described["attn_implementation"],
         )
         del whole

@@ -74,3 +74,17 @@ class TransformerConfig:
                 raise ValueError(f"{name} needs one entry per layer ({self.n_layers})")
         if self.rotary is None and self.max_positions is None:
             raise ValueError("a model without rotary embeddings needs max_positions")
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel styles by module path, as ``transformers`` configs carry them (what
+        ``ts.distributed.parallelize(model, mesh, "auto")`` uses): the attention split by
+        heads (``q``/``k``/``v`` column-wise, ``out`` row-wise) and the MLP by hidden
+        features."""
+        mlp = ("gate", "up") if self.gated_mlp else ("up",)
+        return {
+            **{f"blocks.*.attn.{name}": "colwise" for name in ("q", "k", "v")},
+            "blocks.*.attn.out": "rowwise",
+            **{f"blocks.*.mlp.{name}": "colwise" for name in mlp},
+            "blocks.*.mlp.out": "rowwise",
+        }
