@@ -1005,7 +1005,13 @@ def test_the_rendezvous_listens_on_loopback_only() -> None:
     assert listening == ["0100007F" + port]  # 127.0.0.1, and no other address
 
 
-COMPILED_CASES = ("seed experiment", "LoRA after row-wise down", "heads (o_proj input)", "noise")
+COMPILED_CASES = (
+    "seed experiment",
+    "LoRA after row-wise down",
+    "heads (o_proj input)",
+    "noise",
+    "inside the MLP (act_fn: laid out by its DTensor twin)",
+)
 
 
 def compiled_rank(ids: torch.Tensor) -> dict[str, Any]:
@@ -1024,7 +1030,7 @@ def test_a_compiled_sharded_rewrite_equals_the_eager_one() -> None:
     ids = token_ids()
     out = tsd.launch(compiled_rank, ids, world_size=WORLD, timeout=600)
     eager, compiled = out["eager"], out["compiled"]
-    assert sorted(compiled) == sorted(eager) == ["h", "heads", "logits"]
+    assert sorted(compiled) == sorted(eager) == ["act", "act_in", "h", "heads", "logits"]
     diffs = {k: max_diff(compiled[k], eager[k]) for k in eager}
     print("\ncompiled vs eager on 2 ranks, max abs diff:", diffs)
     assert max(diffs.values()) <= TOLERANCE, diffs

@@ -119,6 +119,7 @@ class RegionProbe:
 
     # -- during the region's call ---------------------------------------------------------
 
+    @torch.compiler.disable  # a meta DTensor run and a cache lookup: eager, never traced
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._call.sides = None
         self._call.error = None
