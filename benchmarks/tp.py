@@ -19,15 +19,23 @@ row-wise) over 1 and over 2 ranks (gloo, one torch thread per rank). Every call 
     2 MiB per layer) and records it on every rank;
 ``tp+save-replicated``
     the sharded model with ``Save`` at every MLP *output* — a replicated site, nothing
-    gathered.
+    gathered;
+``tp+save-inside``
+    the sharded model with ``Save`` at every ``mlp.act_fn`` output — a site inside the MLP
+    region, laid out by the region's ``DTensor`` twin (found on the first call of a shape,
+    then looked up) and gathered as at ``down_proj``'s input;
+``tp+save-inside-first``
+    the same, with the layouts forgotten before each call: every region's twin runs on meta
+    tensors again, what the first call at a new input shape pays.
 
 Before anything is timed, the recorded activations of ``tp+save-sharded`` must equal
-``unsharded+save``'s (max abs diff <= 1e-5), and the logits of every variant the
-unsharded model's. Timing is interleaved: each repetition calls every variant once, in an
-order rotated by one per repetition, after one warm-up round; every rank starts each call
-together (a barrier, not timed) and rank 0's wall time (``time.perf_counter_ns``) is
-recorded. The table gives medians, interquartile ranges and the ratio of medians to
-``unsharded`` at the same world size. With 2 ranks on a 2-core machine each rank has one
+``unsharded+save``'s, those of ``tp+save-inside`` the unsharded model's at ``act_fn``
+(max abs diff <= 1e-5), and the logits of every variant the unsharded model's. Timing is
+interleaved: each repetition calls every variant once, in an order rotated by one per
+repetition, after one warm-up round; every rank starts each call together (a barrier, not
+timed) and rank 0's wall time (``time.perf_counter_ns``) is recorded. The table gives
+medians, interquartile ranges and the ratio of medians to ``unsharded`` at the same world
+size. With 2 ranks on a 2-core machine each rank has one
 core; ``unsharded`` then runs on both ranks at once, so the machine is as loaded as in
 ``tp``.
 
@@ -50,9 +58,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import torchsurgeon as ts
 import torchsurgeon.distributed as tsd
+from torchsurgeon.distributed.parallelize import tensor_parallel_of
 
 TOLERANCE = 1e-5
-VARIANTS = ("unsharded", "unsharded+save", "tp", "tp+save-sharded", "tp+save-replicated")
+VARIANTS = (
+    "unsharded",
+    "unsharded+save",
+    "tp",
+    "tp+save-sharded",
+    "tp+save-replicated",
+    "tp+save-inside",
+    "tp+save-inside-first",
+)
 
 
 def make_model(size: dict[str, int]) -> LlamaForCausalLM:
@@ -76,6 +93,8 @@ def save_at(model: Any, site: str) -> Any:
     mlps = ts.select(model).at_instances_of("LlamaMLP")
     if site == "hidden":
         return mlps.at("down_proj").insert_before(ts.layers.Save("hidden{layer}"))
+    if site == "inside":
+        return mlps.at("act_fn").insert_after(ts.layers.Save("act{layer}"))
     return mlps.insert_after(ts.layers.Save("out{layer}"))
 
 
@@ -96,13 +115,21 @@ def rank_main(size: dict[str, int], reps: int) -> dict[str, Any]:
         "tp": sharded,
         "tp+save-sharded": tsd.localize(save_at(sharded, "hidden")),
         "tp+save-replicated": tsd.localize(save_at(sharded, "out")),
+        "tp+save-inside": tsd.localize(save_at(sharded, "inside")),
     }
+    models["tp+save-inside-first"] = models["tp+save-inside"]
+    probes = tensor_parallel_of(sharded).probes.values()
 
     def call(name: str) -> ts.Result:
+        if name == "tp+save-inside-first":
+            for probe in probes:
+                probe._known.clear()  # found afresh: the twin of every region runs again
         with torch.no_grad():
             return ts.run(models[name], ids)
 
     results = {name: call(name) for name in VARIANTS}  # also the warm-up round
+    with torch.no_grad():
+        inside = ts.run(save_at(plain, "inside"), ids).saved
     checks = {
         f"{name} logits": (results[name].output.logits - results["unsharded"].output.logits)
         .abs()
@@ -113,6 +140,8 @@ def rank_main(size: dict[str, int], reps: int) -> dict[str, Any]:
     for key in results["unsharded+save"].saved:
         diff = results["tp+save-sharded"].saved[key] - results["unsharded+save"].saved[key]
         checks[f"saved {key}"] = diff.abs().max().item()
+    for key, want in inside.items():
+        checks[f"saved {key}"] = (results["tp+save-inside"].saved[key] - want).abs().max().item()
     recorded = sum(t.numel() * t.element_size() for t in results["tp+save-sharded"].saved.values())
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for rep in range(reps):
@@ -122,7 +151,14 @@ def rank_main(size: dict[str, int], reps: int) -> dict[str, Any]:
             start = time.perf_counter_ns()
             call(name)
             times[name].append((time.perf_counter_ns() - start) / 1e6)
-    return {"times": times, "checks": checks, "recorded": recorded, "world": world}
+    regions = len(probes)
+    return {
+        "times": times,
+        "checks": checks,
+        "recorded": recorded,
+        "world": world,
+        "regions": regions,
+    }
 
 
 def main() -> None:
@@ -179,6 +215,14 @@ def main() -> None:
             f"{world} rank(s): recording {out['recorded'] / 2**20:.1f} MiB per call at sharded "
             f"sites (each rank receives {received:.1f} MiB) adds {sharded - plain:.2f} ms to "
             f"the sharded run's median ({sharded / plain:.3f}x tp)"
+        )
+        found = statistics.median(times["tp+save-inside-first"])
+        looked_up = statistics.median(times["tp+save-inside"])
+        print(
+            f"{world} rank(s): inside the MLP region (act_fn), the same recording adds "
+            f"{looked_up - plain:.2f} ms once the layouts are known; finding them (the twin "
+            f"of each of the {out['regions']} regions on meta tensors, once "
+            f"per input shape) adds {found - looked_up:.2f} ms"
         )
 
 
