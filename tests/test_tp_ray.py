@@ -12,8 +12,13 @@ running. What does not combine is refused when the host starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +34,7 @@ import torchsurgeon as ts
 from torchsurgeon.remote import (
     Client,
     LocalCheckpoint,
+    RayCluster,
     RemoteError,
     create_app,
     serve_in_thread,
@@ -150,3 +156,98 @@ def test_what_does_not_combine_with_ray_ranks_is_refused_at_start(checkpoint: Pa
             ray_replicas=1,
             tensor_parallel_device="cuda",
         )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def two_nodes(psutil: Any) -> Iterator[str]:
+    """An operator's Ray cluster of two nodes (``ray start --block``, one CPU each, both on
+    loopback), with token authentication (set for this test in this process's environment,
+    which the host's pool owner inherits); the address of its head. Every process the two
+    ``ray start`` started is stopped at the end."""
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    address = f"127.0.0.1:{_free_port()}"
+    ray_start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus=1"]
+    local = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    head = [*ray_start, "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    started = [subprocess.Popen([*head, *local], env=env, start_new_session=True, **quiet)]
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the head's GCS answers before the second node may join
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", int(address.split(":")[1])), 1),
+            ):
+                break
+            assert time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(0.5)
+        worker = [*ray_start, f"--address={address}", *local]
+        started.append(subprocess.Popen(worker, env=env, start_new_session=True, **quiet))
+        saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        os.environ.update({k: env[k] for k in saved})
+        try:
+            yield address
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    finally:  # the second node first (it drains through the head), then the head
+        descendants = []
+        for process in started:
+            with contextlib.suppress(psutil.Error):
+                descendants += psutil.Process(process.pid).children(recursive=True)
+        for process in reversed(started):
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(40)
+        for process in [*started, *descendants]:
+            with contextlib.suppress(psutil.Error, OSError):
+                process.kill()
+
+
+def test_ranks_spread_over_the_nodes_of_a_joined_cluster_equal_the_single_host(
+    hosts: dict[str, Any], checkpoint: Path, two_nodes: str
+) -> None:
+    cluster = RayCluster(address=two_nodes, placement="STRICT_SPREAD")  # a node per rank
+    app = create_app({"llama": checkpoint}, tensor_parallel=2, ray_replicas=1, ray_cluster=cluster)
+    base = ts.wrap(make_llama())
+    probe = ts.select(base).at(UP).insert_after(ts.layers.Save("up"))  # gathered
+    scale = ts.layers.Scale(2.0, index=ts.idx[..., 4700:4800])  # both shards, inside a region
+    probe = ts.select(probe).at("model.layers.1.mlp.act_fn").insert_after(scale)
+    ids = _ids(6)
+    with serve_in_thread(app) as server, Client(server.url, progress=False, model="llama") as tp:
+        health = tp._json("GET", "/v1/health")["replicas"]
+        members = app.state.host.pool.health(detail=True)["members"]
+        got, want = tp.run(probe, ids), hosts["single"].run(probe, ids)
+    assert health["state"] == "ok" and health["placement"] == "STRICT_SPREAD"
+    assert len({member["node"] for member in members}) == 2, members  # two Ray nodes
+    assert float((got.saved["up"] - want.saved["up"]).abs().max()) <= TOLERANCE
+    assert float((got.output["logits"] - want.output["logits"]).abs().max()) <= TOLERANCE
+
+
+def test_joining_a_cluster_without_token_authentication_is_refused(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    cluster = RayCluster(address="127.0.0.1:6379")
+    with pytest.raises(ValueError, match="needs Ray's token authentication"):
+        create_app({"llama": checkpoint}, tensor_parallel=2, ray_replicas=1, ray_cluster=cluster)
+    with pytest.raises(ValueError, match="placement must be one of"):
+        RayCluster(placement="EVERYWHERE")
+    with pytest.raises(ValueError, match="'host:port' of a running cluster's head"):
+        RayCluster(address="ray://somewhere:10001")
+    with pytest.raises(ValueError, match="it needs ray_replicas"):
+        create_app({"llama": checkpoint}, tensor_parallel=2, ray_cluster=RayCluster())

@@ -127,18 +127,22 @@ def join_group(
     threads: int,
     timeout: float,
     collective_timeout: float | None = None,
+    *,
+    host: str = "127.0.0.1",
 ) -> None:
-    """In a spawned rank: ``threads`` torch threads, loopback sockets, and the process group
-    (gloo, or NCCL with GPU ``rank``) through the launcher's store on ``port``; collectives
-    time out after ``collective_timeout`` seconds (default: ``timeout``)."""
+    """In a spawned rank: ``threads`` torch threads, and the process group (gloo, or NCCL with
+    GPU ``rank``) through the store at ``host:port``; collectives time out after
+    ``collective_timeout`` seconds (default: ``timeout``). On loopback (the launcher, the
+    host's own ranks) the ranks' sockets use the loopback interface, whatever the hostname
+    resolves to; across machines gloo and NCCL pick theirs (``GLOO_SOCKET_IFNAME``)."""
     torch.set_num_threads(threads)
-    loopback = _loopback_interface()
-    if loopback is not None:  # the ranks talk over loopback, whatever the hostname resolves to
+    loopback = _loopback_interface() if host == "127.0.0.1" else None
+    if loopback is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
     if device == "cuda":
         torch.cuda.set_device(rank)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=timeout))
+    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
     dist.init_process_group(
         "nccl" if device == "cuda" else "gloo",
         store=store,
@@ -149,15 +153,20 @@ def join_group(
 
 
 def _loopback_store(world_size: int, timeout: float) -> dist.TCPStore:
-    """The rendezvous: a ``TCPStore`` listening on 127.0.0.1 only, on a port the OS picks.
+    """The rendezvous: a ``TCPStore`` listening on 127.0.0.1 only, on a port the OS picks."""
+    return _rendezvous_store(world_size, timeout, "127.0.0.1")
+
+
+def _rendezvous_store(world_size: int, timeout: float, host: str) -> dist.TCPStore:
+    """A ``TCPStore`` listening on ``host`` (an IPv4 address) only, on a port the OS picks.
 
     (Given a port, ``TCPStore`` listens on every interface; given a socket, on that one.)
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
+        listener.bind((host, 0))
         listener.listen(4 * world_size)
         return dist.TCPStore(
-            "127.0.0.1",
+            host,
             listener.getsockname()[1],
             is_master=True,
             wait_for_workers=False,

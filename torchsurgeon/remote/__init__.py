@@ -23,6 +23,7 @@ __all__ = [
     "JobStatus",
     "Limits",
     "LocalCheckpoint",
+    "RayCluster",
     "RemoteError",
     "create_app",
     "serve_in_thread",
@@ -39,6 +40,10 @@ def __getattr__(name: str) -> object:
         from torchsurgeon.remote.hosted import LocalCheckpoint
 
         return LocalCheckpoint
+    if name == "RayCluster":
+        from torchsurgeon.remote.ray_pool import RayCluster
+
+        return RayCluster
     if name in ("serve_in_thread", "BackgroundServer"):
         from torchsurgeon.remote import background
 

@@ -63,6 +63,7 @@ def create_app(
     co_batch: bool = False,
     tensor_parallel: int | None = None,
     tensor_parallel_device: str = "cpu",
+    ray_cluster: Any = None,
 ) -> FastAPI:
     """A FastAPI app serving ``models`` (modules, or local checkpoint directories).
 
@@ -75,8 +76,10 @@ def create_app(
     ``co_batch`` merges compatible requests of different keys into one forward pass (see
     :mod:`torchsurgeon.remote.batching`). ``tensor_parallel=N`` serves each model (a
     checkpoint path) sharded over N ranks on this machine, gloo on ``"cpu"`` or NCCL on
-    ``"cuda"`` (``tensor_parallel_device``; see :mod:`torchsurgeon.remote.tp_pool`). The
-    app's ``state.host`` is the
+    ``"cuda"`` (``tensor_parallel_device``; see :mod:`torchsurgeon.remote.tp_pool`), or with
+    ``ray_replicas=1`` as Ray actors, placed as ``ray_cluster`` says (a
+    :class:`~torchsurgeon.remote.ray_pool.RayCluster`: an operator's cluster the ranks span
+    the machines of; default, the host's private one). The app's ``state.host`` is the
     :class:`~torchsurgeon.remote.host.Host`.
     """
     import_anyio()  # before serving: see torchsurgeon.remote.compat
@@ -91,6 +94,7 @@ def create_app(
         co_batch=co_batch,
         tensor_parallel=tensor_parallel,
         tensor_parallel_device=tensor_parallel_device,
+        ray_cluster=ray_cluster,
     )
 
     @asynccontextmanager

@@ -54,11 +54,15 @@ class Host:
         co_batch: bool = False,
         tensor_parallel: int | None = None,
         tensor_parallel_device: str = "cpu",
+        ray_cluster: Any = None,
     ) -> None:
         """``co_batch``: merge compatible requests of different keys into one forward pass
         (:mod:`torchsurgeon.remote.batching`; in-process workers, not with Ray).
         ``tensor_parallel``: serve each model sharded over that many ranks on this machine
-        (:mod:`torchsurgeon.remote.tp_pool`; gloo on ``"cpu"``, NCCL on ``"cuda"``)."""
+        (:mod:`torchsurgeon.remote.tp_pool`; gloo on ``"cpu"``, NCCL on ``"cuda"``), or with
+        ``ray_replicas``, as Ray actors. ``ray_cluster`` (a
+        :class:`~torchsurgeon.remote.ray_pool.RayCluster`): which Ray cluster, and how a rank
+        group is placed in it (default: the host's private one)."""
         if not models:
             raise ValueError("a host needs at least one model")
         self.limits = limits or Limits()
@@ -68,6 +72,8 @@ class Host:
         self.pool: Any = None
         if tensor_parallel is not None and co_batch:
             raise ValueError("co_batch merges passes of in-process workers, not of sharded ranks")
+        if ray_cluster is not None and ray_replicas is None:
+            raise ValueError("ray_cluster says where Ray actors run: it needs ray_replicas")
         if tensor_parallel is not None or ray_replicas is not None:
             why = (
                 "with tensor_parallel, each rank loads its shards"
@@ -82,6 +88,7 @@ class Host:
                 ray_threads,
                 tensor_parallel,
                 tensor_parallel_device,
+                ray_cluster,
             )
             self.models = self.pool.hosted(sources)
         else:
@@ -206,6 +213,7 @@ def _pool(
     ray_threads: int | None,
     tensor_parallel: int | None,
     device: str,
+    ray_cluster: Any,
 ) -> Any:
     """Where jobs run when not in this process: Ray replicas, tensor-parallel ranks (on this
     machine, or as Ray actors in a placement group)."""
@@ -218,7 +226,14 @@ def _pool(
             "tensor-parallel ranks on Ray run on CPU (gloo) here; for NCCL leave Ray out (the "
             "ranks are then this machine's processes, one GPU each)"
         )
-    return RayPool(sources, ray_replicas, limits, ray_threads, tensor_parallel=tensor_parallel)
+    return RayPool(
+        sources,
+        ray_replicas,
+        limits,
+        ray_threads,
+        tensor_parallel=tensor_parallel,
+        cluster=ray_cluster,
+    )
 
 
 def _checkpoints(

@@ -10,8 +10,8 @@ on the meta device), then hands the *request bytes* (safetensors) to the pool an
 (Ray moves those with its own serializer; torchsurgeon itself never pickles anything.)
 
 **A private cluster, owned by one process.** An unauthenticated Ray cluster runs code for
-anyone who reaches one of its ports, and API keys do not guard those ports. So the host
-never joins a cluster (``RAY_ADDRESS`` is ignored) and never calls ``ray.init`` itself: it
+anyone who reaches one of its ports, and API keys do not guard those ports. So by default
+the host joins no cluster (``RAY_ADDRESS`` is ignored) and never calls ``ray.init`` itself: it
 starts one child process, the *pool owner*, which starts a fresh single-node cluster of its
 own (``ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)``)
 and speaks to the host through its stdin and stdout. The owner runs with
@@ -22,6 +22,14 @@ authentication check it; nothing is written to ``~/.ray``). After starting, the 
 every socket of every process of its cluster and refuses to serve if one is bound to any
 address but loopback. Usage statistics are off (a private host does not phone home), and
 so is Ray's auto-connect (no Ray call after shutdown may start a cluster again).
+
+**An operator's cluster, when asked.** Given :class:`RayCluster` ``(address=...)`` (``serve
+--ray --ray-address HOST:PORT``), the owner joins that running cluster instead — so a
+tensor-parallel group can span its machines — and only if this process is configured for
+Ray's token authentication (``RAY_AUTH_MODE=token`` and the cluster's token); a token the
+cluster refuses fails the start within two minutes (Ray itself would retry for ever). The
+cluster's sockets are on its network by design, so the loopback check is skipped; the owner
+still kills only what it started (the cluster's processes are the operator's).
 
 Why our own replacement rather than Ray's ``max_restarts``: a restarted actor reloads the
 checkpoints by itself and would run the retried job before anyone could check that it
@@ -60,6 +68,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -85,7 +94,58 @@ from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.ray_tp import RankGroup
 
-__all__ = ["ModelWorker", "RayPool"]
+__all__ = ["PLACEMENTS", "ModelWorker", "RayCluster", "RayPool"]
+
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+"""Ray's placement-group strategies, for the bundles of a tensor-parallel rank group."""
+_ADDRESS = re.compile(r"(auto|[A-Za-z0-9.-]{1,253}:[0-9]{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5})")
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """Where the Ray actors run, and how a tensor-parallel group's ranks are placed.
+
+    ``address=None`` (the default): the host's own private cluster on loopback, one machine.
+    ``address="host:port"`` (or ``"auto"``): an operator's running cluster, joined so a rank
+    group can span its machines. Joining is refused unless this process is configured for
+    Ray's token authentication (``RAY_AUTH_MODE=token`` and a token in ``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``): an unauthenticated cluster runs code
+    for anyone who reaches its ports. ``placement`` is the placement group's strategy
+    (:data:`PLACEMENTS`): ``"PACK"`` fills as few nodes as it can, ``"STRICT_SPREAD"`` puts
+    every rank on a node of its own.
+    """
+
+    address: str | None = None
+    placement: str = "PACK"
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.address is not None and (
+            not isinstance(self.address, str) or not _ADDRESS.fullmatch(self.address)
+        ):
+            raise ValueError(
+                "the Ray address must be 'host:port' of a running cluster's head (or 'auto'), "
+                f"got {self.address!r}"
+            )
+
+    @property
+    def private(self) -> bool:
+        """Whether this is the host's own loopback-only cluster."""
+        return self.address is None
+
+
+def token_configured(env: Mapping[str, str]) -> bool:
+    """Whether ``env`` configures Ray's token authentication, with a token to present."""
+    if env.get("RAY_AUTH_MODE") != "token":
+        return False
+    if env.get("RAY_AUTH_TOKEN"):
+        return True
+    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.join(
+        os.path.expanduser("~"), ".ray", "auth_token"
+    )
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
 
 _OWNER = "from torchsurgeon.remote.ray_pool import _owner_main; _owner_main()"
 _MONITOR_SECONDS = 0.5
@@ -161,7 +221,9 @@ class RayPool:
         threads: int | None = None,
         *,
         tensor_parallel: int | None = None,
+        cluster: RayCluster | None = None,
     ) -> None:
+        cluster = cluster or RayCluster()
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         if tensor_parallel is not None:
@@ -179,11 +241,24 @@ class RayPool:
         self.threads = threads
         self.replicas = replicas
         self.tensor_parallel = tensor_parallel
-        env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+        self.cluster = cluster
+        if cluster.private:
+            env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+            env.update(
+                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # one machine: every port on loopback
+                RAY_AUTH_MODE="token",
+                RAY_AUTH_TOKEN=secrets.token_hex(32),
+            )
+        else:
+            if not token_configured(os.environ):
+                raise ValueError(
+                    f"joining the Ray cluster at {cluster.address} needs Ray's token "
+                    "authentication: set RAY_AUTH_MODE=token and the cluster's token "
+                    "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) for this "
+                    "process; an unauthenticated cluster runs code for anyone who reaches it"
+                )
+            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # ours: explicit
         env.update(
-            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # single machine: every port on loopback
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN=secrets.token_hex(32),
             RAY_USAGE_STATS_ENABLED="0",
             RAY_ENABLE_AUTO_CONNECT="0",  # a Ray call after shutdown must not start a cluster
         )
@@ -209,6 +284,8 @@ class RayPool:
             "tensor_parallel": tensor_parallel,
             "limits": limits.to_json(),
             "threads": threads,
+            "address": cluster.address,
+            "placement": cluster.placement,
         }
         try:
             _send(self._to_owner, self._send_lock, {"id": 0, "op": "start", **start})
@@ -460,23 +537,37 @@ class _Owner:
     def boot(self, start: dict[str, Any]) -> None:
         """Start the cluster and the replicas, and check both; raises if it cannot serve."""
         ray = self._ray
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            _temp_dir=self._temp,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            num_cpus=start.get("tensor_parallel") or start["replicas"],
-        )
+        address = start.get("address")
+        if address is None:
+            ray.init(
+                address="local",
+                _node_ip_address="127.0.0.1",
+                _temp_dir=self._temp,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                num_cpus=start.get("tensor_parallel") or start["replicas"],
+            )
+        else:
+            _connect(ray, address)
         self.pids = self._descendants()
         self._args = (start["sources"], start["limits"], start["threads"])
         if start.get("tensor_parallel"):
-            self.group = RankGroup(ray, start["tensor_parallel"], *self._args)
-            self.described = self.group.described
+            placement = start.get("placement", "PACK")
+            group = RankGroup(
+                ray,
+                start["tensor_parallel"],
+                *self._args,
+                placement=placement,
+                private=address is None,
+            )
+            self.group = group
+            self.described = group.described
         else:
             self._start_replicas(start["replicas"])
         self.pids = self._descendants()
+        if address is not None:  # an operator's cluster listens on its network by design
+            return
         exposed = _exposed_sockets([os.getpid(), *(p for p, _ in self.pids)])
         if exposed:
             raise RuntimeError(
@@ -680,6 +771,32 @@ class _Owner:
         _kill_all(sorted({*self.pids, *started}))
         _kill_all(_session_members(os.getsid(0)))  # anything started since (ours: setsid)
         shutil.rmtree(self._temp, ignore_errors=True)
+
+
+_CONNECT_SECONDS = 120.0
+
+
+def _connect(ray: Any, address: str) -> None:
+    """Join the operator's cluster at ``address``, or raise within :data:`_CONNECT_SECONDS`
+    (a token the cluster refuses makes Ray retry for ever)."""
+    failed: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except BaseException as error:  # reported below
+            failed.append(error)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(_CONNECT_SECONDS)
+    if failed:
+        raise RuntimeError(f"could not join the Ray cluster at {address}: {failed[0]}")
+    if thread.is_alive():
+        raise RuntimeError(
+            f"could not join the Ray cluster at {address} within {_CONNECT_SECONDS:g} s (is it "
+            "running, and is this process's RAY_AUTH_TOKEN the cluster's?)"
+        )
 
 
 def _exposed_sockets(pids: list[int]) -> list[str]:

@@ -9,11 +9,15 @@ model, and from then on serves each request exactly as a rank of the in-process 
 (:func:`~torchsurgeon.remote.tp_pool._serve`: replay with ``tsd.apply``, run, rank 0's
 bytes are the answer). No home-made cluster: Ray schedules, torch communicates.
 
-The actors live in the host's private, loopback-only Ray cluster (see
-:mod:`torchsurgeon.remote.ray_pool`, whose pool owner drives this :class:`RankGroup`), so
-here the group spans one machine's cores; the placement group is packed (``"PACK"``) and
-the rendezvous listens on loopback. A group that spans machines needs a cluster reached
-over the network, which the host deliberately never joins.
+By default the actors live in the host's private, loopback-only Ray cluster (see
+:mod:`torchsurgeon.remote.ray_pool`, whose pool owner drives this :class:`RankGroup`): the
+group spans one machine's cores and the rendezvous listens on loopback. Given an
+operator's cluster (``RayCluster(address=...)``, joined with token authentication) the
+placement group's strategy decides where the ranks go — ``"PACK"`` as few nodes as
+possible, ``"STRICT_SPREAD"`` one node each — so one model spans several machines: rank 0
+opens the rendezvous on its node's address, and the ranks' gloo connections run over the
+cluster's network, which must be trusted (``torch.distributed`` does not authenticate its
+store or its connections).
 
 **Failures.** One request runs at a time (collectives must come in the same order on every
 rank). When a rank's actor dies, or the ranks do not answer within ``max_run_seconds`` +
@@ -58,20 +62,36 @@ class TensorParallelRank:
         self.models: dict[str, Any] = {}
         self._store: Any = None
 
-    def rendezvous(self) -> int:
-        """Rank 0: open the group's store (loopback, a port the OS picks); its port."""
-        from torchsurgeon.distributed.launch import _loopback_store
+    def rendezvous(self, private: bool) -> tuple[str, int]:
+        """Rank 0: open the group's store on a port the OS picks: on loopback in the host's
+        private cluster, else on this node's address (the other ranks may be elsewhere)."""
+        from torchsurgeon.distributed.launch import _rendezvous_store
 
-        self._store = _loopback_store(self.world_size, _START_SECONDS)
-        return int(self._store.port)
+        host = "127.0.0.1" if private else self._node_address()
+        self._store = _rendezvous_store(self.world_size, _START_SECONDS, host)
+        return host, int(self._store.port)
 
-    def join(self, port: int) -> dict[str, Any] | None:
+    def _node_address(self) -> str:
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+
+    def join(self, host: str, port: int) -> dict[str, Any] | None:
         """Join the process group, load and shard every model; rank 0 describes them."""
         from torchsurgeon.distributed.launch import join_group
         from torchsurgeon.remote.tp_pool import _load
 
         run_limit = self.limits.max_run_seconds + self.limits.watchdog_grace_seconds
-        join_group(self.rank, self.world_size, port, "cpu", self.threads, _START_SECONDS, run_limit)
+        join_group(
+            self.rank,
+            self.world_size,
+            port,
+            "cpu",
+            self.threads,
+            _START_SECONDS,
+            run_limit,
+            host=host,
+        )
         self.models = _load(self.sources, "cpu")
         return {name: m[2] for name, m in self.models.items()} if self.rank == 0 else None
 
@@ -86,6 +106,12 @@ class TensorParallelRank:
         """This rank's process id."""
         return os.getpid()
 
+    def node(self) -> str:
+        """The id of the Ray node this rank runs on."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
 
 class RankGroup:
     """The pool owner's side: one placement group and the N rank actors placed in it."""
@@ -97,10 +123,15 @@ class RankGroup:
         sources: Mapping[str, Any],
         limits: Mapping[str, Any],
         threads: int,
+        *,
+        placement: str = "PACK",
+        private: bool = True,
     ) -> None:
         from ray.util.placement_group import placement_group
 
         self._ray = ray
+        self.strategy, self.private = placement, private
+        self.nodes: list[str] = []
         self.world_size = world_size
         self._args = (world_size, dict(sources), dict(limits), threads)
         parsed = Limits.from_json(dict(limits))
@@ -112,10 +143,11 @@ class RankGroup:
         self._dead: set[int] = set()
         self.restarts = 0
         self.reason = ""
-        self.placement = placement_group([{"CPU": 1}] * world_size, strategy="PACK")
+        self.placement = placement_group([{"CPU": 1}] * world_size, strategy=placement)
         if not self.placement.wait(_START_SECONDS):
             raise RuntimeError(
-                f"Ray could not reserve {world_size} CPUs for the tensor-parallel ranks"
+                f"Ray could not reserve {world_size} CPUs for the tensor-parallel ranks "
+                f"(placement {placement!r})"
             )
         self.described = self._start()
 
@@ -133,10 +165,12 @@ class RankGroup:
             for rank in range(self.world_size)
         ]
         try:
-            port = self._ray.get(self.ranks[0].rendezvous.remote(), timeout=_START_SECONDS)
-            joined = [r.join.remote(port) for r in self.ranks]
+            meeting = self.ranks[0].rendezvous.remote(self.private)
+            host, port = self._ray.get(meeting, timeout=_START_SECONDS)
+            joined = [r.join.remote(host, port) for r in self.ranks]
             described = self._ray.get(joined, timeout=_START_SECONDS)[0]
             self.pids = self._ray.get([r.ping.remote() for r in self.ranks], timeout=60)
+            self.nodes = self._ray.get([r.node.remote() for r in self.ranks], timeout=60)
         except Exception:
             self._stop()
             raise
@@ -193,6 +227,7 @@ class RankGroup:
             except Exception:  # already gone
                 continue
         self.ranks, self.pids, self._pings, self._dead = [], [None] * self.world_size, {}, set()
+        self.nodes = []
 
     def check(self) -> None:
         """One round of the owner's monitor: note ranks whose actor died (for health; the
@@ -233,9 +268,16 @@ class RankGroup:
             "live": live,
             "ranks": self.world_size,
             "restarts": self.restarts,
-            "members": [{"rank": i, "pid": pid} for i, pid in enumerate(self.pids)],
-            "placement": "PACK",
+            "members": [
+                {"rank": i, "pid": pid, "node": node}
+                for i, (pid, node) in enumerate(zip(self.pids, self._padded_nodes(), strict=True))
+            ],
+            "placement": self.strategy,
         }
+
+    def _padded_nodes(self) -> list[str | None]:
+        nodes: list[str | None] = list(self.nodes)
+        return nodes + [None] * (len(self.pids) - len(nodes))
 
     def close(self) -> None:
         from ray.util.placement_group import remove_placement_group

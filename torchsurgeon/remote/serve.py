@@ -13,7 +13,9 @@ file with one key per line (blank lines and ``#`` comments ignored); ``--state-d
 where jobs and results persist (a host started again on it finishes what was queued or
 running); ``--ray --replicas N`` runs N model replicas as Ray actors on a local Ray
 cluster; ``--tp N`` shards each model over N ranks (with ``--ray``, N Ray actors in one
-placement group: :mod:`torchsurgeon.remote.ray_tp`). The connection limits
+placement group: :mod:`torchsurgeon.remote.ray_tp`; with ``--ray-address HOST:PORT`` too,
+in an operator's token-authenticated cluster, spread over its machines as ``--tp-placement``
+says: :class:`~torchsurgeon.remote.ray_pool.RayCluster`). The connection limits
 (``--max-connections``, ``--header-timeout``, ...) are
 :class:`~torchsurgeon.remote.server.ServerLimits`. SIGTERM stops the host within about
 ``--shutdown-timeout`` seconds plus a few, even with jobs running (they run again on restart).
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from torchsurgeon.remote.hosted import ATTN_IMPLEMENTATIONS, LocalCheckpoint
+from torchsurgeon.remote.ray_pool import PLACEMENTS, RayCluster
 from torchsurgeon.remote.server import ServerLimits
 
 __all__ = ["add_serve_parser", "read_api_keys", "serve_main"]
@@ -48,7 +51,8 @@ key per line (blank lines and # comments ignored); clients send it as
 restarted host finishes queued and interrupted jobs; without it they live in a temporary
 directory. --ray --replicas N runs N model replicas as Ray actors on a local Ray cluster.
 --tp N shards each model over N tensor-parallel ranks (with --ray: N Ray actors placed in
-one placement group)."""
+one placement group; with --ray-address HOST:PORT as well, in that running Ray cluster,
+which must use token authentication, spread over its machines as --tp-placement says)."""
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -96,6 +100,21 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tp-device", choices=("cpu", "cuda"), default="cpu", help="the ranks' device (cpu)"
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --ray: join this running Ray cluster (token authentication required: "
+        "RAY_AUTH_MODE=token and its token) instead of starting a private one, so --tp ranks "
+        "can span its machines",
+    )
+    parser.add_argument(
+        "--tp-placement",
+        choices=PLACEMENTS,
+        default="PACK",
+        help="with --tp and --ray: the placement group's strategy (PACK: as few nodes as "
+        "possible; STRICT_SPREAD: one rank per node)",
     )
     parser.add_argument(
         "--threads-per-replica",
@@ -206,6 +225,15 @@ def checkpoints_to_serve(args: argparse.Namespace) -> dict[str, Path | LocalChec
     }
 
 
+def _ray_cluster(args: argparse.Namespace) -> RayCluster | None:
+    """The Ray cluster ``--ray-address`` / ``--tp-placement`` name (None: the defaults)."""
+    if args.ray_address is None and args.tp_placement == "PACK":
+        return None
+    if not args.ray:
+        raise ValueError("--ray-address and --tp-placement place Ray actors: add --ray")
+    return RayCluster(args.ray_address, args.tp_placement)
+
+
 def read_api_keys(path: Path) -> list[str]:
     """The keys in ``path``: one per line, blank lines and ``#`` comments ignored."""
     keys = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
@@ -260,6 +288,7 @@ def serve_main(args: argparse.Namespace) -> int:
         co_batch=args.co_batch,
         tensor_parallel=args.tp,
         tensor_parallel_device=args.tp_device,
+        ray_cluster=_ray_cluster(args),
     )
     connections = ServerLimits(
         max_connections=args.max_connections,
