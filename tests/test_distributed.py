@@ -40,6 +40,8 @@ from torchsurgeon.distributed.launch import _build, _loopback_store
 from torchsurgeon.distributed.parallelize import tensor_parallel_of
 from torchsurgeon.layers import (
     Add,
+    Compute,
+    ComputeGrad,
     InterventionLayer,
     LowRankAdapter,
     MeanAblate,
@@ -49,6 +51,7 @@ from torchsurgeon.layers import (
     SaveGrad,
     Scale,
     SetValues,
+    Stop,
     StopGradient,
     Zero,
 )
@@ -190,6 +193,12 @@ LLAMA_CASES: dict[str, Probe] = {
         after(f"{MLP}.act_fn", Scale(0.5, index=ts.idx[..., 4700:4800])),
         after(f"{MLP}.act_fn", Save("act")),
     ),
+    "compute (centred: gathered)": chain(
+        before(DOWN, Compute(ts.here - ts.here.mean(-1, keepdim=True))), before(DOWN, Save("h"))
+    ),
+    "compute from a saved shard": chain(
+        after(GATE, Save("gate")), before(DOWN, Compute(ts.here * 0.5 + ts.saved("gate") * 0.1))
+    ),
     "residual stream": chain(
         after("model.layers.0", Add(rand(32, seed=10), 2.0)),
         after("model.layers.0", Save("resid")),
@@ -212,6 +221,12 @@ GATHERED_CASE: Probe = chain(
     after(f"{MLP}.act_fn", SaveGrad("g_act")),
 )
 
+EDITED_GRAD_CASE: Probe = chain(  # gradients edited at sharded sites, read upstream
+    before(DOWN, ComputeGrad(ts.here + 0.01)),  # maps zero elsewhere: a per-rank edit would not
+    after(f"{MLP}.act_fn", ComputeGrad(ts.here / ts.here.norm())),  # the norm of the whole
+    after("model.layers.0", SaveGrad("g_resid0")),
+    after(UP, SaveGrad("g_up")),
+)
 UPSTREAM_GRAD_CASE: Probe = chain(  # for backward=: autograd is asked for these tensors only
     after("model.layers.0.mlp.gate_proj", SaveGrad("g_gate0")),  # sharded, upstream of ...
     after("model.layers.0", SaveGrad("g_resid0")),  # ... a replicated site
@@ -403,6 +418,16 @@ def counting_gathers() -> list[int]:
     return calls
 
 
+def stopped_at_down(model: nn.Module, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """A run ended by ``Stop`` at a sharded site: its output (None) and what it saved."""
+    stopped = chain(before(DOWN, Save("h")), before(DOWN, Stop()))(model)
+    if tensor_parallel_of(model) is not None:
+        stopped = tsd.localize(stopped)
+    with torch.no_grad():
+        result = ts.run(stopped, ids)
+    return result.output, result.saved["h"]
+
+
 def llama_rank(plans: dict[str, bytes], ids: torch.Tensor, mesh: Any) -> dict[str, Any]:
     tree = tsd.parallelize(make_llama(), mesh, "auto")
     out: dict[str, Any] = {"cases": {}, "gathers": {}}
@@ -424,6 +449,8 @@ def llama_rank(plans: dict[str, bytes], ids: torch.Tensor, mesh: Any) -> dict[st
     gathers.clear()
     out["cases"]["gathered"] = with_backward(tsd.localize(GATHERED_CASE(tree)), ids)
     out["gathers"]["gathered"] = len(gathers)
+    out["cases"]["edited gradients"] = with_backward(tsd.localize(EDITED_GRAD_CASE(tree)), ids)
+    out["stop"] = stopped_at_down(tree, ids)
     upstream = tsd.localize(UPSTREAM_GRAD_CASE(tree))
     out["cases"]["backward= upstream"] = with_backward_expression(upstream, ids)
     out["trained"] = trained(tree, ids, tsd.localize)
@@ -584,7 +611,7 @@ def unsharded(base: nn.Module, cases: dict[str, Probe], ids: torch.Tensor) -> di
     out = {}
     for name, probe in cases.items():
         view = probe(base)
-        if name in ("grads", "gathered"):
+        if name in ("grads", "gathered", "edited gradients"):
             out[name] = with_backward(view, ids)
         else:
             with torch.no_grad():
@@ -614,7 +641,12 @@ def ranks() -> dict[str, Any]:
         battery, llama_plans, gpt2_plans, converted_plans, ids, world_size=WORLD, timeout=300
     )
     out["seconds"] = time.monotonic() - start
-    llama_cases = {**LLAMA_CASES, "grads": GRAD_CASE, "gathered": GATHERED_CASE}
+    llama_cases = {
+        **LLAMA_CASES,
+        "grads": GRAD_CASE,
+        "gathered": GATHERED_CASE,
+        "edited gradients": EDITED_GRAD_CASE,
+    }
     out["llama"]["reference"] = unsharded(llama, llama_cases, ids)
     upstream = with_backward_expression(UPSTREAM_GRAD_CASE(llama), ids)
     out["llama"]["reference"]["backward= upstream"] = upstream
@@ -627,6 +659,9 @@ def ranks() -> dict[str, Any]:
         base["llama"] = llama(ids).logits
         base["gpt2"] = gpt2(ids).logits
     out["base logits"] = base
+    out["llama"]["stop reference"] = stopped_at_down(llama, ids)
+    unedited = with_backward(after("model.layers.0", SaveGrad("g_resid0"))(llama), ids)
+    out["llama"]["unedited g_resid0"] = unedited["g_resid0"]
     out["llama"]["trained reference"] = trained(llama, ids)
     out["gpt2"]["trained reference"] = trained(gpt2, ids, gpt2=True)
     for family, cases in converted_cases.items():
@@ -665,8 +700,14 @@ def test_every_llama_layer_at_every_site_equals_the_unsharded_model(ranks: dict)
             "gathered",
             "backward= upstream",
             "backward= from a saved shard",
+            "edited gradients",
         ):
             assert max_diff(values["logits"], base) > 1e-4, f"{case} changes nothing"
+    output, saved = ranks["llama"]["stop"]  # ends the run at a sharded site, as unsharded
+    want_output, want_saved = ranks["llama"]["stop reference"]
+    assert output is None and want_output is None and max_diff(saved, want_saved) <= TOLERANCE
+    edited = ranks["llama"]["reference"]["edited gradients"]["g_resid0"]
+    assert max_diff(edited, ranks["llama"]["unedited g_resid0"]) > 1e-3  # the edits edit
     print(f"  (battery launch: {ranks['seconds']:.1f} s)")
 
 
@@ -784,6 +825,8 @@ GATHERS = {
     "gate input (replicated DTensor)": 0,
     "down output (replicated, all-reduced)": 0,
     "inside the MLP (act_fn: laid out by its DTensor twin)": 2,
+    "compute (centred: gathered)": 2,
+    "compute from a saved shard": 2,
     "residual stream": 0,
     "grads": 2,
     "gathered": 5,  # Normalize needs the whole tensor: gather-edit-scatter (and its backward)

@@ -18,6 +18,8 @@ full tensor's elements:
 - **LowRankAdapter** after a column-wise projection adds ``B``'s local rows' share; after a
   row-wise one it sums the low-rank products of the input shards over the ranks (a tensor
   of ``batch x pos x rank`` elements).
+- **ComputeGrad** passes the shard on; in the backward pass it gathers the gradient, edits
+  the full gradient and keeps this rank's part.
 - **Anything else** (a layer of another type, a subclass): gather, run the layer on the full
   tensor, keep this rank's part (gather-edit-scatter). Correct for any layer that keeps the
   tensor's shape; it costs one all-gather per call.
@@ -55,6 +57,7 @@ from torchsurgeon.distributed.inside import InsideError, RegionProbe
 from torchsurgeon.distributed.parallelize import SiteLayout, TensorParallelError
 from torchsurgeon.distributed.split import Split, cut, local_part
 from torchsurgeon.layers.base import InterventionLayer, Recorder
+from torchsurgeon.layers.compute import ComputeGrad, Stop
 from torchsurgeon.layers.edit import Add, MeanAblate, Noise, Scale, SetValues, StopGradient, Zero
 from torchsurgeon.layers.index import remember
 from torchsurgeon.layers.lora import LowRankAdapter
@@ -238,8 +241,12 @@ class Sharded(nn.Module):
             return self._with_input(x, input, sides)
         if split is None:
             return layer(x)
+        if original_class(layer) is Stop:
+            return layer(x)  # ends the run: nothing to gather
         if original_class(layer) is SaveGrad:
             return self._record_grad(x, split)
+        if original_class(layer) is ComputeGrad and x.requires_grad and torch.is_grad_enabled():
+            return self._edit_grad(x, split)
         if isinstance(layer, Recorder):
             return self._record(x, split)
         local = self._local_layer(x, split)
@@ -276,6 +283,27 @@ class Sharded(nn.Module):
         if sites is not None:  # a backward= run asks autograd for these tensors' gradients
             sites.append(x)  # (else it stops at the nearest replicated site and skips this)
         return x
+
+    def _edit_grad(self, x: torch.Tensor, split: Split) -> torch.Tensor:
+        """``ComputeGrad`` at a sharded site: in the backward pass the shards' gradients are
+        gathered, the expression edits the full gradient, and each rank keeps its part.
+        (Editing a zero-padded gradient per rank and summing, as gather-edit-scatter would,
+        is right only for an edit that maps zero to zero, element by element.)"""
+        layer = self.layer
+        edit = layer.gradient_edit()
+
+        def edited(grad: torch.Tensor) -> torch.Tensor:
+            full = gather_whole(grad, split, self.mesh)
+            out = edit(full)
+            if not isinstance(out, torch.Tensor) or out.shape != full.shape:
+                shown = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise TensorParallelError(
+                    f"{self._where()}the expression gave {shown} for a gradient of full shape "
+                    f"{tuple(full.shape)}; it must keep the gradient's shape"
+                )
+            return out.narrow(split.dim % out.dim(), split.offset, split.width).contiguous()
+
+        return layer.through(x, edited)
 
     def _full(self, x: torch.Tensor, split: Split) -> torch.Tensor | None:
         if self.record_on == "all":  # recorded alike on every rank (a loss may read it)

@@ -111,11 +111,21 @@ class ComputeGrad(InterventionLayer):
                 "it. Run with gradients enabled (ts.run(..., backward=...), not under "
                 "torch.no_grad) on a model whose parameters or inputs require grad."
             )
-        values = self.__dict__.get("_ts_run")  # the run's values, kept for the backward pass
+        return self.through(x, self.gradient_edit())
+
+    def gradient_edit(self) -> Callable[[torch.Tensor], Any]:
+        """What the backward pass applies to the gradient: ``expr`` evaluated with it as
+        ``ts.here`` and this run's values (kept now, for the backward pass)."""
+        values = self.__dict__.get("_ts_run")
+        return lambda grad: self._evaluate("expr", grad, values)
+
+    def through(self, x: torch.Tensor, edit: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+        """``x`` unchanged, with ``edit`` applied to its gradient in the backward pass (where
+        a placed layer edits a shard's gradient through the full one)."""
         sites = self.__dict__.get("_ts_grad_sites")
         if sites is not None:
             sites.append(x)  # so backward= reaches (and edits) the gradient here
-        return _EditGrad.apply(x, lambda grad: self._evaluate("expr", grad, values))
+        return _EditGrad.apply(x, edit)
 
 
 @register_layer
