@@ -990,6 +990,28 @@ def test_plans_torchsurgeon_cannot_follow_are_refused(mesh1: Any, plan: dict, me
     assert not any(isinstance(p, DTensor) for p in model.parameters())  # refused before sharding
 
 
+class Shrink(InterventionLayer):
+    """A layer that changes its tensor's shape: no shard of its output can be cut."""
+
+    type_name = "TestShrink"
+    takes_index = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :-1]
+
+
+def test_a_layer_changing_the_shape_of_a_sharded_tensor_is_refused(mesh1: Any) -> None:
+    tree = tsd.parallelize(make_llama(), mesh1, "auto")
+    for probe, who in (
+        (before(DOWN, Shrink()), "the layer"),
+        (before(DOWN, ComputeGrad(ts.here[..., :-1])), "the expression, given the gradient"),
+    ):
+        view = tsd.localize(probe(tree))
+        with pytest.raises(tsd.TensorParallelError, match="at a sharded site it must keep") as no:
+            ts.run(view, token_ids(), backward=ts.out("logits").sum())
+        assert f"{who} turned the full tensor (5, 6, 9472) into (5, 6, 9471)" in str(no.value)
+
+
 def test_a_converted_models_head_projection_is_split_by_heads_only(mesh1: Any) -> None:
     model = ts.convert(make_llama())
     with pytest.raises(tsd.TensorParallelError, match="split by heads, column-wise"):

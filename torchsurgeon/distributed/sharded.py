@@ -294,14 +294,7 @@ class Sharded(nn.Module):
 
         def edited(grad: torch.Tensor) -> torch.Tensor:
             full = gather_whole(grad, split, self.mesh)
-            out = edit(full)
-            if not isinstance(out, torch.Tensor) or out.shape != full.shape:
-                shown = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise TensorParallelError(
-                    f"{self._where()}the expression gave {shown} for a gradient of full shape "
-                    f"{tuple(full.shape)}; it must keep the gradient's shape"
-                )
-            return out.narrow(split.dim % out.dim(), split.offset, split.width).contiguous()
+            return self._own_part(edit(full), full, split, "the expression, given the gradient")
 
         return layer.through(x, edited)
 
@@ -332,15 +325,17 @@ class Sharded(nn.Module):
 
     def _gathered(self, x: torch.Tensor, split: Split, run: Any) -> torch.Tensor:
         full = gather(x, split, self.mesh)
-        out = run(full)
+        return self._own_part(run(full), full, split, "the layer")
+
+    def _own_part(self, out: Any, full: torch.Tensor, split: Split, who: str) -> torch.Tensor:
+        """This rank's part of ``out``, what ``who`` made of the full tensor ``full``."""
         if not isinstance(out, torch.Tensor) or out.shape != full.shape:
             shown = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise TensorParallelError(
-                f"{self._where()}the layer turned the full tensor {tuple(full.shape)} into "
-                f"{shown}; at a sharded site a layer must keep the tensor's shape"
+                f"{self._where()}{who} turned the full tensor {tuple(full.shape)} into "
+                f"{shown}; at a sharded site it must keep the tensor's shape"
             )
-        dim = split.dim % out.dim()
-        return out.narrow(dim, split.offset, split.width).contiguous()
+        return out.narrow(split.dim % out.dim(), split.offset, split.width).contiguous()
 
     def _with_input(
         self, x: torch.Tensor, input: torch.Tensor | None, sides: Sides
