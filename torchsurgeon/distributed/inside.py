@@ -117,6 +117,12 @@ class RegionProbe:
         self.last: dict[str, InsideSides] = {}
         """The layouts of the latest call (what training's gradient reduction reads)."""
 
+    def __copy__(self) -> RegionProbe:
+        return self  # one per region of a sharded base, shared by every tree made from it
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RegionProbe:
+        return self
+
     # -- during the region's call ---------------------------------------------------------
 
     @torch.compiler.disable  # a meta DTensor run and a cache lookup: eager, never traced
