@@ -8,10 +8,13 @@ on those activations exactly as on the unsharded model's:
 - :func:`parallelize` shards a plain model with ``parallelize_module`` and records, for
   every site, whether its tensor is replicated or split (and along what); it guards the
   sharded sites so that no layer ever runs on a shard as if it were the whole tensor.
-- :func:`localize` places the layers of a rewrite of the sharded model for their sites:
-  recording layers gather the full tensor (once, and only inside ``ts.run``), edits that
-  are local to each shard run on each shard with their index translated, and anything else
-  gathers, edits and scatters. :func:`apply` replays a plan made against the unsharded model
+- :func:`localize` places the layers of a rewrite of the sharded model for their sites —
+  at the projections, and inside the regions between them, whose layouts the region's
+  ``DTensor`` twin finds per call (:mod:`~torchsurgeon.distributed.inside`): recording
+  layers gather the full tensor (once, and only inside ``ts.run``), edits that are local to
+  each shard run on each shard with their index translated, and anything else gathers,
+  edits and scatters. Converted models (``ts.convert``) shard by heads with their config's
+  plan. :func:`apply` replays a plan made against the unsharded model
   and localizes it; :func:`plan` is ``ts.plan`` for a rewrite of a sharded model.
 - :func:`launch` runs a function on N ranks on this machine (gloo on CPU, NCCL on GPU),
   bounded in time; :func:`run_plan` / :func:`run_plans` shard a model on N ranks, send them
