@@ -31,7 +31,14 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, SequenceParallel, parallelize_module
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import torchsurgeon as ts
 import torchsurgeon.distributed as tsd
@@ -591,6 +598,41 @@ def converted_rank(plans: dict[str, dict[str, bytes]], ids: torch.Tensor, mesh: 
     return out
 
 
+def make_qwen3() -> Qwen3ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=64,
+        attn_implementation="eager",
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def qwen3_norms(model: nn.Module) -> nn.Module:
+    """Qwen3's per-head query/key norms: modules inside the attention region (its plan leaves
+    them whole: 'replicated_with_grad_allreduce')."""
+    attn = "model.layers.1.self_attn"
+    model = after(f"{attn}.q_norm", Save("q_norm"))(model)
+    return after(f"{attn}.k_norm", Scale(2.0, index=ts.idx[:, :, 1]))(model)  # rank 1's head
+
+
+def qwen3_rank(ids: torch.Tensor, mesh: Any) -> dict[str, Any]:
+    view = tsd.localize(qwen3_norms(tsd.parallelize(make_qwen3(), mesh, "auto")))
+    with torch.no_grad():
+        result = ts.run(view, ids, use_cache=False)
+    out: dict[str, Any] = {"uncached": entries(result)}
+    try:  # transformers' DynamicCache goes into the attention: no meta copy of it is made
+        ts.run(view, ids, use_cache=True)
+    except tsd.TensorParallelError as error:
+        out["cached"] = str(error)
+    return out
+
+
 def battery(
     llama: dict[str, bytes], gpt2: dict[str, bytes], converted: dict, ids: torch.Tensor
 ) -> dict:
@@ -599,6 +641,7 @@ def battery(
         "llama": llama_rank(llama, ids, mesh),
         "gpt2": gpt2_rank(gpt2, ids, mesh),
         "inside": refusals_inside(mesh),
+        "qwen3": qwen3_rank(ids, mesh),
         **converted_rank(converted, ids, mesh),
     }
 
@@ -852,6 +895,22 @@ def test_layers_that_cannot_be_placed_are_refused_with_the_way_out(ranks: dict) 
     assert "was replaced" in errors["replaced"]
     assert "was not placed" in errors["inserted after localize"]
     assert "127 features do not split evenly over 2 ranks" in ranks["gpt2"]["odd width"]
+
+
+@pytest.mark.slow
+def test_qwen3s_query_and_key_norms_inside_the_attention_equal_the_unsharded_model(
+    ranks: dict,
+) -> None:
+    with torch.no_grad():
+        want = entries(ts.run(qwen3_norms(ts.wrap(make_qwen3())), token_ids(), use_cache=False))
+    got = ranks["qwen3"]["uncached"]
+    diffs = {key: max_diff(got[key], value) for key, value in want.items()}
+    print("\nqwen3 q_norm / k_norm on 2 ranks vs unsharded:", diffs)
+    assert sorted(got) == ["logits", "q_norm"] and max(diffs.values()) <= TOLERANCE, diffs
+    with torch.no_grad():
+        plain = make_qwen3()(token_ids(), use_cache=False).logits
+    assert max_diff(want["logits"], plain) > 1e-4  # the scaled key head changes the logits
+    assert "of type DynamicCache" in ranks["qwen3"]["cached"]
 
 
 @pytest.mark.slow

@@ -218,8 +218,9 @@ class RegionProbe:
     def _sharded_copy(self) -> nn.Module:
         if self._sharded is None:
             assert self._unsharded is not None
-            self._sharded = parallelize_module(self._unsharded, self.mesh, self._styles)
-            self._unsharded = None
+            twin = parallelize_module(self._unsharded, self.mesh, self._styles)
+            _replicate_the_rest(twin, self.mesh)
+            self._sharded, self._unsharded = twin, None
         return self._sharded
 
     def _sides(self, name: str, calls: list[tuple[Any, Any]]) -> InsideSides:
@@ -280,6 +281,22 @@ class RegionProbe:
             "dimension, which interleaves the ranks' elements), so no layer can act on it as "
             f"the unsharded model's would. {instead}"
         )
+
+
+def _replicate_the_rest(twin: nn.Module, mesh: DeviceMesh) -> None:
+    """Make the twin's unsharded tensors (a norm's weight inside the region, buffers)
+    replicated DTensors, as on the ranks every one of them is whole: DTensor ops refuse to
+    mix plain tensors in."""
+    for module in twin.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and not isinstance(param, DTensor):
+                whole = DTensor.from_local(param.detach(), mesh, [Replicate()], run_check=False)
+                module._parameters[name] = nn.Parameter(whole, requires_grad=False)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and not isinstance(buffer, DTensor):
+                module._buffers[name] = DTensor.from_local(
+                    buffer, mesh, [Replicate()], run_check=False
+                )
 
 
 def _refused(reason: str) -> InsideSides:

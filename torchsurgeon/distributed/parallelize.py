@@ -77,6 +77,10 @@ STYLE_NAMES: dict[str, type[ParallelStyle]] = {
     "colwise": ColwiseParallel,
     "rowwise": RowwiseParallel,
 }
+UNSHARDED_STYLES = ("replicated_with_grad_allreduce",)
+"""``transformers`` plan styles that shard nothing (Qwen3's ``q_norm``/``k_norm``: weights kept
+whole on every rank, their gradients summed when *they* are trained, which torchsurgeon does
+not do): ``"auto"`` leaves those modules as they are, inside their region."""
 
 
 class TensorParallelError(SurgeryError, ValueError):
@@ -398,7 +402,11 @@ def _auto_plan(model: nn.Module) -> dict[str, str]:
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and not hasattr(model, prefix):
         prefix = ""
-    return {child_path(prefix, key): value for key, value in plan.items()}
+    return {
+        child_path(prefix, key): value
+        for key, value in plan.items()
+        if value not in UNSHARDED_STYLES  # its weights stay whole: a module inside a region
+    }
 
 
 def _regions(model: nn.Module, layouts: dict[str, SiteLayout]) -> dict[str, SiteLayout]:
