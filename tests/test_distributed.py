@@ -425,11 +425,14 @@ def counting_gathers() -> list[int]:
     return calls
 
 
+def placed(view: nn.Module) -> nn.Module:
+    """A rewrite localized if its base is sharded (the same helper runs on both sides)."""
+    return tsd.localize(view) if tensor_parallel_of(view) is not None else view
+
+
 def stopped_at_down(model: nn.Module, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """A run ended by ``Stop`` at a sharded site: its output (None) and what it saved."""
-    stopped = chain(before(DOWN, Save("h")), before(DOWN, Stop()))(model)
-    if tensor_parallel_of(model) is not None:
-        stopped = tsd.localize(stopped)
+    stopped = placed(chain(before(DOWN, Save("h")), before(DOWN, Stop()))(model))
     with torch.no_grad():
         result = ts.run(stopped, ids)
     return result.output, result.saved["h"]
@@ -557,9 +560,7 @@ def refusals_inside(mesh: Any) -> dict[str, str]:
 def cached_runs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer inside the MLP region (which is called with ``x`` alone) in a generation and
     in a forward pass filling a KV cache: the tokens, and what the layer saved."""
-    hidden = CONVERTED_CASES["mlp hidden"](model)
-    if tensor_parallel_of(model) is not None:
-        hidden = tsd.localize(hidden)
+    hidden = placed(CONVERTED_CASES["mlp hidden"](model))
     tokens = ts.models.generate(hidden, ids, 3)
     saved = ts.run(hidden, ids, cache=hidden.new_cache()).saved["hidden"]
     return tokens, saved
@@ -568,9 +569,7 @@ def cached_runs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torc
 def cached_heads(model: nn.Module, ids: torch.Tensor) -> Any:
     """A layer inside block 1's attention, which is called with the KV cache (holding, on a
     sharded model, block 0's keys for this rank's heads): what it saved, or the refusal."""
-    heads = CONVERTED_CASES["heads: pattern and head_out"](model)
-    if tensor_parallel_of(model) is not None:
-        heads = tsd.localize(heads)
+    heads = placed(CONVERTED_CASES["heads: pattern and head_out"](model))
     try:
         return ts.run(heads, ids, cache=heads.new_cache()).saved["pattern"]
     except tsd.TensorParallelError as error:

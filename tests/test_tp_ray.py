@@ -165,7 +165,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def two_nodes(psutil: Any) -> Iterator[str]:
+def two_nodes(psutil: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """An operator's Ray cluster of two nodes (``ray start --block``, one CPU each, both on
     loopback), with token authentication (set for this test in this process's environment,
     which the host's pool owner inherits); the address of its head. Every process the two
@@ -194,16 +194,9 @@ def two_nodes(psutil: Any) -> Iterator[str]:
             time.sleep(0.5)
         worker = [*ray_start, f"--address={address}", *local]
         started.append(subprocess.Popen(worker, env=env, start_new_session=True, **quiet))
-        saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-        os.environ.update({k: env[k] for k in saved})
-        try:
-            yield address
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # what the host's owner inherits
+            monkeypatch.setenv(key, env[key])
+        yield address
     finally:  # the second node first (it drains through the head), then the head
         descendants = []
         for process in started:

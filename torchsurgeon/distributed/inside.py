@@ -130,15 +130,16 @@ class RegionProbe:
         self._call.sides = None
         self._call.error = None
         try:
-            key = _key(args, kwargs)
+            leaves = _leaves(args, kwargs)
         except InsideError as error:
             # raised only if a layer inside asks for its layout
             self._call.error = f"{describe(self.path)}: {error}"
             return
+        key = _key(leaves)
         sides = self._known.get(key)
         if sides is None:
             with self._lock:
-                sides = self._analyse(args, kwargs)
+                sides = self._analyse(args, kwargs, leaves)
                 remember(self._known, key, sides)
         self._call.sides = sides
         self.last = sides
@@ -171,9 +172,10 @@ class RegionProbe:
 
     # -- the analysis ---------------------------------------------------------------------
 
-    def _analyse(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, InsideSides]:
-        named = [t for i, v in enumerate(args) for t in _tensors(v, f"argument {i}")]
-        named += [t for k, v in kwargs.items() for t in _tensors(v, f"argument {k!r}")]
+    def _analyse(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], leaves: list[Leaf]
+    ) -> dict[str, InsideSides]:
+        named = [(where, v) for where, v in leaves if isinstance(v, torch.Tensor)]
         agree = same_on_every_rank([t for _, t in named], self.mesh)
         differing = [name for (name, _), same in zip(named, agree, strict=True) if not same]
         if differing:  # the twin is given whole (replicated) tensors: these are not
@@ -307,35 +309,32 @@ def _under(name: str, styles: Mapping[str, Any]) -> bool:
     return any(name.startswith(path + ".") for path in styles)
 
 
-def _key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """A hashable key for a region call's arguments: tensor shapes and dtypes, plain values."""
-    return (
-        tuple(_signature(v, f"argument {i}") for i, v in enumerate(args)),
-        tuple((k, _signature(v, f"argument {k!r}")) for k, v in kwargs.items()),
-    )
+Leaf = tuple[str, Any]
+"""An argument's place (``"argument 1.cache.keys[0]"``) and its value (a tensor or plain)."""
 
 
-def _signature(value: Any, where: str) -> Any:
-    if isinstance(value, torch.Tensor):
-        if isinstance(value, DTensor):
-            raise InsideError(
-                f"{where} of the region is a DTensor; only plain (replicated) tensors are "
-                "supported as a region's arguments"
-            )
-        return ("tensor", tuple(value.shape), value.dtype)
-    if type(value) in (tuple, list):
-        items = tuple(_signature(v, f"{where}[{i}]") for i, v in enumerate(value))
-        return (type(value).__name__, items)
-    if type(value) is dict:
-        return ("dict", tuple((k, _signature(v, f"{where}[{k!r}]")) for k, v in value.items()))
-    if isinstance(value, _LEAVES):
-        return ("value", type(value).__name__, value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a ForwardContext
-        items = tuple(
-            (f.name, _signature(getattr(value, f.name), f"{where}.{f.name}"))
-            for f in dataclasses.fields(value)
+def _leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Leaf]:
+    """Every tensor and plain value in a region call's arguments, by place; raises
+    :class:`InsideError` for a value no meta copy can be made of (a DTensor, a cache)."""
+    found = [leaf for i, v in enumerate(args) for leaf in _walk(v, f"argument {i}")]
+    return found + [leaf for k, v in kwargs.items() for leaf in _walk(v, f"argument {k!r}")]
+
+
+def _walk(value: Any, where: str) -> list[Leaf]:
+    if isinstance(value, DTensor):
+        raise InsideError(
+            f"{where} of the region is a DTensor; only plain (replicated) tensors are "
+            "supported as a region's arguments"
         )
-        return ("dataclass", type(value).__qualname__, items)
+    if isinstance(value, (torch.Tensor, *_LEAVES)):
+        return [(where, value)]
+    if type(value) in (tuple, list):
+        return [leaf for i, v in enumerate(value) for leaf in _walk(v, f"{where}[{i}]")]
+    if type(value) is dict:
+        return [leaf for k, v in value.items() for leaf in _walk(v, f"{where}[{k!r}]")]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a ForwardContext
+        fields = dataclasses.fields(value)
+        return [leaf for f in fields for leaf in _walk(getattr(value, f.name), f"{where}.{f.name}")]
     raise InsideError(
         f"the region is called with {where} of type {type(value).__name__}, which cannot be "
         "copied to meta tensors to find the layout of the sites inside it (a key-value "
@@ -343,18 +342,15 @@ def _signature(value: Any, where: str) -> Any:
     )
 
 
-def _tensors(value: Any, where: str) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor in a region call's arguments (as :func:`_signature` walks them), named."""
-    if isinstance(value, torch.Tensor):
-        return [(where, value)]
-    if type(value) in (tuple, list):
-        return [t for i, v in enumerate(value) for t in _tensors(v, f"{where}[{i}]")]
-    if type(value) is dict:
-        return [t for k, v in value.items() for t in _tensors(v, f"{where}[{k!r}]")]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = dataclasses.fields(value)
-        return [t for f in fields for t in _tensors(getattr(value, f.name), f"{where}.{f.name}")]
-    return []
+def _key(leaves: list[Leaf]) -> Any:
+    """A hashable key for a region call: each place with its tensor's shape and dtype, or
+    its plain value."""
+    return tuple(
+        (where, ("tensor", tuple(v.shape), v.dtype))
+        if isinstance(v, torch.Tensor)
+        else (where, (type(v).__name__, v))
+        for where, v in leaves
+    )
 
 
 def _to_meta(value: Any, mesh: DeviceMesh) -> Any:

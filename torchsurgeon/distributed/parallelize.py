@@ -209,8 +209,6 @@ def misplaced(layer: nn.Module, layout: SiteLayout, which: str) -> TensorParalle
 
 # --------------------------------------------------------------------- other linear maps
 
-_COLWISE, _ROWWISE = 0, 1
-
 
 def _weight_splits(module: nn.Module) -> tuple[dict[str, Placement], dict[str, Placement]] | None:
     """For a linear map torch's styles do not take: how a column-wise and a row-wise split
@@ -235,7 +233,8 @@ def _own_style(style: ParallelStyle, module: nn.Module) -> ParallelStyle:
     if splits is None:
         return style
     colwise = isinstance(style, ColwiseParallel)
-    placements = splits[_COLWISE if colwise else _ROWWISE]
+    colwise_placements, rowwise_placements = splits
+    placements = colwise_placements if colwise else rowwise_placements
     kind = type(module)
 
     def partition(name: str, part: nn.Module, mesh: DeviceMesh) -> None:
@@ -530,11 +529,8 @@ def _probes(
     """A :class:`RegionProbe` per region with modules inside it: a meta copy of the unsharded
     region and its children's styles, returning ``DTensor`` s (``use_local_output=False``)."""
     probes = {}
-    for region, layout in layouts.items():
-        if layout.role != "region" or not any(
-            other.role == "inside" and other.region == region for other in layouts.values()
-        ):
-            continue
+    holding = {layout.region for layout in layouts.values() if layout.role == "inside"}
+    for region in holding:
         styles = {}
         for path, style in torch_plan.items():
             if path.rpartition(".")[0] == region:
