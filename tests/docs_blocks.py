@@ -90,13 +90,16 @@ def script(path: Path) -> str:
     """The page's runnable blocks as one script; tracebacks name the page and its lines."""
     # Spawned processes import the script again (as ``__mp_main__``): only the reader's own
     # process marks where each block's output starts.
-    parts = ["import sys as _docs_sys", "_docs_main = __name__ == '__main__'"]
-    for n, block in enumerate(blocks(path)):
-        if not block.runs:
-            continue
-        source = "\n" * (block.line - 1) + block.source
+    runnable = [(n, block) for n, block in enumerate(blocks(path)) if block.runs]
+    sources = ["\n" * (block.line - 1) + block.source for _, block in runnable]
+    parts = [
+        "import sys as _docs_sys",
+        "_docs_main = __name__ == '__main__'",
+        f"_docs_sources = {sources!r}",
+    ]
+    for i, (n, block) in enumerate(runnable):
         parts.append(f"_docs_main and print({MARK.format(n)!r}, flush=True)")
-        parts.append(f"exec(compile({source!r}, {block.page!r}, 'exec'))")
+        parts.append(f"exec(compile(_docs_sources[{i}], {block.page!r}, 'exec'))")
         parts.append("_docs_sys.stdout.flush(); _docs_sys.stderr.flush()")
     parts.append(f"_docs_main and print({END!r}, flush=True)")
     return "\n".join(parts) + "\n"
