@@ -28,14 +28,14 @@ directory) the error says so.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from torch import nn
 
 from torchsurgeon.layers.expr import Expr
@@ -53,20 +53,28 @@ from torchsurgeon.layers.training import (
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.record import plan as plan_of
 from torchsurgeon.plans.structure import Structure
+from torchsurgeon.remote.client_io import (
+    Answer,
+    AnswerLimits,
+    Progress,
+    bounded_build,
+    cancelled_on_interrupt,
+    check_structure,
+    check_url,
+    read_answer,
+)
 from torchsurgeon.remote.errors import RemoteError
 from torchsurgeon.remote.transfer import decode_result, encode_request, encode_session
 
-if TYPE_CHECKING:
-    import httpx
-
-__all__ = ["Client", "Job", "JobStatus"]
+__all__ = ["AnswerLimits", "Client", "Job", "JobStatus"]
 
 _POLL_SECONDS = 10.0
 _ANSWER_WAIT = 2.0
 """Seconds a blocking run's submission waits for the result to come back in its answer."""
 _FIRST_BACKOFF = 0.2
-_DOWNLOAD_CHUNK = 1 << 20
 _MAX_BACKOFF = 5.0
+_CANCEL_SECONDS = 2.0
+"""Seconds the DELETE of a job interrupted with Ctrl-C may take."""
 
 
 @dataclass(frozen=True)
@@ -127,26 +135,33 @@ class Job:
         )
 
     def wait(self, timeout: float | None = None, on_status: Any = None) -> JobStatus:
-        """Block until the job finishes (long polling); ``on_status`` sees each change."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        status = self.status()
-        while not status.finished:
-            if on_status is not None:
-                on_status(status)
-            left = _POLL_SECONDS if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"job {self.id} is still {status.state} after {timeout} s")
-            status = self.status(since=status.version, wait=min(left, _POLL_SECONDS))
-        return status
+        """Block until the job finishes (long polling); ``on_status`` sees each change.
+
+        Ctrl-C deletes the job on the host (one line on stderr names it) and re-raises.
+        """
+        with cancelled_on_interrupt(self):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            status = self.status()
+            while not status.finished:
+                if on_status is not None:
+                    on_status(status)
+                left = _POLL_SECONDS if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {self.id} is still {status.state} after {timeout} s")
+                status = self.status(since=status.version, wait=min(left, _POLL_SECONDS))
+            return status
 
     def result(self, timeout: float | None = None, *, progress: bool = False) -> Result:
-        """The job's :class:`Result` (waiting for it); :class:`RemoteError` if it failed."""
-        with _Progress(progress, self.model_name) as shown:
+        """The job's :class:`Result` (waiting for it); :class:`RemoteError` if it failed.
+
+        Ctrl-C deletes the job on the host (one line on stderr names it) and re-raises.
+        """
+        with cancelled_on_interrupt(self), Progress(progress, self.model_name) as shown:
             status = self.wait(timeout, on_status=shown.update)
             if status.error is not None:
                 raise status.error
             shown.update(JobStatus(self.id, "downloading"))
-            return decode_result(self.client._download(f"/v1/jobs/{self.id}/result"))
+            return decode_result(self.client._request("GET", f"/v1/jobs/{self.id}/result").body)
 
     def delete(self) -> None:
         """Forget the job on the host, with its result (it then no longer counts against the
@@ -169,17 +184,35 @@ class Client:
         timeout: float = 60.0,
         progress: bool = True,
         reconnect_seconds: float = 60.0,
+        max_result_bytes: int | None = None,
+        limits: AnswerLimits | None = None,
     ) -> None:
-        """``timeout``: seconds for one HTTP call; ``reconnect_seconds``: how long to keep
-        retrying when the host cannot be reached (restarting, overloaded) before giving up."""
+        """Connect to ``url`` (``http(s)://host[:port]``; anything else is a ``ValueError``).
+
+        Args:
+            timeout: seconds for one HTTP call.
+            reconnect_seconds: how long to keep retrying a host that answered before and
+                cannot be reached now (restarting, overloaded). A host this client never
+                reached, refusing the connection, fails at once.
+            max_result_bytes: the largest result file taken (default
+                ``limits.max_result_bytes``, 1 GiB).
+            limits: the bounds on every answer (see :class:`AnswerLimits`).
+        """
         import httpx  # the client's one dependency beyond torchsurgeon's own
 
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.url = url.rstrip("/")
+        self.url = check_url(url)
+        limits = limits or AnswerLimits()
+        if max_result_bytes is not None:
+            limits = dataclasses.replace(limits, max_result_bytes=max_result_bytes)
+        self.limits = limits
+        headers = {"Accept-Encoding": "gzip, deflate"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         self.model = model
         self.progress = progress
         self.reconnect_seconds = reconnect_seconds
         self.reconnects = 0  # calls that reached the host only after retrying
+        self._reached = False  # whether the host ever took a connection from this client
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self._metas: dict[str, nn.Module] = {}
         self._hosted: list[dict[str, Any]] | None = None
@@ -191,8 +224,10 @@ class Client:
         return list(self._json("GET", "/v1/models")["models"])
 
     def structure(self, name: str) -> Structure:
-        """The hosted model's structure (no weights)."""
-        return Structure.from_json(self._json("GET", f"/v1/models/{name}/structure"))
+        """The hosted model's structure (no weights), within ``limits``' structure bounds."""
+        data = self._json("GET", f"/v1/models/{name}/structure")
+        check_structure(data, self.limits)
+        return Structure.from_json(data)
 
     def meta(self, name: str) -> nn.Module:
         """A structure-only (meta device) copy of the hosted model, to select and plan against.
@@ -201,7 +236,9 @@ class Client:
         and apply to a local copy of the same checkpoint.
         """
         if name not in self._metas:
-            self._metas[name] = self.structure(name).build()
+            structure = self.structure(name)
+            with bounded_build(self.limits):  # a served config names its own size
+                self._metas[name] = structure.build()
         return self._metas[name]
 
     # ----------------------------------------------------------------- running
@@ -283,7 +320,7 @@ class Client:
         in the answer to the submission itself — one round trip, and the host drops the job
         once sent; a longer one is followed as a :class:`Job` (progress shown, then
         downloaded and deleted)."""
-        response = self._request(
+        answer = self._request(
             "POST",
             f"/v1/models/{name}/jobs",
             params={"wait": _ANSWER_WAIT, "forget": "true"},
@@ -293,14 +330,11 @@ class Client:
                 "Idempotency-Key": uuid.uuid4().hex,
             },
         )
-        if response.headers.get("content-type", "").startswith("application/octet-stream"):
-            return decode_result(response.content)
-        try:
-            data = response.json()
-        except ValueError:
-            data = None
+        if answer.is_result:
+            return decode_result(answer.body)
+        data = answer.json(self.limits, "POST")
         if not isinstance(data, dict) or not isinstance(data.get("id"), str):
-            raise RemoteError(502, "bad_response", f"POST answered {response.text[:200]!r}")
+            raise RemoteError(502, "bad_response", f"POST answered {answer.text()!r}")
         job = Job(self, data["id"], name)
         result = job.result(timeout, progress=self.progress if progress is None else progress)
         with contextlib.suppress(RemoteError):  # else the host forgets it after its TTL
@@ -398,53 +432,21 @@ class Client:
 
     # ----------------------------------------------------------------- http
 
-    def _request(
-        self, method: str, path: str, *, retry: bool = True, **kwargs: Any
-    ) -> httpx.Response:
-        """One call, retried with backoff while the host cannot be reached (``retry``)."""
-        return self._retried(
-            lambda: self._http.request(method, path, **kwargs), method, path, retry
-        )
+    def _request(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> Answer:
+        """One call, its answer streamed within ``limits``; retried with backoff while the
+        host cannot be reached (``retry``)."""
 
-    def _download(self, path: str) -> torch.Tensor:
-        """A ``GET`` of a (possibly large) result file, streamed into one ``uint8`` tensor.
+        def send() -> Answer:
+            with self._http.stream(method, path, **kwargs) as response:
+                self._reached = True
+                return read_answer(response, self.limits, f"{method} {path}")
 
-        The body goes from the socket into a buffer of its ``Content-Length`` (no list of
-        chunks joined, no second copy), and :func:`decode_result` takes the tensors out of
-        it as views. A transfer cut short is retried like any unreachable host.
-        """
-        import httpx
+        return self._retried(send, method, path, retry)
 
-        def fetch() -> httpx.Response | torch.Tensor:
-            with self._http.stream("GET", path) as response:
-                size = response.headers.get("content-length", "")
-                encoded = response.headers.get("content-encoding", "identity") != "identity"
-                if response.status_code >= 400 or not size.isdigit() or encoded:
-                    response.read()  # an error, or a body to decode (a compressing proxy)
-                    return response
-                if response.is_stream_consumed:  # already in memory (a test transport)
-                    return response
-                buffer = torch.empty(int(size), dtype=torch.uint8)
-                into, filled = memoryview(buffer.numpy()), 0
-                for chunk in response.iter_raw(_DOWNLOAD_CHUNK):
-                    if filled + len(chunk) > len(into):
-                        raise httpx.RemoteProtocolError("the body is longer than Content-Length")
-                    into[filled : filled + len(chunk)] = chunk
-                    filled += len(chunk)
-                if filled != len(into):
-                    raise httpx.RemoteProtocolError(f"the body ended at {filled} of {size} bytes")
-                return buffer
-
-        got = self._retried(fetch, "GET", path, True)
-        return (
-            got
-            if isinstance(got, torch.Tensor)
-            else torch.frombuffer(bytearray(got.content), dtype=torch.uint8)
-        )
-
-    def _retried(self, send: Callable[[], Any], method: str, path: str, retry: bool) -> Any:
+    def _retried(self, send: Callable[[], Answer], method: str, path: str, retry: bool) -> Answer:
         """``send()``, retried with backoff while the host cannot be reached (``retry``); an
-        HTTP error answer is raised as :class:`RemoteError`."""
+        HTTP error answer is raised as :class:`RemoteError`. A refused connection to a host
+        this client never reached fails at once: nothing is listening there."""
         import httpx
 
         give_up = time.monotonic() + (self.reconnect_seconds if retry else 0.0)
@@ -452,10 +454,19 @@ class Client:
         while True:
             attempts += 1
             try:
-                response = send()
+                answer = send()
                 break
             except httpx.TransportError as failure:
                 left = give_up - time.monotonic()
+                if not isinstance(failure, httpx.ConnectError):
+                    self._reached = True  # it took the connection, then failed
+                elif not self._reached:
+                    raise RemoteError(
+                        503,
+                        "unreachable",
+                        f"the host at {self.url} did not answer {method} {path}: nothing "
+                        f"accepts connections there ({failure}); is the host running?",
+                    ) from None
                 if left <= 0:
                     raise RemoteError(
                         503,
@@ -468,27 +479,33 @@ class Client:
                 backoff = min(2 * backoff, _MAX_BACKOFF)
         if attempts > 1:
             self.reconnects += 1
-        if isinstance(response, httpx.Response) and response.status_code >= 400:
+        if answer.status >= 400:
             try:
-                error = response.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                error = {"code": "http_error", "message": response.text[:500], "field": ""}
-            raise RemoteError(
-                response.status_code, error["code"], error["message"], error.get("field", "")
-            )
-        return response
+                error = answer.json(self.limits, f"{method} {path}")["error"]
+                code, message = str(error["code"]), str(error["message"])
+                field = str(error.get("field", ""))
+            except (RemoteError, KeyError, TypeError, AttributeError):
+                code, message, field = "http_error", answer.text(500), ""
+            raise RemoteError(answer.status, code, message, field)
+        return answer
 
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        response = self._request(method, path, **kwargs)
-        try:
-            data = response.json()
-        except ValueError:
-            data = None
+        data = self._request(method, path, **kwargs).json(self.limits, f"{method} {path}")
         if not isinstance(data, dict):
-            raise RemoteError(
-                502, "bad_response", f"{method} {path} answered {response.text[:200]!r}, not JSON"
-            )
+            raise RemoteError(502, "bad_response", f"{method} {path} answered {data!r:.200}")
         return data
+
+    def _cancel(self, job_id: str) -> str:
+        """Delete an interrupted job on the host, quickly and once: what became of it."""
+        import httpx
+
+        try:
+            answer = self._http.request("DELETE", f"/v1/jobs/{job_id}", timeout=_CANCEL_SECONDS)
+        except httpx.HTTPError as error:
+            return f"may still run on {self.url}: its DELETE failed ({type(error).__name__})"
+        if answer.status_code >= 400 and answer.status_code != 404:
+            return f"may still run on {self.url}: its DELETE answered HTTP {answer.status_code}"
+        return f"deleted on {self.url}"
 
     def close(self) -> None:
         self._http.close()
@@ -546,37 +563,3 @@ def _training_request(
     plan = plan_of(model).with_backward(loss)
     settings = {"params": names, "optimizer": optimizer.to_json(), "steps": steps}
     return plan, settings, [call_of(batch) for batch in batches]
-
-
-class _Progress:
-    """A one-line rich status on stderr: queued (position), running, downloading."""
-
-    def __init__(self, enabled: bool, model: str) -> None:
-        self._status: Any = None
-        self._model = model
-        if enabled:
-            from rich.console import Console
-
-            self._status = Console(stderr=True).status(f"{model}: submitted")
-
-    def update(self, status: JobStatus) -> None:
-        if self._status is None:
-            return
-        text = status.state
-        if status.state == "queued" and status.position is not None:
-            text = f"queued (position {status.position})"
-        step, steps, loss = ((status.progress or {}).get(k) for k in ("step", "steps", "loss"))
-        if status.state == "running" and all(
-            isinstance(v, (int, float)) for v in (step, steps, loss)
-        ):
-            text = f"training: step {step}/{steps}, loss {float(loss):.4g}"  # type: ignore[arg-type]
-        self._status.update(f"{self._model}: {text}")
-
-    def __enter__(self) -> _Progress:
-        if self._status is not None:
-            self._status.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._status is not None:
-            self._status.stop()
