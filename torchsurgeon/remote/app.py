@@ -127,11 +127,13 @@ def create_app(
 
     @app.get("/v1/health")
     async def health() -> JSONResponse:
+        store = await run_in_threadpool(host.queue.store.health)  # 503 while writes fail
         if host.pool is None:
-            return JSONResponse({"ok": True})
+            return JSONResponse({"ok": store["ok"], "store": store}, 200 if store["ok"] else 503)
         replicas = await run_in_threadpool(host.pool.health)  # Ray replicas: live, replaced
-        status = 503 if replicas["state"] == "down" else 200
-        return JSONResponse({"ok": replicas["state"] == "ok", "replicas": replicas}, status)
+        status = 503 if replicas["state"] == "down" or not store["ok"] else 200
+        ok = replicas["state"] == "ok" and store["ok"]
+        return JSONResponse({"ok": ok, "replicas": replicas, "store": store}, status)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -183,6 +185,7 @@ def create_app(
                 return Response(held, media_type=_RESULT_TYPE, headers={"X-Job-Id": job.id})
             status = host.queue.status(job)
             if status["state"] == "done":
+                await run_in_threadpool(host.queue.verify_result, job)  # 500 result_corrupt
                 return _result_response(host, job, forget)
             if status["state"] == "error" and forget:
                 host.queue.forget(job)
@@ -207,12 +210,13 @@ def create_app(
             raise ApiError(422, job.error.code, job.error.message, job.error.field)
         if job.state != "done":
             raise ApiError(409, "not_ready", f"job {job_id!r} is {job.state}", "job")
+        await run_in_threadpool(host.queue.verify_result, job)  # 500 result_corrupt, never data
         return _result_response(host, job, forget=False)
 
     @app.delete("/v1/jobs/{job_id}")
     async def forget(job_id: str, request: Request) -> dict[str, Any]:
         job = host.queue.get(job_id, owner(request))
-        host.queue.forget(job)
+        await run_in_threadpool(host.queue.forget, job, True)  # 507/503 unless really gone
         return {"id": job_id, "deleted": True}
 
     return app

@@ -113,6 +113,8 @@ class JobRecord:
     """A request is waiting to take this job's result and forget the job (a blocking run)."""
     held: bytes | None = None
     """A handed job's result, kept here for the waiting request (never written to the store)."""
+    result_sha256: str | None = None
+    """The SHA-256 of the stored result, checked when it is served (None: not known)."""
 
 
 class JobQueue:
@@ -246,9 +248,7 @@ class JobQueue:
             try:
                 self.store.insert(job.id, owner, model, job.submitted, request_key, digest, request)
             except (sqlite3.Error, OSError) as failure:
-                raise ApiError(
-                    503, "store_failed", f"the host could not record the job: {failure}"
-                ) from None
+                raise self._store_error(failure, "could not record the job") from None
             self._add(job)
             self._enqueue(job)
             self._lock.notify_all()
@@ -262,17 +262,55 @@ class JobQueue:
             raise ApiError(404, "not_found", f"no job {job_id!r}", "job")
         return job
 
-    def forget(self, job: JobRecord) -> None:
-        """Drop a job and its result (a queued job leaves the queue; a running one finishes)."""
+    def forget(self, job: JobRecord, strict: bool = False) -> None:
+        """Drop a job and its result (a queued job leaves the queue; a running one finishes).
+
+        ``strict``: the store forgets it first, or an :class:`ApiError` (507 on a full disk)
+        leaves the job in place; else a failure is logged and retried once space is back.
+        """
         with self._lock:
-            if self._jobs.pop(job.id, None) is None:
+            if job.id not in self._jobs:
                 return
+            if strict and not self._closed:
+                try:
+                    self.store.delete(job.id)
+                except (sqlite3.Error, OSError, RuntimeError) as failure:
+                    raise self._store_error(failure, "could not delete the job") from None
+            del self._jobs[job.id]
             if job.request_key is not None:
                 self._by_key.pop((job.owner, job.request_key), None)
             if job.state == "queued":
                 self._dequeue(job)
-            if not self._closed:
+            if not self._closed and not strict:
                 self._persist(self.store.delete, job.id)
+
+    def verify_result(self, job: JobRecord) -> None:
+        """Check a done job's result file against the SHA-256 kept with its row: a mismatch
+        fails the job (``result_corrupt``, the file moved to ``quarantine/``) and is a 500."""
+        if job.state != "done" or job.result_sha256 is None:
+            return
+        try:
+            if self.store.result_matches(job.id, job.result_sha256):
+                return
+        except OSError:
+            return  # gone: serving it answers 410
+        error = JobError(
+            "result_corrupt",
+            f"the stored result of job {job.id!r} does not match the SHA-256 recorded when it "
+            "was written (changed on disk); it is not served",
+            "job",
+        )
+        _log.error("torchsurgeon host: %s", error.message)
+        with self._lock:
+            if job.state == "done":
+                job.state, job.error, job.result_bytes = "error", error, None
+                self._persist(
+                    self.store.update, job.id, state="error", result_bytes=None,
+                    error=error.to_json(),
+                )  # fmt: skip
+                self.store.quarantine_result(job.id)
+                self._changed([job])
+        raise ApiError(500, error.code, error.message, error.field)
 
     def take(self, job: JobRecord) -> bytes | None:
         """A handed job's result, if it came while its request waited (the caller forgets
@@ -350,6 +388,8 @@ class JobQueue:
         limits = self.limits
         if self._stopping:
             raise ApiError(503, "shutting_down", "the host is shutting down; retry shortly")
+        if not self.store.writable():
+            raise self._store_error(OSError(28, "the store found the disk full"), "")
         if len(self._abandoned) >= limits.max_abandoned_runs:
             raise ApiError(
                 503,
@@ -557,9 +597,10 @@ class JobQueue:
                 return False
         if result is not None and error is None and job.worker is me:
             try:
-                self.store.write_result(job.id, result)
-            except OSError as failure:
-                error = JobError("store_failed", f"the result could not be stored: {failure}")
+                job.result_sha256 = self.store.write_result(job.id, result)
+            except OSError as failure:  # never run again: its row says error (its file is gone)
+                code = "insufficient_storage" if self.store.full else "store_failed"
+                error = JobError(code, f"the result could not be stored: {failure}")
         with self._lock:
             if job.worker is not me:  # the watchdog gave up on this run: drop its result
                 self.store.remove_result(job.id)
@@ -617,6 +658,7 @@ class JobQueue:
                 finished=job.finished,
                 result_bytes=job.result_bytes,
                 error=None if job.error is None else job.error.to_json(),
+                result_sha256=job.result_sha256 if job.state == "done" else None,
             )
         self._changed([job])
         self._lock.notify_all()  # a running slot of this key is free
@@ -659,6 +701,7 @@ class JobQueue:
         """Expire results past the TTL; forget expired jobs after a day. Holds the lock."""
         now = time.time()
         ttl = self.limits.result_ttl_seconds
+        self.store.writable()  # while the disk is full: notices space coming back
         for job in list(self._jobs.values()):
             if job.finished is None or job.state not in _FINISHED:
                 continue
@@ -686,6 +729,18 @@ class JobQueue:
         except (sqlite3.Error, OSError, RuntimeError) as failure:
             _log.error("torchsurgeon host: could not store a job change: %s", failure)
 
+    def _store_error(self, failure: BaseException, doing: str) -> ApiError:
+        """The answer to a request the store failed: 507 on a full disk, else 503."""
+        if self.store.full:
+            return ApiError(
+                507,
+                "insufficient_storage",
+                "the host's state directory is out of disk space; new jobs are refused until "
+                "space is freed (delete fetched results: DELETE /v1/jobs/{id})",
+                "state_dir",
+            )
+        return ApiError(503, "store_failed", f"the host {doing}: {failure}")
+
     def _changed(self, jobs: list[JobRecord]) -> None:
         """Bump these jobs' versions and wake whoever awaits them. Holds the lock."""
         touched = {j.id for j in jobs}
@@ -701,14 +756,18 @@ class JobQueue:
     # ----------------------------------------------------------------- restarts
 
     def _restore(self) -> None:
-        """Read the store back: queued jobs queue again, interrupted runs run once more."""
+        """Read the store back: queued jobs queue again, interrupted runs run once more.
+
+        The store quarantines rows that are not jobs; a done job's size is its file's.
+        A change that cannot be written (a full disk) is logged and made once space is back.
+        """
         now = time.time()
         for row in self.store.rows():
             job = _record(row)
             if row.state in ("queued", "running") and row.attempts < MAX_ATTEMPTS:
                 if row.has_request and self._revive is not None:
                     job.state, job.work = "queued", self._revived(row.id, row.model)
-                    self.store.update(job.id, state="queued")
+                    self._persist(self.store.update, job.id, state="queued")
                     self._add(job)
                     self._enqueue(job)
                     continue
@@ -725,11 +784,21 @@ class JobQueue:
             elif row.state == "done" and not self.store.result_path(row.id).is_file():
                 failure = JobError("result_lost", "the result file of this job is missing")
             else:
+                if row.state == "done":  # the file's size, not the row's, counts for 429s
+                    size = self.store.result_path(row.id).stat().st_size
+                    if size != row.result_bytes:
+                        job.result_bytes = size
+                        self._persist(self.store.update, job.id, result_bytes=size)
                 self._add(job)
                 continue
             job.state, job.error, job.finished, job.result_bytes = "error", failure, now, None
-            self.store.update(
-                job.id, state="error", finished=now, result_bytes=None, error=failure.to_json()
+            self._persist(
+                self.store.update,
+                job.id,
+                state="error",
+                finished=now,
+                result_bytes=None,
+                error=failure.to_json(),
             )
             self._add(job)
         self.store.remove_stray_files({j.id for j in self._jobs.values() if j.state == "done"})
@@ -763,6 +832,7 @@ def _record(row: StoredJob) -> JobRecord:
         request_key=row.request_key,
         digest=row.digest,
         attempts=row.attempts,
+        result_sha256=row.result_sha256,
     )
 
 
