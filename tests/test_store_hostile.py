@@ -356,3 +356,27 @@ def test_a_version_1_store_gains_the_digest_column(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "jobs.sqlite3")
     assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     db.close()
+
+
+def test_health_is_not_ok_while_database_writes_fail(tmp_path: Path) -> None:
+    queue = JobQueue(1, Limits(), JobStore(tmp_path))
+    store, real = queue.store, queue.store._db
+
+    class Broken:
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql.startswith("INSERT"):
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    store._db = Broken()  # type: ignore[assignment]
+    with pytest.raises(ApiError) as refused:
+        queue.submit("alice", "m", lambda: b"x")
+    assert (refused.value.status, refused.value.code) == (503, "store_failed")
+    assert store.health()["ok"] is False and store.health()["write_failing"] is True
+    store._db = real
+    queue.submit("alice", "m", lambda: b"x")
+    assert store.health()["ok"] is True
+    queue.stop()

@@ -81,6 +81,7 @@ _COLUMNS = (
     "request IS NOT NULL, result_bytes, error, result_sha256"
 )
 _STATES = ("queued", "running", "done", "error", "expired")
+_FIELDS = {"state", "started", "finished", "attempts", "result_bytes", "error", "result_sha256"}
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PROBE, _PROBE_BYTES = "space-probe", 1 << 16
@@ -214,9 +215,7 @@ class JobStore:
         except sqlite3.Error as failure:
             _log.error("torchsurgeon host: the row stays in place, skipped: %s", failure)
         if name is not None and self.result_path(name).is_file():
-            aside = self.directory / "quarantine"
-            aside.mkdir(exist_ok=True)
-            os.replace(self.result_path(name), aside / self.result_path(name).name)
+            self.quarantine_result(name)
 
     def insert(
         self,
@@ -248,17 +247,13 @@ class JobStore:
         A finished state drops the kept request bytes; ``error`` is plain data (a dict). A
         change that fails for lack of space is kept and made once space is back.
         """
-        allowed = {
-            "state", "started", "finished", "attempts", "result_bytes", "error", "result_sha256"
-        }  # fmt: skip
-        if not fields or set(fields) - allowed:
-            raise ValueError(f"update takes some of {sorted(allowed)}, got {sorted(fields)}")
+        if not fields or set(fields) - _FIELDS:
+            raise ValueError(f"update takes some of {sorted(_FIELDS)}, got {sorted(fields)}")
         with self._lock:
-            earlier = self._pending.pop(job_id, {})
-        if earlier is None:  # deleted, waiting for space: nothing to update
-            with self._lock:
-                self._pending[job_id] = None
-            return
+            earlier = self._pending.get(job_id, {})
+            if earlier is None:  # deleted, waiting for space: nothing to update
+                return
+            self._pending.pop(job_id, None)
         fields = {**earlier, **fields}
         values = dict(fields)
         if values.get("error") is not None:
