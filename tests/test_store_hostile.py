@@ -145,6 +145,41 @@ def test_a_full_disk_refuses_work_restarts_and_never_reruns_the_failed_job(
         restarted.stop()
 
 
+def test_a_job_that_did_not_fit_never_runs_again_even_if_its_row_could_not_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = Disk(tmp_path, monkeypatch)
+    runs: list[str] = []
+
+    def revive(model: str, request: bytes) -> bytes:
+        runs.append(model)
+        return b"r"
+
+    queue = JobQueue(1, Limits(), JobStore(tmp_path), revive=revive)
+    queue.start()
+
+    def fills_the_disk() -> bytes:
+        disk.full = True  # its own output, as it is written, leaves no room for its row
+        return b"r" * 100
+
+    job = queue.submit("alice", "m", fills_the_disk, request=b"request")
+    wait_finished(job)
+    queue.stop()  # still full: the row still says running
+    assert stored(tmp_path)[job.id][0] == "running"
+    disk.full = False  # space is back only after the host stopped
+
+    restarted = JobQueue(1, Limits(), JobStore(tmp_path), revive=revive)
+    restarted.start()
+    try:
+        again = restarted.get(job.id, "alice")
+        assert again.state == "error" and again.error.code == "insufficient_storage"
+        time.sleep(0.2)
+        assert runs == [], "a job that failed for lack of space ran again"
+        assert stored(tmp_path)[job.id][0] == "error"
+    finally:
+        restarted.stop()
+
+
 def test_a_partial_file_is_removed_before_the_store_opens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

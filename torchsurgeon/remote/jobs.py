@@ -762,9 +762,15 @@ class JobQueue:
         A change that cannot be written (a full disk) is logged and made once space is back.
         """
         now = time.time()
+        no_space = self.store.no_space()
         for row in self.store.rows():
             job = _record(row)
-            if row.state in ("queued", "running") and row.attempts < MAX_ATTEMPTS:
+            if row.state in ("queued", "running") and row.id in no_space:
+                failure = JobError(
+                    "insufficient_storage",
+                    "the result of this job did not fit on the host's disk; it is not run again",
+                )
+            elif row.state in ("queued", "running") and row.attempts < MAX_ATTEMPTS:
                 if row.has_request and self._revive is not None:
                     job.state, job.work = "queued", self._revived(row.id, row.model)
                     self._persist(self.store.update, job.id, state="queued")

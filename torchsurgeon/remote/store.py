@@ -44,7 +44,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -307,7 +307,8 @@ class JobStore:
 
     def write_result(self, job_id: str, data: bytes) -> str:
         """Write a result file completely (a temporary name, fsync, rename into place); its
-        SHA-256 (hex), to keep with its row. A failed write leaves no partial file."""
+        SHA-256 (hex), to keep with its row. A failed write leaves no partial file; one that
+        failed for lack of space leaves an empty ``.nospace`` marker (:meth:`no_space`)."""
         final = self.result_path(job_id)
         partial = final.with_suffix(".partial")
         try:
@@ -316,8 +317,16 @@ class JobStore:
         except OSError as failure:
             partial.unlink(missing_ok=True)  # gives its space back now, not at the next start
             self._failed(failure)
+            if _is_full(failure):  # an empty file fits where its row's change may not
+                with suppress(OSError):
+                    final.with_suffix(".nospace").touch()
             raise
         return hashlib.sha256(data).hexdigest()
+
+    def no_space(self) -> set[str]:
+        """Jobs whose result did not fit (read at start: never run again, whatever the row
+        says; the markers go with the stray files)."""
+        return {path.stem for path in self.results.glob("*.nospace")}
 
     def result_matches(self, job_id: str, sha256: str) -> bool:
         """Whether the result file's bytes have this SHA-256 (:class:`OSError` if unreadable)."""
