@@ -26,7 +26,9 @@ The parser is added to the ``torchsurgeon`` command by :func:`add_serve_parser`;
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +88,19 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--api-keys", type=Path, help="file of API keys, one per line")
-    parser.add_argument("--workers", type=int, default=2, help="job worker threads (default 2)")
+    parser.add_argument(
+        "--workers",
+        type=_number(1, 1024, whole=True),
+        default=2,
+        help="job worker threads (default 2)",
+    )
     parser.add_argument("--ray", action="store_true", help="run model replicas as Ray actors")
-    parser.add_argument("--replicas", type=int, default=1, help="Ray replicas (with --ray)")
+    parser.add_argument(
+        "--replicas", type=_number(1, 1024, whole=True), default=1, help="Ray replicas (with --ray)"
+    )
     parser.add_argument(
         "--tp",
-        type=int,
+        type=_number(1, 4096, whole=True),
         default=None,
         metavar="N",
         help="serve each model sharded over N tensor-parallel ranks (gloo on CPU; with "
@@ -118,16 +127,19 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads-per-replica",
-        type=int,
+        type=_number(1, 4096, whole=True),
         default=None,
         help="torch threads in each Ray replica (default: this machine's, shared out)",
     )
     parser.add_argument(
-        "--max-run-seconds", type=float, default=None, help="run-time limit per job"
+        "--max-run-seconds",
+        type=_number(0, 30 * 86_400, above=True),
+        default=None,
+        help="run-time limit per job",
     )
     parser.add_argument(
         "--max-running-per-key",
-        type=int,
+        type=_number(1, 1 << 20, whole=True),
         default=None,
         help="jobs of one API key running at once (default: every worker but one)",
     )
@@ -144,21 +156,22 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch-window-ms",
-        type=float,
+        type=_number(0, 60_000),
         default=None,
         help="with --co-batch: how long a request waits for others to join (default 2)",
     )
     parser.add_argument(
         "--max-result-mb",
-        type=float,
+        type=_number(1 / 1024, 1 << 20),
         default=None,
         help="largest result one request may return, in MiB (default 64)",
     )
     parser.add_argument(
         "--max-work",
-        type=float,
+        type=_number(1, 1e24),
         default=None,
-        help="arithmetic one run may do, as estimated (default 1e15; ~1e10/s per CPU core)",
+        help="arithmetic one run may do, as estimated, instead of the time the host's measured "
+        "speed gives it (default: that time, half of --max-run-seconds)",
     )
     parser.add_argument(
         "--no-grad",
@@ -173,26 +186,49 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     server = ServerLimits()
     parser.add_argument(
         "--max-connections",
-        type=int,
+        type=_number(1, 1 << 20, whole=True),
         default=server.max_connections,
         help=f"open connections at most (default {server.max_connections})",
     )
     parser.add_argument(
         "--header-timeout",
-        type=float,
+        type=_number(1e-3, 86_400),
         default=server.header_timeout_seconds,
         help="seconds a client has to send a request's head "
         f"(default {server.header_timeout_seconds:g})",
     )
     parser.add_argument(
         "--shutdown-timeout",
-        type=int,
+        type=_number(0, 86_400, whole=True),
         default=server.shutdown_seconds,
         help="seconds open requests get on SIGTERM before they are cancelled "
         f"(default {server.shutdown_seconds})",
     )
     parser.set_defaults(handler=serve_main)
     return parser
+
+
+def _number(
+    low: float, high: float, *, whole: bool = False, above: bool = False
+) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number (an integer if ``whole``) in ``[low, high]``
+    (``(low, high]`` if ``above``), so a nonsense limit stops the command, naming the option."""
+
+    def parse(text: str) -> float:
+        try:
+            value: float = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if whole else 'a number'}, got {text!r}"
+            ) from None
+        if not math.isfinite(value) or value < low or (above and value == low) or value > high:
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if whole else 'a finite number'} "
+                f"{'>' if above else '>='} {low:g} and <= {high:g}, got {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def parse_models(specs: list[str]) -> dict[str, Path]:
