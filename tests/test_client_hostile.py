@@ -9,6 +9,7 @@ once with one clear line.
 from __future__ import annotations
 
 import gzip
+import json
 import re
 import socket
 import threading
@@ -284,6 +285,29 @@ def test_ctrl_c_in_a_job_wait_deletes_the_job(
         with pytest.raises(KeyboardInterrupt):
             job.result(timeout=30)
     assert deleted_job(capsys.readouterr().err, host) == job.id
+
+
+def test_ctrl_c_before_the_submission_is_answered_deletes_the_job_it_made(
+    busy_host: tuple[str, Any],
+    gpt2: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, host = busy_host
+    monkeypatch.setattr(client_module, "_ANSWER_WAIT", 0.05)
+    read_answer, made = client_module.read_answer, []
+
+    def interrupted(response: httpx.Response, *args: Any) -> Any:
+        answer = read_answer(response, *args)
+        if response.request.method == "POST" and not made:  # Ctrl-C before it is read
+            made.append(json.loads(answer.body)["id"])
+            raise KeyboardInterrupt
+        return answer
+
+    monkeypatch.setattr(client_module, "read_answer", interrupted)
+    with Client(url, progress=False) as client, pytest.raises(KeyboardInterrupt):
+        client.run(plan(gpt2), token_ids())
+    assert deleted_job(capsys.readouterr().err, host) == made[0]
 
 
 # --------------------------------------------------------------------------- reaching the host

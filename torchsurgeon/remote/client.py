@@ -41,19 +41,11 @@ from torch import nn
 from torchsurgeon.layers.expr import Expr
 from torchsurgeon.layers.results import Result
 from torchsurgeon.layers.session import Session
-from torchsurgeon.layers.training import (
-    Optimizer,
-    Trained,
-    Training,
-    TrainResult,
-    call_of,
-    trainable,
-    with_tensors,
-)
+from torchsurgeon.layers.training import Optimizer, TrainResult, with_tensors
 from torchsurgeon.plans.plan import Plan
-from torchsurgeon.plans.record import plan as plan_of
 from torchsurgeon.plans.structure import Structure
 from torchsurgeon.remote.client_io import (
+    CANCEL_SECONDS,
     Answer,
     AnswerLimits,
     Progress,
@@ -61,10 +53,14 @@ from torchsurgeon.remote.client_io import (
     cancelled_on_interrupt,
     check_structure,
     check_url,
+    httpx_errors,
+    interrupted,
     read_answer,
 )
+from torchsurgeon.remote.client_request import request_of
+from torchsurgeon.remote.client_request import training_request as _training_request
 from torchsurgeon.remote.errors import RemoteError
-from torchsurgeon.remote.transfer import decode_result, encode_request, encode_session
+from torchsurgeon.remote.transfer import decode_result, encode_request
 
 __all__ = ["AnswerLimits", "Client", "Job", "JobStatus"]
 
@@ -73,8 +69,6 @@ _ANSWER_WAIT = 2.0
 """Seconds a blocking run's submission waits for the result to come back in its answer."""
 _FIRST_BACKOFF = 0.2
 _MAX_BACKOFF = 5.0
-_CANCEL_SECONDS = 2.0
-"""Seconds the DELETE of a job interrupted with Ctrl-C may take."""
 
 
 @dataclass(frozen=True)
@@ -292,26 +286,8 @@ class Client:
         co_batch: bool,
     ) -> tuple[str, bytes]:
         """``(hosted model name, request bytes)`` of a submission."""
-        if isinstance(plan_or_model, Session):
-            if inputs or kwargs:
-                raise TypeError("a session carries each run's inputs; pass no inputs with it")
-            plans = [(r, *_as_call(r.target)) for r in plan_or_model.runs]
-            if not plans:
-                raise ValueError("the session has no runs")
-            name = model_name or self.model or self._model_for(plans[0][1])
-            body = encode_session(
-                [
-                    (r.name, p.to_bytes(), r.args, dict(r.kwargs or {}), c, details)
-                    for r, p, c, details in plans
-                ]
-            )
-        else:
-            plan = _as_plan(plan_or_model)
-            if backward is not None:
-                plan = plan.with_backward(backward)
-            name = model_name or self.model or self._model_for(plan)
-            body = encode_request(plan.to_bytes(), inputs, kwargs, call, alone=not co_batch)
-        return name, body
+        plan, body = request_of(plan_or_model, inputs, kwargs, backward, call, co_batch)
+        return model_name or self.model or self._model_for(plan), body
 
     def _blocking(
         self, name: str, body: bytes, timeout: float | None, progress: bool | None
@@ -320,16 +296,13 @@ class Client:
         in the answer to the submission itself — one round trip, and the host drops the job
         once sent; a longer one is followed as a :class:`Job` (progress shown, then
         downloaded and deleted)."""
-        answer = self._request(
-            "POST",
-            f"/v1/models/{name}/jobs",
-            params={"wait": _ANSWER_WAIT, "forget": "true"},
-            content=body,
-            headers={
-                "Content-Type": "application/octet-stream",
-                "Idempotency-Key": uuid.uuid4().hex,
-            },
-        )
+        path = f"/v1/models/{name}/jobs"
+        headers = {"Content-Type": "application/octet-stream", "Idempotency-Key": uuid.uuid4().hex}
+        wait = {"wait": _ANSWER_WAIT, "forget": "true"}
+        try:
+            answer = self._request("POST", path, params=wait, content=body, headers=headers)
+        except KeyboardInterrupt:  # the same request id again names the job, to delete it
+            raise interrupted(self, self._job_id(path, body, headers)) from None
         if answer.is_result:
             return decode_result(answer.body)
         data = answer.json(self.limits, "POST")
@@ -495,17 +468,15 @@ class Client:
             raise RemoteError(502, "bad_response", f"{method} {path} answered {data!r:.200}")
         return data
 
-    def _cancel(self, job_id: str) -> str:
-        """Delete an interrupted job on the host, quickly and once: what became of it."""
-        import httpx
-
-        try:
-            answer = self._http.request("DELETE", f"/v1/jobs/{job_id}", timeout=_CANCEL_SECONDS)
-        except httpx.HTTPError as error:
-            return f"may still run on {self.url}: its DELETE failed ({type(error).__name__})"
-        if answer.status_code >= 400 and answer.status_code != 404:
-            return f"may still run on {self.url}: its DELETE answered HTTP {answer.status_code}"
-        return f"deleted on {self.url}"
+    def _job_id(self, path: str, body: bytes, headers: dict[str, str]) -> str | None:
+        """The id of the job an interrupted submission made (resent, quickly, with its
+        ``Idempotency-Key``); None if the host does not say."""
+        with contextlib.suppress(RemoteError, httpx_errors()):
+            again = {"content": body, "headers": headers, "timeout": CANCEL_SECONDS}
+            data = self._request("POST", path, retry=False, **again).json(self.limits, path)
+            if isinstance(data, dict) and isinstance(data.get("id"), str):
+                return data["id"]
+        return None
 
     def close(self) -> None:
         self._http.close()
@@ -523,43 +494,3 @@ class Client:
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
-
-
-def _as_plan(target: Plan | nn.Module) -> Plan:
-    return target if isinstance(target, Plan) else plan_of(target)
-
-
-def _as_call(target: Any) -> tuple[Plan, str, dict[str, Any]]:
-    """A session run's plan, call and call details: ``model.generate`` generates, a
-    ``ts.training(...)`` trains, ``ts.trained(model, run=...)`` runs with trained tensors."""
-    if isinstance(target, Training):
-        plan, training, batches = _training_request(
-            target.model, target.batches, target.loss, target.params, target.optimizer, target.steps
-        )
-        return plan, "train", {"training": training, "batches": batches}
-    if isinstance(target, Trained):
-        plan, call, details = _as_call(target.model)
-        return plan, call, {**details, "trained": target.run}
-    owner = getattr(target, "__self__", None)
-    if isinstance(owner, nn.Module) and getattr(target, "__name__", "") == "generate":
-        return plan_of(owner), "generate", {}
-    return _as_plan(target), "forward", {}
-
-
-def _training_request(
-    model: nn.Module | Plan,
-    batches: Any,
-    loss: Expr,
-    params: Any,
-    optimizer: Optimizer,
-    steps: int,
-) -> tuple[Plan, dict[str, Any], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
-    """A training loop as a request's plan (its loss as ``backward``), settings, batches."""
-    if not isinstance(model, nn.Module):
-        raise TypeError("a training run trains a rewritten model (its plan travels)")
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError("optimizer= is ts.optim.AdamW(...) or ts.optim.SGD(...)")
-    names = [f"{path}.{field}" for path, field in trainable(model, params)]
-    plan = plan_of(model).with_backward(loss)
-    settings = {"params": names, "optimizer": optimizer.to_json(), "steps": steps}
-    return plan, settings, [call_of(batch) for batch in batches]

@@ -38,6 +38,8 @@ _PIECE = 1 << 20
 """Bytes read from the socket, or inflated, at a time."""
 _RATIO_FLOOR = 1 << 20
 """Inflated bytes any compressed answer may reach before its ratio is checked."""
+CANCEL_SECONDS = 2.0
+"""Seconds each call that cancels a job interrupted with Ctrl-C may take."""
 _ENCODINGS = {"": None, "identity": None, "gzip": 16, "x-gzip": 16, "deflate": 32}
 
 
@@ -290,8 +292,8 @@ def _structure_too_large(detail: str, bound: str, limits: AnswerLimits) -> Remot
 
 @contextlib.contextmanager
 def cancelled_on_interrupt(job: Any) -> Iterator[None]:
-    """On Ctrl-C while waiting for ``job``: delete it on the host, say so in one line on
-    stderr, and raise ``KeyboardInterrupt`` again (a job already guarded is left alone)."""
+    """On Ctrl-C while waiting for ``job``: :func:`interrupted` (a job already guarded is
+    left to its guard)."""
     if getattr(job, "_guarded", False):
         yield
         return
@@ -299,11 +301,33 @@ def cancelled_on_interrupt(job: Any) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        done = job.client._cancel(job.id)
-        print(f"torchsurgeon: interrupted; job {job.id} {done}", file=sys.stderr, flush=True)
-        raise KeyboardInterrupt(f"job {job.id} {done}") from None
+        raise interrupted(job.client, job.id) from None
     finally:
         job._guarded = False
+
+
+def interrupted(client: Any, job_id: str | None) -> KeyboardInterrupt:
+    """Delete the job ``job_id`` on the host, say so in one line on stderr, and return the
+    ``KeyboardInterrupt`` to raise (short: no ``httpx`` frames)."""
+    if job_id is None:
+        line = f"the host at {client.url} did not name the job; it may still run there"
+    else:
+        line = f"job {job_id} {_cancel(client, job_id)}"
+    print(f"torchsurgeon: interrupted; {line}", file=sys.stderr, flush=True)
+    return KeyboardInterrupt(line)
+
+
+def _cancel(client: Any, job_id: str) -> str:
+    """Delete an interrupted job on the host, quickly and once: what became of it."""
+    import httpx
+
+    try:
+        answer = client._http.request("DELETE", f"/v1/jobs/{job_id}", timeout=CANCEL_SECONDS)
+    except httpx.HTTPError as error:
+        return f"may still run on {client.url}: its DELETE failed ({type(error).__name__})"
+    if answer.status_code >= 400 and answer.status_code != 404:
+        return f"may still run on {client.url}: its DELETE answered HTTP {answer.status_code}"
+    return f"deleted on {client.url}"
 
 
 class Progress:
@@ -338,3 +362,10 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self._status is not None:
             self._status.stop()
+
+
+def httpx_errors() -> type[Exception]:
+    """``httpx.HTTPError`` (imported when needed: the client's one optional dependency)."""
+    import httpx
+
+    return httpx.HTTPError
