@@ -34,9 +34,7 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import sqlite3
 import tempfile
@@ -45,9 +43,10 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from torchsurgeon.remote.store_rows import JOB_ID, StoredJob, parse_row
 
 __all__ = ["JobStore", "StoredJob"]
 
@@ -80,32 +79,9 @@ _COLUMNS = (
     "id, owner, model, state, submitted, started, finished, attempts, request_key, digest, "
     "request IS NOT NULL, result_bytes, error, result_sha256"
 )
-_STATES = ("queued", "running", "done", "error", "expired")
 _FIELDS = {"state", "started", "finished", "attempts", "result_bytes", "error", "result_sha256"}
-_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _PROBE, _PROBE_BYTES = "space-probe", 1 << 16
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StoredJob:
-    """One row as it was read back (``has_request``: the submission's bytes are kept)."""
-
-    id: str
-    owner: str
-    model: str
-    state: str
-    submitted: float
-    started: float | None
-    finished: float | None
-    attempts: int
-    request_key: str | None
-    digest: str
-    has_request: bool
-    result_bytes: int | None
-    error: dict[str, str] | None
-    result_sha256: str | None = None
 
 
 class JobStore:
@@ -195,14 +171,14 @@ class JobStore:
         jobs = []
         for row in found:
             try:
-                jobs.append(_parse(row))
+                jobs.append(parse_row(row))
             except ValueError as why:
                 self._quarantine(row, str(why))
         return jobs
 
     def _quarantine(self, row: tuple[Any, ...], reason: str) -> None:
         """Move a row that is not a job out of the table (logged; kept in ``quarantine``)."""
-        name = row[0] if isinstance(row[0], str) and _JOB_ID.fullmatch(row[0]) else None
+        name = row[0] if isinstance(row[0], str) and JOB_ID.fullmatch(row[0]) else None
         self.quarantined.append(f"{row[0]!r}: {reason}")
         _log.error("torchsurgeon host: job row %r quarantined: %s", row[0], reason)
         try:
@@ -479,57 +455,6 @@ def _move_aside(directory: Path, path: Path, results: Path) -> Path:
     os.replace(results, aside / results.name)
     results.mkdir()
     return aside
-
-
-def _parse(row: tuple[Any, ...]) -> StoredJob:
-    """A row as a job; :class:`ValueError` naming the first column that is not right."""
-    job_id, owner, model, state, submitted, started, finished, attempts = row[:8]
-    request_key, digest, has_request, result_bytes, error, sha256 = row[8:14]
-    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
-        raise ValueError("id is not a job id")
-    for name, value in (("owner", owner), ("model", model), ("digest", digest)):
-        if not isinstance(value, str):
-            raise ValueError(f"{name} is {type(value).__name__}, not text")
-    if state not in _STATES:
-        raise ValueError(f"state {state!r} is not one of {_STATES}")
-    for name, value in (("submitted", submitted), ("started", started), ("finished", finished)):
-        if not (value is None and name != "submitted") and not _finite(value):
-            raise ValueError(f"{name} {value!r} is not a time")
-    for name, value in (("attempts", attempts), ("result_bytes", result_bytes)):
-        if not (value is None and name == "result_bytes") and not _count(value):
-            raise ValueError(f"{name} {value!r} is not a count")
-    if request_key is not None and not isinstance(request_key, str):
-        raise ValueError("request_key is not text")
-    if sha256 is not None and not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
-        raise ValueError("result_sha256 is not a SHA-256")
-    return StoredJob(
-        job_id, owner, model, state, submitted, started, finished, attempts, request_key,
-        digest, bool(has_request), result_bytes, _error(error), sha256,
-    )  # fmt: skip
-
-
-def _error(text: Any) -> dict[str, str] | None:
-    if text is None:
-        return None
-    try:
-        error = json.loads(text) if isinstance(text, str) else None
-    except ValueError:
-        error = None
-    if (
-        not isinstance(error, dict)
-        or not {"code", "message"} <= error.keys() <= {"code", "message", "field"}
-        or not all(isinstance(value, str) for value in error.values())
-    ):
-        raise ValueError("error is not a JSON object of code, message and field")
-    return error
-
-
-def _finite(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
-
-
-def _count(value: Any) -> bool:
-    return type(value) is int and 0 <= value < 1 << 62
 
 
 def _is_full(failure: BaseException) -> bool:
