@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -231,6 +232,13 @@ def busy_host(gpt2: Any) -> Iterator[tuple[str, Any]]:
             release.set()
 
 
+def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blocking run's submission answers at once, and long polls last a second (so the
+    host has no poll of an interrupted client left to finish when it stops)."""
+    monkeypatch.setattr(client_module, "_ANSWER_WAIT", 0.05)
+    monkeypatch.setattr(client_module, "_POLL_SECONDS", 1.0)
+
+
 def interrupt_the_second_status(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C during the long poll: the second status call raises ``KeyboardInterrupt``."""
     status, calls = Job.status, []
@@ -262,7 +270,7 @@ def test_ctrl_c_in_a_run_deletes_its_job_and_names_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     url, host = busy_host
-    monkeypatch.setattr(client_module, "_ANSWER_WAIT", 0.05)
+    quick_polls(monkeypatch)
     interrupt_the_second_status(monkeypatch)
     with Client(url, progress=False) as client:
         start = time.monotonic()
@@ -279,6 +287,7 @@ def test_ctrl_c_in_a_job_wait_deletes_the_job(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     url, host = busy_host
+    quick_polls(monkeypatch)
     with Client(url, progress=False) as client:
         job = client.submit(plan(gpt2), token_ids())
         interrupt_the_second_status(monkeypatch)
@@ -294,7 +303,7 @@ def test_ctrl_c_before_the_submission_is_answered_deletes_the_job_it_made(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     url, host = busy_host
-    monkeypatch.setattr(client_module, "_ANSWER_WAIT", 0.05)
+    quick_polls(monkeypatch)
     read_answer, made = client_module.read_answer, []
 
     def interrupted(response: httpx.Response, *args: Any) -> Any:
@@ -308,6 +317,31 @@ def test_ctrl_c_before_the_submission_is_answered_deletes_the_job_it_made(
     with Client(url, progress=False) as client, pytest.raises(KeyboardInterrupt):
         client.run(plan(gpt2), token_ids())
     assert deleted_job(capsys.readouterr().err, host) == made[0]
+
+
+def test_a_real_sigint_during_the_long_poll_deletes_the_job(
+    busy_host: tuple[str, Any],
+    gpt2: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, host = busy_host
+    quick_polls(monkeypatch)
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled by something else here")
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
+    timer = threading.Timer(1.0, signal.pthread_kill, (main, signal.SIGINT))
+    with Client(url, progress=False) as client:
+        start = time.monotonic()
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                client.run(plan(gpt2), token_ids())  # queued behind the busy worker
+        finally:
+            timer.join()
+        assert time.monotonic() - start < 6
+    deleted_job(capsys.readouterr().err, host)
 
 
 # --------------------------------------------------------------------------- reaching the host

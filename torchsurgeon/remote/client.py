@@ -15,14 +15,19 @@ Which hosted model runs a plan: ``model_name=`` if given, else the client's defa
 ``model=``, else the hosted model whose identity the plan's base has (fingerprint first,
 then structure).
 
-**When the host goes away.** Every call that cannot reach the host (refused, reset, timed
-out) is retried with exponential backoff for up to ``reconnect_seconds``; after that it is a
-:class:`~torchsurgeon.remote.errors.RemoteError` ``unreachable`` — never a raw ``httpx``
-exception. Each submission carries a request id (``Idempotency-Key``, a fresh UUID unless
-``request_id=`` names one), so a POST retried after a lost answer returns the job the first
-one made instead of running it twice. A job waited on across a host restart is found again
-in the host's state directory; if the restarted host does not know it (it keeps no state
-directory) the error says so.
+**When the host goes away.** Every call that cannot reach a host this client reached
+before (refused, reset, timed out) is retried with exponential backoff for up to
+``reconnect_seconds``; after that it is a :class:`~torchsurgeon.remote.errors.RemoteError`
+``unreachable`` — never a raw ``httpx`` exception. A host never reached that refuses the
+connection fails at once. Each submission carries a request id (``Idempotency-Key``, a
+fresh UUID unless ``request_id=`` names one), so a POST retried after a lost answer returns
+the job the first one made instead of running it twice. A job waited on across a host
+restart is found again in the host's state directory; if the restarted host does not know
+it (it keeps no state directory) the error says so.
+
+**A hostile host** cannot exhaust the client: answers are streamed and bounded
+(:class:`~torchsurgeon.remote.client_io.AnswerLimits`), and Ctrl-C while a run waits deletes
+its job on the host and names it in one line on stderr.
 """
 
 from __future__ import annotations
