@@ -146,13 +146,12 @@ def test_deeply_nested_json_is_a_remote_error(depth: int) -> None:
     def respond(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, headers={"content-type": "application/json"}, content=nested)
 
-    with (
-        mocked(respond) as client,
-        pytest.raises(RemoteError, match=rf"nests {depth} levels deep.*max_json_depth=32"),
-    ):
-        client.models()
-        with pytest.raises(RemoteError, match="max_json_depth"):
+    with mocked(respond) as client:
+        with pytest.raises(RemoteError, match=rf"nests {depth} levels deep.*max_json_depth=32"):
+            client.models()
+        with pytest.raises(RemoteError, match="max_json_depth") as error:
             Job(client, "j1", "gpt2").status()
+    assert (error.value.code, error.value.field) == ("too_large", "max_json_depth")
 
 
 def test_a_json_answer_over_max_json_bytes_is_refused() -> None:

@@ -151,10 +151,8 @@ class Job:
             return status
 
     def result(self, timeout: float | None = None, *, progress: bool = False) -> Result:
-        """The job's :class:`Result` (waiting for it); :class:`RemoteError` if it failed.
-
-        Ctrl-C deletes the job on the host (one line on stderr names it) and re-raises.
-        """
+        """The job's :class:`Result`, waiting for it (Ctrl-C: as in :meth:`wait`), or the
+        :class:`RemoteError` it failed with."""
         with cancelled_on_interrupt(self), Progress(progress, self.model_name) as shown:
             status = self.wait(timeout, on_status=shown.update)
             if status.error is not None:

@@ -91,11 +91,12 @@ class Answer:
         try:
             return parse_json(self.body, f"the answer to {what}", bounds)
         except PlanLimitError as error:
+            bound = "max_json_depth" if "levels deep" in error.reason else "max_json_items"
             raise RemoteError(
                 502,
                 "too_large",
-                f"{error.reason} (AnswerLimits max_json_depth={limits.max_json_depth}, "
-                f"max_json_items={limits.max_json_items})",
+                f"{error.reason} (the client's {bound}={getattr(limits, bound)})",
+                bound,
             ) from None
         except PlanFormatError as error:
             raise RemoteError(502, "bad_response", f"{error.reason}: {self.text()!r}") from None
