@@ -67,7 +67,9 @@ def blocks(path: Path) -> list[Block]:
         j = i + 1
         while j < len(lines) and lines[j].strip() != fence:
             j += 1
-        body = [line[len(indent) :] if line.startswith(indent) else line for line in lines[i + 1 : j]]
+        body = [
+            line[len(indent) :] if line.startswith(indent) else line for line in lines[i + 1 : j]
+        ]
         k = i - 1
         while k >= 0 and not lines[k].strip():
             k -= 1
@@ -81,7 +83,9 @@ def blocks(path: Path) -> list[Block]:
             following, _ = found[n + 1]
             between = lines[after : following.line - 2]
             if following.info == "text" and all(not line.strip() for line in between):
-                block = Block(block.page, block.line, block.info, block.source, block.skip, following.source)
+                block = Block(
+                    block.page, block.line, block.info, block.source, block.skip, following.source
+                )
         result.append(block)
     return result
 
@@ -93,14 +97,20 @@ def script(path: Path) -> str:
     runnable = [(n, block) for n, block in enumerate(blocks(path)) if block.runs]
     sources = ["\n" * (block.line - 1) + block.source for _, block in runnable]
     parts = [
-        "import sys as _docs_sys",
+        "import sys as _docs_sys, time as _docs_time",
         "_docs_main = __name__ == '__main__'",
         f"_docs_sources = {sources!r}",
     ]
     for i, (n, block) in enumerate(runnable):
         parts.append(f"_docs_main and print({MARK.format(n)!r}, flush=True)")
+        parts.append("_docs_start = _docs_time.perf_counter(), _docs_time.process_time()")
         parts.append(f"exec(compile(_docs_sources[{i}], {block.page!r}, 'exec'))")
-        parts.append("_docs_sys.stdout.flush(); _docs_sys.stderr.flush()")
+        parts.append("_docs_sys.stdout.flush()")
+        parts.append(
+            f"_docs_main and print('@@docs-time {block.page}:{block.line} wall %.1f s, cpu %.1f s'"
+            " % (_docs_time.perf_counter() - _docs_start[0],"
+            " _docs_time.process_time() - _docs_start[1]), file=_docs_sys.stderr, flush=True)"
+        )
     parts.append(f"_docs_main and print({END!r}, flush=True)")
     return "\n".join(parts) + "\n"
 
@@ -126,11 +136,18 @@ def matches(expected: str, got: str) -> bool:
     return doctest.OutputChecker().check_output(expected, got, flags)
 
 
-def run(path: Path, cwd: Path, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    path: Path, cwd: Path, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     file = cwd / "docs_page.py"
     file.write_text(script(path))
     return subprocess.run(
-        [sys.executable, str(file)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(file)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
