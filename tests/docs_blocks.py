@@ -54,7 +54,8 @@ class Block:
 def blocks(path: Path) -> list[Block]:
     """The fenced blocks of a page, in order, with skip marks and expected output attached."""
     lines = path.read_text().splitlines()
-    page = path.resolve().relative_to(ROOT).as_posix()
+    resolved = path.resolve()
+    page = resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else str(path)
     found: list[tuple[Block, int]] = []  # (block, line index after its closing fence)
     i = 0
     while i < len(lines):

@@ -101,6 +101,34 @@ def test_docs_blocks_have_known_languages() -> None:
             assert block.info in known, f"{block.page} line {block.line}: fence '{block.info}'"
 
 
+def test_docs_runner_checks_output_and_skips(tmp_path: Path) -> None:
+    """The runner itself: expected output is compared, a wrong one fails, skips are seen."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nx = 2\nprint(x + 1)\n```\n\n```text\n3\n```\n\n"
+        "<!-- docs-test: skip (illustration) -->\n```python\nundefined_name\n```\n\n"
+        "```python\nprint([x] * 40)\n```\n\n```text\n[2, 2, ...]\n```\n"
+        "```python\nprint(x)\n```\n```text\n4\n```\n"
+    )
+    found = blocks(page)
+    assert [b.info for b in found] == [
+        "python",
+        "text",
+        "python",
+        "python",
+        "text",
+        "python",
+        "text",
+    ]
+    assert found[2].skip == "illustration" and not found[2].runs
+    done = run(page, tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    printed = outputs(done.stdout)
+    assert sorted(printed) == [0, 3, 5]
+    assert matches(found[0].expected, printed[0]) and matches(found[3].expected, printed[3])
+    assert not matches(found[5].expected, printed[5])  # the page says 4, it prints 2
+
+
 @pytest.mark.slow
 def test_docs_build_strict(tmp_path: Path) -> None:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
