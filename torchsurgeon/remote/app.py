@@ -24,16 +24,17 @@ results persist in ``state_dir`` (see :mod:`torchsurgeon.remote.jobs`).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from torch import nn
@@ -42,12 +43,13 @@ from torchsurgeon.remote.compat import import_anyio
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.host import Host
 from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.server import CLOSE_KEY, SCOPE_KEY, ServerLimits
 
 __all__ = ["create_app"]
 
 _MAX_WAIT = 30.0
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_CHUNK = 1 << 20
+_CHUNK = 64 << 10  # a stalled download holds this much of its result
 _RESULT_TYPE = "application/octet-stream"
 
 
@@ -203,7 +205,7 @@ def create_app(
         return host.queue.status(job)
 
     @app.get("/v1/jobs/{job_id}/result")
-    async def result(job_id: str, request: Request) -> StreamingResponse:
+    async def result(job_id: str, request: Request) -> Response:
         job = host.queue.get(job_id, owner(request))
         host.queue.status(job)  # an expired job: 410
         if job.state == "error" and job.error is not None:
@@ -223,43 +225,56 @@ def create_app(
 
 
 def _result_response(host: Host, job: Any, forget: bool) -> Response:
-    """The finished job's result file, streamed; with ``forget``, read whole and the job
-    dropped before the answer goes out (so nothing stays held once the client has it)."""
+    """The finished job's result file, streamed from disk; with ``forget``, the job is
+    dropped before the answer goes out (the open file still reads: POSIX keeps it)."""
     try:  # opened here, so a sweep that deletes the file meanwhile cannot cut it short
         stream = open(host.queue.store.result_path(job.id), "rb")  # noqa: SIM115
     except FileNotFoundError:
         raise ApiError(410, "expired", f"the result of job {job.id!r} is gone", "job") from None
-    headers = {"X-Job-Id": job.id}
+    size = os.fstat(stream.fileno()).st_size
     if forget:
-        with stream:
-            content = stream.read()
-        host.queue.forget(job)
-        return Response(content, media_type=_RESULT_TYPE, headers=headers)
-    return StreamingResponse(
-        _chunks(stream),
-        media_type=_RESULT_TYPE,
-        headers={"Content-Length": str(job.result_bytes or 0), **headers},
-    )
+        try:
+            host.queue.forget(job)
+        except BaseException:
+            stream.close()
+            raise
+    return _ResultFile(stream, size, {"X-Job-Id": job.id})
 
 
 async def _read_body(request: Request, limit: int, idle: float) -> bytes:
-    """The request body: 413 as soon as it is known to exceed ``limit``, 408 if it stalls."""
+    """The request body: 413 as soon as it is known to exceed ``limit``, 408 if it stalls
+    for ``idle`` or takes longer in all than the server's
+    :meth:`~torchsurgeon.remote.server.ServerLimits.body_seconds` of its size."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(
             413, "too_large", f"the request is {declared} bytes, over max_request_bytes={limit}"
         )
+    server = request.scope.get("extensions", {}).get(SCOPE_KEY) or ServerLimits()
+    budget = server.body_seconds(int(declared) if declared and declared.isdigit() else limit)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
     chunks: list[bytes] = []
     size = 0
     stream = request.stream().__aiter__()
     while True:
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), idle)
+            chunk = await asyncio.wait_for(stream.__anext__(), min(idle, deadline - loop.time()))
         except StopAsyncIteration:
             break
         except ClientDisconnect:  # nobody is left to answer: a 400 that is never sent
             raise ApiError(400, "client_disconnected", "the client hung up mid-body") from None
         except asyncio.TimeoutError:
+            request.scope.setdefault("extensions", {})[CLOSE_KEY] = True  # the rest: unread
+            if loop.time() >= deadline:
+                raise ApiError(
+                    408,
+                    "request_timeout",
+                    f"the request body took over request_body_seconds={budget:.3g} s (for its "
+                    f"{declared or limit} bytes at {server.min_upload_bytes_per_second} B/s "
+                    f"at least, plus {server.request_body_seconds:g} s)",
+                    "request_body_seconds",
+                ) from None
             raise ApiError(
                 408,
                 "request_timeout",
@@ -273,7 +288,42 @@ async def _read_body(request: Request, limit: int, idle: float) -> bytes:
     return b"".join(chunks)
 
 
-def _chunks(stream: Any) -> Iterator[bytes]:
-    with stream:
-        while chunk := stream.read(_CHUNK):
-            yield chunk
+class _ResultFile(Response):
+    """A result file sent ``_CHUNK`` bytes at a time, read as the client takes them; the file
+    is closed and no piece of it stays referenced once the response ends or the client goes
+    (a stalled reader holds one chunk, and a gone one nothing)."""
+
+    def __init__(self, stream: Any, size: int, headers: dict[str, str]) -> None:
+        headers = {"Content-Length": str(size), **headers}
+        super().__init__(None, media_type=_RESULT_TYPE, headers=headers)
+        self._stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        stream, self._stream = self._stream, None
+        if stream is None:
+            raise RuntimeError("a result response is sent once")
+        try:
+            done = asyncio.get_running_loop().create_future()
+
+            async def watch() -> None:  # uvicorn's send does not fail once the client is gone
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                if not done.done():
+                    done.set_result(None)
+
+            watcher = asyncio.ensure_future(watch())
+            try:
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                )
+                while not done.done():
+                    chunk = await run_in_threadpool(stream.read, _CHUNK)
+                    more = len(chunk) == _CHUNK
+                    await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                    chunk = None
+                    if not more:
+                        break
+            finally:
+                watcher.cancel()
+        finally:
+            stream.close()

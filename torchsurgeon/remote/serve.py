@@ -198,6 +198,28 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         f"(default {server.header_timeout_seconds:g})",
     )
     parser.add_argument(
+        "--max-unauthenticated-per-address",
+        type=_number(1, 1 << 20, whole=True),
+        default=server.max_unauthenticated_per_address,
+        help="connections from one address without a valid key yet "
+        f"(default {server.max_unauthenticated_per_address})",
+    )
+    parser.add_argument(
+        "--unauthenticated-header-timeout",
+        type=_number(1e-3, 86_400),
+        default=server.unauthenticated_header_seconds,
+        help="seconds a connection without a valid key yet has for a request's head "
+        f"(default {server.unauthenticated_header_seconds:g})",
+    )
+    parser.add_argument(
+        "--request-body-timeout",
+        type=_number(1e-3, 86_400),
+        default=server.request_body_seconds,
+        help="seconds for a whole request body, plus its size at "
+        f"{server.min_upload_bytes_per_second >> 10} KiB/s "
+        f"(default {server.request_body_seconds:g})",
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=_number(0, 86_400, whole=True),
         default=server.shutdown_seconds,
@@ -330,6 +352,9 @@ def serve_main(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         header_timeout_seconds=args.header_timeout,
         shutdown_seconds=args.shutdown_timeout,
+        max_unauthenticated_per_address=args.max_unauthenticated_per_address,
+        unauthenticated_header_seconds=args.unauthenticated_header_timeout,
+        request_body_seconds=args.request_body_timeout,
     )
     config = server_config(app, host=args.host, port=args.port, limits=connections)
     uvicorn.Server(config).run()
