@@ -6,18 +6,34 @@ are stacked along the batch dimension, every layer of request ``k``'s plan is wr
 :class:`RowScope` that hands it rows ``[start_k, stop_k)`` only — so it sees exactly the
 batch it would have seen alone — and the output and records are split back per request.
 
-Which requests merge (:func:`batch_key`): a single forward run (no session, no generation,
-no backward, no training), whose plan only inserts layers (a ``replace`` or
-``remove_from_parent`` changes the model for every row), whose layers read nothing of the
-run (``ts.saved``, ``ts.call``, ``ts.input``), do not stop it, count no steps and act on no
-gradient, and whose inputs are token tensors of one shape apart from the batch (same length,
-same keyword arguments, same dtypes) — so rows never need padding that would move positions.
-A request can opt out (``Client.run(..., co_batch=False)``). If a merged pass meets a site
-whose tensor has no batch dimension (a rotary table), every request in it runs alone
-instead: merging never changes a result.
+Isolation — no request ever sees, changes or receives another's rows — rests on three
+checks, each of which sends a request to run alone rather than guess:
 
-Each merged request was checked and estimated alone before it was queued; a batch holds at
-most ``Limits.max_batch_requests`` of them, and runs under one ``max_run_seconds``.
+- at admission (:func:`batch_key`): the request's estimate (a meta run of its own view)
+  saw every inserted layer return a tensor of exactly its target's shape, with the
+  request's rows as the first dimension;
+- in the merged pass (:class:`RowScope`): a layer's result must have exactly the shape of
+  the rows it was given; otherwise that request is taken out of the batch and runs alone;
+- at the split (:func:`_rows`): every tensor of the merged output must have the merged
+  batch as its first dimension; a tensor without it (a scalar, a reduction over rows) ends
+  the merge and every request runs alone.
+
+Which requests merge: a single forward run (no session, no generation, no backward, no
+training), whose plan only inserts layers (a ``replace`` or ``remove_from_parent`` changes
+the model for every row), whose layers read nothing of the run (``ts.saved``, ``ts.call``,
+``ts.input``), do not stop it, count no steps and act on no gradient, and whose inputs are
+token tensors of one shape apart from the batch (same length, same keyword arguments, same
+dtypes) — so rows never need padding that would move positions. A request can opt out
+(``Client.run(..., co_batch=False)``). If a merged pass meets a site whose tensor has no
+batch dimension (a rotary table), every request in it runs alone instead: merging never
+changes a result.
+
+Cost: each merged request was checked and estimated alone before it was queued; a batch
+holds at most ``Limits.max_batch_requests`` of them, only requests of similar estimated cost
+(within ``jobs.WORK_RATIO`` of the batch's first) whose sum fits one run's budget
+(``Limits.run_budget``: the seconds at the host's measured speed). A
+merged pass that runs out of time is split: each of its requests is queued again to run
+alone under its own deadline, so a slow plan cannot time out another user's request.
 """
 
 from __future__ import annotations
@@ -37,9 +53,10 @@ from torchsurgeon.layers.results import Result, run_with
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.remote.deadline import JobTimeout
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.execution import PreparedRun, encoded_result, run_submission, timed_out
+from torchsurgeon.remote.execution import PreparedRun, encoded_result, run_submission
 from torchsurgeon.remote.hosted import HostedModel
-from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.jobs import RUN_ALONE
+from torchsurgeon.remote.limits import Cost, Limits
 from torchsurgeon.selectors.selection import replay
 from torchsurgeon.surgery.frozen import original_class, wrap
 
@@ -50,8 +67,18 @@ _SEPARATOR = "\x1f"
 _INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
 
+WORK_RATIO = 2.0
+"""Requests merge only with requests whose estimated work is within this factor."""
+
+
 class _NotBatched(Exception):
-    """A merged pass met a tensor without the batch dimension: run each request alone."""
+    """A merged pass cannot go on. ``part``: the request whose layer broke its rows (it runs
+    alone, the others merge again); ``None``: a tensor without the batch dimension (each
+    request runs alone)."""
+
+    def __init__(self, message: str, part: int | None = None) -> None:
+        super().__init__(message)
+        self.part = part
 
 
 @dataclass(frozen=True)
@@ -60,6 +87,12 @@ class BatchPart:
 
     hosted: HostedModel
     run: PreparedRun
+
+    @property
+    def cost(self) -> Cost:
+        """Its estimate (what decides which requests may share a pass)."""
+        assert self.run.cost is not None  # batch_key merges only estimated runs
+        return self.run.cost
 
 
 def batch_key(hosted: HostedModel, runs: Sequence[PreparedRun], alone: bool) -> Any:
@@ -88,7 +121,19 @@ def batch_key(hosted: HostedModel, runs: Sequence[PreparedRun], alone: bool) -> 
         if not isinstance(value, torch.Tensor) or value.dim() != 2:
             return None
         shapes.append((name, str(value.dtype), value.shape[1]))
+    if not _keeps_rows(run, kwargs["input_ids"].shape[0]):
+        return None
     return (hosted.name, tuple(shapes))
+
+
+def _keeps_rows(run: PreparedRun, rows: int) -> bool:
+    """Whether the request's estimate saw every layer return exactly its target's shape,
+    with the request's ``rows`` first (a layer that adds, drops or folds rows runs alone)."""
+    if run.cost is None:
+        return False
+    return all(
+        call.result == call.target and call.target[:1] == (rows,) for call in run.cost.layer_calls
+    )
 
 
 def _as_keywords(
@@ -141,22 +186,33 @@ class RowScope(nn.Module):
         if input is None:
             out = self.inner(part)
         else:
-            if input.shape[0] != self.total:
+            if input.dim() == 0 or input.shape[0] != self.total:
                 raise _NotBatched(f"an input of shape {list(input.shape)} at a merged site")
             out = self.inner(part, input=input[self.start : self.stop])
         if out is part:
             return x
+        if not isinstance(out, torch.Tensor) or out.shape != part.shape:
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise _NotBatched(
+                f"a layer turned rows of shape {list(part.shape)} into {shape}", int(self.tag)
+            )
         return torch.cat([x[: self.start], out.to(x.dtype), x[self.stop :]])
 
 
 def run_batch(parts: Sequence[BatchPart], limits: Limits) -> list[tuple[bytes | None, Any]]:
-    """Each part's encoded result (or its :class:`ApiError`), from one merged forward pass."""
+    """Each part's encoded result (or its :class:`ApiError`, or ``RUN_ALONE``: queue it
+    again to run alone), from one merged forward pass."""
     if len(parts) == 1:
         return [_alone(parts[0], limits)]
     try:
         return _merged(parts, limits)
-    except _NotBatched:
-        return [_alone(part, limits) for part in parts]
+    except _NotBatched as refused:
+        if refused.part is None:
+            return [_alone(part, limits) for part in parts]
+        rest = [p for k, p in enumerate(parts) if k != refused.part]
+        out = run_batch(rest, limits)
+        out.insert(refused.part, _alone(parts[refused.part], limits))
+        return out
 
 
 def _alone(part: BatchPart, limits: Limits) -> tuple[bytes | None, Any]:
@@ -184,11 +240,12 @@ def _merged(parts: Sequence[BatchPart], limits: Limits) -> list[tuple[bytes | No
             result = run_with(model, (), merged)  # the hosted base checks the deadline
     except _NotBatched:
         raise
-    except JobTimeout:
-        return [(None, timed_out(limits))] * len(parts)
+    except JobTimeout:  # together too slow: each is judged on its own cost, alone
+        return [(None, RUN_ALONE)] * len(parts)
     except Exception as error:  # one request's plan failed where it ran alone fine: retry alone
         del error
         return [_alone(part, limits) for part in parts]
+    _check_rows(result.output, total)
     out = []
     for k, part in enumerate(parts):
         rows = slice(bounds[k], bounds[k + 1])
@@ -222,10 +279,28 @@ def _merged_model(
     return model
 
 
-def _rows(value: Any, rows: slice, total: int) -> Any:
-    """``value`` (an output) with every tensor of the merged batch cut to ``rows``."""
+def _check_rows(value: Any, total: int) -> None:
+    """Refuse to split an output holding a tensor without the merged batch's rows first
+    (a scalar, a reduction over rows): no part of it belongs to one request alone."""
+    for tensor in _tensors(value):
+        if tensor.dim() == 0 or tensor.shape[0] != total:
+            raise _NotBatched(f"an output tensor of shape {list(tensor.shape)}")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() and value.shape[0] == total else value
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _rows(value: Any, rows: slice, total: int) -> Any:
+    """``value`` (an output, checked by :func:`_check_rows`) with every tensor cut to ``rows``."""
+    if isinstance(value, torch.Tensor):
+        return value[rows]
     if isinstance(value, Mapping):
         fields = {k: _rows(v, rows, total) for k, v in value.items()}
         kind = type(value)

@@ -35,7 +35,7 @@ from torchsurgeon.plans.returning import Returning
 from torchsurgeon.remote.deadline import JobTimeout
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.hosted import HostedModel
-from torchsurgeon.remote.limits import GRAD_LAYERS, Limits
+from torchsurgeon.remote.limits import GRAD_LAYERS, Cost, Limits
 from torchsurgeon.remote.limits import estimate as estimate_cost
 from torchsurgeon.remote.progress import report
 from torchsurgeon.remote.transfer import Inputs, decode_submission, encode_result, result_nbytes
@@ -62,6 +62,8 @@ class PreparedRun:
     inputs: Inputs
     training: tuple[list[str], Optimizer, int] | None = None
     """A training run's tensor names, optimizer and steps, checked."""
+    cost: Cost | None = None
+    """Its estimate (``None`` for training and runs of trained tensors)."""
 
 
 def prepare_submission(
@@ -115,7 +117,7 @@ def prepare_submission(
         if meta_runs is not None:
             meta_runs[name] = cost.records if cost is not None else {}  # type: ignore[index]
             result_bytes += cost.result_bytes if cost is not None else 0
-        prepared.append(PreparedRun(name, plan, view, inputs, settings))
+        prepared.append(PreparedRun(name, plan, view, inputs, settings, cost))
     if result_bytes > limits.max_result_bytes:
         raise ApiError(
             422,

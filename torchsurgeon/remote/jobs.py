@@ -51,9 +51,17 @@ from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.progress import reporting_to
 from torchsurgeon.remote.store import JobStore, StoredJob
 
-__all__ = ["JobError", "JobQueue", "JobRecord", "State"]
+__all__ = ["RUN_ALONE", "WORK_RATIO", "JobError", "JobQueue", "JobRecord", "State"]
 
 State = Literal["queued", "running", "done", "error", "expired"]
+
+WORK_RATIO = 2.0
+"""Jobs share a merged pass only with jobs whose estimated work is within this factor of
+the batch's first: a slow plan waits for nobody's fast one, nor makes it wait."""
+
+RUN_ALONE = "run_alone"
+"""A batcher's outcome for a job: queue it again to run alone (its merged pass ran out of
+time, so each job of it is judged on its own cost)."""
 
 MAX_ATTEMPTS = 2
 """Runs a job gets in all: a job running when the host stopped runs once more."""
@@ -130,7 +138,9 @@ class JobQueue:
     ) -> None:
         """``revive(model, request_bytes)`` validates and runs a job read back from the store;
         ``batcher(parts)`` runs jobs of one ``batch_key`` together, giving each its
-        ``(result bytes, None)`` or ``(None, ApiError)`` (co-batching; None: jobs run alone)."""
+        ``(result bytes, None)``, ``(None, ApiError)`` or ``(None, RUN_ALONE)`` (co-batching;
+        None: jobs run alone). Parts have a ``cost`` (their estimate): a batch holds jobs of
+        similar cost whose sum fits one run's budget (``Limits.run_budget``)."""
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if limits.max_running_per_key is not None and limits.max_running_per_key < 1:
@@ -557,7 +567,7 @@ class JobQueue:
             if not queue or self._running[owner] + taken[owner] >= self._per_key:
                 continue
             head = queue[0]
-            if head.batch_key != batch[0].batch_key:
+            if head.batch_key != batch[0].batch_key or not self._fits(batch, head):
                 continue
             queue.popleft()
             if not queue:
@@ -565,6 +575,16 @@ class JobQueue:
                 self._turns.remove(owner)
             batch.append(head)
             taken[owner] += 1
+
+    def _fits(self, batch: list[JobRecord], job: JobRecord) -> bool:
+        """Whether ``job``'s estimated cost is like the batch's first and the batch's sum,
+        with it, fits one run's budget (so the merged pass fits one run's time)."""
+        limits = self.limits
+        cost, budget = limits.run_budget(job.part.cost)
+        first = limits.run_budget(batch[0].part.cost)[0]
+        if not (first / WORK_RATIO <= cost <= first * WORK_RATIO):
+            return False
+        return sum(limits.run_budget(j.part.cost)[0] for j in batch) + cost <= budget
 
     def _run_batch(self, batch: list[JobRecord], me: threading.Thread) -> bool:
         """Run ``batch`` in one pass and end each of its jobs with its own outcome; whether
@@ -574,7 +594,10 @@ class JobQueue:
         except Exception as failure:  # a worker must survive anything a batch does
             outcomes = [(None, failure)] * len(batch)
         abandoned = False
-        for job, (result, failure) in zip(batch, outcomes, strict=True):
+        ends = list(zip(batch, outcomes, strict=True))
+        for job, (result, failure) in reversed(ends):  # requeued first of their keys: in order
+            if failure is RUN_ALONE and self._requeue_alone(job, me):
+                continue
             error = None
             if isinstance(failure, ApiError):
                 error = JobError.of(failure)
@@ -584,6 +607,25 @@ class JobQueue:
         if abandoned:
             self._replace(me)
         return abandoned
+
+    def _requeue_alone(self, job: JobRecord, me: threading.Thread) -> bool:
+        """Queue a batch's ``job`` again, first of its key, to run alone under its own
+        deadline (its merged pass ran out of time); whether it was (not if given up on)."""
+        with self._lock:
+            if job.worker is not me or job.state != "running":
+                return False
+            self._running[job.owner] -= 1
+            job.state, job.worker, job.deadline, job.started = "queued", None, None, None
+            job.batch_key = job.part = None
+            self._persist(self.store.update, job.id, state="queued")
+            queue = self._queues.get(job.owner)
+            if queue is None:
+                queue = self._queues[job.owner] = deque()
+                self._turns.appendleft(job.owner)
+            queue.appendleft(job)
+            self._changed([job])
+            self._lock.notify_all()
+        return True
 
     def _finish(
         self, job: JobRecord, result: bytes | None, error: JobError | None, me: threading.Thread

@@ -11,9 +11,11 @@ the model, the plan and the inputs together, and is known before a byte is alloc
 request's view of a structure-only (meta) copy of the model runs on meta copies of the
 inputs (:func:`estimate`), under a ``TorchDispatchMode`` that sees every tensor operation.
 It tracks the bytes of every tensor alive (a tensor's storage is counted once, from the
-operation that allocated it until the last tensor sharing it is gone), so a broadcast that
-would blow a tensor up, or a Patch that would loop for a minute, is refused as the
-operation that would pay for it is about to happen on meta. Model code that branches on a
+operation that allocated it until the last tensor sharing it is gone) and the seconds each
+operation would take at this host's measured speed for its dtype
+(:mod:`~torchsurgeon.remote.calibrate`), so a broadcast that would blow a tensor up, or a
+sum over a huge expanded view that would run for minutes, is refused as the operation that
+would pay for it is about to happen on meta. Model code that branches on a
 tensor's values (``attention_mask.all()``) gets them: small integer tensors derived from
 the inputs carry their real values alongside (a *twin*, computed on the CPU), so the meta
 run takes the branch the real run will.
@@ -25,19 +27,15 @@ job past it stops with a ``timeout`` error; see :mod:`torchsurgeon.remote.execut
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import threading
+import math
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from torchsurgeon.layers.allowed import ExpressionError
@@ -45,10 +43,23 @@ from torchsurgeon.layers.base import layer_types
 from torchsurgeon.layers.graph import Graph
 from torchsurgeon.layers.results import run_with
 from torchsurgeon.plans.errors import PlanError
-from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.returning import Returning
 from torchsurgeon.plans.schema import PlanLimits
+from torchsurgeon.remote.calibrate import Rates, Uncalibrated, measured_rates, op_cost
 from torchsurgeon.remote.errors import ApiError
+from torchsurgeon.remote.twins import (
+    _TWIN_ELEMENTS,
+    _aliased,
+    _arguments,
+    _forget_twin,
+    _inputs_on_meta,
+    _ListIndexes,
+    _real,
+    _twin,
+    keep_values,
+    on_meta,
+)
+from torchsurgeon.surgery.sites import LayerCall, watching
 
 __all__ = ["Cost", "Estimates", "Limits", "estimate", "keep_values", "on_meta"]
 
@@ -75,12 +86,12 @@ class Limits:
     """Tensors alive at once during a run (activations, saves, the output), as estimated."""
     max_tensor_ops: int = 20_000
     """Tensor operations one run may perform, as estimated (a 70B Llama's forward: ~4,000)."""
-    max_work: float = 1e15
-    """Arithmetic one run may do, as estimated: ``2 * m * n * k`` per matrix product and the
-    input elements of every other operation (a 70B Llama's forward over 4,000 tokens: about
-    5.6e14). Bounds what a view makes cheap in memory and dear in time (``expand`` then
-    ``@``, a reduction of an expanded tensor). Set it to what the host's hardware does in
-    ``max_run_seconds`` (``serve --max-work``): a CPU core does ~1e10 a second."""
+    max_work: float = math.inf
+    """An operator's override of the time estimate: at most this much arithmetic per run
+    (elements read and written, plus ``2 m n k`` per product), whatever the dtype. ``inf``
+    (the default): each operation is charged ``work / rate`` seconds at the rate this host
+    measured for its dtype and kind (:mod:`~torchsurgeon.remote.calibrate`), against
+    ``TIME_FRACTION * max_run_seconds`` (``serve --max-work`` sets it, e.g. for a GPU host)."""
     max_json_items: int = 1 << 17
     """Array elements and object members in a plan's JSON (index lists, Patch rows, ...)."""
     max_queue_per_key: int = 32
@@ -113,9 +124,41 @@ class Limits:
     """Runs in one session request (each is checked and estimated like a request)."""
     max_expr_nodes: int = 1024
     """Nodes in one expression graph of a plan (a layer's, or a computed value's)."""
+    max_cached_plan_bytes: int = 256 << 20
+    """Bytes of read plans and their views a host keeps per model for the next request
+    (least recently used dropped first; a bigger plan is not kept)."""
     allowed_ops: tuple[str, ...] | None = None
     """Expression operations a plan may use (``None``: all of them; leave out ``"call"`` to
     refuse calls of the model's modules)."""
+
+    def run_budget(self, cost: Cost) -> tuple[float, float]:
+        """``cost`` as it counts against one run's budget, and that budget: its work against
+        ``max_work`` when the operator set one, else its seconds at this host's measured
+        speed against :data:`TIME_FRACTION` of ``max_run_seconds``."""
+        if math.isfinite(self.max_work):
+            return cost.work, self.max_work
+        return cost.seconds, max(TIME_FRACTION * self.max_run_seconds, MIN_TIME_BUDGET)
+
+    def __post_init__(self) -> None:
+        """Refuse a nonsense bound (NaN, infinite, negative, absurd) naming the field."""
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            bounds = _BOUNDS.get(item.name)
+            if bounds is None or value is None or (item.name == "max_work" and value == math.inf):
+                continue  # max_work=inf: no override, the measured time budget decides
+            low, high = bounds
+            whole = isinstance(item.default, int) or item.name == "max_running_per_key"
+            kind = int if whole else (int, float)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, kind)
+                or not math.isfinite(value)
+                or not low <= value <= high
+            ):
+                raise ValueError(
+                    f"Limits.{item.name} must be a finite {'integer' if whole else 'number'} "
+                    f"in [{low:g}, {high:g}], got {value!r}"
+                )
 
     def plan_limits(self) -> PlanLimits:
         """The plan reader's limits (the registry's layers; whether the gradient layers may
@@ -152,10 +195,41 @@ class Limits:
         return cls(**data)
 
 
+_DAY = 86_400.0
+_BOUNDS: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(
+        ("max_request_bytes", "max_plan_bytes", "max_tensor_bytes", "max_result_bytes"),
+        (1, 1 << 40),
+    ),
+    "max_activation_bytes": (1, 1 << 50),
+    "max_result_bytes_per_key": (1, 1 << 50),
+    "max_cached_plan_bytes": (0, 1 << 40),
+    **dict.fromkeys(("max_saves", "max_text_items", "max_abandoned_runs"), (0, 1 << 20)),
+    **dict.fromkeys(("max_steps", "max_tensor_ops", "max_json_items"), (1, 1 << 30)),
+    **dict.fromkeys(("max_queue_per_key", "max_running_per_key"), (1, 1 << 20)),
+    **dict.fromkeys(("max_batch_requests", "max_session_runs", "max_expr_nodes"), (1, 1 << 20)),
+    "max_text_chars": (0, 1 << 30),
+    "max_train_steps": (0, 1 << 30),
+    "max_work": (1, 1e24),
+    "max_run_seconds": (0, 30 * _DAY),
+    "result_ttl_seconds": (0, 365 * _DAY),
+    "watchdog_grace_seconds": (0, _DAY),
+    "request_idle_seconds": (1e-3, _DAY),
+    "batch_window_seconds": (0, 60),
+}
+"""``(lowest, highest)`` of each numeric field of :class:`Limits` (``max_run_seconds=0``: every
+job times out, as tests want; ``serve`` asks for more)."""
+
+TIME_FRACTION = 0.5
+"""The part of ``max_run_seconds`` a request's estimated time may take: the rates are the
+host's best, and a busy host runs slower."""
+MIN_TIME_BUDGET = 0.05
+"""Seconds any budget allows: below it the estimate is noise, and the run-time deadline,
+checked at every module call, stops what overruns."""
+
+
 # --------------------------------------------------------------------------- the estimate
 
-_TWIN_ELEMENTS = 1 << 20
-"""Tensors up to this many elements carry real values beside the meta ones (see above)."""
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
 
 
@@ -175,6 +249,13 @@ class Cost:
     """The part of :attr:`result_bytes` that recorded values take."""
     records: Any = field(default=None, compare=False, repr=False)
     """The meta run's records (for a session's later runs to read), when asked for."""
+    work: float = 0.0
+    """The arithmetic the run does, as the meter counted it (see ``Limits.max_work``)."""
+    layer_calls: tuple[LayerCall, ...] = field(default=(), compare=False, repr=False)
+    """Every call of an inserted layer in the meta run, with its target's and its result's
+    shapes (co-batching merges only runs whose layers keep their target's rows)."""
+    seconds: float = 0.0
+    """The run's time at this host's measured speed (0 under a ``Limits.max_work``)."""
 
 
 class _Refused(Exception):
@@ -197,11 +278,14 @@ class _Storage:
 class _Meter(TorchDispatchMode):
     """Counts operations and live tensor bytes of a meta run; stops it at a limit."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, rates: Rates | None) -> None:
         super().__init__()
         self.limits = limits
+        self.rates = None if math.isfinite(limits.max_work) else rates
+        self.budget = limits.run_budget(Cost(0, 0, 0))[1]
         self.ops = 0
         self.work = 0.0
+        self.seconds = 0.0
         self.live = 0
         self.peak = 0
         self.consulted: set[str] = set()
@@ -223,18 +307,7 @@ class _Meter(TorchDispatchMode):
                 )
             )
         flat_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        self.work += _work(func, flat_in)
-        if self.work > self.limits.max_work:
-            raise _Refused(
-                ApiError(
-                    422,
-                    "limit_exceeded",
-                    f"the run would do about {self.work:.3g} element operations, over the limit "
-                    f"max_work={self.limits.max_work:g}; the last was {func} on "
-                    f"{[list(t.shape) for t in flat_in][:3]}",
-                    "max_work",
-                )
-            )
+        self._charge(func, flat_in, [])  # the inputs and the product, before any is computed
         if func is _LOCAL_SCALAR:  # .item(), bool(t): the value decides what runs next
             twin = _twin(args[0])
             if twin is None:
@@ -249,6 +322,7 @@ class _Meter(TorchDispatchMode):
                     )
                 )
             self.consulted.update(args[0].__dict__.get("_ts_from", ()))
+            self._commit(func, flat_in, [])
             return twin.item()
         try:
             out = func(*args, **kwargs)
@@ -256,6 +330,7 @@ class _Meter(TorchDispatchMode):
             # An output whose shape depends on values (nonzero, tolist, ...): the twins know.
             out = self._from_values(func, args, kwargs, flat_in, error)
         flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self._commit(func, flat_in, flat_out)
         self._follow_values(func, args, kwargs, flat_in, flat_out)
         returns = func._schema.returns
         for i, tensor in enumerate(flat_out):
@@ -285,6 +360,51 @@ class _Meter(TorchDispatchMode):
             self.live += nbytes
             self.peak = max(self.peak, self.live)
         return out
+
+    def _charge(
+        self, func: Any, flat_in: list[torch.Tensor], flat_out: list[torch.Tensor]
+    ) -> tuple[float, float]:
+        """The run's work and seconds with this operation; refused over the budget."""
+        try:
+            work, seconds = op_cost(func, flat_in, flat_out, self.rates)
+        except Uncalibrated as missing:
+            raise _Refused(
+                ApiError(
+                    422,
+                    "unsupported_dtype",
+                    f"the run computes in {missing.dtype} ({func}), a dtype whose speed this "
+                    f"host did not measure ({missing.kind}s), so its cost cannot be known",
+                    "dtype",
+                )
+            ) from None
+        work, seconds = self.work + work, self.seconds + seconds
+        shapes = [list(t.shape) for t in flat_in][:3]
+        if work > self.limits.max_work:
+            raise _Refused(
+                ApiError(
+                    422,
+                    "limit_exceeded",
+                    f"the run would do about {work:.3g} element operations, over the limit "
+                    f"max_work={self.limits.max_work:g}; the last was {func} on {shapes}",
+                    "max_work",
+                )
+            )
+        if seconds > self.budget:
+            raise _Refused(
+                ApiError(
+                    422,
+                    "limit_exceeded",
+                    f"the run would take about {seconds:.3g} s on this host (by its measured "
+                    f"speed), over {TIME_FRACTION:g} of the limit max_run_seconds="
+                    f"{self.limits.max_run_seconds:g}; the last operation was {func} on "
+                    f"{shapes} in {sorted({str(t.dtype) for t in (*flat_in, *flat_out)})}",
+                    "max_run_seconds",
+                )
+            )
+        return work, seconds
+
+    def _commit(self, func: Any, flat_in: list[torch.Tensor], flat_out: list[torch.Tensor]) -> None:
+        self.work, self.seconds = self._charge(func, flat_in, flat_out)
 
     def _from_values(
         self, func: Any, args: Any, kwargs: Any, flat_in: list[torch.Tensor], error: Exception
@@ -347,134 +467,6 @@ class _Meter(TorchDispatchMode):
                 _forget_twin(value)  # written to without its twin: its values are unknown
 
 
-class _ListIndexes(TorchFunctionMode):
-    """Keeps the values of ``x[:, [-1, 0]]`` known on meta tensors.
-
-    Python turns a list index into an index tensor created directly on ``x``'s device —
-    on meta, with no values and without passing through the dispatcher, so the meter cannot
-    give the result a twin. At the ``Tensor.__getitem__`` call, where the list is still a
-    list, the twin is the same index applied to ``x``'s twin.
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if (
-            func is torch.Tensor.__getitem__
-            and isinstance(out, torch.Tensor)
-            and out.is_meta
-            and _twin(out) is None
-            and _plain_index(args[1])
-        ):
-            twin = _twin(args[0])
-            if twin is not None and out.numel() <= _TWIN_ELEMENTS:
-                with _disable_current_modes():
-                    out._ts_twin = twin[args[1]]
-                out._ts_from = args[0].__dict__.get("_ts_from", frozenset())
-        return out
-
-
-def _plain_index(index: Any) -> bool:
-    """An index of ints, slices of ints, ``None``, ``...`` and lists of ints only."""
-    entries = index if isinstance(index, tuple) else (index,)
-    for entry in entries:
-        if isinstance(entry, list):
-            if not all(type(v) is int for v in entry):
-                return False
-        elif not (entry is None or entry is Ellipsis or type(entry) in (int, slice)):
-            return False
-    return True
-
-
-_PRODUCTS = {
-    "mm", "bmm", "addmm", "baddbmm", "matmul", "addbmm", "linear", "dot", "vdot", "mv", "addmv",
-}  # fmt: skip
-
-
-def _work(func: Any, tensors: list[torch.Tensor]) -> float:
-    """The arithmetic of one operation: ``2 m n k`` for a matrix product (from the shapes of
-    its two last-dimension operands), else the elements it reads."""
-    name = getattr(getattr(func, "_schema", None), "name", "").split("::")[-1]
-    matrices = [t for t in tensors if t.dim() >= 1]
-    if name in _PRODUCTS and len(matrices) >= 2:
-        a, b = matrices[-2], matrices[-1]
-        batch = max(a.numel() // max(a.shape[-1], 1), 1)
-        columns = b.shape[-1] if b.dim() >= 2 else 1
-        return 2.0 * batch * a.shape[-1] * columns
-    return float(sum(t.numel() for t in tensors))
-
-
-def _twin(tensor: torch.Tensor) -> torch.Tensor | None:
-    return tensor.__dict__.get("_ts_twin") if tensor.is_meta else tensor
-
-
-def _forget_twin(value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        value.__dict__.pop("_ts_twin", None)
-
-
-def _real(value: Any) -> Any:
-    """The CPU twin of a meta tensor (or device), for computing a twin."""
-    if isinstance(value, torch.Tensor):
-        return _twin(value) if value.is_meta else value
-    if isinstance(value, torch.device) and value.type == "meta":
-        return torch.device("cpu")
-    return value
-
-
-def _arguments(func: Any, args: Any, kwargs: Any) -> list[tuple[Any, Any]]:
-    """``(schema argument, value)`` of every argument of a call of ``func``."""
-    schema = func._schema.arguments
-    by_name = {argument.name: argument for argument in schema}
-    named = [(by_name[name], value) for name, value in kwargs.items() if name in by_name]
-    return [*zip(schema, args, strict=False), *named]
-
-
-def _aliased(
-    func: Any, alias: Any, args: Any, kwargs: Any, flat_in: list[torch.Tensor]
-) -> torch.Tensor | None:
-    """The input a result aliases (by the schema's alias sets), else the first tensor input."""
-    for argument, value in _arguments(func, args, kwargs):
-        info = argument.alias_info
-        if (
-            info is not None
-            and isinstance(value, torch.Tensor)
-            and info.before_set & alias.before_set
-        ):
-            return value
-    return flat_in[0] if flat_in else None
-
-
-def keep_values(tensor: torch.Tensor, values: torch.Tensor) -> None:
-    """Let the meta ``tensor`` carry ``values`` (a CPU copy) as its twin, if it is small."""
-    if tensor.is_meta and not values.is_meta and values.numel() <= _TWIN_ELEMENTS:
-        tensor._ts_twin = values.detach().to("cpu", copy=True)
-
-
-def on_meta(value: Any) -> Any:
-    """``value`` with every tensor replaced by a meta tensor (small ones keep their values)."""
-
-    def convert(tensor: Any) -> Any:
-        if not isinstance(tensor, torch.Tensor):
-            return tensor
-        copy = torch.empty_like(tensor, device="meta")
-        keep_values(copy, tensor)
-        return copy
-
-    return tree_map(convert, value)
-
-
-def _inputs_on_meta(
-    args: tuple[Any, ...], kwargs: Mapping[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The call's inputs on meta, each tensor marked with its name (``args.<i>`` or its key)."""
-    meta_args, meta_kwargs = on_meta((tuple(args), dict(kwargs)))
-    named = [(f"args.{i}", v) for i, v in enumerate(meta_args)] + list(meta_kwargs.items())
-    for name, value in named:
-        if isinstance(value, torch.Tensor):
-            value._ts_from = frozenset({name})
-    return meta_args, meta_kwargs
-
-
 def estimate(
     model: nn.Module,
     args: tuple[Any, ...],
@@ -483,6 +475,7 @@ def estimate(
     limits: Limits,
     runs: Mapping[str, Mapping[str, list[torch.Tensor]]] | None = None,
     backward: Graph | None = None,
+    rates: Rates | None = None,
 ) -> Cost:
     """The cost of ``run(model, *args, **kwargs)`` reduced by ``returning``, on meta tensors.
 
@@ -493,10 +486,13 @@ def estimate(
     allocated for real.
     """
     meta_args, meta_kwargs = _inputs_on_meta(args, kwargs)
-    meter = _Meter(limits)
+    if rates is None and not math.isfinite(limits.max_work):
+        rates = measured_rates()  # this host's speed: see Limits.max_work
+    meter = _Meter(limits, rates)
     phase = "steps"  # where a refusal with no field of its own happened: the plan's layers
     try:
-        with torch.set_grad_enabled(backward is not None), _ListIndexes(), meter:
+        grad = torch.set_grad_enabled(backward is not None)
+        with grad, _ListIndexes(), meter, watching() as calls:
             result = run_with(model, meta_args, meta_kwargs, runs, backward)
             phase = "returning"
             returned = returning.apply(result, model, runs)
@@ -522,7 +518,17 @@ def estimate(
             "returning",
         )
     records = result.records if runs is not None else None
-    return Cost(meter.peak, size, meter.ops, frozenset(meter.consulted), recorded, records)
+    return Cost(
+        meter.peak,
+        size,
+        meter.ops,
+        frozenset(meter.consulted),
+        recorded,
+        records,
+        meter.work,
+        tuple(calls),
+        seconds=meter.seconds,
+    )
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:
@@ -535,81 +541,4 @@ def _tensors_in(value: Any) -> list[torch.Tensor]:
     return []
 
 
-class Estimates:
-    """The costs a host already estimated, so a repeated request is not estimated again.
-
-    An estimate depends on the plan, the limits, the inputs' dtypes and shapes (and scalar
-    values), and the values of just those inputs it :attr:`Cost.consulted`: a new prompt of
-    the same shape under the same plan costs the same, unless the model read a value of it
-    (an attention mask's zeros) to decide what to run — then that input's bytes are part of
-    the key too. The plan counts by its manifest, where each of its tensors is a dtype and a
-    shape: in the structure-only view a layer's tensors are on the meta device, so no value
-    of theirs can decide what runs (a run that tried would be refused as ``cannot_estimate``),
-    and a plan that differs from a known one only in its tensors' values (another steering
-    vector) costs what it costs. Only requests that fit are remembered; the last ``size`` keys
-    are kept.
-    """
-
-    def __init__(self, size: int = 256) -> None:
-        self._size = size
-        self._entries: OrderedDict[str, tuple[frozenset[str], dict[str, Cost]]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def check(
-        self,
-        plan: Plan,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        limits: Limits,
-        view: Callable[[], nn.Module],
-    ) -> Cost:
-        """The cost of the request, estimated on ``view()`` unless known; :class:`ApiError`."""
-        named = {**{f"args.{i}": v for i, v in enumerate(args)}, **kwargs}
-        manifest, _ = plan.manifest()  # its tensors by dtype and shape only: see the docstring
-        key = _digest(
-            json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(),
-            repr(sorted(limits.to_json().items())).encode(),
-            repr([(k, _signature(v)) for k, v in named.items()]).encode(),
-        )
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-        if entry is not None:
-            cost = entry[1].get(_values_digest(named, entry[0]))
-            if cost is not None:
-                return cost
-        cost = estimate(view(), args, kwargs, plan.outputs, limits, backward=plan.backward)
-        with self._lock:
-            consulted, known = self._entries.setdefault(key, (cost.consulted, {}))
-            if consulted == cost.consulted and len(known) < 64:
-                known[_values_digest(named, consulted)] = cost
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._size:
-                self._entries.popitem(last=False)
-        return cost
-
-
-def _signature(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return ("tensor", str(value.dtype), tuple(value.shape))
-    return ("value", type(value).__name__, repr(value))
-
-
-def _values_digest(named: Mapping[str, Any], consulted: frozenset[str]) -> str:
-    parts = []
-    for name in sorted(consulted):
-        value = named.get(name)
-        if isinstance(value, torch.Tensor):
-            parts.append(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-        else:
-            parts.append(repr(value).encode())
-    return _digest(*parts)
-
-
-def _digest(*parts: bytes) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(len(part).to_bytes(8, "little"))
-        digest.update(part)
-    return digest.hexdigest()
+from torchsurgeon.remote.estimates import Estimates  # noqa: E402  (it uses estimate, above)

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -45,10 +47,44 @@ from torchsurgeon.surgery.errors import SelectionError
 from torchsurgeon.surgery.frozen import freeze_tree, frozen_at, recorded_path, shallow_copy
 from torchsurgeon.surgery.paths import SITE_LISTS, child_path, describe
 
-__all__ = ["AFTER", "BEFORE", "add_layers", "is_container", "site_layers"]
+__all__ = ["AFTER", "BEFORE", "LayerCall", "add_layers", "is_container", "site_layers", "watching"]
 
 BEFORE, AFTER = SITE_LISTS
 _HOOKED = "_ts_hooked"
+_WATCH: ContextVar[list[LayerCall] | None] = ContextVar("ts_layer_calls", default=None)
+
+
+class LayerCall(NamedTuple):
+    """One call of an inserted layer seen by :func:`watching`."""
+
+    site: str
+    target: tuple[int, ...]
+    """The shape of the tensor the layer was given."""
+    result: tuple[int, ...] | None
+    """The shape of what it returned (``None``: not a tensor)."""
+
+
+@contextmanager
+def watching() -> Iterator[list[LayerCall]]:
+    """Record every inserted layer's call in this context (an estimate's meta run uses it
+    to learn which layers change their target's shape, e.g. the rows of a batch)."""
+    calls: list[LayerCall] = []
+    token = _WATCH.set(calls)
+    try:
+        yield calls
+    finally:
+        _WATCH.reset(token)
+
+
+def _called(layer: nn.Module, call: Callable[[Any], Any], value: torch.Tensor) -> Any:
+    """``call(value)``, noted while :func:`watching`."""
+    out = call(value)
+    calls = None if torch.compiler.is_compiling() else _WATCH.get()
+    if calls is not None:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        calls.append(LayerCall(getattr(layer, "site", ""), tuple(value.shape), shape))
+    return out
+
 
 Accessor = int | str | None
 
@@ -146,10 +182,10 @@ def _apply_to_input(
     if on is None:
         for i, value in enumerate(args):
             if isinstance(value, torch.Tensor):
-                return (*args[:i], layer(value), *args[i + 1 :]), kwargs
+                return (*args[:i], _called(layer, layer, value), *args[i + 1 :]), kwargs
         for name, value in kwargs.items():
             if isinstance(value, torch.Tensor):
-                return args, {**kwargs, name: layer(value)}
+                return args, {**kwargs, name: _called(layer, layer, value)}
         raise _no_target(module, layer, "input", f"args {_kinds(args)}, kwargs {_kinds(kwargs)}")
     if isinstance(on, str) and on not in kwargs:
         position = _positional_index(type(module), on)
@@ -162,10 +198,10 @@ def _apply_to_input(
         on %= len(args)
         if not isinstance(args[on], torch.Tensor):
             raise _no_target(module, layer, "input", f"argument {on} = {_kind(args[on])}")
-        return (*args[:on], layer(args[on]), *args[on + 1 :]), kwargs
+        return (*args[:on], _called(layer, layer, args[on]), *args[on + 1 :]), kwargs
     if not isinstance(kwargs[on], torch.Tensor):
         raise _no_target(module, layer, "input", f"keyword argument {on!r} = {_kind(kwargs[on])}")
-    return args, {**kwargs, on: layer(kwargs[on])}
+    return args, {**kwargs, on: _called(layer, layer, kwargs[on])}
 
 
 def _apply_to_output(
@@ -175,7 +211,7 @@ def _apply_to_output(
     if isinstance(output, torch.Tensor):
         if on not in (None, 0):
             raise _no_target(module, layer, "output", "a single tensor")
-        return call(output)
+        return _called(layer, call, output)
     if isinstance(output, (tuple, list)):
         if on is None:
             on = next((i for i, v in enumerate(output) if isinstance(v, torch.Tensor)), None)
@@ -184,7 +220,7 @@ def _apply_to_output(
         items = list(output)
         if not isinstance(items[on], torch.Tensor):
             raise _no_target(module, layer, "output", f"element {on} = {_kind(items[on])}")
-        items[on] = call(items[on])
+        items[on] = _called(layer, call, items[on])
         return type(output)(items) if type(output) in (tuple, list) else type(output)(*items)
     if isinstance(output, dict):  # includes transformers' ModelOutput
         if on is None:
@@ -196,7 +232,7 @@ def _apply_to_output(
             raise _no_target(module, layer, "output", f"fields {list(output.keys())}")
         if not isinstance(output[on], torch.Tensor):
             raise _no_target(module, layer, "output", f"field {on!r} = {_kind(output[on])}")
-        output[on] = call(output[on])
+        output[on] = _called(layer, call, output[on])
         return output
     raise _no_target(module, layer, "output", type(output).__name__)
 
