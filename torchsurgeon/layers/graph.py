@@ -14,6 +14,7 @@ under ``torch.compile(fullgraph=True)`` with no graph break.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,7 +42,7 @@ from torchsurgeon.layers.expr import Expr, as_expr
 from torchsurgeon.surgery.errors import PathError
 from torchsurgeon.surgery.paths import get_at
 
-__all__ = ["Graph", "RunValues", "current_deadline", "deadline", "device_of"]
+__all__ = ["Graph", "RunValues", "cancelled_by", "current_deadline", "deadline", "device_of"]
 
 
 # --------------------------------------------------------------------------- graphs
@@ -222,8 +223,8 @@ class Graph:
         if device is not None and any(t.device != device for t in constants):
             constants = [t.to(device) for t in constants]
         results: list[Any] = []
-        deadline = getattr(_DEADLINE, "at", None)
         for i, (op, args, params) in enumerate(self.nodes):
+            deadline = current_deadline()  # per node: a cancel from another thread counts
             if deadline is not None and time.monotonic() > deadline:
                 raise ExpressionError(f"node {i}: the run went past its time limit")
             inputs = [results[a] for a in args]
@@ -283,8 +284,24 @@ def deadline(at: float | None) -> Iterator[None]:
         _DEADLINE.at = before
 
 
+@contextmanager
+def cancelled_by(flag: threading.Event) -> Iterator[None]:
+    """While the block runs, setting ``flag`` (from any thread) stops this thread's run at
+    its next deadline check, as if its deadline had passed (a host cancelling a job)."""
+    before = getattr(_DEADLINE, "cancel", None)
+    _DEADLINE.cancel = flag
+    try:
+        yield
+    finally:
+        _DEADLINE.cancel = before
+
+
 def current_deadline() -> float | None:
-    """This thread's deadline (a ``time.monotonic()`` value), or None outside :func:`deadline`."""
+    """This thread's deadline (a ``time.monotonic()`` value), or None outside :func:`deadline`;
+    ``-inf`` once the run was cancelled (:func:`cancelled_by`)."""
+    cancel = getattr(_DEADLINE, "cancel", None)
+    if cancel is not None and cancel.is_set():
+        return -math.inf
     return getattr(_DEADLINE, "at", None)
 
 

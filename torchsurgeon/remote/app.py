@@ -48,6 +48,9 @@ from torchsurgeon.remote.server import CLOSE_KEY, SCOPE_KEY, ServerLimits
 __all__ = ["create_app"]
 
 _MAX_WAIT = 30.0
+_DISCONNECT_CHECK_SECONDS = 0.5
+"""How often a blocking submission checks that its client is still there (a client that
+went away gets its job cancelled: its result was to be handed over and forgotten)."""
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _CHUNK = 64 << 10  # a stalled download holds this much of its result
 _RESULT_TYPE = "application/octet-stream"
@@ -175,8 +178,12 @@ def create_app(
             status = host.queue.status(job)
             try:
                 while status["state"] not in ("done", "error") and time.monotonic() < deadline:
-                    await host.queue.wait(job, status["version"], deadline - time.monotonic())
+                    left = min(deadline - time.monotonic(), _DISCONNECT_CHECK_SECONDS)
+                    await host.queue.wait(job, status["version"], left)
                     status = host.queue.status(job)
+                    if hand_over and await request.is_disconnected():
+                        host.queue.forget(job)  # nobody can take its result: stop it now
+                        return Response(status_code=499)
             except BaseException:  # cancelled: a result held for this answer goes with its job
                 if hand_over and host.queue.take(job) is not None:
                     host.queue.forget(job)

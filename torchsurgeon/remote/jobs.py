@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from torchsurgeon.layers.graph import cancelled_by
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.progress import reporting_to
@@ -120,6 +121,8 @@ class JobRecord:
     handed: bool = False
     """A request is waiting to take this job's result and forget the job (a blocking run)."""
     held: bytes | None = None
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    """Set when the job is forgotten while it runs: its run stops at its next check."""
     """A handed job's result, kept here for the waiting request (never written to the store)."""
     result_sha256: str | None = None
     """The SHA-256 of the stored result, checked when it is served (None: not known)."""
@@ -273,7 +276,8 @@ class JobQueue:
         return job
 
     def forget(self, job: JobRecord, strict: bool = False) -> None:
-        """Drop a job and its result (a queued job leaves the queue; a running one finishes).
+        """Drop a job and its result (a queued job leaves the queue; a running one is stopped
+        at its next module call or expression node, which frees its worker).
 
         ``strict``: the store forgets it first, or an :class:`ApiError` (507 on a full disk)
         leaves the job in place; else a failure is logged and retried once space is back.
@@ -291,6 +295,8 @@ class JobQueue:
                 self._by_key.pop((job.owner, job.request_key), None)
             if job.state == "queued":
                 self._dequeue(job)
+            elif job.state == "running":
+                job.cancel.set()  # its run stops at the next module call: the worker is free
             if not self._closed and not strict:
                 self._persist(self.store.delete, job.id)
 
@@ -533,7 +539,8 @@ class JobQueue:
                 if self._run_batch(batch, me):
                     return  # the watchdog gave up on this worker: a replacement runs
                 continue
-            with reporting_to(lambda progress, job=job: self._progress(job, progress)):
+            report = reporting_to(lambda progress, job=job: self._progress(job, progress))
+            with report, cancelled_by(job.cancel):
                 result, error = _run(job.work)
             abandoned = self._finish(job, result, error, me)
             del result, error
