@@ -4,11 +4,15 @@
 explicit model around the mapped tensors, so the model's weights *are* the file's pages:
 nothing is read until used and nothing is copied (unless ``dtype`` or ``device`` asks for a
 cast or a move, which copies one tensor at a time). No ``transformers`` model is built, and
-nothing is downloaded: ``path`` must be a local directory.
+nothing is downloaded: ``path`` is a local directory, or a Hub name (``"org/name"``) already
+in the local Hugging Face cache. The checkpoint's tokenizer, when it has one, comes along
+(``ts.run(model, "text")``).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -17,26 +21,36 @@ from tqdm import tqdm
 from torchsurgeon.layers.transformer import Transformer
 from torchsurgeon.models.build import build_transformer
 from torchsurgeon.models.checkpoint import open_checkpoint
-from torchsurgeon.models.errors import UnsupportedArchitectureError
+from torchsurgeon.models.errors import CheckpointError, UnsupportedArchitectureError
 from torchsurgeon.models.families import family_for
 from torchsurgeon.models.source import TensorSource
+from torchsurgeon.surgery.tokenized import load_tokenizer, with_tokenizer
 
 __all__ = ["PROGRESS_BYTES", "load"]
 
 PROGRESS_BYTES = 1 << 30
 """Checkpoints at least this large show a progress bar unless ``progress=False``."""
 
+DTYPES = {
+    name: getattr(torch, name)
+    for name in ("float16", "bfloat16", "float32", "float64", "half", "float", "double")
+}
+"""The dtype names ``load(..., dtype=)`` takes as strings (and ``"auto"``: as stored)."""
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
 
 def load(
     path: str | Path,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
 ) -> Transformer:
-    """The explicit model stored in the checkpoint directory ``path``.
+    """The explicit model stored in the checkpoint directory ``path`` (or cached Hub name).
 
-    ``dtype`` casts floating-point weights (default: as stored); ``device`` places them
+    ``dtype`` casts floating-point weights (a dtype or its name, ``"bfloat16"``; default
+    and ``"auto"``: as stored); ``device`` places them
     (default: CPU, memory-mapped). ``progress`` shows a progress bar (default: for
     checkpoints of 1 GiB or more). Raises
     :class:`~torchsurgeon.models.errors.CheckpointError` for a missing directory, config or
@@ -44,6 +58,8 @@ def load(
     :class:`~torchsurgeon.models.errors.UnsupportedArchitectureError` for a model type with
     no conversion.
     """
+    dtype = _dtype(dtype)
+    path = _local(path)
     checkpoint = open_checkpoint(path)
     try:
         model_type = checkpoint.config.get("model_type")
@@ -74,9 +90,45 @@ def load(
             )
             model = build_transformer(config, family.weights(config, source, with_head))
             bar.update(bar.total - bar.n)  # tensors a tied model never takes, file headers
-            return model
     finally:
         checkpoint.close()
+    tokenizer = load_tokenizer(checkpoint.path)
+    return model if tokenizer is None else with_tokenizer(model, tokenizer)  # type: ignore[return-value]
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if not isinstance(dtype, str):
+        return dtype
+    name = dtype.removeprefix("torch.")
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ValueError(
+            f"dtype {dtype!r} is not a floating-point dtype name; use one of "
+            f"{', '.join(repr(n) for n in DTYPES)}, 'auto' (as stored), or a torch.dtype"
+        )
+    return DTYPES[name]
+
+
+def _local(path: str | Path) -> Path:
+    """``path`` itself, or the local Hugging Face cache's snapshot of the Hub name ``path``."""
+    local = Path(path).expanduser()
+    name = str(path)
+    if local.exists() or isinstance(path, Path) or not _HUB_NAME.match(name):
+        return local
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = os.environ.get("HF_HUB_CACHE")  # read now, not when huggingface_hub was imported
+    try:
+        return Path(snapshot_download(name, local_files_only=True, cache_dir=cache))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{name!r} is neither a local directory nor in the local Hugging Face cache, and "
+            f"ts.load never downloads. Get it with `hf download {name}` (or "
+            f"`huggingface-cli download {name}`), then ts.load({name!r}) again; or pass the "
+            "path of a checkpoint directory."
+        ) from None
 
 
 def _hf_config(model_type: str, config: dict[str, object]) -> object:

@@ -19,7 +19,8 @@ shares the module. The one writer allowed is the module's own code, updating cac
 class keeps (transformers' rotary embeddings store recomputed frequencies during
 ``forward``). Device and dtype moves (``.to``, ``.cuda``, ``.half``, ...) are functional on a
 frozen tree: they return a new tree and leave the original where it was, so write ``model =
-model.to("cuda")``.
+model.to("cuda")``; a move whose new tree is dropped (a bare ``model.to(torch.bfloat16)``
+statement) warns with a :class:`DiscardedMoveWarning`.
 
 What is shared, and what is not:
 
@@ -40,6 +41,8 @@ What is shared, and what is not:
 
 from __future__ import annotations
 
+import bisect
+import dis
 import functools
 import sys
 import types
@@ -57,6 +60,7 @@ from torchsurgeon.surgery.paths import child_path, describe
 
 __all__ = [
     "WRITABLE_ATTRIBUTES",
+    "DiscardedMoveWarning",
     "FrozenModule",
     "SharedWeightGradientWarning",
     "freeze_tree",
@@ -82,6 +86,47 @@ _warned_about_grads = False
 
 class SharedWeightGradientWarning(UserWarning):
     """A backward pass reached a frozen tree's shared weights; their ``.grad`` is not kept."""
+
+
+class DiscardedMoveWarning(UserWarning):
+    """A device/dtype move of a frozen tree whose new tree was dropped: nothing moved."""
+
+
+def _dropped(frame: types.FrameType | None) -> bool:
+    """Whether the call ``frame`` is making throws its result away (a bare statement)."""
+    if frame is None:
+        return False
+    offsets, names = _instructions(frame.f_code)
+    after = bisect.bisect_right(offsets, frame.f_lasti)  # f_lasti may sit in the call's caches
+    return after < len(names) and names[after] == "POP_TOP"
+
+
+@functools.lru_cache(maxsize=64)
+def _instructions(code: types.CodeType) -> tuple[list[int], list[str]]:
+    ops = list(dis.get_instructions(code))
+    return [op.offset for op in ops], [op.opname for op in ops]
+
+
+def _returns_a_new_tree(name: str) -> Callable[..., Any]:
+    """``nn.Module.<name>`` (a device/dtype move) that warns when its new tree is dropped."""
+
+    def move(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        moved = getattr(super(FrozenModule, self), name)(*args, **kwargs)
+        if moved is not self and _dropped(sys._getframe(1)):
+            warnings.warn(
+                f"{name}() on a torchsurgeon tree returns a new tree and leaves this one "
+                f"unchanged; the new tree was dropped. Write model = model.{name}(...).",
+                DiscardedMoveWarning,
+                stacklevel=2,
+            )
+        return moved
+
+    move.__name__ = move.__qualname__ = name
+    move.__doc__ = f"``{name}`` as a new tree; this one is left unchanged (see ``ts.wrap``)."
+    return move
+
+
+_MOVES = ("to", "cuda", "cpu", "xpu", "half", "float", "double", "bfloat16", "type", "to_empty")
 
 
 class FrozenModule(TreescopeRepr):
@@ -158,6 +203,10 @@ class FrozenModule(TreescopeRepr):
         for param in self._parameters.values():  # type: ignore[attr-defined]
             if param is not None:
                 _drop_grads_of(param)
+
+
+for _move in _MOVES:
+    setattr(FrozenModule, _move, _returns_a_new_tree(_move))
 
 
 def _a_cache(module: nn.Module, name: str, value: Any) -> bool:
@@ -330,14 +379,22 @@ def _rebound(module: nn.Module, copy: nn.Module, name: str, value: Any, path: st
     )
 
 
-def wrap(module: nn.Module) -> nn.Module:
+def wrap(module: nn.Module, *, tokenizer: Any = None) -> nn.Module:
     """A frozen tree with ``module``'s structure, sharing every parameter and buffer.
 
     ``module`` itself is left exactly as it was. Wrapping a frozen tree returns it as is.
+    Device and dtype moves return a new tree, leaving this one as it was: write ``model =
+    model.to(torch.bfloat16)`` (a bare ``model.to(...)`` warns that nothing moved).
+    ``tokenizer`` lets ``ts.run(tree, "text")`` take text; trees rewritten from it keep it.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"ts.wrap expects an nn.Module, got {type(module).__name__}")
-    return module if is_frozen(module) else freeze_tree(module, "")
+    tree = module if is_frozen(module) else freeze_tree(module, "")
+    if tokenizer is None:
+        return tree
+    from torchsurgeon.surgery.tokenized import with_tokenizer  # it builds on this module
+
+    return with_tokenizer(tree, tokenizer)
 
 
 def frozen_at(module: nn.Module, path: str) -> nn.Module:
