@@ -38,6 +38,7 @@ from torchsurgeon.layers.results import named_inputs, run_with
 from torchsurgeon.surgery.errors import SelectionError
 from torchsurgeon.surgery.lineage import lineage_of, with_lineage
 from torchsurgeon.surgery.paths import child_path, get_at, iter_nodes
+from torchsurgeon.surgery.progress import progress as progress_bar
 from torchsurgeon.surgery.rewrite import rewrite, setting
 
 __all__ = [
@@ -297,6 +298,7 @@ def train(
     steps: int,
     on_step: Callable[[int, float], None] | None = None,
     backend: Any = None,
+    progress: bool | None = None,
 ) -> TrainResult:
     """Train the ``params`` tensors of ``model``'s layers for ``steps`` steps of ``optimizer``.
 
@@ -307,6 +309,8 @@ def train(
     sharded by ``ts.distributed.parallelize`` (call it on every rank alike) each rank's
     gradients are made whole before every step (``torchsurgeon.distributed.training``), so
     the trained tensors are the unsharded model's, named as the plan names them.
+    ``progress`` shows a local bar over the steps with the last loss (default: on a terminal,
+    unless ``TORCHSURGEON_PROGRESS=0``; ``False`` never).
     """
     if backend is not None:
         return backend.train(
@@ -332,7 +336,8 @@ def train(
     torch_optimizer = optimizer.build(list(current.values()))
     reduce = _grad_reduction(model, names, list(current.values()))
     losses: list[float] = []
-    for step in range(steps):
+    bar = progress_bar(range(steps), desc="train", enabled=progress, unit="step")
+    for step in bar:
         args, kwargs = call_of(batches[step % len(batches)])
         value = _step_loss(with_tensors(model, current), graph, args, kwargs)
         grads = torch.autograd.grad(value, list(current.values()), allow_unused=True)
@@ -343,6 +348,7 @@ def train(
         torch_optimizer.step()
         torch_optimizer.zero_grad(set_to_none=True)
         losses.append(float(value.detach()))
+        bar.set_postfix(loss=losses[-1])
         if on_step is not None:
             on_step(step, losses[-1])
     trained = {name: t.detach() for name, t in current.items()}

@@ -49,6 +49,7 @@ from torchsurgeon.selectors.selection import select
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.lineage import Lineage, RewriteStep, lineage_of, with_lineage
 from torchsurgeon.surgery.paths import get_at, resolve_segment, split
+from torchsurgeon.surgery.progress import progress as show_progress
 from torchsurgeon.surgery.rewrite import rewrite
 from torchsurgeon.surgery.sites import add_layers
 
@@ -196,6 +197,8 @@ def run_variants(
     host_rows: Callable[[RowLayout, Expr], Expr | None] | None = None,
     before: Sequence[Run] = (),
     pass_edits: PassEdits | None = None,
+    progress: bool | None = None,
+    desc: str | None = None,
 ) -> tuple[list[float], torch.Tensor]:
     """``(metric of each fixed group, metric of each variant [n_variants])``.
 
@@ -209,6 +212,8 @@ def run_variants(
     :mod:`torchsurgeon.methods.remote`): the metric of each row is computed there when it
     is a known metric (or ``host_rows(layout, logits)`` gives it as an expression), else
     the logits come back. ``before`` are runs of the same session each pass reads.
+    ``progress`` shows a bar over the forward passes, labelled ``desc`` (see
+    :func:`~torchsurgeon.surgery.progress.progress`).
     """
     n = variant_ids.shape[0]
     lead = sum(ids.shape[0] for ids in fixed)
@@ -219,7 +224,8 @@ def run_variants(
         bounds.append(bounds[-1] + ids.shape[0])
     fixed_values: list[float] = []
     values: list[torch.Tensor] = []
-    for start in range(0, max(n_variants, 1), per_pass):
+    starts = range(0, max(n_variants, 1), per_pass)
+    for start in show_progress(starts, desc=desc, enabled=progress, unit="pass"):
         count = min(per_pass, n_variants - start)
         layout = RowLayout(
             tuple(range(a, b) for a, b in itertools.pairwise(bounds)),

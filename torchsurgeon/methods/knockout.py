@@ -211,6 +211,7 @@ def head_knockout(
     reference_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
     backend: Backend | None = None,
+    progress: bool | None = None,
 ) -> EffectGrid:
     """Ablate each head alone (all in one batch); ``metric(ablated) - metric(intact)``.
 
@@ -224,6 +225,8 @@ def head_knockout(
     With ``mode="mean"`` the reference batch runs first in the same request and each head's
     mean is taken there. A ``LogitDiff`` / ``AnswerProbability`` metric is computed on the
     host (one number a row comes back); any other metric reads the logits here.
+    ``progress`` shows a bar over the forward passes (default: on a terminal; ``False``
+    never).
     """
     model = wrap(model)
     layout = layout_of(model, layout)
@@ -265,6 +268,8 @@ def head_knockout(
         backend=backend,
         before=before,
         pass_edits=pass_edits,
+        progress=progress,
+        desc="head_knockout",
     )
     return EffectGrid(
         values=(ablated - intact).reshape(len(rows_of), heads),

@@ -52,6 +52,7 @@ from torchsurgeon.methods.tokens import forward_kwargs, inputs
 from torchsurgeon.selectors.selection import select
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
+from torchsurgeon.surgery.progress import progress as show_progress
 from torchsurgeon.surgery.sites import AFTER, site_layers
 from torchsurgeon.surgery.tree import functional
 
@@ -154,6 +155,7 @@ def train_lora(
     seed: int = 0,
     layout: ModelLayout | None = None,
     backend: Backend | None = None,
+    progress: bool | None = None,
 ) -> LoraResult:
     """Train rank-``rank`` adapters after ``targets`` on ``input_ids``; the base stays frozen.
 
@@ -166,6 +168,9 @@ def train_lora(
     ``backend`` (a ``ts.remote.Client``; ``model`` may be ``client.meta(name)``) trains on
     that host, in one request (see :func:`_train_on_host`): the same adapters, minibatches,
     losses and trained tensors as locally, and the same :class:`LoraResult`.
+
+    ``progress`` shows a bar over the local training steps with the last loss (default: on
+    a terminal, unless ``TORCHSURGEON_PROGRESS=0``; ``False`` never).
     """
     model = wrap(model)
     ids, mask = inputs(input_ids, attention_mask)
@@ -233,7 +238,8 @@ def train_lora(
         initial = float(loss_on(None))
     losses: list[float] = []
     with torch.enable_grad():
-        for _ in range(steps):
+        bar = show_progress(range(steps), desc="train_lora", enabled=progress, unit="step")
+        for _ in bar:
             rows = None
             if batch_size is not None and batch_size < ids.shape[0]:
                 rows = torch.randperm(ids.shape[0], generator=generator)[:batch_size]
@@ -242,6 +248,7 @@ def train_lora(
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            bar.set_postfix(loss=losses[-1])
     with torch.no_grad():
         final = float(loss_on(None))
 

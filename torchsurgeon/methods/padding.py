@@ -22,6 +22,7 @@ from torchsurgeon.methods.batching import Edit, PassEdits, RowLayout, run_varian
 from torchsurgeon.methods.metrics import Metric, on_real_tokens
 from torchsurgeon.methods.remote import Run
 from torchsurgeon.methods.tokens import forward_kwargs
+from torchsurgeon.surgery.progress import progress as show_progress
 
 __all__ = ["variants_with_mask"]
 
@@ -40,11 +41,14 @@ def variants_with_mask(
     backend: Backend | None = None,
     before: Sequence[Run] = (),
     pass_edits: PassEdits | None = None,
+    progress: bool | None = None,
+    desc: str | None = None,
 ) -> tuple[list[float], torch.Tensor]:
     """``run_variants`` on prompts padded as ``mask [n, pos]`` marks (every group ``n`` rows).
 
     ``backend``, ``before`` and ``pass_edits`` go to :func:`run_variants` (with a backend,
-    one request per forward pass).
+    one request per forward pass); ``progress`` shows a bar over the passes, labelled
+    ``desc``.
     """
     if mask is None:
         return run_variants(
@@ -59,6 +63,8 @@ def variants_with_mask(
             backend=backend,
             before=before,
             pass_edits=pass_edits,
+            progress=progress,
+            desc=desc,
         )
     n = variant_ids.shape[0]
     if any(ids.shape[0] != n for ids in fixed) or mask.shape[0] != n:
@@ -69,7 +75,8 @@ def variants_with_mask(
     read = on_real_tokens(metric, mask)
     fixed_values: list[float] = []
     values: list[torch.Tensor] = []
-    for start in range(0, max(n_variants, 1), per_pass):
+    starts = range(0, max(n_variants, 1), per_pass)
+    for start in show_progress(starts, desc=desc, enabled=progress, unit="pass"):
         count = min(per_pass, n_variants - start)
         rows_mask = mask.repeat(len(fixed) + count, 1)
 
@@ -93,6 +100,7 @@ def variants_with_mask(
             backend=backend,
             before=before,
             pass_edits=None if pass_edits is None else shifted_pass,
+            progress=False,
         )
         if start == 0:
             fixed_values = found

@@ -104,6 +104,7 @@ def activation_patching(
     layout: ModelLayout | None = None,
     decoder: Decoder = None,
     backend: Backend | None = None,
+    progress: bool | None = None,
 ) -> EffectGrid:
     """Patch clean -> corrupted at every site, all in one batch; an :class:`EffectGrid`.
 
@@ -120,6 +121,9 @@ def activation_patching(
     stream the host runs every site: finding the sites where clean and corrupted are equal
     would be a request of its own, and their effect is 0 all the same (their patched rows
     hold the corrupted rows' values), up to float rounding.
+
+    ``progress`` shows a bar over the forward passes (default: on a terminal, unless
+    ``TORCHSURGEON_PROGRESS=0``; ``False`` never).
     """
     model = wrap(model)
     layout = layout_of(model, layout)
@@ -170,6 +174,8 @@ def activation_patching(
         max_rows=max_rows,
         forward_kwargs=forward_kwargs,
         backend=backend,
+        progress=progress,
+        desc="activation_patching",
     )
     values = torch.full(
         (len(rows_of) * len(cols),), corrupted_value, dtype=patched.dtype, device=patched.device

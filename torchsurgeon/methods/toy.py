@@ -44,6 +44,8 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from torchsurgeon.surgery.progress import progress as show_progress
+
 __all__ = [
     "InductionBatch",
     "InductionTask",
@@ -190,7 +192,7 @@ def _evaluate(model: LlamaForCausalLM, recipe: ToyRecipe) -> tuple[float, float]
     return float(_masked_loss(logits, held_out)), float(accuracy)
 
 
-def _train(recipe: ToyRecipe) -> LlamaForCausalLM:
+def _train(recipe: ToyRecipe, progress: bool | None = None) -> LlamaForCausalLM:
     with torch.random.fork_rng(devices=[]):  # seed the initialisation, leave the caller's RNG
         torch.manual_seed(recipe.seed)
         model = LlamaForCausalLM(recipe.config())
@@ -207,7 +209,8 @@ def _train(recipe: ToyRecipe) -> LlamaForCausalLM:
         return 1.0 - 0.9 * (step - decay) / max(1, recipe.steps - decay)
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
-    for _ in range(recipe.steps):
+    bar = show_progress(range(recipe.steps), desc="toy model", enabled=progress, unit="step")
+    for _ in bar:
         batch = recipe.task.sample(recipe.batch, generator)
         loss = _masked_loss(model(batch.ids).logits, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -215,6 +218,7 @@ def _train(recipe: ToyRecipe) -> LlamaForCausalLM:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        bar.set_postfix(loss=loss.detach())
     return model.eval()
 
 
@@ -224,11 +228,13 @@ def induction_model(
     directory: Path | str | None = None,
     retrain: bool = False,
     attn_implementation: str = "sdpa",
+    progress: bool | None = None,
 ) -> ToyModel:
     """The trained toy model of ``recipe``: from the cache, or trained (and cached) now.
 
     ``attn_implementation="eager"`` loads the same weights into a model that can return
-    attention patterns (``output_attentions=True``).
+    attention patterns (``output_attentions=True``). ``progress`` shows a bar while it
+    trains (default: on a terminal, unless ``TORCHSURGEON_PROGRESS=0``; ``False`` never).
     """
     recipe = recipe or ToyRecipe()
     folder = Path(directory) if directory is not None else cache_dir()
@@ -236,7 +242,7 @@ def induction_model(
     seconds = 0.0
     if retrain or not path.exists():
         start = time.perf_counter()
-        trained = _train(recipe)
+        trained = _train(recipe, progress)
         seconds = time.perf_counter() - start
         loss, accuracy = _evaluate(trained, recipe)
         folder.mkdir(parents=True, exist_ok=True)

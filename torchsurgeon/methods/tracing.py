@@ -98,6 +98,7 @@ def causal_tracing(
     layout: ModelLayout | None = None,
     decoder: Decoder = None,
     backend: Backend | None = None,
+    progress: bool | None = None,
 ) -> EffectGrid:
     """Noise the ``subject`` positions' embeddings, restore one state at a time; a grid.
 
@@ -106,7 +107,8 @@ def causal_tracing(
     top token). ``std`` defaults to :func:`embedding_noise_std`; each of the ``samples``
     corrupted rows draws its own noise (seeded by ``seed``). Values are
     ``metric(restored) - metric(corrupted)``, layer x position. With ``attention_mask`` the
-    prompt's padding is dropped and positions count its real tokens.
+    prompt's padding is dropped and positions count its real tokens. ``progress`` shows a
+    bar over the forward passes (default: on a terminal; ``False`` never).
 
     ``backend`` (a ``ts.remote.Client``; ``model`` may be ``client.meta(name)``) runs each
     forward pass on that host — one request for the sweep without ``max_rows`` — and
@@ -187,6 +189,8 @@ def causal_tracing(
         prepare=prepare,
         backend=backend,
         host_rows=host_rows,
+        progress=progress,
+        desc="causal_tracing",
     )
     labels = position_labels(ids[0], decoder)
     subject_set = set(subject)
