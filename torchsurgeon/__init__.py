@@ -40,6 +40,7 @@ from torchsurgeon.layers import (
     trained,
     training,
 )
+from torchsurgeon.methods import run_saving
 from torchsurgeon.models import convert, generate, load
 from torchsurgeon.plans import Plan, apply, meta, plan
 from torchsurgeon.selectors import Selection, attr, instance_of, layer_index, path, select
@@ -96,6 +97,7 @@ __all__ = [
     "plans",
     "remote",
     "run",
+    "run_saving",
     "save_html",
     "saved",
     "select",

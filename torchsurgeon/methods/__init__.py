@@ -61,6 +61,7 @@ from torchsurgeon.methods.probing import (
     residual_features,
     train_probe,
 )
+from torchsurgeon.methods.saving import run_saving, saving_sites
 from torchsurgeon.methods.steering import Steering, steer, steering_model, steering_vector
 from torchsurgeon.methods.tracing import causal_tracing, embedding_noise_std
 
@@ -91,6 +92,8 @@ __all__ = [
     "logit_lens",
     "on_real_tokens",
     "residual_features",
+    "run_saving",
+    "saving_sites",
     "steer",
     "steering_model",
     "steering_vector",
