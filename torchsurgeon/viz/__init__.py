@@ -18,7 +18,7 @@ from torchsurgeon.viz import styles
 from torchsurgeon.viz.diff import Change, TreeDiff, diff_trees
 from torchsurgeon.viz.handlers import install, install_tensor_support
 from torchsurgeon.viz.html import save_html, to_html
-from torchsurgeon.viz.show import show, show_diff, to_text
+from torchsurgeon.viz.show import show, show_diff, summary, to_text
 from torchsurgeon.viz.tensors import describe_tensor
 from torchsurgeon.viz.view import View, as_view
 
@@ -37,6 +37,7 @@ __all__ = [
     "show",
     "show_diff",
     "styles",
+    "summary",
     "to_html",
     "to_text",
 ]
