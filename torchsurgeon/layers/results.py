@@ -39,6 +39,7 @@ from torchsurgeon.surgery.frozen import is_frozen
 from torchsurgeon.surgery.lineage import lineage_of
 from torchsurgeon.surgery.paths import iter_nodes
 from torchsurgeon.surgery.rewrite import rewrite
+from torchsurgeon.surgery.tokenized import tokenized
 
 __all__ = ["Backend", "Result", "Saved", "run", "run_with"]
 
@@ -219,7 +220,31 @@ def run(
                 "with backend=, pass the model itself (or model.generate), not another method"
             )
         return backend.run(model, *args, **kwargs)
+    args, kwargs = tokenized(target, args, kwargs)  # text -> token ids, as a host does
+    _refuse_weightless(_module_of(target), args, kwargs)
     return run_with(target, args, kwargs, backward=backward)
+
+
+def _refuse_weightless(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse real inputs to a model whose weights all sit on ``meta`` (``client.meta(...)``):
+    it would hand back ``meta`` tensors, not values. Meta inputs are a shape check: allowed."""
+    params = model.parameters()
+    first = next(params, None)
+    if first is None or not first.is_meta or not all(p.is_meta for p in params):
+        return  # the usual case costs one parameter lookup
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return  # accelerate offload: weights are loaded into the meta placeholders per call
+    values = [*args, *kwargs.values()]
+    values += [v for c in values if isinstance(c, (list, tuple)) for v in c]
+    values += [v for c in values if isinstance(c, dict) for v in c.values()]
+    real = next((v for v in values if isinstance(v, torch.Tensor) and not v.is_meta), None)
+    if real is not None:
+        raise SurgeryError(
+            "this model has no weights here (its parameters are meta tensors, e.g. from "
+            "client.meta(...)), so running it on real inputs would give meta tensors, not "
+            "values: run it on its host with ts.run(model, ..., backend=client). To check "
+            f"shapes only, pass meta inputs (inputs.to('meta'); got a {real.device} tensor)."
+        )
 
 
 def run_with(
