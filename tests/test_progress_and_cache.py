@@ -93,6 +93,9 @@ def test_methods_show_a_bar_only_when_asked(
     M.train_lora(llama_hf, ids, steps=2)
     assert capsys.readouterr().err == ""
 
+    M.residual_features(llama_hf, ids.repeat(2, 1), batch_size=1, progress=True)
+    assert "residual_features" in capsys.readouterr().err
+
 
 def test_ts_train_and_the_toy_trainer_show_a_bar(
     no_env: None, llama_hf: nn.Module, capsys: pytest.CaptureFixture[str]

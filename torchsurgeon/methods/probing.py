@@ -49,6 +49,7 @@ from torchsurgeon.methods.remote import plan_of, run_plan, run_plans
 from torchsurgeon.methods.tokens import forward_kwargs, inputs, token_index
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
+from torchsurgeon.surgery.progress import progress as show_progress
 from torchsurgeon.surgery.sites import AFTER, site_layers
 
 __all__ = ["Probe", "ProbeResult", "fit_probe", "residual_features", "train_probe"]
@@ -151,6 +152,7 @@ def residual_features(
     attention_mask: torch.Tensor | None = None,
     layout: ModelLayout | None = None,
     backend: Backend | None = None,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """The residual stream after each block: ``[layer, example, d_model]``.
 
@@ -159,7 +161,8 @@ def residual_features(
 
     ``backend`` (a ``ts.remote.Client``; ``model`` may be ``client.meta(name)``) runs each
     forward pass on that host — one request per ``batch_size`` prompts, one in all without
-    it — and only the features (the states at the read positions) come back.
+    it — and only the features (the states at the read positions) come back. ``progress``
+    shows a bar over the batches (default: on a terminal; ``False`` never).
     """
     model = wrap(model)
     layout = layout_of(model, layout)
@@ -170,7 +173,8 @@ def residual_features(
         probe = rewrite_at(probe, layout.block(layer), "insert_after", Save(f"resid{layer}"))
     step = batch_size or ids.shape[0]
     chunks: list[torch.Tensor] = []
-    for start in range(0, ids.shape[0], step):
+    starts = range(0, ids.shape[0], step)
+    for start in show_progress(starts, desc="residual_features", enabled=progress, unit="batch"):
         part = slice(start, start + step)
         rows = ids[part]
         part_mask = None if mask is None else mask[part]
