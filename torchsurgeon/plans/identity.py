@@ -57,12 +57,17 @@ import json
 import sys
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from torchsurgeon.plans.differences import (
+    first_config_difference,
+    first_structure_difference,
+    first_weight_difference,
+)
 from torchsurgeon.plans.errors import IdentityMismatchError
 from torchsurgeon.surgery.frozen import is_frozen, original_class
 from torchsurgeon.surgery.paths import iter_nodes, join
@@ -98,15 +103,32 @@ _VOLATILE_CONFIG_KEYS = frozenset(
 
 @dataclass(frozen=True)
 class BaseIdentity:
-    """The identity of a base model; see the module docstring for each field."""
+    """The identity of a base model; see the module docstring for each field.
+
+    ``source`` (not compared, not serialized) is a weak reference to the model it was taken
+    from, so a mismatch between two models alive here can name where they differ.
+    """
 
     architecture: str
     structure_hash: str
     config_hash: str | None = None
     fingerprint: str | None = None
+    source: weakref.ref[nn.Module] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            "architecture": self.architecture,
+            "structure_hash": self.structure_hash,
+            "config_hash": self.config_hash,
+            "fingerprint": self.fingerprint,
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.to_json()  # a weak reference does not pickle, nor mean anything elsewhere
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in {**state, "source": None}.items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BaseIdentity:
@@ -120,16 +142,19 @@ class BaseIdentity:
                 f"architecture: the plan was made from a {self.architecture}, this base is a "
                 f"{other.architecture}"
             )
+        plans, this = _alive(self.source), _alive(other.source)
         if self.structure_hash != other.structure_hash:
             found.append(
                 "structure: module paths, classes or tensor shapes differ (structure_hash "
                 f"{self.structure_hash[:12]} vs {other.structure_hash[:12]})"
+                + _where(plans, this, first_structure_difference)
             )
         if match == "structure":
             return found
         if self.config_hash != other.config_hash:
             found.append(
                 f"config: config_hash {_short(self.config_hash)} vs {_short(other.config_hash)}"
+                + _where(plans, this, lambda a, b: first_config_difference(*map(_config, (a, b))))
             )
         if self.fingerprint is None:
             found.append(
@@ -140,12 +165,28 @@ class BaseIdentity:
             found.append(
                 "fingerprint: parameter names, dtypes or sampled values differ (a different "
                 f"checkpoint or dtype; {_short(self.fingerprint)} vs {_short(other.fingerprint)})"
+                + _where(plans, this, first_weight_difference)
             )
         return found
 
 
 def _short(value: str | None) -> str:
     return "none" if value is None else value[:12]
+
+
+def _alive(source: weakref.ref[nn.Module] | None) -> nn.Module | None:
+    return None if source is None else source()
+
+
+def _where(plans: nn.Module | None, this: nn.Module | None, first: Any) -> str:
+    """``"; first difference: ..."`` when both models are alive here and it can be found."""
+    if plans is None or this is None:
+        return ""
+    try:
+        found = first(plans, this)
+    except Exception:  # naming the place is a courtesy: never hide the mismatch itself
+        return ""
+    return f"; first difference: {found}" if found else ""
 
 
 def identity_of(model: nn.Module, *, cache: bool = True) -> BaseIdentity:
@@ -158,12 +199,13 @@ def identity_of(model: nn.Module, *, cache: bool = True) -> BaseIdentity:
     pinned = model.__dict__.get(_PINNED)
     structure, weights, is_meta = _hashes(model, cache)
     if pinned is not None and pinned.structure_hash == structure and is_meta:
-        return pinned
+        return dataclasses.replace(pinned, source=weakref.ref(model))
     return BaseIdentity(
         architecture=original_class(model).__name__,
         structure_hash=structure,
         config_hash=config_hash(model),
         fingerprint=weights,
+        source=weakref.ref(model),
     )
 
 
@@ -307,6 +349,15 @@ def structure_hash(model: nn.Module) -> str:
 
 def config_hash(model: nn.Module) -> str | None:
     """Hash of the model's config (HF ``to_dict`` or a dataclass), or None if it has none."""
+    data = _config(model)
+    if data is None:
+        return None
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _config(model: nn.Module) -> dict[str, Any] | None:
+    """The model's config as the hash sees it (bookkeeping keys dropped), or None."""
     config = getattr(model, "config", None)
     if config is None:
         return None
@@ -316,9 +367,7 @@ def config_hash(model: nn.Module) -> str | None:
         data = dataclasses.asdict(config)
     else:
         return None
-    data = {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
-    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
 
 
 def fingerprint(model: nn.Module) -> str | None:
