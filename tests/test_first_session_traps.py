@@ -121,8 +121,16 @@ def test_an_answer_outside_the_vocabulary_names_the_argument_and_the_size() -> N
     with pytest.raises(AnswerTokenError, match=rf"wrong=.*id {VOCAB + 3}.*{VOCAB} tokens"):
         M.LogitDiff(correct=1, wrong=VOCAB + 3)(logits)
     ids = token_ids(batch=2, length=5)
-    with pytest.raises(AnswerTokenError, match="vocabulary"):
-        M.activation_patching(model, ids, ids.flip(0), metric)
+    calls: list[str] = []
+    counting = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(type(module).__name__)
+    )
+    try:
+        with pytest.raises(AnswerTokenError, match="vocabulary"):
+            M.activation_patching(model, ids, ids.flip(0), metric)
+    finally:
+        counting.remove()
+    assert calls == []  # refused before a single forward pass
 
 
 def test_valid_answers_still_measure_the_same() -> None:

@@ -82,7 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         raise CommandError(
-            f"serve needs {' and '.join(missing)}: python -m pip install 'torchsurgeon[remote]'"
+            f"serve needs {' and '.join(missing)}: python -m pip install -e . (from a checkout; "
+            f"they are core dependencies) or python -m pip install {' '.join(missing)}"
         )
     if args.ray and importlib.util.find_spec("ray") is None:
         raise CommandError("--ray needs ray: python -m pip install 'torchsurgeon[ray]'")

@@ -42,7 +42,13 @@ from torchsurgeon.layers.results import Backend, run
 from torchsurgeon.methods.batching import Side, logits_of, rewrite_at
 from torchsurgeon.methods.grid import EffectGrid
 from torchsurgeon.methods.layout import ModelLayout, d_head, layout_of, n_layers
-from torchsurgeon.methods.metrics import Metric, mean_metric, on_real_tokens
+from torchsurgeon.methods.metrics import (
+    Metric,
+    check_answers,
+    mean_metric,
+    on_real_tokens,
+    vocab_size,
+)
 from torchsurgeon.methods.patching import MEASURE, pair, pick_layers, pick_positions
 from torchsurgeon.methods.remote import logits_entry, plan_of, row_values, run_plan
 from torchsurgeon.methods.tokens import (
@@ -95,6 +101,7 @@ def attribution_patching(
     ``AnswerProbability``) takes two requests: the logits come back, its gradient is taken
     here and fed into the host's backward pass.
     """
+    check_answers(metric, vocab_size(model))  # before any forward pass
     model = wrap(model)
     layout = layout_of(model, layout)
     clean, mask = inputs(clean, attention_mask, "clean")

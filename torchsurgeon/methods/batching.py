@@ -42,7 +42,7 @@ from torch import nn
 from torchsurgeon.layers.expr import Expr, out
 from torchsurgeon.layers.patch import Patch
 from torchsurgeon.layers.results import Backend
-from torchsurgeon.methods.metrics import Metric, mean_metric
+from torchsurgeon.methods.metrics import Metric, check_answers, mean_metric, vocab_size
 from torchsurgeon.methods.remote import Run, host_sweep_pass, logits_entry
 from torchsurgeon.selectors.expression import SelectorStep
 from torchsurgeon.selectors.selection import select
@@ -215,6 +215,7 @@ def run_variants(
     ``progress`` shows a bar over the forward passes, labelled ``desc`` (see
     :func:`~torchsurgeon.surgery.progress.progress`).
     """
+    check_answers(metric, vocab_size(model))  # a bad answer id before any pass is paid for
     n = variant_ids.shape[0]
     lead = sum(ids.shape[0] for ids in fixed)
     per_pass = n_variants if max_rows is None else max(1, (max_rows - lead) // n)

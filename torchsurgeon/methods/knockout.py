@@ -35,7 +35,7 @@ from torchsurgeon.layers.results import Backend, run
 from torchsurgeon.methods.batching import Edit, PassEdits, RowLayout, rewrite_at
 from torchsurgeon.methods.grid import EffectGrid
 from torchsurgeon.methods.layout import ModelLayout, d_head, layout_of, n_layers
-from torchsurgeon.methods.metrics import Metric
+from torchsurgeon.methods.metrics import Metric, check_answers, vocab_size
 from torchsurgeon.methods.padding import variants_with_mask
 from torchsurgeon.methods.patching import pick_layers
 from torchsurgeon.methods.remote import Run, plan_of, run_plans
@@ -228,6 +228,7 @@ def head_knockout(
     ``progress`` shows a bar over the forward passes (default: on a terminal; ``False``
     never).
     """
+    check_answers(metric, vocab_size(model))  # before any forward pass
     model = wrap(model)
     layout = layout_of(model, layout)
     ids, mask = inputs(input_ids, attention_mask)

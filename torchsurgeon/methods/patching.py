@@ -46,7 +46,7 @@ from torchsurgeon.layers.results import Backend, run
 from torchsurgeon.methods.batching import Edit, insert_all, run_variants
 from torchsurgeon.methods.grid import EffectGrid
 from torchsurgeon.methods.layout import ModelLayout, d_head, layout_of, n_layers
-from torchsurgeon.methods.metrics import Metric
+from torchsurgeon.methods.metrics import Metric, check_answers, vocab_size
 from torchsurgeon.methods.tokens import Decoder, as_batch, position_labels
 from torchsurgeon.surgery.frozen import wrap
 
@@ -125,6 +125,7 @@ def activation_patching(
     ``progress`` shows a bar over the forward passes (default: on a terminal, unless
     ``TORCHSURGEON_PROGRESS=0``; ``False`` never).
     """
+    check_answers(metric, vocab_size(model))  # before any forward pass
     model = wrap(model)
     layout = layout_of(model, layout)
     clean, corrupted = pair(clean, corrupted)

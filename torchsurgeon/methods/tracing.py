@@ -42,7 +42,7 @@ from torchsurgeon.layers.results import Backend
 from torchsurgeon.methods.batching import Edit, RowLayout, logits_of, rewrite_at, run_variants
 from torchsurgeon.methods.grid import EffectGrid
 from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
-from torchsurgeon.methods.metrics import AnswerProbability, Metric
+from torchsurgeon.methods.metrics import AnswerProbability, Metric, check_answers, vocab_size
 from torchsurgeon.methods.patching import pick_layers, pick_positions
 from torchsurgeon.methods.remote import clean_top_probability, plan_of, run_plan
 from torchsurgeon.methods.tokens import Decoder, inputs, position_labels
@@ -117,6 +117,7 @@ def causal_tracing(
     when it is an ``AnswerProbability`` or a ``LogitDiff``: one number a row comes back.
     Any other metric reads the logits here.
     """
+    check_answers(metric, vocab_size(model))  # before any forward pass
     model = wrap(model)
     layout = layout_of(model, layout)
     ids, mask = inputs(input_ids, attention_mask)

@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from torchsurgeon.surgery.errors import SurgeryError
+
 __all__ = [
     "ELEMENTWISE",
     "PRODUCT",
@@ -139,8 +141,9 @@ _GATHERS = {"embedding", "index_select", "gather", "index", "take"}
 """Kernels that read only as many elements of their first input as they write."""
 
 
-class Uncalibrated(Exception):
-    """An operation computes in a dtype (or kind) this host has no measured rate for."""
+class Uncalibrated(SurgeryError):
+    """An operation computes in a dtype (or kind) this host has no measured rate for (the
+    estimate turns it into a ``422 unsupported_dtype`` naming the dtype)."""
 
     def __init__(self, dtype: torch.dtype, kind: str) -> None:
         super().__init__(f"{dtype} ({kind})")
