@@ -19,9 +19,9 @@ remote host.
 """
 
 # Subpackages that build on the core above: plans (rewrites as data), pictures, converted
-# models, research methods and tensor-parallel models. ``remote`` imports its web stack
-# lazily.
-from torchsurgeon import distributed, layers, methods, models, plans, remote, viz
+# models and research methods. ``remote`` imports its web stack lazily, and
+# ``ts.distributed`` (DTensor and torch._dynamo: ~2 CPU-seconds) is imported on first use.
+from torchsurgeon import layers, methods, models, plans, remote, viz
 from torchsurgeon.layers import (
     Index,
     Result,
@@ -112,3 +112,14 @@ __all__ = [
     "viz",
     "wrap",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``ts.distributed``, imported when first used (it pulls in DTensor and dynamo)."""
+    if name == "distributed":
+        import importlib
+
+        module = importlib.import_module("torchsurgeon.distributed")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'torchsurgeon' has no attribute {name!r}")

@@ -43,13 +43,13 @@ seeds its generator with it; locally ``steer`` then samples under
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers.generation import utils as generation_utils
 
 from torchsurgeon.layers.base import Steps
 from torchsurgeon.layers.edit import Add
@@ -81,10 +81,18 @@ _MANAGED = (
     "max_new_tokens",
     "output_scores",
 )
+
+
 # transformers renamed ``generate``'s ``past_key_values`` to ``cache`` (5.24 warns on the old
 # name); pass whichever this version reads.
-_CACHE_NAMES = getattr(generation_utils, "ALL_CACHE_NAMES", ())
-_CACHE_KWARG = "cache" if "cache" in _CACHE_NAMES else "past_key_values"
+@functools.cache
+def _cache_kwarg() -> str:
+    """``generate``'s name for a KV cache (read on use: transformers.generation pulls in
+    torch._dynamo, a second of CPU at ``import torchsurgeon``)."""
+    from transformers.generation import utils as generation_utils
+
+    names = getattr(generation_utils, "ALL_CACHE_NAMES", ())
+    return "cache" if "cache" in names else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -387,7 +395,7 @@ def _generate_in_two(
         kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     cache = getattr(first, "cache", None) or first.past_key_values
     rest = step_model.generate(
-        sequences, **{_CACHE_KWARG: cache}, max_new_tokens=max_new_tokens - 1, **kwargs
+        sequences, **{_cache_kwarg(): cache}, max_new_tokens=max_new_tokens - 1, **kwargs
     )
     if bool(done.any()) and pad is not None:
         rest = rest.clone()
