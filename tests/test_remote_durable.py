@@ -1,8 +1,9 @@
 """A host's jobs outlive the host: restarts, retried submissions, clients that reconnect.
 
 The fast tests build a host in this process on a state directory whose rows were written
-as a crash leaves them (queued, running once, running twice, a lost result file) and check
-what the host restarted on it answers; they retry submissions with and without the same
+as a crash or a stop leaves them (queued, running when the host went down, queued again by
+a stopping host, a lost result file) and check what the host restarted on it answers (a job
+that was running when the host went down is never run again: it may be what took it down); they retry submissions with and without the same
 request id, and point clients at hosts that are gone. The slow test is the real thing: it
 starts ``python -m torchsurgeon.remote.serve`` on a state directory, SIGKILLs it while 20
 clients wait, starts it again, and checks that every client gets its result (equal to a
@@ -93,6 +94,8 @@ def test_a_restarted_host_finishes_what_its_state_dir_holds(
         ("queued", alice, "gpt2", "k1", body, {}),
         ("ran-once", alice, "gpt2", None, body, {"state": "running", "attempts": 1}),
         ("ran-twice", alice, "gpt2", None, body, {"state": "running", "attempts": 2}),
+        ("stopped-once", alice, "gpt2", None, body, {"state": "queued", "attempts": 1}),
+        ("stopped-twice", alice, "gpt2", None, body, {"state": "queued", "attempts": 2}),
         ("lost", alice, "gpt2", None, None, {"state": "done", "result_bytes": 10}),
         ("moved", alice, "gpt5", None, body, {}),
         ("bobs", bob, "gpt2", None, body, {}),
@@ -116,17 +119,20 @@ def test_a_restarted_host_finishes_what_its_state_dir_holds(
         states = {k: (j.state, j.error and j.error.code) for k, j in jobs.items()}
         assert states == {
             "queued": ("done", None),
-            "ran-once": ("done", None),
+            "ran-once": ("error", "host_restarted"),  # it may be what took the host down
             "ran-twice": ("error", "host_restarted"),
+            "stopped-once": ("done", None),  # a stopping host requeued it
+            "stopped-twice": ("error", "host_restarted"),
             "lost": ("error", "result_lost"),
             "moved": ("error", "not_found"),  # validated again before it ran
             "bobs": ("done", None),
         }
-        assert "restarted while this job ran" in jobs["ran-twice"].error.message
+        assert "went down while this job ran" in jobs["ran-once"].error.message
+        assert "not run again" in jobs["stopped-twice"].error.message
         assert "no model 'gpt5'" in jobs["moved"].error.message
-        assert jobs["ran-once"].attempts == 2
+        assert jobs["stopped-once"].attempts == 2
         want = ts.run(probe, ids)
-        for job_id in ("queued", "ran-once", "bobs"):
+        for job_id in ("queued", "stopped-once", "bobs"):
             saved = decode_result(store.result_path(job_id).read_bytes())
             assert_equal_results(saved, want)
         with pytest.raises(ApiError) as hidden:

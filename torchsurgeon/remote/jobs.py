@@ -65,7 +65,7 @@ RUN_ALONE = "run_alone"
 time, so each job of it is judged on its own cost)."""
 
 MAX_ATTEMPTS = 2
-"""Runs a job gets in all: a job running when the host stopped runs once more."""
+"""Runs a job gets in all: a job a stopping host interrupted runs once more."""
 TOMBSTONE_SECONDS = 24 * 3600.0
 """How long an expired job still answers ``410 expired`` (then: ``404``, like any unknown id)."""
 
@@ -196,7 +196,8 @@ class JobQueue:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop dispatching, give running jobs up to ``timeout`` s in all, close the store.
 
-        A job still running then stays ``running`` in the store and runs again on restart.
+        A job still running then is ``queued`` again in the store and runs again on restart
+        (a job left ``running`` means the host went down during it: it is not run again).
         """
         with self._lock:
             self._stopping = True
@@ -208,6 +209,9 @@ class JobQueue:
                 thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._closed = True
+            interrupted = [j.id for j in self._jobs.values() if j.state == "running"]
+        for job_id in interrupted:  # stopped by us, not the cause of a crash: run again
+            self._persist(self.store.update, job_id, state="queued")
         self.store.close()
 
     # ----------------------------------------------------------------- clients
@@ -805,7 +809,9 @@ class JobQueue:
     # ----------------------------------------------------------------- restarts
 
     def _restore(self) -> None:
-        """Read the store back: queued jobs queue again, interrupted runs run once more.
+        """Read the store back: queued jobs queue again (those a stopping host interrupted
+        too, once); a job the store says was running when the host went down is not run
+        again, since it may be what took the host down.
 
         The store quarantines rows that are not jobs; a done job's size is its file's.
         A change that cannot be written (a full disk) is logged and made once space is back.
@@ -819,7 +825,13 @@ class JobQueue:
                     "insufficient_storage",
                     "the result of this job did not fit on the host's disk; it is not run again",
                 )
-            elif row.state in ("queued", "running") and row.attempts < MAX_ATTEMPTS:
+            elif row.state == "running":  # the host went down while it ran: it may be why
+                failure = JobError(
+                    "host_restarted",
+                    "the host went down while this job ran; a job that may have taken the host "
+                    "down is not run again (submit it again if it was not the cause)",
+                )
+            elif row.state == "queued" and row.attempts < MAX_ATTEMPTS:
                 if row.has_request and self._revive is not None:
                     job.state, job.work = "queued", self._revived(row.id, row.model)
                     self._persist(self.store.update, job.id, state="queued")
@@ -830,11 +842,11 @@ class JobQueue:
                     "host_restarted",
                     "the host restarted before this job finished, and its request was not kept",
                 )
-            elif row.state == "running":
+            elif row.state == "queued":
                 failure = JobError(
                     "host_restarted",
-                    f"the host restarted while this job ran (it had been started {row.attempts} "
-                    "times, each interrupted); it is not run again",
+                    f"the host stopped while this job ran, {row.attempts} times; it is not run "
+                    "again",
                 )
             elif row.state == "done" and not self.store.result_path(row.id).is_file():
                 failure = JobError("result_lost", "the result file of this job is missing")
