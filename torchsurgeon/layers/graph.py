@@ -14,11 +14,8 @@ under ``torch.compile(fullgraph=True)`` with no graph break.
 
 from __future__ import annotations
 
-import math
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +36,26 @@ from torchsurgeon.layers.allowed import (
     params_of,
 )
 from torchsurgeon.layers.expr import Expr, as_expr
+from torchsurgeon.layers.guards import (
+    cancelled_by,
+    current_deadline,
+    current_guard,
+    deadline,
+    run_guard,
+)
 from torchsurgeon.surgery.errors import PathError
 from torchsurgeon.surgery.paths import get_at
 
-__all__ = ["Graph", "RunValues", "cancelled_by", "current_deadline", "deadline", "device_of"]
+__all__ = [
+    "Graph",
+    "RunValues",
+    "cancelled_by",
+    "current_deadline",
+    "current_guard",
+    "deadline",
+    "device_of",
+    "run_guard",
+]
 
 
 # --------------------------------------------------------------------------- graphs
@@ -223,10 +236,13 @@ class Graph:
         if device is not None and any(t.device != device for t in constants):
             constants = [t.to(device) for t in constants]
         results: list[Any] = []
+        guard = current_guard()
         for i, (op, args, params) in enumerate(self.nodes):
             deadline = current_deadline()  # per node: a cancel from another thread counts
             if deadline is not None and time.monotonic() > deadline:
                 raise ExpressionError(f"node {i}: the run went past its time limit")
+            if guard is not None:
+                guard()  # raises its own error (a host's memory watch)
             inputs = [results[a] for a in args]
             p = dict(params)
             try:
@@ -269,40 +285,6 @@ class Graph:
 
 
 _NOTHING = RunValues()
-_DEADLINE = threading.local()
-
-
-@contextmanager
-def deadline(at: float | None) -> Iterator[None]:
-    """While the block runs, this thread's graphs stop at ``time.monotonic() > at`` (checked
-    before every node: a host's run time applies inside an expression too)."""
-    before = getattr(_DEADLINE, "at", None)
-    _DEADLINE.at = at
-    try:
-        yield
-    finally:
-        _DEADLINE.at = before
-
-
-@contextmanager
-def cancelled_by(flag: threading.Event) -> Iterator[None]:
-    """While the block runs, setting ``flag`` (from any thread) stops this thread's run at
-    its next deadline check, as if its deadline had passed (a host cancelling a job)."""
-    before = getattr(_DEADLINE, "cancel", None)
-    _DEADLINE.cancel = flag
-    try:
-        yield
-    finally:
-        _DEADLINE.cancel = before
-
-
-def current_deadline() -> float | None:
-    """This thread's deadline (a ``time.monotonic()`` value), or None outside :func:`deadline`;
-    ``-inf`` once the run was cancelled (:func:`cancelled_by`)."""
-    cancel = getattr(_DEADLINE, "cancel", None)
-    if cancel is not None and cancel.is_set():
-        return -math.inf
-    return getattr(_DEADLINE, "at", None)
 
 
 def device_of(*values: Any) -> torch.device | None:

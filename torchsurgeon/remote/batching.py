@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers.base import Recorder
-from torchsurgeon.layers.graph import deadline
+from torchsurgeon.layers.guards import deadline
 from torchsurgeon.layers.results import Result, run_with
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.remote.deadline import JobTimeout

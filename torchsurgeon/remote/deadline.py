@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from torchsurgeon.layers.graph import current_deadline
+from torchsurgeon.layers.guards import current_deadline, current_guard
 from torchsurgeon.surgery.paths import iter_nodes
 from torchsurgeon.surgery.rewrite import Edit, rewrite
 
@@ -48,3 +48,6 @@ def _check(module: nn.Module, args: Any) -> None:
     at = current_deadline()
     if at is not None and time.monotonic() > at:
         raise JobTimeout("the run went past its deadline")
+    guard = current_guard()
+    if guard is not None:
+        guard()  # the host's memory watch (remote/memory.py)

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers.allowed import ExpressionError
-from torchsurgeon.layers.graph import deadline as expression_deadline
+from torchsurgeon.layers.guards import deadline as expression_deadline
+from torchsurgeon.layers.guards import run_guard
 from torchsurgeon.layers.results import Result, run_with
 from torchsurgeon.layers.session import training_result
 from torchsurgeon.layers.training import Batch, Optimizer, train, trainable, with_tensors
@@ -37,6 +38,7 @@ from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.limits import GRAD_LAYERS, Cost, Limits
 from torchsurgeon.remote.limits import estimate as estimate_cost
+from torchsurgeon.remote.memory import HostMemoryExceeded, watch
 from torchsurgeon.remote.progress import report
 from torchsurgeon.remote.transfer import Inputs, decode_submission, encode_result, result_nbytes
 from torchsurgeon.surgery.errors import SurgeryError
@@ -252,10 +254,12 @@ def run_submission(hosted: HostedModel, runs: list[PreparedRun], limits: Limits)
     encoded result."""
     deadline = time.monotonic() + limits.max_run_seconds
     try:
-        with expression_deadline(deadline):
+        with expression_deadline(deadline), run_guard(watch(limits.max_host_memory_bytes)):
             return _run_all(hosted, runs, limits)
     except JobTimeout:
         raise timed_out(limits) from None
+    except HostMemoryExceeded as error:
+        raise ApiError(507, "host_memory", str(error), "max_host_memory_bytes") from None
     except PlanError as error:
         raise ApiError(422, "bad_returning", str(error), "returning") from None
     except ExpressionError as error:

@@ -30,6 +30,7 @@ from torchsurgeon.remote.execution import prepare_submission, run_submission
 from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.jobs import JobQueue, JobRecord
 from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.memory import fitted
 from torchsurgeon.remote.store import JobStore
 from torchsurgeon.remote.tp_pool import TensorParallelPool
 
@@ -65,7 +66,7 @@ class Host:
         group is placed in it (default: the host's private one)."""
         if not models:
             raise ValueError("a host needs at least one model")
-        self.limits = limits or Limits()
+        self.limits = fitted(limits or Limits(), workers)  # each run's share of memory
         self._keys = None if api_keys is None else {_digest(k): _digest(k)[:16] for k in api_keys}
         if self._keys is not None and not self._keys:
             raise ValueError("api_keys is empty: pass None to serve without keys")

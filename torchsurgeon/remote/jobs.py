@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from torchsurgeon.layers.graph import cancelled_by
+from torchsurgeon.layers.guards import cancelled_by
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.progress import reporting_to

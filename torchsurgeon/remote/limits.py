@@ -124,6 +124,11 @@ class Limits:
     """Runs in one session request (each is checked and estimated like a request)."""
     max_expr_nodes: int = 1024
     """Nodes in one expression graph of a plan (a layer's, or a computed value's)."""
+    max_host_memory_bytes: int | None = None
+    """The host process's memory ceiling: a run is stopped (``507 host_memory``) once the
+    process holds more (read between module calls and expression nodes), and each run's
+    estimate may take at most half of it over the workers (see ``remote/memory.py``).
+    ``None``: 90% of what the machine, or its cgroup, allows."""
     max_cached_plan_bytes: int = 256 << 20
     """Bytes of read plans and their views a host keeps per model for the next request
     (least recently used dropped first; a bigger plan is not kept)."""
@@ -204,6 +209,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "max_activation_bytes": (1, 1 << 50),
     "max_result_bytes_per_key": (1, 1 << 50),
     "max_cached_plan_bytes": (0, 1 << 40),
+    "max_host_memory_bytes": (1 << 20, 1 << 50),
     **dict.fromkeys(("max_saves", "max_text_items", "max_abandoned_runs"), (0, 1 << 20)),
     **dict.fromkeys(("max_steps", "max_tensor_ops", "max_json_items"), (1, 1 << 30)),
     **dict.fromkeys(("max_queue_per_key", "max_running_per_key"), (1, 1 << 20)),

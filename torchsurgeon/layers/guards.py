@@ -1,0 +1,65 @@
+"""A run's limits as thread state: its deadline, a cancel flag, a guard (a host's memory
+watch). Expressions check them before every node; a host checks them before every module
+call of its base (``torchsurgeon.remote.deadline``). Outside a run nothing is set and the
+checks return at once."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+__all__ = ["cancelled_by", "current_deadline", "current_guard", "deadline", "run_guard"]
+
+_DEADLINE = threading.local()
+
+
+@contextmanager
+def deadline(at: float | None) -> Iterator[None]:
+    """While the block runs, this thread's graphs stop at ``time.monotonic() > at`` (checked
+    before every node: a host's run time applies inside an expression too)."""
+    before = getattr(_DEADLINE, "at", None)
+    _DEADLINE.at = at
+    try:
+        yield
+    finally:
+        _DEADLINE.at = before
+
+
+@contextmanager
+def cancelled_by(flag: threading.Event) -> Iterator[None]:
+    """While the block runs, setting ``flag`` (from any thread) stops this thread's run at
+    its next deadline check, as if its deadline had passed (a host cancelling a job)."""
+    before = getattr(_DEADLINE, "cancel", None)
+    _DEADLINE.cancel = flag
+    try:
+        yield
+    finally:
+        _DEADLINE.cancel = before
+
+
+@contextmanager
+def run_guard(check: Callable[[], None] | None) -> Iterator[None]:
+    """While the block runs, ``check()`` runs before every expression node (and, on a host,
+    every module call of its base): a host's memory watch stops a run with its own error."""
+    before = getattr(_DEADLINE, "guard", None)
+    _DEADLINE.guard = check
+    try:
+        yield
+    finally:
+        _DEADLINE.guard = before
+
+
+def current_guard() -> Callable[[], None] | None:
+    """This thread's :func:`run_guard` check, if any."""
+    return getattr(_DEADLINE, "guard", None)
+
+
+def current_deadline() -> float | None:
+    """This thread's deadline (a ``time.monotonic()`` value), or None outside :func:`deadline`;
+    ``-inf`` once the run was cancelled (:func:`cancelled_by`)."""
+    cancel = getattr(_DEADLINE, "cancel", None)
+    if cancel is not None and cancel.is_set():
+        return -math.inf
+    return getattr(_DEADLINE, "at", None)
