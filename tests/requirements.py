@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-__all__ = ["in_ci", "require"]
+__all__ = ["in_ci", "require", "soak"]
 
 
 def in_ci() -> bool:
@@ -31,3 +31,13 @@ def require(module: str, reason: str | None = None) -> ModuleType:
         if in_ci():
             pytest.fail(f"{why}: {error}")
         pytest.skip(why)
+
+
+def soak(name: str, full: int, quick: int) -> int:
+    """How many rounds a soak or fuzz loop runs: ``$name`` when set; else ``full`` where
+    ``TORCHSURGEON_SOAK=full`` or in CI (``.ci/run`` sets both), else ``quick`` — so the
+    README's test command stays quick on a contributor's machine and CI runs every round."""
+    if os.environ.get(name):
+        return int(os.environ[name])
+    full_run = os.environ.get("TORCHSURGEON_SOAK", "").lower() == "full" or in_ci()
+    return full if full_run else quick

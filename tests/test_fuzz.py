@@ -31,6 +31,7 @@ import pytest
 import torch
 from host_cases import raw_file, rss, save_tokenizer
 from plan_cases import HIDDEN, full_digest, make_gpt2
+from requirements import soak
 
 import torchsurgeon as ts
 from torchsurgeon.plans import plan
@@ -41,7 +42,7 @@ from torchsurgeon.remote.transfer import REQUEST_KEY
 pytestmark = pytest.mark.slow
 
 SEED = 20_260_611
-REQUESTS = int(__import__("os").environ.get("FUZZ_N", 10_000))
+REQUESTS = soak("FUZZ_N", full=10_000, quick=2_000)
 RAW = "@@raw@@"
 """A placeholder string; after ``json.dumps`` it is replaced by raw (non-JSON-able) text."""
 

@@ -43,7 +43,6 @@ import copy
 import ctypes
 import gc
 import json
-import os
 import random
 import threading
 import time
@@ -58,6 +57,7 @@ import pytest
 import torch
 from host_cases import PeakRss, raw_file, rss, save_tokenizer
 from plan_cases import HIDDEN, VOCAB, full_digest, make_gpt2
+from requirements import soak
 
 import torchsurgeon as ts
 from torchsurgeon.layers.allowed import DTYPE_NAMES, LEAVES, OPS, REQUIRED, is_number, params_of
@@ -69,7 +69,7 @@ from torchsurgeon.remote.transfer import Inputs, decode_result, encode_request, 
 pytestmark = pytest.mark.slow
 
 SEED = 20_260_612
-GRAPHS = int(os.environ.get("FUZZ_EXPR_N", 5_000))
+GRAPHS = soak("FUZZ_EXPR_N", full=5_000, quick=800)
 WARM_UP = 200
 """Mutated graphs sent before memory is measured (lazy imports, caches, first kernels)."""
 CLIENTS = 2

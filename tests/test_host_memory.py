@@ -16,12 +16,13 @@ import pytest
 import torch
 from host_cases import rss
 from plan_cases import HIDDEN, full_digest, make_gpt2, token_ids
+from requirements import soak
 
 import torchsurgeon as ts
 from torchsurgeon.plans import plan
 from torchsurgeon.remote import Client, create_app, serve_in_thread
 
-REQUESTS = 5_000
+REQUESTS = soak("SOAK_SEQUENTIAL_N", full=5_000, quick=1_000)
 
 
 @pytest.mark.slow

@@ -33,3 +33,19 @@ def test_readme_python_example_runs() -> None:
     assert blocks, "the README must show torchsurgeon in at least one ```python block"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_soak_loops_are_reduced_by_default_and_full_in_ci(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from requirements import soak
+
+    for name in ("CI", "TORCHSURGEON_SOAK", "FUZZ_N"):
+        monkeypatch.delenv(name, raising=False)
+    assert soak("FUZZ_N", full=10, quick=2) == 2
+    monkeypatch.setenv("TORCHSURGEON_SOAK", "full")
+    assert soak("FUZZ_N", full=10, quick=2) == 10
+    monkeypatch.delenv("TORCHSURGEON_SOAK")
+    monkeypatch.setenv("CI", "true")
+    assert soak("FUZZ_N", full=10, quick=2) == 10
+    monkeypatch.setenv("FUZZ_N", "7")
+    assert soak("FUZZ_N", full=10, quick=2) == 7
+    assert "export TORCHSURGEON_SOAK=full" in (ROOT / ".ci" / "run").read_text()

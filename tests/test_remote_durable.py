@@ -3,8 +3,9 @@
 The fast tests build a host in this process on a state directory whose rows were written
 as a crash or a stop leaves them (queued, running when the host went down, queued again by
 a stopping host, a lost result file) and check what the host restarted on it answers (a job
-that was running when the host went down is never run again: it may be what took it down); they retry submissions with and without the same
-request id, and point clients at hosts that are gone. The slow test is the real thing: it
+that was running when the host went down is never run again: it may be what took it down);
+they retry submissions with and without the same request id, and point clients at hosts
+that are gone. The slow test is the real thing: it
 starts ``python -m torchsurgeon.remote.serve`` on a state directory, SIGKILLs it while 20
 clients wait, starts it again, and checks that every client gets its result (equal to a
 local run) or a ``RemoteError`` naming what happened; then it SIGTERMs the host while a

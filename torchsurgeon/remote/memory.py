@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from torchsurgeon.remote.limits import Limits
+from torchsurgeon.surgery.errors import SurgeryError
 
 __all__ = [
     "CHECK_SECONDS",
@@ -42,7 +43,7 @@ ESTIMATE_FRACTION = 0.5
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-class HostMemoryExceeded(RuntimeError):
+class HostMemoryExceeded(SurgeryError, RuntimeError):
     """A run stopped because the host process went over its memory ceiling."""
 
 
