@@ -258,3 +258,21 @@ MALFORMED: list[tuple[str, Callable[[Plan], bytes], str]] = [
 
 def manifest_json(plan: Plan) -> str:
     return json.dumps(plan.manifest()[0], sort_keys=True)
+
+
+TEXTS = ["the cat sat on the mat", "hello world", "a dog"]
+"""Texts that :func:`save_tokenizer`'s vocabulary covers."""
+
+
+def save_tokenizer(directory: Any) -> None:
+    """A word-level tokenizer built from local data (no download), saved beside the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "hello", "world"]
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]"
+    ).save_pretrained(directory)

@@ -13,26 +13,10 @@ from typing import Any
 
 import pytest
 import torch
-from plan_cases import make_gpt2, make_llama
+from plan_cases import TEXTS, make_gpt2, make_llama, save_tokenizer
 
 import torchsurgeon as ts
 from torchsurgeon.models.errors import CheckpointError
-
-TEXTS = ["the cat sat on the mat", "hello world", "a dog"]
-
-
-def save_tokenizer(directory: Path) -> None:
-    """A word-level tokenizer built from local data (no download), saved beside the model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "hello", "world"]
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]"
-    ).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from plan_cases import HIDDEN, VOCAB, make_gpt2, make_llama, token_ids
+from plan_cases import HIDDEN, TEXTS, VOCAB, make_gpt2, make_llama, save_tokenizer, token_ids
 from requirements import require
 from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForCausalLM
 
@@ -32,22 +32,7 @@ from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.transfer import Inputs, decode_request, decode_result, encode_request
 
 FAMILIES = ("gpt2", "llama")
-TEXTS = ["the cat sat on the mat", "hello world", "a dog"]
 HEAD = 1
-
-
-def save_tokenizer(directory: Path) -> None:
-    """A word-level tokenizer built from local data (no download), saved beside the model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "hello", "world"]
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]"
-    ).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
