@@ -264,12 +264,13 @@ TEXTS = ["the cat sat on the mat", "hello world", "a dog"]
 """Texts that :func:`save_tokenizer`'s vocabulary covers."""
 
 
-def save_tokenizer(directory: Any) -> None:
-    """A word-level tokenizer built from local data (no download), saved beside the model."""
+def save_tokenizer(directory: Any, extra: tuple[str, ...] = ()) -> None:
+    """A word-level tokenizer built from local data (no download), saved beside the model
+    (``extra``: words after the usual ones)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "hello", "world"]
+    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "hello", "world", *extra]
     vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()

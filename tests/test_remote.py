@@ -36,6 +36,7 @@ from plan_cases import (
     make_gpt2,
     make_llama,
     rewrite_with,
+    save_tokenizer,
     token_ids,
 )
 from requirements import require
@@ -63,24 +64,11 @@ LIMITS = Limits(
 # --------------------------------------------------------------------------- fixtures
 
 
-def _tokenizer(directory: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "hello", "world", "plans"]
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]"
-    ).save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hosted")
     make_gpt2().save_pretrained(root / "gpt2")
-    _tokenizer(root / "gpt2")
+    save_tokenizer(root / "gpt2", extra=("plans",))
     make_llama().save_pretrained(root / "llama")
     return {"gpt2": root / "gpt2", "llama": root / "llama"}
 
