@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 __all__ = ["cancelled_by", "current_deadline", "current_guard", "deadline", "run_guard"]
 
@@ -16,39 +16,32 @@ _DEADLINE = threading.local()
 
 
 @contextmanager
-def deadline(at: float | None) -> Iterator[None]:
+def _set(name: str, value: object) -> Iterator[None]:
+    """This thread's ``name`` is ``value`` while the block runs (nested blocks restore)."""
+    before = getattr(_DEADLINE, name, None)
+    setattr(_DEADLINE, name, value)
+    try:
+        yield
+    finally:
+        setattr(_DEADLINE, name, before)
+
+
+def deadline(at: float | None) -> AbstractContextManager[None]:
     """While the block runs, this thread's graphs stop at ``time.monotonic() > at`` (checked
     before every node: a host's run time applies inside an expression too)."""
-    before = getattr(_DEADLINE, "at", None)
-    _DEADLINE.at = at
-    try:
-        yield
-    finally:
-        _DEADLINE.at = before
+    return _set("at", at)
 
 
-@contextmanager
-def cancelled_by(flag: threading.Event) -> Iterator[None]:
+def cancelled_by(flag: threading.Event) -> AbstractContextManager[None]:
     """While the block runs, setting ``flag`` (from any thread) stops this thread's run at
     its next deadline check, as if its deadline had passed (a host cancelling a job)."""
-    before = getattr(_DEADLINE, "cancel", None)
-    _DEADLINE.cancel = flag
-    try:
-        yield
-    finally:
-        _DEADLINE.cancel = before
+    return _set("cancel", flag)
 
 
-@contextmanager
-def run_guard(check: Callable[[], None] | None) -> Iterator[None]:
+def run_guard(check: Callable[[], None] | None) -> AbstractContextManager[None]:
     """While the block runs, ``check()`` runs before every expression node (and, on a host,
     every module call of its base): a host's memory watch stops a run with its own error."""
-    before = getattr(_DEADLINE, "guard", None)
-    _DEADLINE.guard = check
-    try:
-        yield
-    finally:
-        _DEADLINE.guard = before
+    return _set("guard", check)
 
 
 def current_guard() -> Callable[[], None] | None:
