@@ -224,7 +224,7 @@ def busy_host(gpt2: Any) -> Iterator[tuple[str, Any]]:
     host = app.state.host
     release = threading.Event()
     with serve_in_thread(app) as server:
-        host.queue.submit(host.owner(None), "gpt2", lambda: release.wait(300) and b"")
+        host.queue.submit(host.owner(None), "gpt2", lambda _: release.wait(300) and b"")
         try:
             yield server.url, host
         finally:

@@ -231,7 +231,7 @@ def _queue_run(costs: dict[str, float]) -> tuple[list[list[str]], list[str], dic
     seen: list[list[str]] = []
     ran: list[str] = []
 
-    def batcher(parts: list[_Part]) -> list[tuple[bytes | None, Any]]:
+    def batcher(parts: list[_Part], deadline: float) -> list[tuple[bytes | None, Any]]:
         seen.append([part.name for part in parts])
         return [(None, RUN_ALONE)] * len(parts)
 
@@ -239,7 +239,7 @@ def _queue_run(costs: dict[str, float]) -> tuple[list[list[str]], list[str], dic
     queue = JobQueue(1, limits, JobStore(None), batcher=batcher)
     try:
         gate = threading.Event()
-        blocker = queue.submit("first", "m", lambda: gate.wait(30) and b"x")
+        blocker = queue.submit("first", "m", lambda _: gate.wait(30) and b"x")
         queue.start()
         deadline = time.monotonic() + 30
         while blocker.state != "running" and time.monotonic() < deadline:
@@ -248,7 +248,7 @@ def _queue_run(costs: dict[str, float]) -> tuple[list[list[str]], list[str], dic
             name: queue.submit(
                 name,
                 "m",
-                lambda name=name: ran.append(name) or name.encode(),
+                lambda _, name=name: ran.append(name) or name.encode(),
                 batch_key="k",
                 part=_Part(name, Cost(0, 0, 0, seconds=seconds)),
             )

@@ -92,8 +92,8 @@ class Hosting:
 
     def base_digests(self) -> dict[str, Any]:
         host = self.app.state.host
-        if host.pool is not None:
-            return {"replicas": host.pool.fingerprints()}
+        if self.mode == "ray":
+            return {"replicas": host.executor.fingerprints()}
         return {name: full_digest(m.base) for name, m in host.models.items()}
 
     def assert_bases_unchanged(self) -> None:
@@ -409,7 +409,7 @@ def test_queue_positions_and_the_per_key_limit(
     url, app = tight
     host = app.state.host
     release = threading.Event()
-    blocker = host.queue.submit(host.owner(KEYS[0]), "gpt2", lambda: release.wait(30) and b"")
+    blocker = host.queue.submit(host.owner(KEYS[0]), "gpt2", lambda _: release.wait(30) and b"")
     with Client(url, KEYS[0], progress=False) as alice, Client(url, KEYS[1], progress=False) as bob:
         try:
             mine = alice.submit(plan(local["gpt2"]), token_ids())
@@ -474,7 +474,7 @@ def test_loopback_load_8_clients_25_requests_each(
     assert elapsed < 120, f"200 requests took {elapsed:.1f} s"
     host.assert_bases_unchanged()
     if host.mode == "ray":
-        served = host.app.state.host.pool.served()
+        served = host.app.state.host.executor.served()
         assert len(served) == 2 and min(served) > 0, served
 
 

@@ -13,6 +13,7 @@ checked in-process, without a server.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from torchsurgeon.plans import Plan, apply, plan
 from torchsurgeon.plans.errors import PlanFormatError
 from torchsurgeon.remote import Client, Limits, RemoteError, create_app, serve_in_thread
 from torchsurgeon.remote.errors import ApiError
+from torchsurgeon.remote.executor import single
 from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.transfer import Inputs, decode_request, decode_result, encode_request
 
@@ -320,16 +322,16 @@ def test_ray_replicas_load_the_conversion(checkpoints: dict[str, Path]) -> None:
     sources = {"gpt2": LocalCheckpoint(checkpoints["gpt2"], convert=True)}
     pool = RayPool(sources, 1, limits, threads=1)
     try:
-        hosted = pool.hosted(sources)["gpt2"]
+        hosted = pool.hosted()["gpt2"]
         assert hosted.converted and hosted.takes_text
         assert hosted.describe()["architecture"] == "Transformer"
         probe = knock_out_head(hosted.base)  # the stand-in: a real conversion on meta
         body = encode_request(plan(probe).to_bytes(), [TEXTS], {})
         plan_bytes, inputs = decode_request(body, limits)
         hosted.prepare(Plan.from_bytes(plan_bytes), limits, inputs)  # checked, estimated
-        got = decode_result(pool.run("gpt2", body))
+        got = decode_result(single(pool.run("gpt2", [body], time.monotonic() + 600)))
     finally:
-        pool.shutdown()
+        pool.close()
     local = apply(plan(probe), ts.load(checkpoints["gpt2"]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the replica: CPU sums in the same order

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import torchsurgeon as ts
-import torchsurgeon.remote.host as host_module
+import torchsurgeon.remote.execution as host_module
 from torchsurgeon.plans import plan
 from torchsurgeon.remote import ApiError, Client, Limits, RemoteError, create_app, serve_in_thread
 from torchsurgeon.remote.hosted import HostedModel
@@ -70,8 +70,8 @@ def test_keys_take_turns_and_positions_follow_them(queue: Callable[..., JobQueue
     gate = threading.Event()
     ran: list[str] = []
 
-    def work(name: str) -> Callable[[], bytes]:
-        def run() -> bytes:
+    def work(name: str) -> Callable[[float], bytes]:
+        def run(deadline: float) -> bytes:
             gate.wait(30)
             ran.append(name)
             return name.encode()
@@ -94,12 +94,12 @@ def test_keys_take_turns_and_positions_follow_them(queue: Callable[..., JobQueue
 def test_one_key_never_holds_every_worker(queue: Callable[..., JobQueue]) -> None:
     jobs = queue(workers=3)
     gate = threading.Event()
-    flood = [jobs.submit("a", "m", lambda: gate.wait(30) and b"a") for _ in range(5)]
+    flood = [jobs.submit("a", "m", lambda _: gate.wait(30) and b"a") for _ in range(5)]
     jobs.start()
     wait_until(lambda: sum(j.state == "running" for j in flood) == 2, "two of a's jobs running")
     time.sleep(0.1)
     assert sum(j.state == "running" for j in flood) == 2  # every worker but one
-    other = jobs.submit("b", "m", lambda: b"b")
+    other = jobs.submit("b", "m", lambda _: b"b")
     wait_until(lambda: other.state == "done", "b's job finishing while a's flood waits")
     gate.set()
     wait_until(lambda: all(j.state == "done" for j in flood), "the flood finishing")
@@ -111,7 +111,7 @@ def test_a_failed_job_keeps_plain_error_data_and_no_tensors(
     jobs = queue(workers=1)
     held: list[weakref.ref[torch.Tensor]] = []
 
-    def failing() -> bytes:
+    def failing(deadline: float) -> bytes:
         activations = torch.zeros(1 << 20)  # what a run's frames hold when it fails
         held.append(weakref.ref(activations))
         raise ApiError(422, "run_failed", "it went wrong", "steps")

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,12 +32,12 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from plan_cases import BLOCKS, HIDDEN, VOCAB, make_gpt2
+from plan_cases import BLOCKS, HIDDEN, VOCAB, make_gpt2, token_ids
 from requirements import require
 from transformers import AutoModelForCausalLM
 
 import torchsurgeon as ts
-from torchsurgeon.remote import Client, RemoteError, create_app, serve_in_thread
+from torchsurgeon.remote import Client, Limits, RemoteError, create_app, serve_in_thread
 
 pytestmark = pytest.mark.slow
 
@@ -209,7 +210,7 @@ def test_a_killed_replica_is_replaced_and_every_later_job_succeeds(
         seen.append(health(url))
     replaced_after = time.monotonic() - killed
     states = [h["replicas"]["state"] for h in seen]
-    pool = app.state.host.pool
+    pool = app.state.host.executor
     after = pool.health(detail=True)
     print(f"\nhealth after the kill: {states[0]} ... {states[-1]}; replaced {replaced_after:.1f} s")
     assert after["state"] == "ok" and after["live"] == 2 and after["replaced"] == 1
@@ -223,7 +224,7 @@ def test_health_reports_a_lost_replica_before_its_replacement(
     hosting: tuple[str, Any],
 ) -> None:
     url, app = hosting
-    pool = app.state.host.pool
+    pool = app.state.host.executor
     victim = pool.health(detail=True)["members"][1]["pid"]
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 30
@@ -264,7 +265,7 @@ def test_a_job_whose_replica_dies_under_it_runs_once_more(
     hosting: tuple[str, Any], local: torch.nn.Module
 ) -> None:
     url, app = hosting
-    pool = app.state.host.pool
+    pool = app.state.host.executor
     wait_until_healthy(url)
     pids = [m["pid"] for m in pool.health(detail=True)["members"]]
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -352,3 +353,41 @@ def test_a_sigkilled_host_leaves_no_ray_process_behind(psutil: Any, checkpoint: 
             server.kill()
             server.wait(30)
         kill_all(psutil, survivors(psutil, tree, marker))
+
+
+# --------------------------------------------------------------------------- co-batching
+
+
+def test_requests_of_three_keys_merge_on_ray_replicas(
+    psutil: Any, checkpoint: Path, local: torch.nn.Module
+) -> None:
+    keys = ["k1", "k2", "k3"]
+    limits = Limits(batch_window_seconds=0.3)
+    app = create_app(
+        {"gpt2": checkpoint}, api_keys=keys, limits=limits, ray_replicas=2, co_batch=True
+    )
+    probe = probe_for(local, 1)
+    inputs = {key: token_ids(seed=k, batch=k + 1, length=6) for k, key in enumerate(keys)}
+    want = {key: ts.run(probe, ids) for key, ids in inputs.items()}
+    got: dict[str, ts.Result] = {}
+    queue = app.state.host.queue
+
+    def run(url: str, key: str) -> None:
+        with Client(url, key, progress=False, model="gpt2") as client:
+            got[key] = client.run(probe, inputs[key], timeout=_START_SECONDS)
+
+    with serve_in_thread(app) as server:
+        for _ in range(3):  # until one pass merged
+            threads = [threading.Thread(target=run, args=(server.url, key)) for key in keys]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(_START_SECONDS)
+            for key in keys:
+                assert got[key].saved["h1"].shape[0] == inputs[key].shape[0]
+                diff = (got[key].output["logits"] - want[key].output["logits"]).abs().max()
+                assert float(diff) <= 1e-6, key
+            if any(size > 1 for size in queue.batch_sizes):
+                break
+    print(f"\npasses by size on the Ray host: {dict(queue.batch_sizes)}")
+    assert any(size > 1 for size in queue.batch_sizes), dict(queue.batch_sizes)

@@ -108,14 +108,14 @@ def test_a_full_disk_refuses_work_restarts_and_never_reruns_the_failed_job(
     disk = Disk(tmp_path, monkeypatch)
     runs: list[str] = []
 
-    def revive(model: str, request: bytes) -> bytes:
+    def revive(model: str, request: bytes, deadline: float) -> bytes:
         runs.append(model)
         return b"r" * 100
 
     queue = JobQueue(1, Limits(), JobStore(tmp_path), revive=revive)
     queue.start()
     disk.room = 50  # the result does not fit
-    big = queue.submit("alice", "m", lambda: b"r" * 100, request=b"request")
+    big = queue.submit("alice", "m", lambda _: b"r" * 100, request=b"request")
     wait_finished(big)
     assert not list((tmp_path / "results").glob("*.partial")), "the failed write stays"
     assert stored(tmp_path)[big.id][0] == "error"
@@ -123,7 +123,7 @@ def test_a_full_disk_refuses_work_restarts_and_never_reruns_the_failed_job(
 
     disk.full = True  # something else fills the disk
     with pytest.raises(ApiError) as refused:
-        queue.submit("alice", "m", lambda: b"x", request=b"request")
+        queue.submit("alice", "m", lambda _: b"x", request=b"request")
     assert (refused.value.status, refused.value.code) == (507, "insufficient_storage")
     assert refused.value.field == "state_dir"
     queue.stop()
@@ -134,9 +134,9 @@ def test_a_full_disk_refuses_work_restarts_and_never_reruns_the_failed_job(
         again = restarted.get(big.id, "alice")
         assert again.state == "error" and again.error.code == "insufficient_storage"
         with pytest.raises(ApiError, match="out of disk space"):
-            restarted.submit("alice", "m", lambda: b"x", request=b"request")
+            restarted.submit("alice", "m", lambda _: b"x", request=b"request")
         disk.full, disk.room = False, 1 << 40  # space is back: no restart needed
-        fresh = restarted.submit("alice", "m", lambda: b"ok", request=b"request")
+        fresh = restarted.submit("alice", "m", lambda _: b"ok", request=b"request")
         wait_finished(fresh)
         assert fresh.state == "done"
         time.sleep(0.2)
@@ -151,14 +151,14 @@ def test_a_job_that_did_not_fit_never_runs_again_even_if_its_row_could_not_say_s
     disk = Disk(tmp_path, monkeypatch)
     runs: list[str] = []
 
-    def revive(model: str, request: bytes) -> bytes:
+    def revive(model: str, request: bytes, deadline: float) -> bytes:
         runs.append(model)
         return b"r"
 
     queue = JobQueue(1, Limits(), JobStore(tmp_path), revive=revive)
     queue.start()
 
-    def fills_the_disk() -> bytes:
+    def fills_the_disk(deadline: float) -> bytes:
         disk.full = True  # its own output, as it is written, leaves no room for its row
         return b"r" * 100
 
@@ -202,7 +202,7 @@ def test_delete_on_a_full_disk_is_true_or_an_error(
     host = app.state.host
     who = host.owner(None)
     with TestClient(app) as http:
-        job = host.queue.submit(who, "gpt2", lambda: b"result", request=b"request")
+        job = host.queue.submit(who, "gpt2", lambda _: b"result", request=b"request")
         wait_finished(job)
         result = host.queue.store.result_path(job.id)
         disk.full = True
@@ -320,7 +320,7 @@ def test_a_corrupt_database_is_moved_aside_and_a_fresh_one_serves(
     app = create_app({"gpt2": gpt2}, state_dir=tmp_path)
     host = app.state.host
     with TestClient(app) as http:
-        job = host.queue.submit(host.owner(None), "gpt2", lambda: b"ok", request=b"r")
+        job = host.queue.submit(host.owner(None), "gpt2", lambda _: b"ok", request=b"r")
         wait_finished(job)
         assert job.state == "done"
         health = http.get("/v1/health")
@@ -336,7 +336,7 @@ def test_a_corrupt_database_is_moved_aside_and_a_fresh_one_serves(
 
 
 def _done(queue: JobQueue, owner: str, data: bytes) -> JobRecord:
-    job = queue.submit(owner, "gpt2", lambda: data, request=b"r")
+    job = queue.submit(owner, "gpt2", lambda _: data, request=b"r")
     wait_finished(job)
     assert job.state == "done"
     return job
@@ -408,10 +408,10 @@ def test_health_is_not_ok_while_database_writes_fail(tmp_path: Path) -> None:
 
     store._db = Broken()  # type: ignore[assignment]
     with pytest.raises(ApiError) as refused:
-        queue.submit("alice", "m", lambda: b"x")
+        queue.submit("alice", "m", lambda _: b"x")
     assert (refused.value.status, refused.value.code) == (503, "store_failed")
     assert store.health()["ok"] is False and store.health()["write_failing"] is True
     store._db = real
-    queue.submit("alice", "m", lambda: b"x")
+    queue.submit("alice", "m", lambda _: b"x")
     assert store.health()["ok"] is True
     queue.stop()

@@ -86,7 +86,7 @@ def test_a_handed_job_whose_request_gave_up_keeps_its_result_in_the_store(
     queue = JobQueue(1, Limits(), JobStore(None))
     gate = threading.Event()
 
-    def work() -> bytes:
+    def work(deadline: float) -> bytes:
         gate.wait(30)
         return b"the result"
 
@@ -101,7 +101,7 @@ def test_a_handed_job_whose_request_gave_up_keeps_its_result_in_the_store(
         assert queue.store.result_path(job.id).read_bytes() == b"the result"
         assert queue.status(job)["result_bytes"] == len(b"the result")
 
-        finished = queue.submit("alice", "m", lambda: b"quick", hand_over=True)
+        finished = queue.submit("alice", "m", lambda _: b"quick", hand_over=True)
         _wait_for(lambda: finished.state == "done")
         assert queue.take(finished) == b"quick"  # came while handed: from memory
         assert writes == [job.id] and queue.take(finished) is None  # taken once

@@ -36,7 +36,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def hosts(checkpoint: Path) -> Iterator[dict[str, Any]]:
     single = create_app({"llama": checkpoint})
     sharded = create_app({"llama": checkpoint}, tensor_parallel=2)
-    processes = list(sharded.state.host.pool._ranks)
+    processes = [p for group in sharded.state.host.executor.processes() for p in group]
     assert len(processes) == 2 and all(p.is_alive() for p in processes)
     with (
         serve_in_thread(single) as one,
@@ -109,16 +109,17 @@ def test_a_tensor_parallel_host_refuses_what_it_cannot_serve_at_start(checkpoint
 
 
 def test_a_rank_that_dies_fails_its_job_and_the_ranks_start_again(hosts: dict[str, Any]) -> None:
-    pool = hosts["app"].state.host.pool
+    pool = hosts["app"].state.host.executor
     base = ts.wrap(make_llama())
     probe = ts.select(base).at("model.layers.1").insert_after(ts.layers.Save("x"))
     ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(2))
     want = hosts["single"].run(probe, ids).saved["x"]
-    pool._ranks[1].kill()
-    pool._ranks[1].join()
+    victim = pool.processes()[0][1]
+    victim.kill()
+    victim.join()
     with pytest.raises(RemoteError) as failed:
         hosts["tp"].run(probe, ids)
     assert failed.value.code == "replica_died", failed.value
     assert "rank 1 died" in failed.value.message
     assert float((hosts["tp"].run(probe, ids).saved["x"] - want).abs().max()) <= TOLERANCE
-    assert pool.restarts == 1 and all(p.is_alive() for p in pool._ranks)
+    assert pool.restarts == 1 and all(p.is_alive() for g in pool.processes() for p in g)

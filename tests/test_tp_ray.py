@@ -61,7 +61,7 @@ def hosts(psutil: Any, checkpoint: Path) -> Iterator[dict[str, Any]]:
     served = {"llama": checkpoint, "llama-converted": LocalCheckpoint(checkpoint, convert=True)}
     single = create_app(served)
     sharded = create_app(served, tensor_parallel=2, ray_replicas=1)
-    pool = sharded.state.host.pool
+    pool = sharded.state.host.executor
     ranks: list[Any] = []
     with (
         serve_in_thread(single) as one,
@@ -223,7 +223,7 @@ def test_ranks_spread_over_the_nodes_of_a_joined_cluster_equal_the_single_host(
     ids = _ids(6)
     with serve_in_thread(app) as server, Client(server.url, progress=False, model="llama") as tp:
         health = tp._json("GET", "/v1/health")["replicas"]
-        members = app.state.host.pool.health(detail=True)["members"]
+        members = app.state.host.executor.health(detail=True)["members"]
         got, want = tp.run(probe, ids), hosts["single"].run(probe, ids)
     assert health["state"] == "ok" and health["placement"] == "STRICT_SPREAD"
     assert len({member["node"] for member in members}) == 2, members  # two Ray nodes

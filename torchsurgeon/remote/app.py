@@ -62,6 +62,7 @@ def create_app(
     api_keys: Iterable[str] | None = None,
     limits: Limits | None = None,
     workers: int = 2,
+    processes: bool = False,
     ray_replicas: int | None = None,
     ray_threads: int | None = None,
     state_dir: str | Path | None = None,
@@ -73,15 +74,17 @@ def create_app(
     """A FastAPI app serving ``models`` (modules, or local checkpoint directories).
 
     Each model is loaded once and never changed; each request runs its own rewritten view.
-    ``workers`` threads run jobs (or, with ``ray_replicas``, dispatch them to that many Ray
-    actors, each running torch with ``ray_threads`` threads; see
-    :mod:`torchsurgeon.remote.ray_pool`). Jobs and results are kept in ``state_dir`` (a
-    SQLite table and result files; a temporary directory, removed at shutdown, if ``None``),
+    ``workers`` threads run jobs — with ``processes``, in as many processes this host
+    spawns and kills at a run's deadline (:mod:`torchsurgeon.remote.spawned`); with
+    ``ray_replicas``, they dispatch them to that many Ray actors, each running torch with
+    ``ray_threads`` threads (:mod:`torchsurgeon.remote.ray_pool`). Jobs and results are
+    kept in ``state_dir`` (a SQLite table and result files; a temporary directory, removed
+    at shutdown, if ``None``),
     so a host started again on the same directory finishes what was queued or running.
     ``co_batch`` merges compatible requests of different keys into one forward pass (see
     :mod:`torchsurgeon.remote.batching`). ``tensor_parallel=N`` serves each model (a
     checkpoint path) sharded over N ranks on this machine, gloo on ``"cpu"`` or NCCL on
-    ``"cuda"`` (``tensor_parallel_device``; see :mod:`torchsurgeon.remote.tp_pool`), or with
+    ``"cuda"`` (``tensor_parallel_device``; see :mod:`torchsurgeon.remote.spawned`), or with
     ``ray_replicas=1`` as Ray actors, placed as ``ray_cluster`` says (a
     :class:`~torchsurgeon.remote.ray_pool.RayCluster`: an operator's cluster the ranks span
     the machines of; default, the host's private one). The app's ``state.host`` is the
@@ -93,6 +96,7 @@ def create_app(
         api_keys=api_keys,
         limits=limits,
         workers=workers,
+        processes=processes,
         ray_replicas=ray_replicas,
         ray_threads=ray_threads,
         state_dir=state_dir,
@@ -133,9 +137,9 @@ def create_app(
     @app.get("/v1/health")
     async def health() -> JSONResponse:
         store = await run_in_threadpool(host.queue.store.health)  # 503 while writes fail
-        if host.pool is None:
+        replicas = await run_in_threadpool(host.executor.health)  # workers: live, replaced
+        if replicas is None:
             return JSONResponse({"ok": store["ok"], "store": store}, 200 if store["ok"] else 503)
-        replicas = await run_in_threadpool(host.pool.health)  # Ray replicas: live, replaced
         status = 503 if replicas["state"] == "down" or not store["ok"] else 200
         ok = replicas["state"] == "ok" and store["ok"]
         return JSONResponse({"ok": ok, "replicas": replicas, "store": store}, status)

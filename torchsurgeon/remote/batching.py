@@ -55,8 +55,8 @@ from torchsurgeon.remote.deadline import JobTimeout
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.execution import PreparedRun, encoded_result, run_submission
 from torchsurgeon.remote.hosted import HostedModel
-from torchsurgeon.remote.jobs import RUN_ALONE
 from torchsurgeon.remote.limits import Cost, Limits
+from torchsurgeon.remote.worker import RUN_ALONE
 from torchsurgeon.selectors.selection import replay
 from torchsurgeon.surgery.frozen import original_class, wrap
 

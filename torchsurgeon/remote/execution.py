@@ -47,7 +47,6 @@ __all__ = [
     "PreparedRun",
     "encoded_result",
     "prepare_submission",
-    "run_request",
     "run_submission",
     "timed_out",
 ]
@@ -344,13 +343,6 @@ def timed_out(limits: Limits) -> ApiError:
     """The ``408 timeout`` of a run past ``max_run_seconds``."""
     message = f"the run went past the limit max_run_seconds={limits.max_run_seconds:g}"
     return ApiError(408, "timeout", message)
-
-
-def run_request(
-    hosted: HostedModel, plan: Plan, view: nn.Module, inputs: Inputs, limits: Limits
-) -> bytes:
-    """Run ``view`` (``plan`` applied to ``hosted``) on ``inputs``; the encoded result."""
-    return run_submission(hosted, [PreparedRun(None, plan, view, inputs)], limits)
 
 
 def encoded_result(result: Result | dict[str, Result], limits: Limits) -> bytes:

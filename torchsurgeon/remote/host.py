@@ -7,9 +7,10 @@ check that can be made up front — container and plan validation, identity, rep
 plan onto the base (cheap: copy-on-write), the save count — so a bad request is refused
 with a 4xx at once and never occupies a worker.
 
-Jobs run in worker threads in this process, or, with ``ray_replicas``, in Ray actors
-(:mod:`torchsurgeon.remote.ray_pool`) while this process validates against a
-structure-only stand-in and holds no weights. Jobs and results live in ``state_dir``
+Jobs run where its executor says (:mod:`torchsurgeon.remote.executor`): worker threads
+of this process, processes it spawns (whole models, or tensor-parallel ranks), or Ray
+actors — in the last two this process validates against structure-only stand-ins and holds
+no weights. Jobs and results live in ``state_dir``
 (:mod:`torchsurgeon.remote.store`); a job read back after a restart is validated again from
 its stored bytes before it runs. A client's request id (``Idempotency-Key``) is looked up
 before any validation, so a retried submission costs the host almost nothing.
@@ -19,20 +20,22 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from torchsurgeon.remote.batching import BatchPart, batch_key, run_batch
+from torchsurgeon.remote.batching import batch_key
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.execution import prepare_submission, run_submission
+from torchsurgeon.remote.execution import prepare_submission
+from torchsurgeon.remote.executor import Executor, InProcess, single
 from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.jobs import JobQueue, JobRecord
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.memory import fitted
+from torchsurgeon.remote.spawned import Spawned
 from torchsurgeon.remote.store import JobStore
-from torchsurgeon.remote.tp_pool import TensorParallelPool
 
 __all__ = ["ANONYMOUS", "Host"]
 
@@ -40,7 +43,7 @@ ANONYMOUS = "anonymous"
 
 
 class Host:
-    """Served models, API keys, limits and the job queue of one host."""
+    """Served models, API keys, limits, the job queue and the executor of one host."""
 
     def __init__(
         self,
@@ -49,6 +52,7 @@ class Host:
         api_keys: Iterable[str] | None = None,
         limits: Limits | None = None,
         workers: int = 2,
+        processes: bool = False,
         ray_replicas: int | None = None,
         ray_threads: int | None = None,
         state_dir: str | Path | None = None,
@@ -57,55 +61,47 @@ class Host:
         tensor_parallel_device: str = "cpu",
         ray_cluster: Any = None,
     ) -> None:
-        """``co_batch``: merge compatible requests of different keys into one forward pass
-        (:mod:`torchsurgeon.remote.batching`; in-process workers, not with Ray).
-        ``tensor_parallel``: serve each model sharded over that many ranks on this machine
-        (:mod:`torchsurgeon.remote.tp_pool`; gloo on ``"cpu"``, NCCL on ``"cuda"``), or with
-        ``ray_replicas``, as Ray actors. ``ray_cluster`` (a
-        :class:`~torchsurgeon.remote.ray_pool.RayCluster`): which Ray cluster, and how a rank
-        group is placed in it (default: the host's private one)."""
+        """``processes``: run the ``workers`` in processes this host spawns (each loads the
+        checkpoints; a run past its deadline is killed with its process,
+        :mod:`torchsurgeon.remote.spawned`). ``co_batch``: merge compatible requests of
+        different keys into one forward pass (:mod:`torchsurgeon.remote.batching`; not on
+        sharded ranks). ``tensor_parallel``: serve each model sharded over that many ranks on
+        this machine (gloo on ``"cpu"``, NCCL on ``"cuda"``), or with ``ray_replicas``, as Ray
+        actors. ``ray_cluster`` (a :class:`~torchsurgeon.remote.ray_pool.RayCluster`): which
+        Ray cluster, and how a rank group is placed in it (default: the host's private one)."""
         if not models:
             raise ValueError("a host needs at least one model")
         self.limits = fitted(limits or Limits(), workers)  # each run's share of memory
         self._keys = None if api_keys is None else {_digest(k): _digest(k)[:16] for k in api_keys}
         if self._keys is not None and not self._keys:
             raise ValueError("api_keys is empty: pass None to serve without keys")
-        self.pool: Any = None
         if tensor_parallel is not None and co_batch:
-            raise ValueError("co_batch merges passes of in-process workers, not of sharded ranks")
+            raise ValueError("co_batch merges passes of whole models, not of sharded ranks")
         if ray_cluster is not None and ray_replicas is None:
             raise ValueError("ray_cluster says where Ray actors run: it needs ray_replicas")
-        if tensor_parallel is not None or ray_replicas is not None:
-            why = (
-                "with tensor_parallel, each rank loads its shards"
-                if tensor_parallel is not None
-                else "with Ray, each replica loads its own copy"
-            )
-            sources = _checkpoints(models, why)
-            self.pool = _pool(
-                sources,
-                self.limits,
-                ray_replicas,
-                ray_threads,
-                tensor_parallel,
-                tensor_parallel_device,
-                ray_cluster,
-            )
-            self.models = self.pool.hosted(sources)
-        else:
-            self.models = {name: HostedModel.load(name, src) for name, src in models.items()}
+        if processes and ray_replicas is not None:
+            raise ValueError("processes and ray_replicas are two executors: choose one")
+        self.executor = _executor(
+            models,
+            self.limits,
+            workers,
+            processes,
+            ray_replicas,
+            ray_threads,
+            tensor_parallel,
+            tensor_parallel_device,
+            ray_cluster,
+        )
+        self.models = self.executor.hosted()
+        if tensor_parallel is not None and ray_replicas is None:
+            workers = 1  # one group of ranks: one request at a time
         store = JobStore(state_dir)
         try:
-            batcher = None
-            if co_batch and self.pool is None:
-                limits = self.limits
-
-                def batcher(parts: list[Any]) -> list[tuple[bytes | None, Any]]:
-                    return run_batch(parts, limits)
-
+            batcher = self._batch if co_batch and self.executor.merges else None
             self.queue = JobQueue(workers, self.limits, store, revive=self._rerun, batcher=batcher)
         except BaseException:
             store.close()
+            self.executor.close()
             raise
 
     def start(self) -> None:
@@ -113,8 +109,7 @@ class Host:
 
     def stop(self) -> None:
         self.queue.stop()
-        if self.pool is not None:
-            self.pool.shutdown()
+        self.executor.close()
 
     # ----------------------------------------------------------------- lookups
 
@@ -166,12 +161,12 @@ class Host:
             if found is not None:
                 return found
         self.queue.admit(owner)  # refuse before paying for validation
-        work, key, part = self._prepare(name, body)
+        key, part = self._admit(name, body)
         self.queue.start()
         return self.queue.submit(
             owner,
             name,
-            work,
+            self._work(name, body),
             request=body,
             request_key=request_key,
             digest=digest,
@@ -180,61 +175,88 @@ class Host:
             hand_over=hand_over,
         )
 
-    def _rerun(self, name: str, body: bytes) -> bytes:
-        """Validate and run a job read back from the store (in a worker thread)."""
-        return self._prepare(name, body)[0]()
+    def _rerun(self, name: str, body: bytes, deadline: float) -> bytes:
+        """Check and run a job read back from the store (in a worker thread)."""
+        self._admit(name, body)
+        return self._work(name, body)(deadline)
 
-    def _prepare(self, name: str, body: bytes) -> tuple[Callable[[], bytes], Any, Any]:
-        """The job's work, once every up-front check passed, and what co-batching needs (its
-        batch key, None when it runs alone; its part); :class:`ApiError` if a check fails."""
+    def _admit(self, name: str, body: bytes) -> tuple[Any, Queued | None]:
+        """Every up-front check (inputs, plan, estimate); the request's batch key (None: it
+        runs alone) and what the batcher takes. :class:`ApiError` if a check fails."""
         hosted = self.model(name)
         runs = prepare_submission(hosted, body, self.limits)  # inputs checked, cost estimated
-        key = batch_key(hosted, runs, runs[0].inputs.alone) if self.pool is None else None
-        if self.pool is not None:
-            pool = self.pool
+        key = batch_key(hosted, runs, runs[0].inputs.alone) if self.executor.merges else None
+        return key, Queued(name, body, runs[0].cost) if key is not None else None
 
-            def work() -> bytes:
-                return pool.run(name, body)
-        else:
-            limits = self.limits
+    def _work(self, name: str, body: bytes) -> Callable[[float], bytes]:
+        executor = self.executor
 
-            def work() -> bytes:
-                return run_submission(hosted, runs, limits)
+        def work(deadline: float) -> bytes:
+            return single(executor.run(name, [body], deadline))
 
-        return work, key, BatchPart(hosted, runs[0]) if key is not None else None
+        return work
+
+    def _batch(self, parts: list[Queued], deadline: float) -> list[tuple[bytes | None, Any]]:
+        """One merged pass of queued requests of one batch key (co-batching)."""
+        outcomes = self.executor.run(parts[0].model, [p.body for p in parts], deadline)
+        return [
+            (o, None) if isinstance(o, bytes) else (None, o) for o in outcomes
+        ]  # an ApiError, or RUN_ALONE
 
     def models_json(self) -> list[dict[str, Any]]:
         return [m.describe() for m in self.models.values()]
 
 
-def _pool(
-    sources: dict[str, Any],
+@dataclass(frozen=True)
+class Queued:
+    """A request as the batcher takes it: its model, its bytes and its estimate."""
+
+    model: str
+    body: bytes
+    cost: Any
+
+
+def _executor(
+    models: Mapping[str, nn.Module | str | Path],
     limits: Limits,
+    workers: int,
+    processes: bool,
     ray_replicas: int | None,
     ray_threads: int | None,
     tensor_parallel: int | None,
     device: str,
     ray_cluster: Any,
-) -> Any:
-    """Where jobs run when not in this process: Ray replicas, tensor-parallel ranks (on this
-    machine, or as Ray actors in a placement group)."""
-    if ray_replicas is None:
-        return TensorParallelPool(sources, tensor_parallel, limits, device=device)
-    from torchsurgeon.remote.ray_pool import RayPool
+) -> Executor:
+    """Where jobs run: threads of this process, spawned processes (whole models or
+    tensor-parallel ranks), or Ray replicas or ranks."""
+    if ray_replicas is not None:
+        from torchsurgeon.remote.ray_pool import RayPool
 
-    if tensor_parallel is not None and device != "cpu":
-        raise ValueError(
-            "tensor-parallel ranks on Ray run on CPU (gloo) here; for NCCL leave Ray out (the "
-            "ranks are then this machine's processes, one GPU each)"
+        if tensor_parallel is not None and device != "cpu":
+            raise ValueError(
+                "tensor-parallel ranks on Ray run on CPU (gloo) here; for NCCL leave Ray out "
+                "(the ranks are then this machine's processes, one GPU each)"
+            )
+        sources = _checkpoints(models, "with Ray, each replica loads its own copy")
+        return RayPool(
+            sources,
+            ray_replicas,
+            limits,
+            ray_threads,
+            tensor_parallel=tensor_parallel,
+            cluster=ray_cluster,
         )
-    return RayPool(
-        sources,
-        ray_replicas,
-        limits,
-        ray_threads,
-        tensor_parallel=tensor_parallel,
-        cluster=ray_cluster,
-    )
+    if tensor_parallel is not None:
+        from torchsurgeon.distributed.launch import check_ranks
+
+        check_ranks(tensor_parallel, device, name="tensor_parallel", least=2)
+        sources = _checkpoints(models, "with tensor_parallel, each rank loads its shards")
+        return Spawned(sources, limits, size=tensor_parallel, device=device)
+    if processes:
+        sources = _checkpoints(models, "with processes, each worker process loads its own copy")
+        return Spawned(sources, limits, replicas=workers)
+    loaded = {name: HostedModel.load(name, src) for name, src in models.items()}
+    return InProcess(loaded, limits)
 
 
 def _checkpoints(

@@ -223,6 +223,19 @@ class HostedModel:
             attn_implementation,
         )
 
+    @classmethod
+    def standin(cls, name: str, described: dict[str, Any], source: str) -> HostedModel:
+        """The stand-in for a model a worker elsewhere described
+        (:func:`torchsurgeon.remote.worker.described`)."""
+        return cls.from_structure(
+            name,
+            Structure.from_json(described["structure"]),
+            source,
+            described["takes_text"],
+            converted=described.get("converted", False),
+            attn_implementation=described["attn_implementation"],
+        )
+
     @property
     def converted(self) -> bool:
         """Whether the base is an explicit-dataflow conversion (``ts.load``, ``ts.convert``)."""

@@ -21,10 +21,11 @@ whose traceback would hold the run's tensors alive.
 
 **The watchdog.** A job still running ``watchdog_grace_seconds`` after ``max_run_seconds``
 (the run checks its deadline itself; this is the backstop for a run stuck inside one call)
-is failed with ``timeout`` and its worker replaced, so the queue keeps moving. A Python
-thread cannot be killed: the abandoned one finishes its call in the background and its
-result is dropped. While ``max_abandoned_runs`` such threads are alive the host refuses new
-work with a 503.
+is failed with ``timeout`` and its worker replaced, so the queue keeps moving. Each run is
+handed its deadline: an executor of processes kills a run still going then
+(:mod:`torchsurgeon.remote.spawned`). A Python thread cannot be killed: an abandoned
+in-process run finishes its call in the background and its result is dropped. While
+``max_abandoned_runs`` such threads are alive the host refuses new work with a 503.
 
 **Restarts.** On start the queue reads the store back: queued jobs run, a job that was
 running runs once more (one that was already running when the host stopped before is failed
@@ -51,6 +52,7 @@ from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.progress import reporting_to
 from torchsurgeon.remote.store import JobStore, StoredJob
+from torchsurgeon.remote.worker import OVERRUN_FIELD, RUN_ALONE
 
 __all__ = ["RUN_ALONE", "WORK_RATIO", "JobError", "JobQueue", "JobRecord", "State"]
 
@@ -59,10 +61,6 @@ State = Literal["queued", "running", "done", "error", "expired"]
 WORK_RATIO = 2.0
 """Jobs share a merged pass only with jobs whose estimated work is within this factor of
 the batch's first: a slow plan waits for nobody's fast one, nor makes it wait."""
-
-RUN_ALONE = "run_alone"
-"""A batcher's outcome for a job: queue it again to run alone (its merged pass ran out of
-time, so each job of it is judged on its own cost)."""
 
 MAX_ATTEMPTS = 2
 """Runs a job gets in all: a job a stopping host interrupted runs once more."""
@@ -91,12 +89,13 @@ class JobError:
 
 @dataclass(eq=False)  # a job is itself: compared by identity in the queue
 class JobRecord:
-    """One job. ``work`` runs in a worker thread and returns the result bytes."""
+    """One job. ``work(deadline)`` runs in a worker thread and returns the result bytes by
+    ``deadline`` (``time.monotonic()``, handed down by the queue: the one timeout authority)."""
 
     id: str
     owner: str
     model: str
-    work: Callable[[], bytes] | None
+    work: Callable[[float], bytes] | None
     state: State = "queued"
     submitted: float = field(default_factory=time.time)
     started: float | None = None
@@ -136,14 +135,15 @@ class JobQueue:
         workers: int,
         limits: Limits,
         store: JobStore,
-        revive: Callable[[str, bytes], bytes] | None = None,
-        batcher: Callable[[list[Any]], list[tuple[bytes | None, Any]]] | None = None,
+        revive: Callable[[str, bytes, float], bytes] | None = None,
+        batcher: Callable[[list[Any], float], list[tuple[bytes | None, Any]]] | None = None,
     ) -> None:
-        """``revive(model, request_bytes)`` validates and runs a job read back from the store;
-        ``batcher(parts)`` runs jobs of one ``batch_key`` together, giving each its
-        ``(result bytes, None)``, ``(None, ApiError)`` or ``(None, RUN_ALONE)`` (co-batching;
-        None: jobs run alone). Parts have a ``cost`` (their estimate): a batch holds jobs of
-        similar cost whose sum fits one run's budget (``Limits.run_budget``)."""
+        """``revive(model, request_bytes, deadline)`` validates and runs a job read back from
+        the store; ``batcher(parts, deadline)`` runs jobs of one ``batch_key`` together,
+        giving each its ``(result bytes, None)``, ``(None, ApiError)`` or
+        ``(None, RUN_ALONE)`` (co-batching; None: jobs run alone). Parts have a ``cost``
+        (their estimate): a batch holds jobs of similar cost whose sum fits one run's budget
+        (``Limits.run_budget``)."""
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if limits.max_running_per_key is not None and limits.max_running_per_key < 1:
@@ -170,6 +170,7 @@ class JobQueue:
         self._queues: dict[str, deque[JobRecord]] = {}
         self._turns: deque[str] = deque()  # keys with queued jobs, in turn order
         self._running: Counter[str] = Counter()
+        self._overruns: dict[str, deque[float]] = {}  # per key: when its runs timed out
         self._lock = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, str]] = []
         self._active: set[threading.Thread] = set()
@@ -230,7 +231,7 @@ class JobQueue:
         self,
         owner: str,
         model: str,
-        work: Callable[[], bytes],
+        work: Callable[[float], bytes],
         *,
         request: bytes | None = None,
         request_key: str | None = None,
@@ -418,6 +419,21 @@ class JobQueue:
                 f"limit max_abandoned_runs={limits.max_abandoned_runs}; retry later",
                 "max_abandoned_runs",
             )
+        overruns = self._overruns.get(owner)
+        now = time.monotonic()
+        while overruns and now - overruns[0] > limits.overrun_cooldown_seconds:
+            overruns.popleft()
+        if overruns and len(overruns) >= limits.max_overruns_per_key:
+            wait = limits.overrun_cooldown_seconds - (now - overruns[0])
+            raise ApiError(
+                429,
+                "overruns",
+                f"{len(overruns)} runs of this key went past their deadline and were stopped "
+                f"within overrun_cooldown_seconds={limits.overrun_cooldown_seconds:g}, the "
+                f"limit max_overruns_per_key={limits.max_overruns_per_key}; retry in "
+                f"{wait:.0f} s with a lighter plan",
+                "max_overruns_per_key",
+            )
         active = sum(
             1 for j in self._jobs.values() if j.owner == owner and j.state in ("queued", "running")
         )
@@ -545,7 +561,7 @@ class JobQueue:
                 continue
             report = reporting_to(lambda progress, job=job: self._progress(job, progress))
             with report, cancelled_by(job.cancel):
-                result, error = _run(job.work)
+                result, error = _run(job.work, job.deadline)
             abandoned = self._finish(job, result, error, me)
             del result, error
             if abandoned:
@@ -601,7 +617,7 @@ class JobQueue:
         """Run ``batch`` in one pass and end each of its jobs with its own outcome; whether
         the watchdog gave up on it meanwhile (this worker then stops)."""
         try:
-            outcomes = self._batcher([j.part for j in batch])  # type: ignore[misc]
+            outcomes = self._batcher([j.part for j in batch], batch[0].deadline)  # type: ignore[misc]
         except Exception as failure:  # a worker must survive anything a batch does
             outcomes = [(None, failure)] * len(batch)
         abandoned = False
@@ -697,6 +713,8 @@ class JobQueue:
         else:
             job.state = "error"
             job.error = error or JobError("internal", "the run returned no result")
+            if job.error.code == "timeout" and job.error.field == OVERRUN_FIELD:
+                self._overruns.setdefault(job.owner, deque()).append(time.monotonic())
         if job.id not in self._jobs or self._closed:  # forgotten meanwhile, or host closed
             if not self._closed:
                 self.store.remove_result(job.id)
@@ -746,6 +764,7 @@ class JobQueue:
             f"the run went past the limit max_run_seconds={limits.max_run_seconds:g} and the "
             f"watchdog's grace of watchdog_grace_seconds={limits.watchdog_grace_seconds:g}; "
             "it was stopped (its thread finishes in the background, its result is dropped)",
+            OVERRUN_FIELD,
         )
         self._end(job, None, error)
         self._spawn()
@@ -870,15 +889,15 @@ class JobQueue:
             self._add(job)
         self.store.remove_stray_files({j.id for j in self._jobs.values() if j.state == "done"})
 
-    def _revived(self, job_id: str, model: str) -> Callable[[], bytes]:
+    def _revived(self, job_id: str, model: str) -> Callable[[float], bytes]:
         revive, store = self._revive, self.store
         assert revive is not None
 
-        def work() -> bytes:
+        def work(deadline: float) -> bytes:
             request = store.request(job_id)
             if request is None:
                 raise ApiError(500, "result_lost", "the request of this job is no longer kept")
-            return revive(model, request)
+            return revive(model, request, deadline)
 
         return work
 
@@ -903,11 +922,13 @@ def _record(row: StoredJob) -> JobRecord:
     )
 
 
-def _run(work: Callable[[], bytes] | None) -> tuple[bytes | None, JobError | None]:
+def _run(
+    work: Callable[[float], bytes] | None, deadline: float | None
+) -> tuple[bytes | None, JobError | None]:
     """Run a job; its outcome as plain data (the exception and its frames are let go here)."""
     try:
-        assert work is not None
-        return work(), None
+        assert work is not None and deadline is not None
+        return work(deadline), None
     except ApiError as failure:
         return None, JobError.of(failure)
     except Exception as failure:  # a worker must survive anything a job does

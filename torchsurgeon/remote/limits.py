@@ -107,6 +107,12 @@ class Limits:
     """A job running past ``max_run_seconds`` plus this is failed and its worker replaced."""
     max_abandoned_runs: int = 4
     """Runs the watchdog gave up on that may still be finishing; at it, new work gets a 503."""
+    max_overruns_per_key: int = 1
+    """Runs of one key that did not stop by themselves at ``max_run_seconds`` and were killed
+    (or abandoned) at the watchdog's deadline, within ``overrun_cooldown_seconds``; at it, the
+    key's new work gets a 429 — a plan whose cost the estimate misjudged cannot keep killing
+    workers (each restart reloads the model)."""
+    overrun_cooldown_seconds: float = 60.0
     request_idle_seconds: float = 30.0
     """Longest pause while a request's body arrives before the host answers 408."""
     allow_grad: bool = True
@@ -212,7 +218,9 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "max_host_memory_bytes": (1 << 20, 1 << 50),
     **dict.fromkeys(("max_saves", "max_text_items", "max_abandoned_runs"), (0, 1 << 20)),
     **dict.fromkeys(("max_steps", "max_tensor_ops", "max_json_items"), (1, 1 << 30)),
-    **dict.fromkeys(("max_queue_per_key", "max_running_per_key"), (1, 1 << 20)),
+    **dict.fromkeys(
+        ("max_queue_per_key", "max_running_per_key", "max_overruns_per_key"), (1, 1 << 20)
+    ),
     **dict.fromkeys(("max_batch_requests", "max_session_runs", "max_expr_nodes"), (1, 1 << 20)),
     "max_text_chars": (0, 1 << 30),
     "max_train_steps": (0, 1 << 30),
@@ -220,6 +228,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "max_run_seconds": (0, 30 * _DAY),
     "result_ttl_seconds": (0, 365 * _DAY),
     "watchdog_grace_seconds": (0, _DAY),
+    "overrun_cooldown_seconds": (0, _DAY),
     "request_idle_seconds": (1e-3, _DAY),
     "batch_window_seconds": (0, 60),
 }

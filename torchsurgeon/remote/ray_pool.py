@@ -86,13 +86,11 @@ from typing import IO, Any
 import torch
 
 from torchsurgeon.distributed.launch import check_ranks
-from torchsurgeon.plans.identity import identity_of
-from torchsurgeon.plans.structure import Structure
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.execution import prepare_submission, run_submission
 from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.ray_tp import RankGroup
+from torchsurgeon.remote.worker import Outcome, Worker, overran, settled
 
 __all__ = ["PLACEMENTS", "ModelWorker", "RayCluster", "RayPool"]
 
@@ -156,48 +154,16 @@ _LOOPBACK_PREFIXES = ("127.", "::1", "::ffff:127.")
 _DROPPED_ENV = frozenset({"RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"})  # never join, own token
 
 
-class ModelWorker:
-    """A Ray actor holding every served model; runs requests given as bytes."""
+class ModelWorker(Worker):
+    """A Ray actor: a :class:`~torchsurgeon.remote.worker.Worker` holding every served
+    model whole."""
 
     def __init__(
         self, sources: Mapping[str, Mapping[str, Any]], limits: Mapping[str, Any], threads: int
     ) -> None:
         # Ray starts workers with OMP_NUM_THREADS=1; set the count we were given instead.
-        torch.set_num_threads(threads)
-        self.models = {
-            name: HostedModel.load(name, LocalCheckpoint.from_json(dict(checkpoint)))
-            for name, checkpoint in sources.items()
-        }
-        self.limits = Limits.from_json(dict(limits))
-        self.served = 0
-
-    def structures(self) -> dict[str, dict[str, Any]]:
-        """Each model's structure, whether it takes text, and how it was loaded."""
-        return {
-            name: {
-                "structure": m.structure.to_json(),
-                "takes_text": m.takes_text,
-                "converted": m.converted,
-                "attn_implementation": m.attn_implementation,
-            }
-            for name, m in self.models.items()
-        }
-
-    def fingerprints(self) -> dict[str, str | None]:
-        """Each base's weight fingerprint, computed now (to check nothing changed it)."""
-        return {name: identity_of(m.base).fingerprint for name, m in self.models.items()}
-
-    def run(self, name: str, request: bytes) -> tuple[bytes, dict[str, Any] | None]:
-        """``(result bytes, None)``, or ``(b"", error)`` with the error as JSON."""
-        self.served += 1
-        try:
-            hosted = self.models[name]
-            runs = prepare_submission(hosted, request, self.limits, estimate=False)
-            return run_submission(hosted, runs, self.limits), None
-        except ApiError as error:
-            return b"", error.to_record()
-        except Exception as error:  # reported to the client as the job's error
-            return b"", ApiError(500, "internal", repr(error)).to_record()
+        loaded = Worker.load(sources, Limits.from_json(dict(limits)), threads)
+        super().__init__(loaded.models, loaded.limits)
 
     def count(self) -> int:
         return self.served
@@ -239,6 +205,8 @@ class RayPool:
         if threads is None:
             threads = max(1, torch.get_num_threads() // actors)
         self.threads = threads
+        self.sources = {name: LocalCheckpoint.of(s) for name, s in sources.items()}
+        self.merges = tensor_parallel is None
         self.replicas = replicas
         self.tensor_parallel = tensor_parallel
         self.cluster = cluster
@@ -279,7 +247,7 @@ class RayPool:
         self._pids: list[tuple[int, float]] = []
         self._closed = False
         start = {
-            "sources": {name: LocalCheckpoint.of(s).to_json() for name, s in sources.items()},
+            "sources": {name: c.to_json() for name, c in self.sources.items()},
             "replicas": replicas,
             "tensor_parallel": tensor_parallel,
             "limits": limits.to_json(),
@@ -304,28 +272,23 @@ class RayPool:
         )
         self._reader.start()
 
-    def hosted(self, sources: Mapping[str, str | LocalCheckpoint]) -> dict[str, HostedModel]:
+    def hosted(self) -> dict[str, HostedModel]:
         """Structure-only stand-ins the host validates plans against."""
         return {
-            name: HostedModel.from_structure(
-                name,
-                Structure.from_json(self.described[name]["structure"]),
-                str(LocalCheckpoint.of(sources[name]).path),
-                self.described[name]["takes_text"],
-                converted=self.described[name].get("converted", False),
-                attn_implementation=self.described[name]["attn_implementation"],
-            )
-            for name in sources
+            name: HostedModel.standin(name, self.described[name], str(self.sources[name].path))
+            for name in self.sources
         }
 
-    def run(self, name: str, request: bytes) -> bytes:
-        """Run one request on a live replica (or the rank group): its result bytes, or
-        :class:`ApiError`."""
-        reply, result = self._call({"op": "run", "model": name}, request)
+    def run(self, name: str, requests: list[bytes], deadline: float) -> list[Any]:
+        """Run requests on a live replica (or the rank group) by ``deadline``: per request
+        its result bytes, :class:`ApiError` or ``RUN_ALONE``."""
+        seconds = deadline - time.monotonic()
+        header = {"op": "run", "model": name, "sizes": [len(r) for r in requests]}
+        reply, payload = self._call({**header, "seconds": seconds}, b"".join(requests))
         error = reply.get("error")
         if error is not None:
             raise ApiError.from_record(error)
-        return result
+        return [settled(o) for o in _unpacked(reply["outcomes"], payload)]
 
     def fingerprints(self) -> list[dict[str, str | None]]:
         """Every live replica's fingerprint of every base, computed now."""
@@ -355,7 +318,7 @@ class RayPool:
             health.pop("members", None)
         return health
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         """Stop the owner (which stops Ray and every process it started), then check."""
         self._stop_owner()
         self._reader.join(10)
@@ -458,6 +421,38 @@ def _receive(stream: IO[bytes]) -> tuple[dict[str, Any], bytes] | None:
     if len(payload) < header["size"]:
         return None
     return header, payload
+
+
+def _packed(outcomes: list[Outcome]) -> tuple[list[list[Any]], bytes]:
+    """Outcomes as JSON (a result's size in place of its bytes) and the results' bytes."""
+    heads, results = [], []
+    for kind, value in outcomes:
+        if kind == "result":
+            heads.append([kind, len(value)])
+            results.append(value)
+        else:
+            heads.append([kind, value])
+    return heads, b"".join(results)
+
+
+def _unpacked(heads: list[list[Any]], payload: bytes) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    at = 0
+    for kind, value in heads:
+        if kind == "result":
+            outcomes.append((kind, payload[at : at + value]))
+            at += value
+        else:
+            outcomes.append((kind, value))
+    return outcomes
+
+
+def _split(payload: bytes, sizes: list[int]) -> list[bytes]:
+    at, parts = 0, []
+    for size in sizes:
+        parts.append(payload[at : at + size])
+        at += size
+    return parts
 
 
 def _session_members(session: int) -> list[tuple[int, float]]:
@@ -579,7 +574,7 @@ class _Owner:
         ray = self._ray
         self._actor = ray.remote(num_cpus=0)(ModelWorker)
         self.replicas = [_Replica(self._actor.remote(*self._args)) for _ in range(count)]
-        described = ray.get([r.actor.structures.remote() for r in self.replicas])
+        described = ray.get([r.actor.describe.remote() for r in self.replicas])
         pids = ray.get([r.actor.ping.remote() for r in self.replicas])
         if any(d != described[0] for d in described):
             raise RuntimeError("the replicas loaded different models from the same paths")
@@ -589,17 +584,27 @@ class _Owner:
 
     # ----------------------------------------------------------------- jobs
 
-    def run(self, name: str, request: bytes) -> tuple[bytes, dict[str, Any] | None]:
-        from ray.exceptions import RayActorError
+    def run(self, name: str, requests: list[bytes], seconds: float) -> list[Outcome]:
+        """Run requests on the least busy live replica within ``seconds``; a replica that
+        died runs them once more on another; one past the deadline is killed and replaced."""
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         if self.group is not None:
-            return self.group.run(name, request)
+            return self.group.run(name, requests, seconds)
+        by = time.monotonic() + seconds
         for attempt in range(2):
             replica = self._pick()
             if replica is None:
-                return b"", ApiError(503, "no_replica", self._no_replica_reason()).to_record()
+                failed = ApiError(503, "no_replica", self._no_replica_reason())
+                return [("error", failed.to_record())] * len(requests)
             try:
-                return self._ray.get(replica.actor.run.remote(name, request))
+                ref = replica.actor.serve.remote(name, requests)
+                left = max(0.0, by - time.monotonic())
+                return [tuple(o) for o in self._ray.get(ref, timeout=left)]
+            except GetTimeoutError:
+                self._lost(replica)  # the only way to stop a run stuck in one kernel
+                late = overran("its replica was stopped and replaced")
+                return [("error", late.to_record())] * len(requests)
             except RayActorError:
                 self._lost(replica)
                 if attempt == 0:
@@ -614,7 +619,7 @@ class _Owner:
             "the replica running this job died, and so did the one it was retried on; the "
             "host is replacing them (see /v1/health)",
         )
-        return b"", died.to_record()
+        return [("error", died.to_record())] * len(requests)
 
     def _pick(self) -> _Replica | None:
         """The least busy live replica (waiting while replacements start), or None."""
@@ -666,7 +671,7 @@ class _Owner:
         reason = ""
         for attempt in range(_REPLACE_ATTEMPTS):
             try:
-                described = self._ray.get(replica.actor.structures.remote())
+                described = self._ray.get(replica.actor.describe.remote())
                 pid = self._ray.get(replica.actor.ping.remote())
             except RayError as error:
                 reason = f"a replacement replica failed to start: {type(error).__name__}"
@@ -845,7 +850,9 @@ def _owner_main() -> None:
         result = b""
         try:
             if header["op"] == "run":
-                result, reply["error"] = owner.run(header["model"], payload)
+                requests = _split(payload, header["sizes"])
+                outcomes = owner.run(header["model"], requests, header["seconds"])
+                reply["outcomes"], result = _packed(outcomes)
             elif header["op"] == "health":
                 reply["value"] = owner.health()
             elif header["op"] == "fingerprints":

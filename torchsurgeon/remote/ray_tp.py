@@ -1,13 +1,14 @@
 """Tensor-parallel ranks as Ray actors: ``serve --tp N --ray``.
 
-The ranks of :mod:`torchsurgeon.remote.tp_pool` need not be this process's children. With
+The ranks of :mod:`torchsurgeon.remote.spawned` need not be this process's children. With
 ``--ray`` they are N :class:`TensorParallelRank` actors in one Ray *placement group* of N
 bundles (one CPU each): Ray decides where each rank runs and keeps the group's resources
 reserved while it lives; ``torch.distributed`` does the communicating — rank 0 opens the
 rendezvous store, every rank joins one gloo process group through it, loads and shards every
 model, and from then on serves each request exactly as a rank of the in-process pool does
-(:func:`~torchsurgeon.remote.tp_pool._serve`: replay with ``tsd.apply``, run, rank 0's
-bytes are the answer). No home-made cluster: Ray schedules, torch communicates.
+(a :class:`~torchsurgeon.remote.worker.Worker` over its shards,
+:mod:`torchsurgeon.remote.sharded_models`: replay with ``tsd.apply``, run, rank 0's outcome
+is the answer). No home-made cluster: Ray schedules, torch communicates.
 
 By default the actors live in the host's private, loopback-only Ray cluster (see
 :mod:`torchsurgeon.remote.ray_pool`, whose pool owner drives this :class:`RankGroup`): the
@@ -38,6 +39,7 @@ import torch
 
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.worker import overran
 
 __all__ = ["RankGroup", "TensorParallelRank"]
 
@@ -59,7 +61,7 @@ class TensorParallelRank:
         self.rank, self.world_size, self.threads = rank, world_size, threads
         self.sources = {name: dict(source) for name, source in sources.items()}
         self.limits = Limits.from_json(dict(limits))
-        self.models: dict[str, Any] = {}
+        self.worker: Any = None
         self._store: Any = None
 
     def rendezvous(self, private: bool) -> tuple[str, int]:
@@ -79,7 +81,7 @@ class TensorParallelRank:
     def join(self, host: str, port: int) -> dict[str, Any] | None:
         """Join the process group, load and shard every model; rank 0 describes them."""
         from torchsurgeon.distributed.launch import join_group
-        from torchsurgeon.remote.tp_pool import _load
+        from torchsurgeon.remote.sharded_models import load_sharded
 
         run_limit = self.limits.max_run_seconds + self.limits.watchdog_grace_seconds
         join_group(
@@ -92,15 +94,13 @@ class TensorParallelRank:
             run_limit,
             host=host,
         )
-        self.models = _load(self.sources, "cpu")
-        return {name: m[2] for name, m in self.models.items()} if self.rank == 0 else None
+        self.worker = load_sharded(self.sources, "cpu", self.limits)
+        return self.worker.describe() if self.rank == 0 else None
 
-    def run(self, name: str, request: bytes) -> tuple[str, Any]:
-        """``("result", bytes)`` or ``("error", json)``: rank 0's value, None elsewhere."""
-        from torchsurgeon.remote.tp_pool import _serve
-
-        kind, value = _serve(self.models, name, request, self.limits)
-        return kind, value if self.rank == 0 else None
+    def run(self, name: str, requests: list[bytes]) -> list[Any] | None:
+        """Rank 0's outcomes (:data:`~torchsurgeon.remote.worker.Outcome`); None elsewhere."""
+        outcomes = self.worker.serve(name, requests)
+        return outcomes if self.rank == 0 else None
 
     def ping(self) -> int:
         """This rank's process id."""
@@ -134,8 +134,6 @@ class RankGroup:
         self.nodes: list[str] = []
         self.world_size = world_size
         self._args = (world_size, dict(sources), dict(limits), threads)
-        parsed = Limits.from_json(dict(limits))
-        self._run_limit = parsed.max_run_seconds + parsed.watchdog_grace_seconds
         self._lock = threading.Lock()  # one request at a time: collectives come in order
         self.ranks: list[Any] = []
         self.pids: list[int | None] = [None] * world_size
@@ -176,33 +174,28 @@ class RankGroup:
             raise
         return described
 
-    def run(self, name: str, request: bytes) -> tuple[bytes, dict[str, Any] | None]:
-        """Run one request on every rank: ``(rank 0's bytes, None)`` or ``(b"", error)``."""
+    def run(self, name: str, requests: list[bytes], seconds: float) -> list[Any]:
+        """Run requests on every rank within ``seconds``: rank 0's outcomes (a failure of
+        the group is every request's error)."""
         from ray.exceptions import GetTimeoutError, RayActorError
 
         with self._lock:
             if not self.ranks:
                 failed = self._restart()
                 if failed is not None:
-                    return b"", failed
-            refs = [rank.run.remote(name, request) for rank in self.ranks]
+                    return [("error", failed)] * len(requests)
+            refs = [rank.run.remote(name, requests) for rank in self.ranks]
             try:
-                answers = self._ray.get(refs, timeout=self._run_limit)
+                answers = self._ray.get(refs, timeout=max(0.0, seconds))
             except RayActorError:
                 self._stop()
                 died = "a tensor-parallel rank died during this job; the ranks are started again"
-                return b"", ApiError(500, "replica_died", died).to_record()
+                return [("error", ApiError(500, "replica_died", died).to_record())] * len(requests)
             except GetTimeoutError:
                 self._stop()
-                late = (
-                    "the tensor-parallel ranks did not answer within max_run_seconds + "
-                    "watchdog_grace_seconds; they are started again"
-                )
-                return b"", ApiError(408, "timeout", late).to_record()
-        kind, value = answers[0]
-        if kind == "error":
-            return b"", dict(value)
-        return value, None
+                late = overran("the tensor-parallel ranks are started again")
+                return [("error", late.to_record())] * len(requests)
+        return [tuple(o) for o in answers[0]]
 
     def _restart(self) -> dict[str, Any] | None:
         """A fresh group after a failure; the error to answer with if it cannot start."""

@@ -11,11 +11,14 @@
 plan can select (see :class:`~torchsurgeon.remote.hosted.LocalCheckpoint`); ``--api-keys`` is a
 file with one key per line (blank lines and ``#`` comments ignored); ``--state-dir`` is
 where jobs and results persist (a host started again on it finishes what was queued or
-running); ``--ray --replicas N`` runs N model replicas as Ray actors on a local Ray
-cluster; ``--tp N`` shards each model over N ranks (with ``--ray``, N Ray actors in one
-placement group: :mod:`torchsurgeon.remote.ray_tp`; with ``--ray-address HOST:PORT`` too,
-in an operator's token-authenticated cluster, spread over its machines as ``--tp-placement``
-says: :class:`~torchsurgeon.remote.ray_pool.RayCluster`). The connection limits
+running); ``--processes`` runs the ``--workers`` as processes the host spawns and kills at a
+run's deadline (:mod:`torchsurgeon.remote.spawned`); ``--ray --replicas N`` runs N model
+replicas as Ray actors on a local Ray cluster; ``--tp N`` shards each model over N ranks
+(with ``--ray``, N Ray actors in one placement group: :mod:`torchsurgeon.remote.ray_tp`;
+with ``--ray-address HOST:PORT`` too, in an operator's token-authenticated cluster, spread
+over its machines as ``--tp-placement`` says:
+:class:`~torchsurgeon.remote.ray_pool.RayCluster`).
+The connection limits
 (``--max-connections``, ``--header-timeout``, ...) are
 :class:`~torchsurgeon.remote.server.ServerLimits`. SIGTERM stops the host within about
 ``--shutdown-timeout`` seconds plus a few, even with jobs running (they run again on restart).
@@ -93,6 +96,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=_number(1, 1024, whole=True),
         default=2,
         help="job worker threads (default 2)",
+    )
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="run the workers as processes the host spawns, each loading the models; a run "
+        "past its deadline is killed with its process (a spare takes its place)",
     )
     parser.add_argument("--ray", action="store_true", help="run model replicas as Ray actors")
     parser.add_argument(
@@ -340,6 +349,7 @@ def serve_main(args: argparse.Namespace) -> int:
         api_keys=read_api_keys(args.api_keys) if args.api_keys else None,
         limits=limits,
         workers=max(args.workers, 2 * args.replicas if args.ray else 1),
+        processes=args.processes,
         ray_replicas=args.replicas if args.ray else None,
         ray_threads=args.threads_per_replica,
         state_dir=args.state_dir,
