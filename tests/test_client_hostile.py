@@ -29,7 +29,7 @@ import torchsurgeon.remote.client as client_module
 from torchsurgeon.plans import plan, structure_of
 from torchsurgeon.remote import ApiError, Client, Job, RemoteError, create_app, serve_in_thread
 from torchsurgeon.remote.client import AnswerLimits
-from torchsurgeon.remote.transfer import encode_result
+from torchsurgeon.remote.result_wire import encode_result
 
 MiB = 1 << 20
 

@@ -30,7 +30,7 @@ from torchsurgeon.layers.results import Result
 from torchsurgeon.plans import PlanFormatError, Structure, identity_of, plan, structure_of
 from torchsurgeon.plans.wire import pack
 from torchsurgeon.remote import Client, RemoteError
-from torchsurgeon.remote.transfer import RESULT_KEY, decode_result, encode_result
+from torchsurgeon.remote.result_wire import RESULT_KEY, decode_result, encode_result
 
 UNIMPORTED = "transformers.models.reformer.modeling_reformer"
 TRAINER = "transformers.trainer"

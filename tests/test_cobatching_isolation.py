@@ -27,12 +27,14 @@ import torchsurgeon as ts
 from torchsurgeon.remote import Client, Limits, create_app, serve_in_thread
 from torchsurgeon.remote.batching import BatchPart, _check_rows, _NotBatched, batch_key, run_batch
 from torchsurgeon.remote.errors import ApiError
+from torchsurgeon.remote.estimates import Cost
 from torchsurgeon.remote.execution import prepare_submission
 from torchsurgeon.remote.hosted import HostedModel
-from torchsurgeon.remote.jobs import RUN_ALONE, JobQueue
-from torchsurgeon.remote.limits import Cost
+from torchsurgeon.remote.jobs import JobQueue
+from torchsurgeon.remote.result_wire import decode_result
 from torchsurgeon.remote.store import JobStore
-from torchsurgeon.remote.transfer import decode_result, encode_request
+from torchsurgeon.remote.transfer import encode_request
+from torchsurgeon.remote.worker import RUN_ALONE
 
 L = ts.layers
 h = ts.here

@@ -64,7 +64,8 @@ from torchsurgeon.layers.allowed import DTYPE_NAMES, LEAVES, OPS, REQUIRED, is_n
 from torchsurgeon.plans import Plan, execute
 from torchsurgeon.plans.wire import METADATA_KEY
 from torchsurgeon.remote import Limits, create_app, serve_in_thread
-from torchsurgeon.remote.transfer import Inputs, decode_result, encode_request, encode_session
+from torchsurgeon.remote.result_wire import decode_result
+from torchsurgeon.remote.transfer import Inputs, encode_request, encode_session
 
 pytestmark = pytest.mark.slow
 

@@ -34,8 +34,8 @@ from torchsurgeon.plans.schema import PlanLimits
 from torchsurgeon.plans.wire import json_depth
 from torchsurgeon.remote import ApiError, Client, Limits, RemoteError, create_app, serve_in_thread
 from torchsurgeon.remote.deadline import JobTimeout
+from torchsurgeon.remote.estimates import estimate
 from torchsurgeon.remote.hosted import HostedModel
-from torchsurgeon.remote.limits import estimate
 from torchsurgeon.remote.transfer import Inputs, encode_request
 from torchsurgeon.selectors.predicates import predicate_from_json
 from torchsurgeon.surgery.paths import iter_nodes

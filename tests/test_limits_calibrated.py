@@ -15,8 +15,9 @@ from torchsurgeon.plans import plan
 from torchsurgeon.plans.returning import Returning
 from torchsurgeon.remote import ApiError, Limits
 from torchsurgeon.remote.calibrate import ELEMENTWISE, PRODUCT, measured_rates, op_cost
+from torchsurgeon.remote.estimates import estimate
 from torchsurgeon.remote.hosted import HostedModel
-from torchsurgeon.remote.limits import TIME_FRACTION, estimate
+from torchsurgeon.remote.limits import TIME_FRACTION
 from torchsurgeon.remote.serve import add_serve_parser
 from torchsurgeon.remote.server import ServerLimits
 

@@ -31,7 +31,8 @@ from torchsurgeon.remote import Client, Limits, RemoteError, create_app, serve_i
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.executor import single
 from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
-from torchsurgeon.remote.transfer import Inputs, decode_request, decode_result, encode_request
+from torchsurgeon.remote.result_wire import decode_result
+from torchsurgeon.remote.transfer import Inputs, decode_request, encode_request
 
 FAMILIES = ("gpt2", "llama")
 HEAD = 1

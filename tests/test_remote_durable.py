@@ -39,8 +39,9 @@ from torchsurgeon.plans import execute, plan
 from torchsurgeon.remote import ApiError, Client, Limits, RemoteError, create_app, serve_in_thread
 from torchsurgeon.remote.background import BackgroundServer
 from torchsurgeon.remote.client import Job
+from torchsurgeon.remote.result_wire import decode_result
 from torchsurgeon.remote.store import JobStore
-from torchsurgeon.remote.transfer import decode_result, encode_request
+from torchsurgeon.remote.transfer import encode_request
 
 KEYS = ("key-alice", "key-bob")
 

@@ -290,7 +290,12 @@ def test_the_watchdog_fails_a_stuck_run_and_replaces_its_worker(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(host_module, "run_submission", stuck_once)
-    limits = Limits(max_run_seconds=0.3, watchdog_grace_seconds=0.3, max_abandoned_runs=1)
+    limits = Limits(
+        max_run_seconds=0.3,
+        watchdog_grace_seconds=0.3,
+        max_abandoned_runs=1,
+        max_overruns_per_key=10,  # this key overruns on purpose (see test_host_processes.py)
+    )
     app = create_app({"gpt2": gpt2}, limits=limits, workers=1)
     with serve_in_thread(app) as server, Client(server.url, progress=False) as client:
         try:

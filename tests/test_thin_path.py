@@ -27,8 +27,8 @@ from torchsurgeon.plans.errors import PlanFormatError
 from torchsurgeon.remote import Client, Limits, create_app, serve_in_thread
 from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.jobs import JobQueue
+from torchsurgeon.remote.result_wire import decode_result, encode_result
 from torchsurgeon.remote.store import JobStore
-from torchsurgeon.remote.transfer import decode_result, encode_result
 
 
 @pytest.fixture(scope="module")

@@ -53,9 +53,10 @@ from torchsurgeon.layers.results import Result, run_with
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.remote.deadline import JobTimeout
 from torchsurgeon.remote.errors import ApiError
+from torchsurgeon.remote.estimates import Cost
 from torchsurgeon.remote.execution import PreparedRun, encoded_result, run_submission
 from torchsurgeon.remote.hosted import HostedModel
-from torchsurgeon.remote.limits import Cost, Limits
+from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.worker import RUN_ALONE
 from torchsurgeon.selectors.selection import replay
 from torchsurgeon.surgery.frozen import original_class, wrap

@@ -65,7 +65,8 @@ from torchsurgeon.remote.client_io import (
 from torchsurgeon.remote.client_request import request_of
 from torchsurgeon.remote.client_request import training_request as _training_request
 from torchsurgeon.remote.errors import RemoteError
-from torchsurgeon.remote.transfer import decode_result, encode_request
+from torchsurgeon.remote.result_wire import decode_result
+from torchsurgeon.remote.transfer import encode_request
 
 __all__ = ["AnswerLimits", "Client", "Job", "JobStatus"]
 

@@ -35,12 +35,14 @@ from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.returning import Returning
 from torchsurgeon.remote.deadline import JobTimeout
 from torchsurgeon.remote.errors import ApiError
+from torchsurgeon.remote.estimates import Cost
+from torchsurgeon.remote.estimates import estimate as estimate_cost
 from torchsurgeon.remote.hosted import HostedModel
-from torchsurgeon.remote.limits import GRAD_LAYERS, Cost, Limits
-from torchsurgeon.remote.limits import estimate as estimate_cost
+from torchsurgeon.remote.limits import GRAD_LAYERS, Limits
 from torchsurgeon.remote.memory import HostMemoryExceeded, watch
 from torchsurgeon.remote.progress import report
-from torchsurgeon.remote.transfer import Inputs, decode_submission, encode_result, result_nbytes
+from torchsurgeon.remote.result_wire import encode_result, result_nbytes
+from torchsurgeon.remote.transfer import Inputs, decode_submission
 from torchsurgeon.surgery.errors import SurgeryError
 
 __all__ = [

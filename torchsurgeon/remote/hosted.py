@@ -7,7 +7,7 @@ tokenizer if the checkpoint has one. :meth:`prepare` turns a plan into this requ
 rewritten view — copy-on-write, so the base and every other request's view are untouched —
 after the checks a host owes its users: identity, the layer allow-list, the number of
 saves, and, given the request's inputs, what running it would cost
-(:func:`~torchsurgeon.remote.limits.estimate`).
+(:func:`~torchsurgeon.remote.estimates.estimate`).
 
 :meth:`call_arguments` is the schema of a model call. A ``transformers`` model takes
 ``input_ids``, ``attention_mask``, ``position_ids``, ``token_type_ids`` and
@@ -68,7 +68,8 @@ from torchsurgeon.plans.structure import (
 )
 from torchsurgeon.remote.deadline import guard_deadlines
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.limits import Cost, Estimates, Limits, estimate, keep_values
+from torchsurgeon.remote.estimates import Cost, Estimates, estimate, keep_values
+from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.transfer import Inputs
 from torchsurgeon.surgery.frozen import original_class, wrap
 from torchsurgeon.surgery.lineage import Lineage, with_lineage

@@ -1,6 +1,7 @@
-"""The values that travel beside a meta run (*twins*), for :func:`~torchsurgeon.remote.
-limits.estimate`: small integer tensors derived from the inputs carry their real values (CPU
-copies), so model code that branches on them takes the branch the real run will."""
+"""The values that travel beside a meta run (*twins*), for
+:func:`~torchsurgeon.remote.estimates.estimate`: small integer tensors derived from the
+inputs carry their real values (CPU copies), so model code that branches on them takes the
+branch the real run will."""
 
 from __future__ import annotations
 
