@@ -28,9 +28,10 @@ from torchsurgeon import cli
 from torchsurgeon.plans import Plan, apply, plan
 from torchsurgeon.plans.errors import PlanFormatError
 from torchsurgeon.remote import Client, Limits, RemoteError, create_app, serve_in_thread
+from torchsurgeon.remote.checkpoints import LocalCheckpoint
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.executor import single
-from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
+from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.result_wire import decode_result
 from torchsurgeon.remote.transfer import Inputs, decode_request, encode_request
 

@@ -219,7 +219,7 @@ def steer(
     ``backend`` (a ``ts.remote.Client``; ``model`` may be ``client.meta(name)``) generates
     on that host, in one request: one model whose ``Add`` layers act at the steps
     ``positions`` picks (``steps=``), and only the sequences come back. The host takes the
-    ``generate`` options of ``ts.remote.hosted.GENERATE_OPTIONS`` and needs ``seed=`` to
+    ``generate`` options of ``ts.remote.calls.GENERATE_OPTIONS`` and needs ``seed=`` to
     sample.
     """
     model = wrap(model)

@@ -37,7 +37,7 @@ def __getattr__(name: str) -> object:
 
         return create_app
     if name == "LocalCheckpoint":
-        from torchsurgeon.remote.hosted import LocalCheckpoint
+        from torchsurgeon.remote.checkpoints import LocalCheckpoint
 
         return LocalCheckpoint
     if name == "RayCluster":

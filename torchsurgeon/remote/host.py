@@ -27,10 +27,11 @@ from typing import Any
 from torch import nn
 
 from torchsurgeon.remote.batching import batch_key
+from torchsurgeon.remote.checkpoints import LocalCheckpoint
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.execution import prepare_submission
 from torchsurgeon.remote.executor import Executor, InProcess, single
-from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
+from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.jobs import JobQueue, JobRecord
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.memory import fitted

@@ -2,7 +2,7 @@
 
 With ``--ray --replicas N`` the host process keeps the HTTP side (keys, limits, queue) and
 holds no weights: each of N :class:`~torchsurgeon.remote.ray_owner.ModelWorker` actors loads
-every checkpoint once (as its :class:`~torchsurgeon.remote.hosted.LocalCheckpoint` says: the
+every checkpoint once (as its :class:`~torchsurgeon.remote.checkpoints.LocalCheckpoint` says: the
 ``transformers`` model, or its conversion) and runs requests. The host validates each plan
 against a structure-only stand-in built from what the replicas report (for a converted
 model, its conversion built on the meta device), then hands the *request bytes*
@@ -85,8 +85,9 @@ from typing import IO, Any
 import torch
 
 from torchsurgeon.distributed.launch import check_ranks
+from torchsurgeon.remote.checkpoints import LocalCheckpoint
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
+from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.worker import Outcome, settled
 

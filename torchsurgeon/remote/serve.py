@@ -8,7 +8,7 @@
 ``transformers`` model (with ``--attn-implementation`` ``eager`` or ``sdpa``, or
 ``transformers``' default) or, with ``--convert``, as its explicit-dataflow conversion
 ``ts.load(PATH)``, whose attention pattern, queries, keys, values and per-head outputs a
-plan can select (see :class:`~torchsurgeon.remote.hosted.LocalCheckpoint`); ``--api-keys`` is a
+plan can select (see :class:`~torchsurgeon.remote.checkpoints.LocalCheckpoint`); ``--api-keys`` is a
 file with one key per line (blank lines and ``#`` comments ignored); ``--state-dir`` is
 where jobs and results persist (a host started again on it finishes what was queued or
 running); ``--processes`` runs the ``--workers`` as processes the host spawns and kills at a
@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torchsurgeon.remote.hosted import ATTN_IMPLEMENTATIONS, LocalCheckpoint
+from torchsurgeon.remote.checkpoints import ATTN_IMPLEMENTATIONS, LocalCheckpoint
 from torchsurgeon.remote.ray_pool import PLACEMENTS, RayCluster
 from torchsurgeon.remote.server import ServerLimits
 

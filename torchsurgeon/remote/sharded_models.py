@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from torchsurgeon.remote.checkpoints import LocalCheckpoint
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
+from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.worker import Worker
 
@@ -34,7 +35,8 @@ def load_sharded(sources: dict[str, Any], device: str, limits: Limits) -> Worker
     from torchsurgeon.distributed.parallelize import parallelize
     from torchsurgeon.plans.identity import identity_of
     from torchsurgeon.plans.structure import structure_of
-    from torchsurgeon.remote.hosted import _attn_implementation, load_checkpoint
+    from torchsurgeon.remote.calls import _attn_implementation
+    from torchsurgeon.remote.checkpoints import load_checkpoint
     from torchsurgeon.surgery.frozen import wrap
 
     mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))

@@ -35,8 +35,9 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from torchsurgeon.remote.checkpoints import LocalCheckpoint
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
+from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.worker import overran, settled
 

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from torchsurgeon.remote.checkpoints import LocalCheckpoint
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.hosted import HostedModel, LocalCheckpoint
+from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.limits import Limits
 
 __all__ = ["OVERRUN_FIELD", "RUN_ALONE", "Outcome", "Worker", "described", "overran", "settled"]
