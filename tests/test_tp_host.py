@@ -11,6 +11,7 @@ and generations. What the ranks do not serve is refused when the host starts.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import torch
 from test_distributed import CONVERTED_CASES, LLAMA_CASES, TOLERANCE, make_llama
 
 import torchsurgeon as ts
-from torchsurgeon.remote import Client, RemoteError, create_app, serve_in_thread
+from torchsurgeon.remote import Client, Limits, RemoteError, create_app, serve_in_thread
+
+KEYS = ["k1", "k2", "k3"]
 
 pytestmark = pytest.mark.slow  # spawns two ranks and starts two hosts
 
@@ -35,16 +38,19 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def hosts(checkpoint: Path) -> Iterator[dict[str, Any]]:
     single = create_app({"llama": checkpoint})
-    sharded = create_app({"llama": checkpoint}, tensor_parallel=2)
+    limits = Limits(batch_window_seconds=0.1)
+    sharded = create_app(
+        {"llama": checkpoint}, tensor_parallel=2, co_batch=True, api_keys=KEYS, limits=limits
+    )
     processes = [p for group in sharded.state.host.executor.processes() for p in group]
     assert len(processes) == 2 and all(p.is_alive() for p in processes)
     with (
         serve_in_thread(single) as one,
         serve_in_thread(sharded) as two,
         Client(one.url, progress=False, model="llama") as plain,
-        Client(two.url, progress=False, model="llama") as ranks,
+        Client(two.url, KEYS[0], progress=False, model="llama") as ranks,
     ):
-        yield {"single": plain, "tp": ranks, "app": sharded}
+        yield {"single": plain, "tp": ranks, "app": sharded, "url": two.url}
     assert not any(p.is_alive() for p in processes)  # the host's shutdown stopped its ranks
 
 
@@ -102,8 +108,6 @@ def test_gradients_and_generation_on_the_ranks_equal_the_single_host(
 def test_a_tensor_parallel_host_refuses_what_it_cannot_serve_at_start(checkpoint: Path) -> None:
     with pytest.raises(ValueError, match="tensor_parallel must be an int >= 2"):
         create_app({"llama": checkpoint}, tensor_parallel=1)
-    with pytest.raises(ValueError, match="co_batch"):
-        create_app({"llama": checkpoint}, tensor_parallel=2, co_batch=True)
     with pytest.raises(TypeError, match="checkpoint paths"):
         create_app({"llama": make_llama()}, tensor_parallel=2)
 
@@ -123,3 +127,39 @@ def test_a_rank_that_dies_fails_its_job_and_the_ranks_start_again(hosts: dict[st
     assert "rank 1 died" in failed.value.message
     assert float((hosts["tp"].run(probe, ids).saved["x"] - want).abs().max()) <= TOLERANCE
     assert pool.restarts == 1 and all(p.is_alive() for g in pool.processes() for p in g)
+
+
+def test_requests_of_three_keys_merge_on_the_ranks(hosts: dict[str, Any]) -> None:
+    base = ts.wrap(make_llama())
+    probe = ts.select(base).at("model.layers.1.mlp.act_fn").insert_after(ts.layers.Save("act"))
+    probe = ts.select(probe).at("model.layers.0").insert_after(ts.layers.Scale(0.5))
+    inputs = {
+        key: torch.randint(1, 64, (k + 1, 5), generator=torch.Generator().manual_seed(k))
+        for k, key in enumerate(KEYS)
+    }
+    alone = {key: hosts["tp"].run(probe, ids, co_batch=False) for key, ids in inputs.items()}
+    queue = hosts["app"].state.host.queue
+    merged_before = sum(n for size, n in queue.batch_sizes.items() if size > 1)
+    got: dict[str, ts.Result] = {}
+
+    def run(key: str) -> None:
+        with Client(hosts["url"], key, progress=False, model="llama") as client:
+            got[key] = client.run(probe, inputs[key])
+
+    for _ in range(3):  # until one pass merged
+        threads = [threading.Thread(target=run, args=(key,)) for key in KEYS]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        for key in KEYS:
+            for name, want in (
+                ("logits", alone[key].output["logits"]),
+                ("act", alone[key].saved["act"]),
+            ):
+                have = got[key].output["logits"] if name == "logits" else got[key].saved["act"]
+                assert have.shape == want.shape, (key, name)
+                assert float((have - want).abs().max()) <= 1e-6, (key, name)
+        if sum(n for size, n in queue.batch_sizes.items() if size > 1) > merged_before:
+            return
+    pytest.fail(f"no pass merged on the ranks: {dict(queue.batch_sizes)}")

@@ -58,8 +58,7 @@ from torchsurgeon.remote.execution import PreparedRun, encoded_result, run_submi
 from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.worker import RUN_ALONE
-from torchsurgeon.selectors.selection import replay
-from torchsurgeon.surgery.frozen import original_class, wrap
+from torchsurgeon.surgery.frozen import original_class
 
 __all__ = ["BatchPart", "RowScope", "batch_key", "run_batch"]
 
@@ -270,14 +269,10 @@ def _merged(parts: Sequence[BatchPart], limits: Limits) -> list[tuple[bytes | No
 def _merged_model(
     hosted: HostedModel, plans: Sequence[Plan], bounds: list[int], total: int
 ) -> nn.Module:
-    model = wrap(hosted.base)
-    for k, plan in enumerate(plans):
-        for step in plan.steps:
-            selection = replay(model, step.selection)
-            layer = step.layer.build()  # type: ignore[union-attr]
-            scoped = RowScope(layer, bounds[k], bounds[k + 1], total, str(k))
-            model = getattr(selection, step.operation)(scoped)
-    return model
+    def scoped(k: int, layer: nn.Module) -> nn.Module:
+        return RowScope(layer, bounds[k], bounds[k + 1], total, str(k))
+
+    return hosted.merged_view(list(plans), scoped)
 
 
 def _check_rows(value: Any, total: int) -> None:

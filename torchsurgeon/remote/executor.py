@@ -16,8 +16,9 @@ every run its deadline) → :meth:`Executor.run` → a :class:`~torchsurgeon.rem
   process, and a spare takes its place at once.
 - :class:`~torchsurgeon.remote.ray_pool.RayPool` — Ray replicas or Ray ranks.
 
-Co-batching is a scheduling step of the queue, open to every executor whose workers merge
-(``merges``): the queue hands :meth:`Executor.run` several requests of one batch key.
+Co-batching is a scheduling step of the queue, open to every executor: the queue hands
+:meth:`Executor.run` several requests of one batch key, and the worker runs them in one
+merged pass.
 """
 
 from __future__ import annotations
@@ -35,9 +36,6 @@ __all__ = ["Executor", "InProcess"]
 
 class Executor(Protocol):
     """What the host asks of wherever its jobs run."""
-
-    merges: bool
-    """Whether its workers run several requests of one batch key in one pass."""
 
     def hosted(self) -> dict[str, HostedModel]:
         """The models the HTTP process checks requests against (stand-ins or the models)."""
@@ -60,8 +58,6 @@ class Executor(Protocol):
 
 class InProcess:
     """Jobs run in the queue's worker threads, on models loaded in this process."""
-
-    merges = True
 
     def __init__(self, models: Mapping[str, HostedModel], limits: Limits) -> None:
         self._models = dict(models)

@@ -65,8 +65,8 @@ class Host:
         """``processes``: run the ``workers`` in processes this host spawns (each loads the
         checkpoints; a run past its deadline is killed with its process,
         :mod:`torchsurgeon.remote.spawned`). ``co_batch``: merge compatible requests of
-        different keys into one forward pass (:mod:`torchsurgeon.remote.batching`; not on
-        sharded ranks). ``tensor_parallel``: serve each model sharded over that many ranks on
+        different keys into one forward pass (:mod:`torchsurgeon.remote.batching`).
+        ``tensor_parallel``: serve each model sharded over that many ranks on
         this machine (gloo on ``"cpu"``, NCCL on ``"cuda"``), or with ``ray_replicas``, as Ray
         actors. ``ray_cluster`` (a :class:`~torchsurgeon.remote.ray_pool.RayCluster`): which
         Ray cluster, and how a rank group is placed in it (default: the host's private one)."""
@@ -76,8 +76,6 @@ class Host:
         self._keys = None if api_keys is None else {_digest(k): _digest(k)[:16] for k in api_keys}
         if self._keys is not None and not self._keys:
             raise ValueError("api_keys is empty: pass None to serve without keys")
-        if tensor_parallel is not None and co_batch:
-            raise ValueError("co_batch merges passes of whole models, not of sharded ranks")
         if ray_cluster is not None and ray_replicas is None:
             raise ValueError("ray_cluster says where Ray actors run: it needs ray_replicas")
         if processes and ray_replicas is not None:
@@ -98,7 +96,8 @@ class Host:
             workers = 1  # one group of ranks: one request at a time
         store = JobStore(state_dir)
         try:
-            batcher = self._batch if co_batch and self.executor.merges else None
+            self._co_batch = co_batch
+            batcher = self._batch if co_batch else None
             self.queue = JobQueue(workers, self.limits, store, revive=self._rerun, batcher=batcher)
         except BaseException:
             store.close()
@@ -186,7 +185,7 @@ class Host:
         runs alone) and what the batcher takes. :class:`ApiError` if a check fails."""
         hosted = self.model(name)
         runs = prepare_submission(hosted, body, self.limits)  # inputs checked, cost estimated
-        key = batch_key(hosted, runs, runs[0].inputs.alone) if self.executor.merges else None
+        key = batch_key(hosted, runs, runs[0].inputs.alone) if self._co_batch else None
         return key, Queued(name, body, runs[0].cost) if key is not None else None
 
     def _work(self, name: str, body: bytes) -> Callable[[float], bytes]:

@@ -18,7 +18,7 @@ says (:mod:`torchsurgeon.remote.checkpoints`); plans and views read once are kep
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from torchsurgeon.remote.estimates import Cost, Estimates, estimate, keep_values
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.transfer import Inputs
 from torchsurgeon.remote.views import Views
+from torchsurgeon.selectors.selection import replay
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.lineage import Lineage, with_lineage
 from torchsurgeon.surgery.paths import iter_nodes
@@ -287,10 +288,28 @@ class HostedModel:
         except PlanError as error:
             raise ApiError(422, "plan_does_not_fit", str(error), "steps") from None
 
+    def merged_view(
+        self, plans: list[Plan], scoped: Callable[[int, nn.Module], nn.Module]
+    ) -> nn.Module:
+        """The base with every plan's layers inserted, each as ``scoped(k, layer)`` for
+        plan ``k`` (co-batching: each plan was checked alone already)."""
+        return merged(wrap(self.base), plans, scoped)
+
     def call_arguments(self, inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The checked model call for ``inputs`` (texts tokenized here, left-padded);
         :class:`ApiError` 422 ``bad_input`` naming the argument at the first problem."""
         return call_arguments(self, inputs)
+
+
+def merged(
+    model: nn.Module, plans: list[Plan], scoped: Callable[[int, nn.Module], nn.Module]
+) -> nn.Module:
+    """``model`` with the layers of every plan ``k`` inserted as ``scoped(k, layer)``."""
+    for k, plan in enumerate(plans):
+        for step in plan.steps:
+            selection = replay(model, step.selection)
+            model = getattr(selection, step.operation)(scoped(k, step.layer.build()))
+    return model
 
 
 def _structure_only(base: nn.Module) -> nn.Module:

@@ -180,7 +180,6 @@ class RayPool:
             threads = max(1, torch.get_num_threads() // actors)
         self.threads = threads
         self.sources = {name: LocalCheckpoint.of(s) for name, s in sources.items()}
-        self.merges = tensor_parallel is None
         self.replicas = replicas
         self.tensor_parallel = tensor_parallel
         self.cluster = cluster

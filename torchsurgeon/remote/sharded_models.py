@@ -58,7 +58,7 @@ def load_sharded(sources: dict[str, Any], device: str, limits: Limits) -> Worker
         if device == "cuda":
             module = module.to(torch.device("cuda", torch.cuda.current_device()))
         models[name] = OnShards(standin, parallelize(module, mesh, "auto"))
-    return Worker(models, limits, merges=False)
+    return Worker(models, limits)
 
 
 class OnShards:
@@ -70,6 +70,15 @@ class OnShards:
 
     def __getattr__(self, name: str) -> Any:  # read_plan, call_arguments, structure, ...
         return getattr(self._standin, name)
+
+    def merged_view(self, plans: list[Any], scoped: Any) -> Any:
+        """The shards with every plan's layers inserted as ``scoped(k, layer)``, placed for
+        their sites (co-batching on the ranks)."""
+        from torchsurgeon.distributed.localize import localize
+        from torchsurgeon.remote.hosted import merged
+        from torchsurgeon.surgery.frozen import wrap
+
+        return localize(merged(wrap(self._sharded), plans, scoped))
 
     def prepare(self, plan: Any, limits: Limits, *_: Any) -> tuple[Any, None]:
         from torchsurgeon.distributed.localize import apply

@@ -175,7 +175,7 @@ class Spawned:
             raise ValueError(f"processes must be an int >= 1, got {replicas!r}")
         spares = (1 if size == 1 else 0) if spares is None else spares
         self.sources = {name: LocalCheckpoint.of(s) for name, s in sources.items()}
-        self.size, self.merges = size, size == 1
+        self.size = size
         self.target = replicas + spares
         threads = threads or max(1, (os.cpu_count() or 1) // (replicas * size))
         self._config = {

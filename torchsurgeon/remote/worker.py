@@ -7,7 +7,7 @@ spawned process (:mod:`torchsurgeon.remote.spawned`), a Ray replica or a Ray ran
 request alone, several of one batch key in one merged pass
 (:mod:`torchsurgeon.remote.batching`) — and answers one :data:`Outcome` per request. A
 sharded worker differs only in how it loaded its models (each a
-:class:`~torchsurgeon.remote.sharded_models.OnShards`) and never merges.
+:class:`~torchsurgeon.remote.sharded_models.OnShards`).
 
 An outcome is plain data that crosses any process boundary the same way:
 ``("result", bytes)``, ``("error", ApiError record)`` or ``("alone", None)`` — run this
@@ -76,17 +76,14 @@ def described(model: Any) -> dict[str, Any]:
 class Worker:
     """Models loaded once, serving requests given as bytes (see the module docstring)."""
 
-    def __init__(self, models: Mapping[str, Any], limits: Limits, *, merges: bool = True) -> None:
+    def __init__(self, models: Mapping[str, Any], limits: Limits) -> None:
         """Args:
         models: each served model by name (a :class:`HostedModel`, or its sharded
-            counterpart with the same ``prepare``/``call_arguments``).
+            counterpart with the same ``prepare``/``call_arguments``/``merged_view``).
         limits: the host's limits, which every request is read with.
-        merges: whether a batch of several requests runs in one merged pass (a sharded
-            worker runs each alone).
         """
         self.models = dict(models)
         self.limits = limits
-        self.merges = merges
         self.served = 0
 
     @classmethod
@@ -117,7 +114,7 @@ class Worker:
         return os.getpid()
 
     def serve(self, name: str, requests: Sequence[bytes]) -> list[Outcome]:
-        """One outcome per request: alone, or (several, when this worker merges) together."""
+        """One outcome per request: one request alone, several in one merged pass."""
         from torchsurgeon.remote.batching import BatchPart, run_batch
         from torchsurgeon.remote.execution import prepare_submission, run_submission
 
@@ -126,7 +123,7 @@ class Worker:
         if hosted is None:
             missing = ApiError(404, "not_found", f"no model {name!r} on this worker", "model")
             return [("error", missing.to_record())] * len(requests)
-        if len(requests) == 1 or not self.merges:
+        if len(requests) == 1:
             out = []
             for request in requests:
                 try:
