@@ -41,7 +41,7 @@ from torch import nn
 
 from torchsurgeon.remote.compat import import_anyio
 from torchsurgeon.remote.errors import ApiError
-from torchsurgeon.remote.host import Host
+from torchsurgeon.remote.host import Host, HostConfig
 from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.server import CLOSE_KEY, SCOPE_KEY, ServerLimits
 
@@ -74,37 +74,32 @@ def create_app(
     """A FastAPI app serving ``models`` (modules, or local checkpoint directories).
 
     Each model is loaded once and never changed; each request runs its own rewritten view.
-    ``workers`` threads run jobs — with ``processes``, in as many processes this host
-    spawns and kills at a run's deadline (:mod:`torchsurgeon.remote.spawned`); with
-    ``ray_replicas``, they dispatch them to that many Ray actors, each running torch with
-    ``ray_threads`` threads (:mod:`torchsurgeon.remote.ray_pool`). Jobs and results are
-    kept in ``state_dir`` (a SQLite table and result files; a temporary directory, removed
-    at shutdown, if ``None``),
-    so a host started again on the same directory finishes what was queued or running.
-    ``co_batch`` merges compatible requests of different keys into one forward pass (see
-    :mod:`torchsurgeon.remote.batching`). ``tensor_parallel=N`` serves each model (a
-    checkpoint path) sharded over N ranks on this machine, gloo on ``"cpu"`` or NCCL on
-    ``"cuda"`` (``tensor_parallel_device``; see :mod:`torchsurgeon.remote.spawned`), or with
-    ``ray_replicas=1`` as Ray actors, placed as ``ray_cluster`` says (a
-    :class:`~torchsurgeon.remote.ray_pool.RayCluster`: an operator's cluster the ranks span
-    the machines of; default, the host's private one). The app's ``state.host`` is the
+    Jobs and results persist in ``state_dir``, so a host started again on it finishes what
+    was queued or running. The app's ``state.host`` is the
     :class:`~torchsurgeon.remote.host.Host`.
+
+    Args:
+        models: each served model by name (a checkpoint path where the workers are
+            processes or Ray actors).
+        api_keys: the keys that may submit (None: no keys).
+        limits: what one request may cost (:class:`~torchsurgeon.remote.limits.Limits`).
+        workers, processes, ray_replicas, ray_threads, state_dir, co_batch,
+            tensor_parallel, tensor_parallel_device, ray_cluster: where and how jobs run,
+            the fields of :class:`~torchsurgeon.remote.host.HostConfig`.
     """
     import_anyio()  # before serving: see torchsurgeon.remote.compat
-    host = Host(
-        models,
-        api_keys=api_keys,
-        limits=limits,
+    config = HostConfig(
         workers=workers,
         processes=processes,
-        ray_replicas=ray_replicas,
-        ray_threads=ray_threads,
-        state_dir=state_dir,
         co_batch=co_batch,
+        state_dir=state_dir,
         tensor_parallel=tensor_parallel,
         tensor_parallel_device=tensor_parallel_device,
+        ray_replicas=ray_replicas,
+        ray_threads=ray_threads,
         ray_cluster=ray_cluster,
     )
+    host = Host(models, config, api_keys=api_keys, limits=limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

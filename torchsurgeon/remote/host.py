@@ -38,9 +38,49 @@ from torchsurgeon.remote.memory import fitted
 from torchsurgeon.remote.spawned import Spawned
 from torchsurgeon.remote.store import JobStore
 
-__all__ = ["ANONYMOUS", "Host"]
+__all__ = ["ANONYMOUS", "Host", "HostConfig"]
 
 ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Where and how a host runs its jobs: the options of ``create_app`` / ``serve``.
+
+    Args:
+        workers: job worker threads (with ``processes``, worker processes).
+        processes: run the workers in processes this host spawns (each loads the
+            checkpoints; a run past its deadline is killed with its process,
+            :mod:`torchsurgeon.remote.spawned`).
+        co_batch: merge compatible requests of different keys into one forward pass
+            (:mod:`torchsurgeon.remote.batching`).
+        state_dir: where jobs and results persist (None: a temporary directory).
+        tensor_parallel: serve each model sharded over that many ranks (gloo on ``"cpu"``,
+            NCCL on ``"cuda"``: ``tensor_parallel_device``), or with ``ray_replicas``, as
+            Ray actors.
+        tensor_parallel_device: the ranks' device.
+        ray_replicas: run that many Ray replicas (or, with ``tensor_parallel``, one group
+            of Ray ranks).
+        ray_threads: torch threads per Ray actor (default: this machine's shared out).
+        ray_cluster: a :class:`~torchsurgeon.remote.ray_pool.RayCluster`: which Ray cluster,
+            and how a rank group is placed in it (default: the host's private one).
+    """
+
+    workers: int = 2
+    processes: bool = False
+    co_batch: bool = False
+    state_dir: str | Path | None = None
+    tensor_parallel: int | None = None
+    tensor_parallel_device: str = "cpu"
+    ray_replicas: int | None = None
+    ray_threads: int | None = None
+    ray_cluster: Any = None
+
+    def __post_init__(self) -> None:
+        if self.ray_cluster is not None and self.ray_replicas is None:
+            raise ValueError("ray_cluster says where Ray actors run: it needs ray_replicas")
+        if self.processes and self.ray_replicas is not None:
+            raise ValueError("processes and ray_replicas are two executors: choose one")
 
 
 class Host:
@@ -49,55 +89,34 @@ class Host:
     def __init__(
         self,
         models: Mapping[str, nn.Module | str | Path],
+        config: HostConfig | None = None,
         *,
         api_keys: Iterable[str] | None = None,
         limits: Limits | None = None,
-        workers: int = 2,
-        processes: bool = False,
-        ray_replicas: int | None = None,
-        ray_threads: int | None = None,
-        state_dir: str | Path | None = None,
-        co_batch: bool = False,
-        tensor_parallel: int | None = None,
-        tensor_parallel_device: str = "cpu",
-        ray_cluster: Any = None,
     ) -> None:
-        """``processes``: run the ``workers`` in processes this host spawns (each loads the
-        checkpoints; a run past its deadline is killed with its process,
-        :mod:`torchsurgeon.remote.spawned`). ``co_batch``: merge compatible requests of
-        different keys into one forward pass (:mod:`torchsurgeon.remote.batching`).
-        ``tensor_parallel``: serve each model sharded over that many ranks on
-        this machine (gloo on ``"cpu"``, NCCL on ``"cuda"``), or with ``ray_replicas``, as Ray
-        actors. ``ray_cluster`` (a :class:`~torchsurgeon.remote.ray_pool.RayCluster`): which
-        Ray cluster, and how a rank group is placed in it (default: the host's private one)."""
+        """Args:
+        models: each served model by name: a module, or a local checkpoint directory
+            (checkpoints only when the workers are processes or Ray actors).
+        config: where and how jobs run (:class:`HostConfig`).
+        api_keys: the keys that may submit (None: no keys needed).
+        limits: what one request may cost (:class:`~torchsurgeon.remote.limits.Limits`).
+        """
         if not models:
             raise ValueError("a host needs at least one model")
+        config = config or HostConfig()
+        workers = config.workers
         self.limits = fitted(limits or Limits(), workers)  # each run's share of memory
         self._keys = None if api_keys is None else {_digest(k): _digest(k)[:16] for k in api_keys}
         if self._keys is not None and not self._keys:
             raise ValueError("api_keys is empty: pass None to serve without keys")
-        if ray_cluster is not None and ray_replicas is None:
-            raise ValueError("ray_cluster says where Ray actors run: it needs ray_replicas")
-        if processes and ray_replicas is not None:
-            raise ValueError("processes and ray_replicas are two executors: choose one")
-        self.executor = _executor(
-            models,
-            self.limits,
-            workers,
-            processes,
-            ray_replicas,
-            ray_threads,
-            tensor_parallel,
-            tensor_parallel_device,
-            ray_cluster,
-        )
+        self.executor = _executor(models, self.limits, config)
         self.models = self.executor.hosted()
-        if tensor_parallel is not None and ray_replicas is None:
+        if config.tensor_parallel is not None and config.ray_replicas is None:
             workers = 1  # one group of ranks: one request at a time
-        store = JobStore(state_dir)
+        self._co_batch = config.co_batch
+        store = JobStore(config.state_dir)
         try:
-            self._co_batch = co_batch
-            batcher = self._batch if co_batch else None
+            batcher = self._batch if config.co_batch else None
             self.queue = JobQueue(workers, self.limits, store, revive=self._rerun, batcher=batcher)
         except BaseException:
             store.close()
@@ -217,22 +236,15 @@ class Queued:
 
 
 def _executor(
-    models: Mapping[str, nn.Module | str | Path],
-    limits: Limits,
-    workers: int,
-    processes: bool,
-    ray_replicas: int | None,
-    ray_threads: int | None,
-    tensor_parallel: int | None,
-    device: str,
-    ray_cluster: Any,
+    models: Mapping[str, nn.Module | str | Path], limits: Limits, config: HostConfig
 ) -> Executor:
     """Where jobs run: threads of this process, spawned processes (whole models or
     tensor-parallel ranks), or Ray replicas or ranks."""
-    if ray_replicas is not None:
+    device = config.tensor_parallel_device
+    if config.ray_replicas is not None:
         from torchsurgeon.remote.ray_pool import RayPool
 
-        if tensor_parallel is not None and device != "cpu":
+        if config.tensor_parallel is not None and device != "cpu":
             raise ValueError(
                 "tensor-parallel ranks on Ray run on CPU (gloo) here; for NCCL leave Ray out "
                 "(the ranks are then this machine's processes, one GPU each)"
@@ -240,21 +252,21 @@ def _executor(
         sources = _checkpoints(models, "with Ray, each replica loads its own copy")
         return RayPool(
             sources,
-            ray_replicas,
+            config.ray_replicas,
             limits,
-            ray_threads,
-            tensor_parallel=tensor_parallel,
-            cluster=ray_cluster,
+            config.ray_threads,
+            tensor_parallel=config.tensor_parallel,
+            cluster=config.ray_cluster,
         )
-    if tensor_parallel is not None:
+    if config.tensor_parallel is not None:
         from torchsurgeon.distributed.launch import check_ranks
 
-        check_ranks(tensor_parallel, device, name="tensor_parallel", least=2)
+        check_ranks(config.tensor_parallel, device, name="tensor_parallel", least=2)
         sources = _checkpoints(models, "with tensor_parallel, each rank loads its shards")
-        return Spawned(sources, limits, size=tensor_parallel, device=device)
-    if processes:
+        return Spawned(sources, limits, size=config.tensor_parallel, device=device)
+    if config.processes:
         sources = _checkpoints(models, "with processes, each worker process loads its own copy")
-        return Spawned(sources, limits, replicas=workers)
+        return Spawned(sources, limits, replicas=config.workers)
     loaded = {name: HostedModel.load(name, src) for name, src in models.items()}
     return InProcess(loaded, limits)
 
