@@ -54,14 +54,23 @@ from torchsurgeon.surgery import (
     tree,
     wrap,
 )
+from torchsurgeon.surgery.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    OutOfRangeError,
+    SiteError,
+)
 from torchsurgeon.surgery.tree import functional
 from torchsurgeon.viz import save_html, show, show_diff, to_html
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "FrozenModuleError",
     "Index",
+    "OutOfRangeError",
     "PathError",
     "Plan",
     "Result",
@@ -69,6 +78,7 @@ __all__ = [
     "SelectionError",
     "SerializationError",
     "Session",
+    "SiteError",
     "SurgeryError",
     "__version__",
     "apply",
