@@ -508,10 +508,13 @@ def encode_result(result: Result | Mapping[str, Result]) -> bytes:
             "saved": {key: [node(v) for v in values] for key, values in result.records.items()},
         }
 
-    if isinstance(result, Mapping):  # a session's results, by run name
-        runs = [{"name": name, **describe(r)} for name, r in result.items()]
-        return pack({"version": 1, "runs": runs}, tensors, key=RESULT_KEY)
-    return pack({"version": 1, **describe(result)}, tensors, key=RESULT_KEY)
+    try:
+        if isinstance(result, Mapping):  # a session's results, by run name
+            runs = [{"name": name, **describe(r)} for name, r in result.items()]
+            return pack({"version": 1, "runs": runs}, tensors, key=RESULT_KEY)
+        return pack({"version": 1, **describe(result)}, tensors, key=RESULT_KEY)
+    finally:  # `node` calls itself: a closure cycle holding `tensors` (a copy of every
+        tensors.clear()  # result tensor) until the cyclic collector runs, if it ever does
 
 
 def decode_result(data: bytes | torch.Tensor) -> Result | dict[str, Result]:
