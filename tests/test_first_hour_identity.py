@@ -20,6 +20,7 @@ from torchsurgeon.plans import IdentityMismatchError, Plan, PlanFormatError, dif
 from torchsurgeon.plans.replay import apply
 from torchsurgeon.plans.wire import pack
 from torchsurgeon.remote import Client, RemoteError, create_app, serve_in_thread
+from torchsurgeon.remote.client_request import hosted_model_for
 
 
 def _plan_on(model: torch.nn.Module) -> Plan:
@@ -113,3 +114,14 @@ def test_a_host_without_the_plans_base_names_the_plan_and_each_hosted_model(host
             client.run(fits, token_ids()).output.logits,
             ts.run(apply(fits, make_gpt2(seed=0)), token_ids()).output.logits,
         )
+
+
+def test_a_hostile_model_list_is_named_unreadable_not_raised() -> None:
+    plan = _plan_on(ts.wrap(make_gpt2()))
+    good = {"name": "gpt2", "identity": plan.base.to_json()}
+    odd = {**plan.base.to_json(), "structure_hash": "0" * 64, "summary": "not a summary"}
+    hosted = [{"name": "x", "identity": {"architecture": 3}}, {"name": "y", "identity": odd}]
+    name, refusal = hosted_model_for(plan, hosted)
+    assert name is None and "'x' has no readable identity" in refusal
+    assert "'y' is a GPT2LMHeadModel (fingerprint" in refusal
+    assert hosted_model_for(plan, [*hosted, good]) == ("gpt2", "")

@@ -101,7 +101,8 @@ def _short(value: Any) -> str:
 
 def describe(architecture: str, summary: Summary | None, fingerprint: str | None) -> str:
     """One line naming a base: its class, its size keys and its fingerprint's short form."""
-    config = (summary or {}).get("config") or {}
+    config = summary.get("config") if isinstance(summary, dict) else None
+    config = config if isinstance(config, dict) else {}
     sizes = ", ".join(f"{k}={config[k]}" for k in _SIZE_KEYS if k in config)
     weights = "no weights (structure only)" if fingerprint is None else fingerprint[:12]
     return f"a {architecture} ({sizes + '; ' if sizes else ''}fingerprint {weights})"

@@ -118,12 +118,11 @@ def hosted_model_for(plan: Plan, hosted: list[dict[str, Any]]) -> tuple[str | No
         try:
             identity = BaseIdentity.from_json(dict(model["identity"]))
             problems = plan.base.differences(identity, match)  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError, AttributeError):
+            if not problems:
+                return str(model["name"]), ""
+            lines.append(f"{model['name']!r} is {identity.describe()} ({problems[0]})")
+        except (KeyError, TypeError, ValueError, AttributeError):  # a host's data: checked
             lines.append(f"{model.get('name')!r} has no readable identity")
-            continue
-        if not problems:
-            return str(model["name"]), ""
-        lines.append(f"{model['name']!r} is {identity.describe()} ({problems[0]})")
     listed = "; ".join(lines) if lines else "(none)"
     return None, (
         f"no hosted model holds this plan's base: the plan was built against "
