@@ -184,3 +184,98 @@ def test_public_entry_points_raise_surgery_errors(models: dict[str, nn.Module], 
     with pytest.raises(ts.SurgeryError, match=words) as caught:
         call()
     assert isinstance(caught.value, builtin)  # code catching the builtin keeps working
+
+
+# --- Entry points a researcher meets before a run: ts.generate, ts.load, returning(),
+# ts.train and a Transformer config. Each error is a ts.SurgeryError naming the argument.
+
+
+@pytest.mark.parametrize("kind", ["wrap", "convert"])
+def test_generate_with_float_ids_names_input_ids(models: dict[str, nn.Module], kind: str):
+    with pytest.raises(
+        ts.ArgumentTypeError, match=r"input_ids: .*torch\.long.*torch\.float32"
+    ) as c:
+        ts.generate(models[kind], torch.tensor([[1.0, 2.0]]), 2)
+    assert isinstance(c.value, ValueError)  # what generate raised before
+    with pytest.raises(ts.ArgumentError, match=r"input_ids must be \[batch, pos\].*ids\[None\]"):
+        ts.generate(models[kind], torch.tensor([1, 2]), 2)
+    with pytest.raises(ts.ArgumentError, match="max_new_tokens must be an int >= 0"):
+        ts.generate(models[kind], token_ids(), -1)
+    assert ts.generate(models[kind], token_ids(), 1).shape[1] == token_ids().shape[1] + 1
+
+
+def test_load_names_a_bad_dtype_string_and_the_nearest_name(tmp_path: Any):
+    with pytest.raises(
+        ts.ArgumentError, match=r"dtype='bfloat'.*did you mean 'bfloat16'"
+    ) as caught:
+        ts.load(tmp_path, dtype="bfloat")
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(ts.ArgumentTypeError, match=r"ts\.load\(dtype=\)"):
+        ts.load(tmp_path, dtype=16)  # type: ignore[arg-type]
+
+
+def test_load_names_a_bad_path_and_the_nearest_directory(tmp_path: Any):
+    (tmp_path / "gpt2-small").mkdir()
+    with pytest.raises(ts.SurgeryError, match=r"does not exist; did you mean '.*gpt2-small'"):
+        ts.load(tmp_path / "gtp2-small")
+    with pytest.raises(ts.ArgumentTypeError, match=r"ts\.load\(path=\).*got NoneType"):
+        ts.load(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("reduction", "argument"),
+    [({"topk": 0}, "topk"), ({"mean": []}, "mean"), ({"positions": slice(0, 4, -1)}, "positions")],
+)
+def test_returning_with_a_bad_reduction_names_the_argument(
+    reduction: dict[str, Any], argument: str
+):
+    plan = ts.plan(
+        ts.select(make_gpt2()).at("transformer.h.0.mlp").insert_after(ts.layers.Save("m"))
+    )
+    with pytest.raises(ts.ArgumentError, match=rf"returning\({argument}=\)") as caught:
+        plan.returning("logits", **reduction)
+    assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        ({"steps": 0}, ts.ArgumentError, r"steps must be an int from 1"),
+        ({"optimizer": "adam"}, ts.ArgumentTypeError, r"optimizer= is ts\.optim\.AdamW.*got str"),
+        ({"batches": []}, ts.ArgumentError, r"batches: train needs at least one batch"),
+    ],
+)
+def test_train_with_bad_options_names_the_option(
+    models: dict[str, nn.Module], options: dict[str, Any], error: type[Exception], words: str
+):
+    probe = (
+        ts.select(models["wrap"]).at(MLP["wrap"]).insert_after(ts.layers.Add(torch.zeros(HIDDEN)))
+    )
+    arguments: dict[str, Any] = {
+        "batches": [token_ids()],
+        "loss": ts.out("logits")[0, -1, 0],
+        "params": ts.select(probe).at_instances_of(ts.layers.Add),
+        "optimizer": ts.optim.SGD(lr=0.1),
+        "steps": 1,
+    }
+    arguments.update(options)
+    with pytest.raises(error, match=words):
+        ts.train(probe, arguments.pop("batches"), **arguments)
+    with pytest.raises(ts.ArgumentError, match=r"optimizer: betas must be two numbers"):
+        ts.optim.AdamW(betas=(0.9,))
+
+
+def test_transformer_config_errors_name_the_field_and_the_nearest_choice(
+    models: dict[str, nn.Module],
+):
+    import dataclasses
+
+    config = models["convert"].config
+    with pytest.raises(ts.ArgumentError, match=r"TransformerConfig\.norm .*did you mean 'rmsnorm'"):
+        dataclasses.replace(config, norm="rms_norm")
+    with pytest.raises(ts.ArgumentError, match=r"TransformerConfig\.attn_scales needs one entry"):
+        dataclasses.replace(config, attn_scales=())
+    with pytest.raises(ts.ArgumentError, match=r"activation: unknown name 'gelu_neww'.*'gelu_new'"):
+        ts.layers.transformer.Activation("gelu_neww")
+    with pytest.raises(ts.OutOfRangeError, match=r"input_ids: token ids must lie in \[0, "):
+        models["convert"](torch.tensor([[10**6]]))

@@ -72,6 +72,7 @@ from torchsurgeon.plans.differences import (
     summarize,
 )
 from torchsurgeon.plans.errors import IdentityMismatchError
+from torchsurgeon.surgery.errors import ArgumentError
 from torchsurgeon.surgery.frozen import is_frozen, original_class
 from torchsurgeon.surgery.paths import iter_nodes, join
 
@@ -321,7 +322,10 @@ def _observe(model: nn.Module) -> tuple[list[Any], tuple[Any, ...]] | None:
 def pin_identity(model: nn.Module, identity: BaseIdentity) -> nn.Module:
     """Record on a *fresh* structure-only root the identity of the model it stands for."""
     if not _is_meta(model):
-        raise ValueError("only a structure-only model (tensors on the meta device) can be pinned")
+        raise ArgumentError(
+            "pin_identity(model=): only a structure-only model (tensors on the meta device) can "
+            "be pinned; build it under torch.device('meta')"
+        )
     if structure_hash(model) != identity.structure_hash:
         raise IdentityMismatchError(
             "cannot pin: this model's structure differs from the identity's structure_hash"
@@ -341,7 +345,7 @@ def check_identity(
     ``found`` is ``base``'s identity when the caller already knows it (a host computes it once).
     """
     if match not in ("exact", "structure"):
-        raise ValueError(f"match must be 'exact' or 'structure', got {match!r}")
+        raise ArgumentError(f"match must be 'exact' or 'structure', got {match!r}")
     actual = found if found is not None else identity_of(base)
     problems = expected.differences(actual, match)
     if problems:
