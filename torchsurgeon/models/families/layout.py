@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from torchsurgeon.surgery.errors import ArgumentError
+
 __all__ = ["EXPLICIT", "ModelLayout"]
 
 
@@ -72,8 +74,9 @@ class ModelLayout:
         for name in ("blocks", "embed"):
             path = inside(getattr(self, name))
             if path is None:
-                raise ValueError(
-                    f"{self.family}: {name} {getattr(self, name)!r} is not under {prefix!r}"
+                raise ArgumentError(
+                    f"without_head(prefix={prefix!r}): {self.family}'s {name} "
+                    f"{getattr(self, name)!r} is not under it"
                 )
             fields[name] = path
         return dataclasses.replace(
