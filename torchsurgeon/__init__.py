@@ -42,6 +42,7 @@ from torchsurgeon.layers import (
 )
 from torchsurgeon.methods import run_saving
 from torchsurgeon.models import convert, generate, load
+from torchsurgeon.models.families.paths import paths
 from torchsurgeon.plans import Plan, apply, meta, plan
 from torchsurgeon.selectors import Selection, attr, instance_of, layer_index, path, select
 from torchsurgeon.surgery import (
@@ -103,6 +104,7 @@ __all__ = [
     "optim",
     "out",
     "path",
+    "paths",
     "plan",
     "plans",
     "remote",

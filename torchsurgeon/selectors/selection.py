@@ -140,14 +140,22 @@ class Selection(TreescopeRepr):
         for base in self.paths:
             found.extend(_match(_index(self.model)[base], base, parts))
         if not found and self.paths:
+            base = self.paths[0]
+            full = child_path(base, pattern) if base else pattern
+            from torchsurgeon.models.families.paths import counterpart_hint  # models use us
+
+            hint = counterpart_hint(self.model, full, _match)
             if not any(set(part) & _GLOB_CHARS for part in parts):
-                base = self.paths[0]
-                get_at(self.model, child_path(base, pattern) if base else pattern)  # raises
-            guesses = nearest_paths(_index(self.model)[self.paths[0]], pattern)
+                try:
+                    get_at(self.model, full)  # raises
+                except PathError as error:
+                    raise PathError(error.args[0] + hint) from None
+            guesses = nearest_paths(_index(self.model)[base], pattern)
             raise PathError(
                 f"at({pattern!r}) matched nothing below the {len(self.paths)} selected node(s) "
-                f"(first: {describe(self.paths[0])}). Nearest valid paths: "
+                f"(first: {describe(base)}). Nearest valid paths: "
                 + ", ".join(repr(g) for g in guesses)
+                + hint
             )
         return self._then(SelectorStep("at", pattern), found)
 
