@@ -4,13 +4,16 @@ Small random-weight Llama and GPT-2 models: a plan built on one form (Save and A
 block's output and at an MLP, and a Save at every MLP by a glob) replays on the other form
 with the same saved values and logits; a step at a site only one form has, a selector that
 is not a literal path and a plan from another checkpoint are refused, naming what is
-wrong; a selector path of the other vocabulary names its counterpart.
+wrong; a selector path of the other vocabulary names its counterpart. In every family of
+the model zoo, each paired site (block, attention, MLP, their output projections, norms,
+embeddings, final norm, unembedding) saves the same tensor under both names.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from models.model_zoo import FAMILIES, make_hf_model
 from plan_cases import BLOCKS, HIDDEN, MAKERS, token_ids
 
 import torchsurgeon as ts
@@ -138,3 +141,26 @@ def test_the_map_pairs_every_shared_site_from_the_layouts() -> None:
     assert pairs["transformer.h.0.attn.c_proj"] == "blocks.0.attn.out"
     assert pairs["transformer.ln_f"] == "final_norm" and pairs["lm_head"] == "unembed"
     assert len([w for w in pairs if w.startswith("transformer.h.")]) == 3 * 7
+
+
+@pytest.mark.parametrize("base", [False, True], ids=["lm", "base"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_paired_site_holds_the_same_tensor_in_both_forms(family: str, base: bool) -> None:
+    hf = make_hf_model(family, base=base)
+    converted = ts.convert(hf)
+    paired = ts.paths(hf)
+    assert paired.pairs == ts.paths(converted).pairs
+    containers = {paired.layout.blocks, ""}
+    sites = [w for w, _ in paired.pairs if w not in containers]
+    probe = ts.wrap(hf)
+    for i, site in enumerate(sites):
+        probe = ts.select(probe).at(site).insert_after(ts.layers.Save(f"s{i}"))
+    ids = torch.randint(3, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    wrapped = ts.run(probe, ids).saved
+    translated = ts.paths(converted).translate(ts.plan(probe))
+    explicit = ts.run(ts.apply(translated, converted), ids).saved
+    for i, site in enumerate(sites):
+        a, b = wrapped[f"s{i}"], explicit[f"s{i}"]
+        if a.shape != b.shape and a.shape[0] == 1:  # BERT's position embeddings broadcast
+            a = a.expand_as(b)
+        assert (a - b).abs().max().item() <= 1e-4, site

@@ -226,10 +226,13 @@ def paths(model: nn.Module) -> PathMap:
     layout = family.layout_for(name)
     assert layout is not None  # family_for / family_of_class checked the class
     here = {p for p, _ in iter_nodes(model)}
+    # a soft-capped unembedding (Gemma 2) returns capped logits, transformers' lm_head raw ones
+    explicit = config if side == "converted" else family.config(config)  # type: ignore[misc]
+    capped = {EXPLICIT.unembed} if explicit.final_softcap is not None else set()
     pairs = [
         (w, c)
         for w, c in _pairs(layout, _count(model, EXPLICIT if side == "converted" else layout))
-        if (w if side == "wrapped" else c) in here
+        if (w if side == "wrapped" else c) in here and c not in capped
     ]
     return PathMap(side, name, layout, tuple(pairs), model)
 
