@@ -185,9 +185,8 @@ def test_every_write_to_a_frozen_node_is_refused(gpt2_hf: nn.Module, write: Call
     with pytest.raises(ts.FrozenModuleError, match="frozen"):
         write(model)
     assert model.transformer.ln_f.eps == eps == gpt2_hf.transformer.ln_f.eps
-    model.train()  # the one allowed write: the training flag
-    assert model.training
-    model.eval()
+    trained = model.train()  # the training flag too: switched as a new tree
+    assert trained.training and not model.training
 
 
 def test_a_modules_own_code_may_update_its_caches() -> None:

@@ -42,6 +42,7 @@ from torchsurgeon.layers import (
 )
 from torchsurgeon.methods import run_saving
 from torchsurgeon.models import convert, generate, load
+from torchsurgeon.models.families.paths import paths
 from torchsurgeon.plans import Plan, apply, meta, plan
 from torchsurgeon.selectors import Selection, attr, instance_of, layer_index, path, select
 from torchsurgeon.surgery import (
@@ -54,14 +55,23 @@ from torchsurgeon.surgery import (
     tree,
     wrap,
 )
+from torchsurgeon.surgery.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    OutOfRangeError,
+    SiteError,
+)
 from torchsurgeon.surgery.tree import functional
 from torchsurgeon.viz import save_html, show, show_diff, to_html
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "FrozenModuleError",
     "Index",
+    "OutOfRangeError",
     "PathError",
     "Plan",
     "Result",
@@ -69,6 +79,7 @@ __all__ = [
     "SelectionError",
     "SerializationError",
     "Session",
+    "SiteError",
     "SurgeryError",
     "__version__",
     "apply",
@@ -93,6 +104,7 @@ __all__ = [
     "optim",
     "out",
     "path",
+    "paths",
     "plan",
     "plans",
     "remote",

@@ -167,7 +167,7 @@ def _force_until_most_change(
                 f"  forcing to {tried:.4g} changes {changed}/{rows} answers; trying more",
                 highlight=False,
             )
-    raise ValueError("no value to force the neurons to")
+    raise DemoError("--value: no value to force the neurons to; give at least one")
 
 
 def run_demo(

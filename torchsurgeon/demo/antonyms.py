@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from torchsurgeon.surgery.errors import SurgeryError
+
 __all__ = [
     "ANTONYMS",
     "DemoRecipe",
@@ -116,6 +118,10 @@ def prompt(word: str) -> str:
     return f"Q: {word}\nA:"
 
 
+class DemoError(SurgeryError, ValueError):
+    """A problem with the demo's arguments or checkpoint, said in one line."""
+
+
 @dataclass(frozen=True)
 class DemoRecipe:
     """Everything that determines the demo model: the language, the architecture, training."""
@@ -134,11 +140,18 @@ class DemoRecipe:
         words = [w for pair in self.pairs for w in pair]
         repeated = sorted({w for w in words if words.count(w) > 1})
         if repeated:
-            raise ValueError(f"DemoRecipe.pairs: {repeated} appear in more than one pair")
+            raise DemoError(
+                f"DemoRecipe.pairs: {repeated} appear in more than one pair; list each word once"
+            )
         if not all(w.isalpha() and w.islower() for w in words):
-            raise ValueError("DemoRecipe.pairs: words must be lower-case letters only")
+            raise DemoError(
+                "DemoRecipe.pairs: words must be lower-case letters only, e.g. ('big', 'small')"
+            )
         if self.threads < 1 or self.steps < 1:
-            raise ValueError("DemoRecipe: threads and steps must be at least 1")
+            raise DemoError(
+                f"DemoRecipe.threads and .steps must be at least 1, got threads={self.threads}, "
+                f"steps={self.steps}"
+            )
 
     def key(self) -> str:
         """A hash of the recipe, the training code's format and the torch/transformers
@@ -226,7 +239,10 @@ def _encode(
     pairs = questions(recipe)
     ids = [tokenizer(q + a, add_special_tokens=False).input_ids for q, a in pairs]
     if len({len(row) for row in ids}) != 1:
-        raise ValueError("the demo language's sentences differ in length; check the tokenizer")
+        raise DemoError(
+            "tokenizer: the demo language's sentences differ in length; build it with "
+            "build_tokenizer(recipe)"
+        )
     batch = torch.tensor(ids)
     return batch[:, :-1], batch[:, -1]
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import torchsurgeon as ts
-from torchsurgeon.demo.antonyms import quiet_transformers
+from torchsurgeon.demo.antonyms import DemoError, quiet_transformers
 from torchsurgeon.methods.layout import (
     ModelLayout,
     UnknownFamilyError,
@@ -56,10 +56,6 @@ __all__ = [
 ]
 
 Neurons = dict[int, list[int]]
-
-
-class DemoError(ts.SurgeryError, ValueError):
-    """A problem with the demo's arguments or checkpoint, said in one line."""
 
 
 def parse_neurons(text: str) -> Neurons:

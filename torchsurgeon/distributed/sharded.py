@@ -63,6 +63,7 @@ from torchsurgeon.layers.index import remember
 from torchsurgeon.layers.lora import LowRankAdapter
 from torchsurgeon.layers.patch import Patch
 from torchsurgeon.layers.record import SaveGrad
+from torchsurgeon.layers.run_state import run_state
 from torchsurgeon.surgery.frozen import original_class
 from torchsurgeon.surgery.paths import SITE_LISTS, describe
 
@@ -259,7 +260,7 @@ class Sharded(nn.Module):
     # -- recording -----------------------------------------------------------------------
 
     def _record(self, x: torch.Tensor, split: Split) -> torch.Tensor:
-        if self.layer._ts_store is None:  # not inside ts.run: nothing to gather
+        if run_state(self.layer) is None:  # not inside ts.run: nothing to gather
             return x
         full = self._full(x, split)
         if full is not None:
@@ -267,8 +268,8 @@ class Sharded(nn.Module):
         return x
 
     def _record_grad(self, x: torch.Tensor, split: Split) -> torch.Tensor:
-        store = self.layer._ts_store
-        if store is None:
+        state = run_state(self.layer)
+        if state is None:
             return x
         if not x.requires_grad:
             return self.layer(x)  # raises SaveGrad's own error
@@ -276,12 +277,12 @@ class Sharded(nn.Module):
         def keep(grad: torch.Tensor) -> None:
             full = self._full(grad, split)
             if full is not None:
-                store.append(full)
+                state.store.append(full)
 
         x.register_hook(keep)
-        sites = self.layer.__dict__.get("_ts_grad_sites")
-        if sites is not None:  # a backward= run asks autograd for these tensors' gradients
-            sites.append(x)  # (else it stops at the nearest replicated site and skips this)
+        # a backward= run asks autograd for these tensors' gradients (else it stops at the
+        # nearest replicated site and skips this one)
+        state.sites.append(x)
         return x
 
     def _edit_grad(self, x: torch.Tensor, split: Split) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from torchsurgeon.surgery.errors import SurgeryError
+from torchsurgeon.surgery.errors import ArgumentTypeError, SurgeryError
 
 __all__ = [
     "LEAVES",
@@ -134,7 +134,7 @@ def check_param(kind: str, value: Any) -> Any:
             return DTYPE_NAMES[value]
         if isinstance(value, str) and value in DTYPES:
             return value
-        raise TypeError(f"a dtype: one of {', '.join(DTYPES)}; got {value!r}")
+        raise ArgumentTypeError(f"a dtype: one of {', '.join(DTYPES)}; got {value!r}")
     if kind == "equation" and isinstance(value, str) and _EINSUM.match(value):
         return value
     if kind == "pattern" and isinstance(value, str) and _PATTERN.match(value):
@@ -164,14 +164,14 @@ def check_param(kind: str, value: Any) -> Any:
         "key": f"a non-empty string of at most {_MAX_TEXT} characters",
         "key?": "None or a non-empty string",
     }.get(kind, kind)
-    raise TypeError(f"takes {wanted}, got {value!r}")
+    raise ArgumentTypeError(f"takes {wanted}, got {value!r}")
 
 
 def _check_index(value: Any) -> list[Any]:
     """An index's JSON entries: ints, ``{"slice": [a, b, c]}``, ``{"list": [...]}``, ``"..."``,
     ``None`` (a new axis) and ``{"arg": k}`` (the node's k-th tensor argument)."""
     if not isinstance(value, list) or len(value) > 16:
-        raise TypeError(f"takes a list of at most 16 index entries, got {value!r}")
+        raise ArgumentTypeError(f"takes a list of at most 16 index entries, got {value!r}")
     for entry in value:
         if entry is None or entry == "..." or is_int(entry):
             continue
@@ -183,12 +183,12 @@ def _check_index(value: Any) -> list[Any]:
                 continue
             if name == "arg" and is_int(item) and 1 <= item <= 16:
                 continue
-        raise TypeError(
+        raise ArgumentTypeError(
             f"index entry {entry!r} is not an int, a slice, a list of ints, '...', None or a "
             "tensor expression"
         )
     if sum(e == "..." for e in value) > 1:
-        raise TypeError("an index has at most one '...'")
+        raise ArgumentTypeError("an index has at most one '...'")
     return value
 
 

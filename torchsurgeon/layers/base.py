@@ -27,6 +27,7 @@ from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.expr import Expr
 from torchsurgeon.layers.graph import Graph, RunValues
 from torchsurgeon.layers.index import Index, as_index
+from torchsurgeon.layers.run_state import run_state
 from torchsurgeon.surgery.display import TreescopeRepr
 from torchsurgeon.surgery.frozen import shallow_copy
 from torchsurgeon.surgery.paths import describe, layer_index_of
@@ -123,14 +124,15 @@ class InterventionLayer(TreescopeRepr, nn.Module):
 
     def _evaluate(self, name: str, x: torch.Tensor, values: RunValues | None = None) -> Any:
         """Field ``name``'s expression on target ``x``, with the run's values (``values``,
-        else the run that claimed the layer, if any)."""
+        else those of the run the layer is part of, if any)."""
         graph: Graph = self.__dict__["_ts_graphs"][name]
         buffers = self._buffers
         constants = [buffers[f"{name}_c{i}"] for i in range(len(graph.tensors))]
         if constants and constants[0].device != x.device:  # a site with no tensors of its own
             constants = [c.to(x.device) for c in constants]
         if values is None:
-            values = self.__dict__.get("_ts_run")
+            state = run_state(self)
+            values = None if state is None else state.values
         try:
             return graph.evaluate(x, values, constants)
         except ExpressionError as error:
@@ -146,7 +148,8 @@ class InterventionLayer(TreescopeRepr, nn.Module):
         starts it at 0 (the prompt's forward pass in ``generate``), so outside a run there is
         none, and that is an error rather than a guess.
         """
-        calls = self.__dict__.get("_ts_calls")
+        state = run_state(self)
+        calls = None if state is None else state.calls
         if calls is None:
             raise RuntimeError(
                 f"{self._where()}steps={self.steps} counts the calls of the layer within one "
@@ -280,7 +283,6 @@ class Recorder(InterventionLayer):
             _template_parts(name, type(self).__name__)  # refuse a bad template now
         self.name = name
         self.key = name or ""
-        self._ts_store: list[torch.Tensor] | None = None
 
     def for_site(self, path: str, n: int) -> InterventionLayer:
         copy = super().for_site(path, n)

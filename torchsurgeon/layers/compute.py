@@ -29,6 +29,7 @@ import torch
 from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import InterventionLayer, Steps, register_layer
 from torchsurgeon.layers.expr import Expr
+from torchsurgeon.layers.run_state import run_state
 from torchsurgeon.surgery.errors import SurgeryError
 
 __all__ = ["Compute", "ComputeGrad", "Stop", "StopRun"]
@@ -116,15 +117,16 @@ class ComputeGrad(InterventionLayer):
     def gradient_edit(self) -> Callable[[torch.Tensor], Any]:
         """What the backward pass applies to the gradient: ``expr`` evaluated with it as
         ``ts.here`` and this run's values (kept now, for the backward pass)."""
-        values = self.__dict__.get("_ts_run")
+        state = run_state(self)
+        values = None if state is None else state.values
         return lambda grad: self._evaluate("expr", grad, values)
 
     def through(self, x: torch.Tensor, edit: Callable[[torch.Tensor], Any]) -> torch.Tensor:
         """``x`` unchanged, with ``edit`` applied to its gradient in the backward pass (where
         a placed layer edits a shard's gradient through the full one)."""
-        sites = self.__dict__.get("_ts_grad_sites")
-        if sites is not None:
-            sites.append(x)  # so backward= reaches (and edits) the gradient here
+        state = run_state(self)
+        if state is not None:
+            state.sites.append(x)  # so backward= reaches (and edits) the gradient here
         return _EditGrad.apply(x, edit)
 
 

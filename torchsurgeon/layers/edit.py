@@ -28,6 +28,7 @@ import torch
 from torchsurgeon.layers.base import InterventionLayer, Steps, register_layer
 from torchsurgeon.layers.expr import Expr
 from torchsurgeon.layers.index import Index, remember
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError, SiteError
 
 __all__ = ["Add", "MeanAblate", "Noise", "Scale", "SetValues", "StopGradient", "Zero"]
 
@@ -80,7 +81,54 @@ def _as_dtype(layer: InterventionLayer, name: str, dtype: torch.dtype) -> torch.
     tensor: torch.Tensor = layer._buffers[name]  # type: ignore[assignment]
     if tensor.dtype == dtype:
         return tensor
-    return _kept(layer, name, (tensor,), dtype, lambda: tensor.to(dtype))
+    return _kept(layer, name, (tensor,), dtype, lambda: _cast(layer, name, tensor, dtype))
+
+
+def _cast(layer: InterventionLayer, name: str, value: torch.Tensor, dtype: torch.dtype) -> Any:
+    """``value`` in the target's ``dtype``; a cast that would change values is a SiteError.
+
+    The rule: the tensor the layer acts on keeps its dtype (a float64 or bfloat16 vector on a
+    float32 model acts in float32). Refused: complex values on a real tensor, and values
+    that are not whole numbers on an integer or bool tensor (token ids, masks).
+    """
+    if value.dtype == dtype:
+        return value
+    lossy = ""
+    if value.is_complex() and not dtype.is_complex:
+        lossy = "complex values would lose their imaginary part; give real values"
+    elif (
+        value.is_floating_point()
+        and not (dtype.is_floating_point or dtype.is_complex)
+        and not value.is_meta
+        and not bool((value == value.trunc()).all())
+    ):
+        lossy = "values that are not whole numbers would be truncated; give whole numbers"
+    if lossy:
+        raise SiteError(
+            f"{layer._where()}{name} is {value.dtype} but the tensor there is {dtype}: "
+            f"{lossy}, or act on another tensor with on=..."
+        )
+    return value.to(dtype)
+
+
+def _misfit(layer: InterventionLayer, name: str, value: torch.Tensor, x: torch.Tensor) -> None:
+    """Raise a SiteError naming the site if ``value`` does not broadcast to the part of
+    ``x`` the layer acts on (called once an operation failed; else it returns)."""
+    part = tuple(x[_part(layer, x)].shape)
+    shape = tuple(value.shape)
+    try:
+        if torch.broadcast_shapes(shape, part) == part:
+            return  # it fits: the failure was something else
+    except RuntimeError:
+        pass
+    width = shape[-1] if shape else 1
+    hint = f"give {part[-1]} values" if part else "give a single value"
+    raise SiteError(
+        f"{layer._where()}{name} has width {width} (shape {shape}) but the tensor there has "
+        f"width {part[-1] if part else 1} (shape {part}"
+        f"{'' if layer.index is None else f', indexed by {layer.index}'}): {hint}, or pick "
+        "another site, tensor (on=...) or part (index=ts.idx[...])"
+    ) from None
 
 
 def _filled(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -90,12 +138,35 @@ def _filled(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _Fits:
+    """The insertion-time check of a layer whose tensor ``fits_field`` broadcasts to its target."""
+
+    fits_field = ""
+
+    def misfit_width(self, width: int) -> str | None:
+        """Why the layer cannot act on a target whose last dimension is ``width`` (else None).
+
+        Only for the whole primary tensor (no ``on=``, no ``index=``): that is the tensor
+        whose width a site knows before it runs (see ``sites.site_width``).
+        """
+        if getattr(self, "on", None) is not None or getattr(self, "index", None) is not None:
+            return None
+        value = self._buffers.get(self.fits_field)  # type: ignore[attr-defined]
+        if value is None or value.dim() == 0 or value.shape[-1] in (1, width):
+            return None
+        return (
+            f"{type(self).__name__}: {self.fits_field} has width {value.shape[-1]} (shape "
+            f"{tuple(value.shape)}) but the tensor there has width {width}"
+        )
+
+
 @register_layer
-class SetValues(InterventionLayer):
+class SetValues(_Fits, InterventionLayer):
     """Set ``tensor[index]`` to ``value`` (a number, a tensor broadcast to the part, or an
     expression evaluated on every call with ``ts.here`` the whole tensor)."""
 
     type_name = "SetValues"
+    fits_field = "value"
     tensor_fields = ("value",)
     expr_fields = ("value",)
 
@@ -117,22 +188,28 @@ class SetValues(InterventionLayer):
         if "value" not in self._buffers:
             value = self._evaluate("value", x)
             if isinstance(value, torch.Tensor):
-                value = value.to(x.dtype)
+                value = _cast(self, "value", value, x.dtype)
         else:
             value = _as_dtype(self, "value", x.dtype)
-        if self.index is None:
-            return _filled(x, value)
-        index = _part(self, x)
-        out = x.clone()
-        out[index] = value
-        return out
+        try:
+            if self.index is None:
+                return _filled(x, value)
+            index = _part(self, x)
+            out = x.clone()
+            out[index] = value
+            return out
+        except RuntimeError:
+            if isinstance(value, torch.Tensor):
+                _misfit(self, "value", value, x)
+            raise
 
 
 @register_layer
-class Add(InterventionLayer):
+class Add(_Fits, InterventionLayer):
     """Add ``scale * vector`` (a steering vector) to the tensor, or to ``tensor[index]``."""
 
     type_name = "Add"
+    fits_field = "vector"
     trainable_fields = ("vector",)
     tensor_fields = ("vector", "scale")
     expr_fields = ("vector",)
@@ -152,7 +229,7 @@ class Add(InterventionLayer):
         elif isinstance(vector, torch.Tensor):
             self._set_tensor("vector", vector)
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"Add: vector must be a tensor or an expression, got {type(vector).__name__}"
             )
         self._set_tensor("scale", scale)
@@ -161,24 +238,33 @@ class Add(InterventionLayer):
         scale = self._buffers["scale"]  # (getattr is slower)
         vector = self._buffers.get("vector")
         if vector is None:  # an expression: a new value on every call
-            delta = (scale * self._evaluate("vector", x)).to(x.dtype)
+            delta = _cast(self, "vector", scale * self._evaluate("vector", x), x.dtype)
         else:
             delta = _kept(
-                self, "delta", (scale, vector), x.dtype, lambda: (scale * vector).to(x.dtype)
+                self,
+                "delta",
+                (scale, vector),
+                x.dtype,
+                lambda: _cast(self, "vector", scale * vector, x.dtype),
             )
-        if self.index is None:
-            return x + delta
-        index = _part(self, x)
-        out = x.clone()
-        out[index] = out[index] + delta
-        return out
+        try:
+            if self.index is None:
+                return x + delta
+            index = _part(self, x)
+            out = x.clone()
+            out[index] = out[index] + delta
+            return out
+        except RuntimeError:
+            _misfit(self, "vector", delta, x)
+            raise
 
 
 @register_layer
-class Scale(InterventionLayer):
+class Scale(_Fits, InterventionLayer):
     """Multiply the tensor (or ``tensor[index]``) by ``factor``."""
 
     type_name = "Scale"
+    fits_field = "factor"
     tensor_fields = ("factor",)
 
     def __init__(
@@ -194,12 +280,16 @@ class Scale(InterventionLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factor = _as_dtype(self, "factor", x.dtype)
-        if self.index is None:
-            return x * factor
-        index = _part(self, x)
-        out = x.clone()
-        out[index] = out[index] * factor
-        return out
+        try:
+            if self.index is None:
+                return x * factor
+            index = _part(self, x)
+            out = x.clone()
+            out[index] = out[index] * factor
+            return out
+        except RuntimeError:
+            _misfit(self, "factor", factor, x)
+            raise
 
 
 @register_layer
@@ -224,10 +314,11 @@ class Zero(InterventionLayer):
 
 
 @register_layer
-class MeanAblate(InterventionLayer):
+class MeanAblate(_Fits, InterventionLayer):
     """Replace the tensor (or ``tensor[index]``) by ``mean``, e.g. a dataset mean activation."""
 
     type_name = "MeanAblate"
+    fits_field = "mean"
     tensor_fields = ("mean",)
 
     def __init__(
@@ -240,17 +331,21 @@ class MeanAblate(InterventionLayer):
     ) -> None:
         super().__init__(on=on, index=index, steps=steps)
         if not isinstance(mean, torch.Tensor):
-            raise TypeError(f"MeanAblate: mean must be a tensor, got {type(mean).__name__}")
+            raise ArgumentTypeError(f"MeanAblate: mean must be a tensor, got {type(mean).__name__}")
         self._set_tensor("mean", mean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = _as_dtype(self, "mean", x.dtype)
-        if self.index is None:
-            return _filled(x, mean)
-        index = _part(self, x)
-        out = x.clone()
-        out[index] = mean
-        return out
+        try:
+            if self.index is None:
+                return _filled(x, mean)
+            index = _part(self, x)
+            out = x.clone()
+            out[index] = mean
+            return out
+        except RuntimeError:
+            _misfit(self, "mean", mean, x)
+            raise
 
 
 @register_layer
@@ -276,9 +371,9 @@ class Noise(InterventionLayer):
     ) -> None:
         super().__init__(on=on, index=index, steps=steps)
         if not isinstance(std, (int, float)) or isinstance(std, bool) or not std >= 0:
-            raise ValueError(f"Noise: std must be a number >= 0, got {std!r}")
+            raise ArgumentError(f"Noise: std must be a number >= 0, got {std!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"Noise: seed must be an int, got {seed!r}")
+            raise ArgumentTypeError(f"Noise: seed must be an int, got {seed!r}")
         self.std = float(std)
         self.seed = seed
 

@@ -47,6 +47,7 @@ from torchsurgeon.layers.allowed import (
     params_of,
 )
 from torchsurgeon.layers.index import Index
+from torchsurgeon.surgery.errors import ArgumentTypeError
 
 __all__ = [
     "Expr",
@@ -230,7 +231,7 @@ class Expr:
         return lambda *args, **kwargs: method(name, self, *args, **kwargs)
 
     def __iter__(self) -> Any:
-        raise TypeError("an expression is not iterable; index it (x[0]) instead")
+        raise ArgumentTypeError("an expression is not iterable; index it (x[0]) instead")
 
     def __repr__(self) -> str:
         return f"ts.expr({describe(self)})"

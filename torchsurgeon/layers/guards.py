@@ -1,7 +1,8 @@
-"""A run's limits as thread state: its deadline, a cancel flag, a guard (a host's memory
-watch). Expressions check them before every node; a host checks them before every module
-call of its base (``torchsurgeon.remote.deadline``). Outside a run nothing is set and the
-checks return at once."""
+"""A run as thread state: the run itself (its layers' records and counters, see
+:mod:`torchsurgeon.layers.run_state`) and its limits — its deadline, a cancel flag, a guard
+(a host's memory watch). Expressions check the limits before every node; a host checks them
+before every module call of its base (``torchsurgeon.remote.deadline``). Outside a run
+nothing is set and the checks return at once."""
 
 from __future__ import annotations
 
@@ -9,21 +10,30 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
-__all__ = ["cancelled_by", "current_deadline", "current_guard", "deadline", "run_guard"]
+__all__ = [
+    "cancelled_by",
+    "current_deadline",
+    "current_guard",
+    "current_run",
+    "deadline",
+    "run_guard",
+    "running",
+]
 
-_DEADLINE = threading.local()
+_THREAD = threading.local()
 
 
 @contextmanager
 def _set(name: str, value: object) -> Iterator[None]:
     """This thread's ``name`` is ``value`` while the block runs (nested blocks restore)."""
-    before = getattr(_DEADLINE, name, None)
-    setattr(_DEADLINE, name, value)
+    before = getattr(_THREAD, name, None)
+    setattr(_THREAD, name, value)
     try:
         yield
     finally:
-        setattr(_DEADLINE, name, before)
+        setattr(_THREAD, name, before)
 
 
 def deadline(at: float | None) -> AbstractContextManager[None]:
@@ -44,15 +54,26 @@ def run_guard(check: Callable[[], None] | None) -> AbstractContextManager[None]:
     return _set("guard", check)
 
 
+def running(context: Any) -> AbstractContextManager[None]:
+    """While the block runs, ``context`` (a :class:`~torchsurgeon.layers.run_state.RunContext`)
+    is this thread's current run; a nested run's block restores the outer one after it."""
+    return _set("run", context)
+
+
+def current_run() -> Any:
+    """This thread's current run context (see :func:`running`), or None outside a run."""
+    return getattr(_THREAD, "run", None)
+
+
 def current_guard() -> Callable[[], None] | None:
     """This thread's :func:`run_guard` check, if any."""
-    return getattr(_DEADLINE, "guard", None)
+    return getattr(_THREAD, "guard", None)
 
 
 def current_deadline() -> float | None:
     """This thread's deadline (a ``time.monotonic()`` value), or None outside :func:`deadline`;
     ``-inf`` once the run was cancelled (:func:`cancelled_by`)."""
-    cancel = getattr(_DEADLINE, "cancel", None)
+    cancel = getattr(_THREAD, "cancel", None)
     if cancel is not None and cancel.is_set():
         return -math.inf
-    return getattr(_DEADLINE, "at", None)
+    return getattr(_THREAD, "at", None)

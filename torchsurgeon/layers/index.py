@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError, OutOfRangeError
+
 __all__ = ["Index", "IndexBuilder", "as_index", "idx"]
 
 _MAX_CACHED = 8
@@ -42,24 +44,24 @@ def _check_entry(position: int, entry: Any) -> Entry:
         for part in ("start", "stop", "step"):
             value = getattr(entry, part)
             if value is not None and not _is_int(value):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"ts.idx: entry {position} is a slice whose {part} is {value!r}; slice "
                     "bounds must be ints or empty"
                 )
         if entry.step is not None and entry.step <= 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"ts.idx: entry {position} has slice step {entry.step}; it must be > 0"
             )
         return entry
     if isinstance(entry, (list, tuple)) or type(entry).__name__ == "Tensor":
         values = entry.tolist() if type(entry).__name__ == "Tensor" else list(entry)
         if not values or not all(_is_int(v) for v in values):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"ts.idx: entry {position} is {entry!r}; a list entry must be a non-empty list "
                 "of ints"
             )
         return tuple(values)
-    raise TypeError(
+    raise ArgumentTypeError(
         f"ts.idx: entry {position} is {type(entry).__name__} ({entry!r}); use ints, slices of "
         "ints, lists of ints, or ..."
     )
@@ -74,7 +76,7 @@ class Index:
     def __post_init__(self) -> None:
         checked = tuple(_check_entry(i, e) for i, e in enumerate(self.entries))
         if sum(e is Ellipsis for e in checked) > 1:
-            raise ValueError("ts.idx: an index can have at most one '...'")
+            raise ArgumentError("ts.idx: an index can have at most one '...'")
         object.__setattr__(self, "entries", checked)
         # Not a dataclass field: equality, hashing and repr ignore it.
         object.__setattr__(self, "_for_shape", {})
@@ -133,10 +135,11 @@ class Index:
         return tuple(out)
 
     def check(self, shape: tuple[int, ...], where: str = "") -> None:
-        """Raise ``IndexError`` naming the dimension if this index does not fit ``shape``."""
+        """Raise ``OutOfRangeError`` (an ``IndexError``) naming the dimension if this index does
+        not fit ``shape``."""
         consumed = len(self.entries) - (Ellipsis in self.entries)
         if consumed > len(shape):
-            raise IndexError(
+            raise OutOfRangeError(
                 f"{where}index {self} has {consumed} dimension entries but the tensor has shape "
                 f"{tuple(shape)} ({len(shape)} dimensions)"
             )
@@ -149,7 +152,7 @@ class Index:
             bad = [v for v in (entry if isinstance(entry, tuple) else (entry,)) if _is_int(v)]
             bad = [v for v in bad if not -size <= v < size]
             if bad:
-                raise IndexError(
+                raise OutOfRangeError(
                     f"{where}index {self} does not fit tensor of shape {tuple(shape)}: "
                     f"dimension {dim} has size {size}, so {bad[0]} is out of range "
                     f"(valid: {-size}..{size - 1})"
@@ -172,7 +175,7 @@ class Index:
     @classmethod
     def from_json(cls, data: Any) -> Index:
         if not isinstance(data, list):
-            raise ValueError(f"an index is a JSON list, got {type(data).__name__}")
+            raise ArgumentError(f"an index is a JSON list, got {type(data).__name__}")
         entries: list[Any] = []
         for i, item in enumerate(data):
             if item == "...":
@@ -186,7 +189,9 @@ class Index:
             elif _is_int(item):
                 entries.append(item)
             else:
-                raise ValueError(f"index entry {i} is not an int, slice, list or '...': {item!r}")
+                raise ArgumentError(
+                    f"index entry {i} is not an int, slice, list or '...': {item!r}"
+                )
         return cls(tuple(entries))
 
     def __str__(self) -> str:
@@ -228,4 +233,6 @@ def as_index(value: Index | None) -> Index | None:
     """Accept an :class:`Index` or None; anything else gets a message pointing to ``ts.idx``."""
     if value is None or isinstance(value, Index):
         return value
-    raise TypeError(f"expected an index built with ts.idx[...] (e.g. ts.idx[:, -1]), got {value!r}")
+    raise ArgumentTypeError(
+        f"expected an index built with ts.idx[...] (e.g. ts.idx[:, -1]), got {value!r}"
+    )

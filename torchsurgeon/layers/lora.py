@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from torchsurgeon.layers.base import InterventionLayer, Steps, register_layer
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError, SiteError
 
 __all__ = ["LowRankAdapter"]
 
@@ -59,12 +60,12 @@ class LowRankAdapter(InterventionLayer):
         for name, value in (("a", a), ("b", b)):
             if not isinstance(value, torch.Tensor) or value.dim() != 2:
                 shown = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"LowRankAdapter: {name} must be a 2-d tensor, got {shown}; a is "
                     "[rank, in_features] and b is [out_features, rank]"
                 )
         if a.shape[0] != b.shape[1]:
-            raise ValueError(
+            raise ArgumentError(
                 f"LowRankAdapter: a is {tuple(a.shape)} and b is {tuple(b.shape)}, so their "
                 f"ranks disagree ({a.shape[0]} vs {b.shape[1]}); a is [rank, in_features], b is "
                 "[out_features, rank]"
@@ -93,7 +94,7 @@ class LowRankAdapter(InterventionLayer):
         ``±1/sqrt(in_features)``.
         """
         if rank < 1:
-            raise ValueError(f"LowRankAdapter.init: rank must be >= 1, got {rank}")
+            raise ArgumentError(f"LowRankAdapter.init: rank must be >= 1, got {rank}")
         generator = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(in_features)
         a = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
@@ -107,12 +108,12 @@ class LowRankAdapter(InterventionLayer):
 
     def forward(self, x: torch.Tensor, input: torch.Tensor | None = None) -> torch.Tensor:
         if input is None:
-            raise RuntimeError(
+            raise SiteError(
                 f"{self._where()}LowRankAdapter needs the adapted module's input as well as "
                 "its output; insert it with insert_after (it was called with one tensor only)"
             )
         if input.shape[-1] != self.a.shape[1] or x.shape[-1] != self.b.shape[0]:
-            raise ValueError(
+            raise SiteError(
                 f"{self._where()}the adapter maps {self.a.shape[1]} -> {self.b.shape[0]} "
                 f"features, but the module maps {input.shape[-1]} -> {x.shape[-1]} (input "
                 f"{tuple(input.shape)}, output {tuple(x.shape)})"

@@ -27,6 +27,7 @@ import torch
 
 from torchsurgeon.layers.base import InterventionLayer, Steps, register_layer, steps_from_json
 from torchsurgeon.layers.index import Index, as_index, remember
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError, OutOfRangeError
 
 __all__ = ["Patch"]
 
@@ -43,7 +44,9 @@ def _rows(name: str, value: Rows) -> list[int]:
     except TypeError:  # not iterable
         rows = []
     if not rows or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
-        raise TypeError(f"Patch: {name} must be an int or a non-empty list of ints, got {value!r}")
+        raise ArgumentTypeError(
+            f"Patch: {name} must be an int or a non-empty list of ints, got {value!r}"
+        )
     return rows
 
 
@@ -52,7 +55,7 @@ def _entry(source_rows: Rows, target_rows: Rows, index: Index | None, where: str
     if len(sources) == 1:
         sources = sources * len(targets)
     if len(sources) != len(targets):
-        raise ValueError(
+        raise ArgumentError(
             f"Patch{where}: {len(sources)} source rows for {len(targets)} target rows; give one "
             "source, or one per target"
         )
@@ -64,7 +67,7 @@ def _one_source_per_target(pairs: Iterable[tuple[int, int]], where: str) -> None
     source_of: dict[int, int] = {}
     for source, target in pairs:
         if source_of.setdefault(target, source) != source:
-            raise ValueError(
+            raise ArgumentError(
                 f"{where}target row {target} is given both row {source_of[target]} and row "
                 f"{source}; in one Patch each target row takes one source row. Patch the two "
                 "parts with two Patch layers inserted one after the other"
@@ -94,7 +97,7 @@ class Patch(InterventionLayer):
     ) -> None:
         if table is None:
             if source_rows is None or target_rows is None:
-                raise TypeError(
+                raise ArgumentTypeError(
                     "Patch needs source_rows and target_rows (Patch(0, [1, 2])), or a table "
                     "(Patch.table([(0, [1], ts.idx[3]), ...]))"
                 )
@@ -104,11 +107,11 @@ class Patch(InterventionLayer):
             self.target_rows: list[int] | None = list(entries[0][1])
         else:
             if source_rows is not None or target_rows is not None or index is not None:
-                raise TypeError(
+                raise ArgumentTypeError(
                     "Patch: give either source_rows/target_rows/index or table=, not both"
                 )
             if isinstance(table, (str, bytes)) or not isinstance(table, Sequence) or not table:
-                raise TypeError(
+                raise ArgumentTypeError(
                     "Patch: table must be a non-empty list of (source_rows, target_rows, "
                     f"index) entries, got {table!r}"
                 )
@@ -131,7 +134,7 @@ class Patch(InterventionLayer):
     @staticmethod
     def _table_entry(i: int, entry: Any) -> Entry:
         if not isinstance(entry, (tuple, list)) or len(entry) != 3:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"Patch: table entry {i} must be (source_rows, target_rows, index), got {entry!r}"
             )
         return _entry(*entry, where=f" table entry {i}")
@@ -156,7 +159,9 @@ class Patch(InterventionLayer):
         table: tuple[Any, set[int], dict[int, int]] | None = None  # (on, written, source_of)
         for patch in patches:
             if type(patch) is not cls:
-                raise TypeError(f"Patch.combine takes Patch layers, got {type(patch).__name__}")
+                raise ArgumentTypeError(
+                    f"Patch.combine takes Patch layers, got {type(patch).__name__}"
+                )
             if patch.steps is not None:  # acts at some steps only: it stays alone
                 groups.append([patch])
                 table = None
@@ -196,14 +201,14 @@ class Patch(InterventionLayer):
             return super().from_spec(config, tensors)  # type: ignore[return-value]
         unknown = (set(config) | set(tensors)) - {"table", "on", "steps"}
         if unknown:
-            raise ValueError(f"Patch: unknown field(s) {sorted(unknown)} next to table")
+            raise ArgumentError(f"Patch: unknown field(s) {sorted(unknown)} next to table")
         table = config["table"]
         if not isinstance(table, list) or not table:
-            raise ValueError("Patch: table must be a non-empty JSON list of entries")
+            raise ArgumentError("Patch: table must be a non-empty JSON list of entries")
         entries = []
         for i, entry in enumerate(table):
             if not isinstance(entry, dict) or set(entry) != set(_ENTRY_KEYS):
-                raise ValueError(
+                raise ArgumentError(
                     f"Patch: table entry {i} must be an object with exactly the keys "
                     f"{list(_ENTRY_KEYS)}, got {entry!r}"
                 )
@@ -250,7 +255,7 @@ class Patch(InterventionLayer):
         for sources, targets, index in self.entries:
             for row in (*sources, *targets):
                 if not -batch <= row < batch:
-                    raise IndexError(
+                    raise OutOfRangeError(
                         f"{where}row {row} is out of range for a batch of {batch} "
                         f"(tensor shape {shape})"
                     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from torchsurgeon.layers.base import Recorder, register_layer
+from torchsurgeon.layers.run_state import run_state
 
 __all__ = ["Save", "SaveGrad"]
 
@@ -23,9 +24,9 @@ class Save(Recorder):
     type_name = "Save"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        store = self._ts_store
-        if store is not None:
-            store.append(x)
+        state = run_state(self)
+        if state is not None:
+            state.store.append(x)
         return x
 
 
@@ -37,8 +38,8 @@ class SaveGrad(Recorder):
     grad_site = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        store = self._ts_store
-        if store is not None:
+        state = run_state(self)
+        if state is not None:
             if x.is_meta and not torch.is_grad_enabled():
                 return x  # a structure-only check of a forward-only run
             if not x.requires_grad:
@@ -47,8 +48,6 @@ class SaveGrad(Recorder):
                     "reach it. Run with gradients enabled (not under torch.no_grad) on a model "
                     "whose parameters or inputs require grad."
                 )
-            x.register_hook(store.append)
-            sites = self.__dict__.get("_ts_grad_sites")
-            if sites is not None:
-                sites.append(x)
+            x.register_hook(state.store.append)
+            state.sites.append(x)
         return x

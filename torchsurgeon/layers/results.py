@@ -7,20 +7,16 @@ they recorded, by key. It takes the model, a compiled model, or a bound method s
 same call runs elsewhere — e.g. on a remote host through ``ts.remote.Client`` — and returns
 the same kind of :class:`Result`.
 
-Each run owns its records. The recording layers of a model are claimed by one run at a
-time; a run that finds them claimed — a ``ts.run`` nested inside another on the same model,
-or another thread running the same model — works on a private copy of the recording
-layers' sites (copy-on-write: a few small module objects, no tensor copied), so runs never
-record into each other. (Such a run calls the model eagerly, not through
-``torch.compile``: the compiled code belongs to the claimed model.)
+Each run owns its records. A run's state — its record lists, call counters, gradient sites
+and values — lives in a context of its own, keyed by layer identity
+(:mod:`torchsurgeon.layers.run_state`), never on the layers: trees that share layers, a
+``ts.run`` nested in another, and other threads running the same model record side by side.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import threading
-import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,11 +30,12 @@ from torchsurgeon.layers.base import InterventionLayer, Recorder
 from torchsurgeon.layers.compute import StopRun
 from torchsurgeon.layers.expr import Expr
 from torchsurgeon.layers.graph import Graph, RunValues, device_of
+from torchsurgeon.layers.guards import running
+from torchsurgeon.layers.run_state import LayerRun, RunContext
 from torchsurgeon.surgery.errors import SurgeryError
 from torchsurgeon.surgery.frozen import is_frozen
 from torchsurgeon.surgery.lineage import lineage_of
 from torchsurgeon.surgery.paths import iter_nodes
-from torchsurgeon.surgery.rewrite import rewrite
 from torchsurgeon.surgery.tokenized import tokenized
 
 __all__ = ["Backend", "Result", "Saved", "run", "run_with"]
@@ -46,7 +43,6 @@ __all__ = ["Backend", "Result", "Saved", "run", "run_with"]
 _RUN_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, InterventionLayer], ...]] = (
     weakref.WeakKeyDictionary()
 )
-_CLAIMS = threading.Lock()
 
 
 class Saved(Mapping[str, torch.Tensor]):
@@ -121,16 +117,6 @@ class Backend(Protocol):
     def run(self, model: nn.Module, *args: Any, **kwargs: Any) -> Result: ...
 
 
-def recorders(model: nn.Module) -> tuple[Recorder, ...]:
-    """The recording layers of ``model`` (cached for frozen trees, which never change)."""
-    return tuple(layer for _, layer in _placed_run_layers(model) if isinstance(layer, Recorder))
-
-
-def _readers(model: nn.Module) -> tuple[InterventionLayer, ...]:
-    """The layers of ``model`` whose expressions read the run (``ts.saved``, ``ts.call``)."""
-    return tuple(layer for _, layer in _placed_run_layers(model) if not isinstance(layer, Recorder))
-
-
 def _placed_run_layers(model: nn.Module) -> tuple[tuple[str, InterventionLayer], ...]:
     """Recording layers and run readers, by path (cached for frozen trees)."""
     found = _RUN_LAYERS.get(model) if is_frozen(model) else None
@@ -170,23 +156,6 @@ def _module_of(target: Callable[..., Any]) -> nn.Module:
         "ts.run expects a model, a compiled model or a bound method of one (model.generate), "
         f"got {type(target).__name__}"
     )
-
-
-def _private_sites(model: nn.Module, target: Callable[..., Any]) -> tuple[nn.Module, Any]:
-    """``model`` with its recording layers copied (their sites and ancestors: copy-on-write),
-    and ``target`` re-pointed at the copy."""
-
-    def own(node: nn.Module, path: str) -> nn.Module:
-        node.__dict__["_ts_store"] = None  # the copy must not carry the claimed run's list
-        node.__dict__["_ts_run"] = None
-        node.__dict__["_ts_grad_sites"] = None
-        node.__dict__["_ts_calls"] = None
-        return node
-
-    private = rewrite(model, {path: own for path, _ in _placed_run_layers(model)})
-    if isinstance(target, nn.Module):
-        return private, private
-    return private, types.MethodType(target.__func__, private)  # type: ignore[attr-defined]
 
 
 def run(
@@ -262,37 +231,20 @@ def run_with(
         graph = backward if isinstance(backward, Graph) else Graph.of(backward)
         graph.check_leaves(here=False, output=True)
     model = _module_of(target)
-    placed = _placed_run_layers(model)
-    layers = tuple(layer for _, layer in placed)
+    layers = tuple(layer for _, layer in _placed_run_layers(model))
     records: dict[str, list[torch.Tensor]] = {}
     sites: list[torch.Tensor] = []  # the tensors of SaveGrad / ComputeGrad, for backward=
-    with _CLAIMS:
-        free = all(
-            layer.__dict__.get("_ts_store") is None and layer.__dict__.get("_ts_run") is None
-            for layer in layers
-        )
-        # only layers that read the run (and a backward expression) may read its inputs
-        readers = graph is not None or any(not isinstance(m, Recorder) for m in layers)
-        inputs = named_inputs(model, args, kwargs) if readers else {}
-        if free:
-            _claim(model, layers, records, runs, sites, inputs)
-    if not free:  # nested, or another thread: record on our own copies of the sites
-        model, target = _private_sites(model, target)
-        layers = tuple(layer for _, layer in _placed_run_layers(model))
-        _claim(model, layers, records, runs, sites, inputs)
-    try:
+    # only layers that read the run (and a backward expression) may read its inputs
+    readers = graph is not None or any(not isinstance(m, Recorder) for m in layers)
+    inputs = named_inputs(model, args, kwargs) if readers else {}
+    context = _context(model, layers, records, runs, sites, inputs)
+    with running(context):
         try:
             output = target(*args, **kwargs)
         except StopRun:
             output = None  # a Stop layer ended the pass: what was saved until then is the result
         if graph is not None:
             _backward(graph, model, records, runs, output, sites, inputs)
-    finally:
-        for layer in layers:
-            layer.__dict__["_ts_store"] = None
-            layer.__dict__["_ts_run"] = None
-            layer.__dict__["_ts_grad_sites"] = None
-            layer.__dict__["_ts_calls"] = None
     return Result(output, records)
 
 
@@ -366,27 +318,26 @@ def _positional_names(cls: type) -> tuple[str, ...]:
     return tuple(p.name for p in parameters if p.kind in kinds)
 
 
-def _claim(
+def _context(
     model: nn.Module,
     layers: tuple[InterventionLayer, ...],
     records: dict[str, list[torch.Tensor]],
     runs: Mapping[str, Mapping[str, list[torch.Tensor]]] | None,
     sites: list[torch.Tensor],
     inputs: Mapping[str, Any],
-) -> None:
-    # ``_ts_store`` is a plain attribute: writing the instance dict skips nn.Module's (and
-    # the frozen class's) ``__setattr__`` checks, ~3 µs per layer per run.
+) -> RunContext:
+    """The run's context: each layer's record list, counter, sites and values, by identity."""
+    context = RunContext()
     values = None
     for layer in layers:
-        if layer.steps is not None:
-            layer.__dict__["_ts_calls"] = [0]
-        if layer.grad_site:
-            layer.__dict__["_ts_grad_sites"] = sites
+        store = values_here = None
         if isinstance(layer, Recorder):
-            layer.__dict__["_ts_store"] = records.setdefault(layer.key, [])
+            store = records.setdefault(layer.key, [])
         else:
             if values is None:
-                values = RunValues(
-                    records=records, runs=runs, model=lineage_of(model).base, inputs=inputs
-                )
-            layer.__dict__["_ts_run"] = values
+                base = lineage_of(model).base
+                values = RunValues(records=records, runs=runs, model=base, inputs=inputs)
+            values_here = values
+        sites_here = sites if layer.grad_site else None
+        context.add(layer, LayerRun(store, values_here, sites_here, layer.steps is not None))
+    return context

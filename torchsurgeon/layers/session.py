@@ -29,6 +29,7 @@ from torch import nn
 
 from torchsurgeon.layers.results import Result, run_with
 from torchsurgeon.layers.training import Trained, Training, TrainResult, with_tensors
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["MAX_RUNS", "Session", "SessionRun", "session"]
 
@@ -57,11 +58,11 @@ class Session:
     def then(self, name: str, target: Any, *args: Any, **kwargs: Any) -> Session:
         """This session with one more run, ``target(*args, **kwargs)``, named ``name``."""
         if not isinstance(name, str) or not name.isidentifier() or len(name) > 64:
-            raise ValueError(f"a session run's name is an identifier, got {name!r}")
+            raise ArgumentError(f"a session run's name is an identifier, got {name!r}")
         if any(r.name == name for r in self.runs):
-            raise ValueError(f"the session already has a run named {name!r}")
+            raise ArgumentError(f"the session already has a run named {name!r}")
         if len(self.runs) >= MAX_RUNS:
-            raise ValueError(f"a session has at most {MAX_RUNS} runs")
+            raise ArgumentError(f"a session has at most {MAX_RUNS} runs")
         return Session((*self.runs, SessionRun(name, target, tuple(args), dict(kwargs))))
 
     @property
@@ -92,7 +93,7 @@ class Session:
             tensors = None
             if isinstance(target, Trained):
                 if target.run not in trained:
-                    raise ValueError(
+                    raise ArgumentError(
                         f"session run {item.name!r} uses the tensors trained by {target.run!r}, "
                         f"which is not an earlier training run (those: {sorted(trained)})"
                     )
@@ -129,7 +130,7 @@ def _owner(call: Any) -> nn.Module:
 def _as_model(target: Any) -> tuple[Any, Any, Any]:
     if isinstance(target, nn.Module) or isinstance(getattr(target, "__self__", None), nn.Module):
         return target, None, None
-    raise TypeError(
+    raise ArgumentTypeError(
         f"a session run is a {type(target).__name__}, which has no model here; run a session "
         "of plans with ts.plans.execute(session, base) or on a host (backend=client)"
     )
@@ -155,14 +156,16 @@ def session(**runs: Any) -> Session:
             built = built.then(name, spec)
             continue
         if not isinstance(spec, Sequence) or isinstance(spec, str) or not 2 <= len(spec) <= 3:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"session run {name}=...: give (model_or_plan, inputs) or (model_or_plan, "
                 "inputs, kwargs)"
             )
         target, inputs = spec[0], spec[1]
         kwargs = spec[2] if len(spec) == 3 else {}
         if not isinstance(kwargs, Mapping):
-            raise TypeError(f"session run {name}: the third item is a dict of keyword arguments")
+            raise ArgumentTypeError(
+                f"session run {name}: the third item is a dict of keyword arguments"
+            )
         args = tuple(inputs) if isinstance(inputs, tuple) else (inputs,)
         built = built.then(name, target, *args, **kwargs)
     return built

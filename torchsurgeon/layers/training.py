@@ -35,7 +35,7 @@ from torchsurgeon.layers.base import InterventionLayer
 from torchsurgeon.layers.expr import Expr
 from torchsurgeon.layers.graph import Graph, RunValues, device_of
 from torchsurgeon.layers.results import named_inputs, run_with
-from torchsurgeon.surgery.errors import SelectionError
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError, SelectionError
 from torchsurgeon.surgery.lineage import lineage_of, with_lineage
 from torchsurgeon.surgery.paths import child_path, get_at, iter_nodes
 from torchsurgeon.surgery.progress import progress as progress_bar
@@ -70,7 +70,10 @@ class Optimizer:
     def build(self, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
         maker = _OPTIMIZERS.get(self.name)
         if maker is None:
-            raise ValueError(f"unknown optimizer {self.name!r}; one of {', '.join(_OPTIMIZERS)}")
+            raise ArgumentError(
+                f"optimizer: unknown name {self.name!r}; one of {', '.join(_OPTIMIZERS)} "
+                "(ts.optim.AdamW(...), ts.optim.SGD(...))"
+            )
         return maker(params, **self.settings)
 
     def to_json(self) -> dict[str, Any]:
@@ -80,18 +83,22 @@ class Optimizer:
     def from_json(cls, data: Any) -> Optimizer:
         """Checked: a known name and settings of the right kinds only (untrusted input)."""
         if not isinstance(data, Mapping) or set(data) != {"name", "settings"}:
-            raise ValueError('an optimizer is {"name": ..., "settings": {...}}')
+            raise ArgumentError('optimizer: an optimizer is {"name": ..., "settings": {...}}')
         name, settings = data["name"], data["settings"]
         if name == "AdamW" and isinstance(settings, Mapping):
             return AdamW(**settings)
         if name == "SGD" and isinstance(settings, Mapping):
             return SGD(**settings)
-        raise ValueError(f"unknown optimizer {str(name)[:40]!r}; one of {', '.join(_OPTIMIZERS)}")
+        raise ArgumentError(
+            f"optimizer: unknown optimizer {str(name)[:40]!r}; one of {', '.join(_OPTIMIZERS)}"
+        )
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
     if type(value) not in (int, float) or not low <= value <= high:
-        raise ValueError(f"{name} must be a number from {low} to {high}, got {value!r}")
+        raise ArgumentError(
+            f"optimizer: {name} must be a number from {low} to {high}, got {value!r}"
+        )
     return float(value)
 
 
@@ -103,7 +110,7 @@ def AdamW(
 ) -> Optimizer:
     """``torch.optim.AdamW`` with these settings (its defaults)."""
     if not isinstance(betas, Sequence) or len(betas) != 2:
-        raise ValueError(f"betas must be two numbers, got {betas!r}")
+        raise ArgumentError(f"optimizer: betas must be two numbers (0.9, 0.999), got {betas!r}")
     settings = {
         "lr": _number("lr", lr, 0.0, 10.0),
         "betas": [_number("betas[0]", betas[0], 0.0, 1.0), _number("betas[1]", betas[1], 0.0, 1.0)],
@@ -189,7 +196,9 @@ class Trained:
 def trained(model: nn.Module, run: str) -> Trained:
     """``model``, in a session, with the tensors trained by the session's run ``run``."""
     if not isinstance(run, str) or not run.isidentifier():
-        raise ValueError(f"trained(..., run=) names an earlier run of the session, got {run!r}")
+        raise ArgumentError(
+            f"trained(..., run=) names an earlier run of the session (an identifier), got {run!r}"
+        )
     return Trained(model, run)
 
 
@@ -220,7 +229,7 @@ def trainable(model: nn.Module, params: Any) -> list[tuple[str, str]]:
             for path in entry.paths:
                 found.extend(_named(model, path))
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"params: selections of layers or 'path' / 'path.field' strings, got "
                 f"{type(entry).__name__}"
             )
@@ -317,11 +326,14 @@ def train(
             model, batches, loss=loss, params=params, optimizer=optimizer, steps=steps
         )
     if not isinstance(optimizer, Optimizer):
-        raise TypeError("optimizer= is ts.optim.AdamW(...) or ts.optim.SGD(...)")
+        raise ArgumentTypeError(
+            "optimizer= is ts.optim.AdamW(...) or ts.optim.SGD(...), got "
+            f"{type(optimizer).__name__}"
+        )
     if type(steps) is not int or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be an int from 1 to {MAX_STEPS}, got {steps!r}")
+        raise ArgumentError(f"steps must be an int from 1 to {MAX_STEPS}, got {steps!r}")
     if not batches:
-        raise ValueError("train needs at least one batch")
+        raise ArgumentError("batches: train needs at least one batch (a tensor of token ids, ...)")
     graph = loss if isinstance(loss, Graph) else Graph.of(loss)
     graph.check_leaves(here=False, output=True)
     names = [f"{path}.{f}" for path, f in trainable(model, params)]

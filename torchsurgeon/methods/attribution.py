@@ -59,6 +59,7 @@ from torchsurgeon.methods.tokens import (
     position_labels,
     token_index,
 )
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
 
@@ -69,7 +70,7 @@ def _width(model: nn.Module, layout: ModelLayout) -> int:
     embed = get_at(model, layout.embed)
     weight = getattr(embed, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise TypeError(f"the token embedding at {layout.embed!r} has no 2-d weight")
+        raise ArgumentTypeError(f"the token embedding at {layout.embed!r} has no 2-d weight")
     return int(weight.shape[1])
 
 
@@ -115,11 +116,11 @@ def attribution_patching(
         side = "insert_after"
     elif over == "heads":
         if positions is not None:
-            raise ValueError("over='heads' sums over every position; leave positions=None")
+            raise ArgumentError("over='heads' sums over every position; leave positions=None")
         paths = [layout.in_block(layer, "attn_out") for layer in rows_of]
         side = "insert_before"
     else:
-        raise ValueError(f"over must be 'resid' or 'heads', got {over!r}")
+        raise ArgumentError(f"over must be 'resid' or 'heads', got {over!r}")
 
     if backend is not None:
         values, clean_value, corrupted_value = _on_host(
@@ -227,7 +228,7 @@ def _on_host(
     if rows is None:  # a Python metric: its gradient at the logits, taken here
         config = getattr(model, "config", None)
         if getattr(config, "final_logit_softcapping", None):
-            raise ValueError(
+            raise ArgumentError(
                 "attribution_patching(backend=...) with a Python metric feeds the metric's "
                 "gradient in at the unembedding's output, and this model caps its logits "
                 "after it (final_logit_softcapping); use LogitDiff or AnswerProbability, "

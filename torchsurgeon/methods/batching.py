@@ -46,6 +46,7 @@ from torchsurgeon.methods.metrics import Metric, check_answers, mean_metric, voc
 from torchsurgeon.methods.remote import Run, host_sweep_pass, logits_entry
 from torchsurgeon.selectors.expression import SelectorStep
 from torchsurgeon.selectors.selection import select
+from torchsurgeon.surgery.errors import ArgumentTypeError
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.lineage import Lineage, RewriteStep, lineage_of, with_lineage
 from torchsurgeon.surgery.paths import get_at, resolve_segment, split
@@ -95,7 +96,7 @@ def logits_of(output: Any) -> torch.Tensor:
         return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+    raise ArgumentTypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
 def rewrite_at(model: nn.Module, path: str, side: Side, layer: nn.Module) -> nn.Module:
@@ -122,7 +123,7 @@ def insert_all(model: nn.Module, edits: Iterable[Edit]) -> nn.Module:
     exact: dict[str, str | None] = {}
     for path, side, layer in edits:
         if not isinstance(layer, nn.Module):
-            raise TypeError(f"{side} expects an nn.Module, got {type(layer).__name__}")
+            raise ArgumentTypeError(f"{side} expects an nn.Module, got {type(layer).__name__}")
         if path not in exact:
             exact[path] = _exact_path(model, path)
     if None in exact.values() or any(getattr(type(e[2]), "ts_records", False) for e in edits):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from torchsurgeon.surgery.errors import ArgumentError
+
 __all__ = ["EffectGrid"]
 
 
@@ -39,7 +41,7 @@ class EffectGrid:
     def __post_init__(self) -> None:
         shape = (len(self.row_labels), len(self.col_labels))
         if self.values.dim() != 2 or tuple(self.values.shape) != shape:
-            raise ValueError(
+            raise ArgumentError(
                 f"EffectGrid: values have shape {tuple(self.values.shape)} but the labels "
                 f"give {shape}"
             )
@@ -51,10 +53,10 @@ class EffectGrid:
     def normalized(self) -> torch.Tensor:
         """``values / (clean_metric - corrupted_metric)``: 1 = the site restores it all."""
         if self.clean_metric is None or self.corrupted_metric is None:
-            raise ValueError(f"{self.title}: no clean/corrupted metric to normalise by")
+            raise ArgumentError(f"{self.title}: no clean/corrupted metric to normalise by")
         gap = self.clean_metric - self.corrupted_metric
         if gap == 0:
-            raise ValueError(f"{self.title}: the clean and corrupted metrics are equal ({gap})")
+            raise ArgumentError(f"{self.title}: the clean and corrupted metrics are equal ({gap})")
         return self.values / gap
 
     def top(self, k: int = 5, *, by_magnitude: bool = False) -> list[tuple[str, str, float]]:

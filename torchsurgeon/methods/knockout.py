@@ -40,6 +40,7 @@ from torchsurgeon.methods.padding import variants_with_mask
 from torchsurgeon.methods.patching import pick_layers
 from torchsurgeon.methods.remote import Run, plan_of, run_plans
 from torchsurgeon.methods.tokens import forward_kwargs, inputs
+from torchsurgeon.surgery.errors import ArgumentError, OutOfRangeError
 from torchsurgeon.surgery.frozen import wrap
 
 __all__ = ["head_knockout", "head_means", "knockout_heads"]
@@ -119,9 +120,9 @@ def _ablation(
         return Zero(part)
     if mode == "mean":
         if means is None:
-            raise ValueError("mode='mean' needs reference_ids to take each head's mean over")
+            raise ArgumentError("mode='mean' needs reference_ids to take each head's mean over")
         return MeanAblate(means[layer, head], index=part)
-    raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
+    raise ArgumentError(f"mode must be 'zero' or 'mean', got {mode!r}")
 
 
 def _host_ablations(
@@ -160,7 +161,7 @@ def _host_ablations(
         return found
 
     if mode not in ("zero", "mean"):
-        raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
+        raise ArgumentError(f"mode must be 'zero' or 'mean', got {mode!r}")
     return build
 
 
@@ -192,7 +193,7 @@ def knockout_heads(
     for layer, head in heads:
         layer = pick_layers([layer], total)[0]
         if not 0 <= head < (layout.n_heads or 0):
-            raise IndexError(f"head {head} is out of range for {layout.n_heads} heads")
+            raise OutOfRangeError(f"head {head} is out of range for {layout.n_heads} heads")
         ablation = _ablation(mode, means, layer, head, idx[..., head * width : (head + 1) * width])
         model = rewrite_at(model, layout.in_block(layer, "attn_out"), "insert_before", ablation)
     return model

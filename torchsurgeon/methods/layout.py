@@ -28,7 +28,7 @@ from torch import nn
 
 from torchsurgeon.layers.transformer import Projection, Transformer
 from torchsurgeon.models.families import EXPLICIT, FAMILIES, ModelLayout, family_of_class
-from torchsurgeon.surgery.errors import PathError, SurgeryError
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError, PathError, SurgeryError
 from torchsurgeon.surgery.frozen import original_class
 from torchsurgeon.surgery.paths import get_at
 
@@ -148,7 +148,7 @@ def require(model: nn.Module, layout: ModelLayout, role: str, method: str) -> st
     """
     path = getattr(layout, role)
     if path is None:
-        raise ValueError(
+        raise ArgumentError(
             f"{method} decodes the residual stream, but this {original_class(model).__name__} "
             f"is a base model without a language-model head (its layout has no {role}); use "
             "the family's language-model class (…ForCausalLM, GPT2LMHeadModel, "
@@ -167,7 +167,7 @@ def d_head(model: nn.Module, layout: ModelLayout) -> int:
     width = in_features(get_at(model, layout.in_block(0, "attn_out")))
     heads = layout.n_heads or 0
     if heads <= 0 or width % heads:
-        raise ValueError(
+        raise ArgumentError(
             f"the attention output projection takes {width} features, which do not split into "
             f"{layout.n_heads} heads; check layout.n_heads"
         )
@@ -178,7 +178,7 @@ def in_features(module: nn.Module) -> int:
     """The input width of a Linear-like module (``nn.Linear``, ``Conv1D``, ``Projection``)."""
     found = features(module)
     if found is None:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{original_class(module).__name__} is not Linear-like (nn.Linear, transformers' "
             "Conv1D or an explicit Projection), so its input width is unknown"
         )

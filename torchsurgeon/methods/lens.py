@@ -37,6 +37,7 @@ from torchsurgeon.methods.tokens import (
     position_labels,
     token_label,
 )
+from torchsurgeon.surgery.errors import ArgumentError
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
 
@@ -89,7 +90,7 @@ def logit_lens(
     layout = layout_of(model, layout)
     ids, mask = inputs(input_ids, attention_mask)
     if ids.shape[0] != 1:
-        raise ValueError(f"logit_lens reads one prompt, got a batch of {ids.shape[0]}")
+        raise ArgumentError(f"logit_lens reads one prompt, got a batch of {ids.shape[0]}")
     picked = pick_layers(layers, n_layers(model, layout))
     probe = model
     for layer in picked:

@@ -50,6 +50,7 @@ from torchsurgeon.methods.layout import ModelLayout, features, layout_of, n_laye
 from torchsurgeon.methods.remote import logits_entry, plan_of, run_plans
 from torchsurgeon.methods.tokens import forward_kwargs, inputs
 from torchsurgeon.selectors.selection import select
+from torchsurgeon.surgery.errors import ArgumentError
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
 from torchsurgeon.surgery.progress import progress as show_progress
@@ -124,7 +125,7 @@ def _widths(
             saved = run(probe, row, **forward_kwargs(row_mask)).records
         for i, path in enumerate(unknown):
             if not saved.get(f"in{i}") or not saved.get(f"out{i}"):
-                raise ValueError(f"train_lora: the module at {path!r} did not run on input_ids")
+                raise ArgumentError(f"train_lora: the module at {path!r} did not run on input_ids")
             widths[path] = (int(saved[f"in{i}"][0].shape[-1]), int(saved[f"out{i}"][0].shape[-1]))
     return widths
 
@@ -175,7 +176,7 @@ def train_lora(
     model = wrap(model)
     ids, mask = inputs(input_ids, attention_mask)
     if loss_mask is not None and tuple(loss_mask.shape) != tuple(ids.shape):
-        raise ValueError(
+        raise ArgumentError(
             f"loss_mask has shape {tuple(loss_mask.shape)}; it must match input_ids "
             f"{tuple(ids.shape)}"
         )
@@ -185,7 +186,7 @@ def train_lora(
         loss_mask = real if loss_mask is None else loss_mask * real
     paths = _targets(model, layout, targets)
     if not paths:
-        raise ValueError(f"train_lora: targets {targets!r} select no module")
+        raise ArgumentError(f"train_lora: targets {targets!r} select no module")
     dtype = next(model.parameters()).dtype
     widths = _widths(model, paths, ids, mask)
     fresh: dict[str, LowRankAdapter] = {}
@@ -387,7 +388,7 @@ def _row_of(ids: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor)
     for row in range(ids.shape[0]):
         same = (keys == keys[row]).all(-1)
         if not bool((weights[same] == weights[row]).all()):
-            raise ValueError(
+            raise ArgumentError(
                 f"train_lora(backend=...) with minibatches and a loss_mask: rows "
                 f"{same.nonzero().flatten().tolist()} are the same prompt with different "
                 "loss_mask rows, which a step's batch cannot tell apart on the host; "

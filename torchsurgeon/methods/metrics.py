@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from torchsurgeon.methods.tokens import aligned
-from torchsurgeon.surgery.errors import SurgeryError
+from torchsurgeon.surgery.errors import ArgumentError, SurgeryError
 
 __all__ = [
     "AnswerProbability",
@@ -98,7 +98,7 @@ def _gather(logits: torch.Tensor, position: int, answers: Answers, where: str) -
     if index.numel() == 1:
         index = index.expand(last.shape[0])
     if index.numel() != last.shape[0]:
-        raise ValueError(
+        raise ArgumentError(
             f"{index.numel()} answer tokens for {last.shape[0]} rows; give one answer, or one "
             "per prompt"
         )
@@ -182,7 +182,7 @@ class RealTokens:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.shape[0] != self.mask.shape[0]:
-            raise ValueError(
+            raise ArgumentError(
                 f"a metric on a padded batch reads groups of {self.mask.shape[0]} rows (one "
                 f"per prompt), got {logits.shape[0]}"
             )

@@ -40,6 +40,7 @@ from torchsurgeon.methods.tokens import (
     token_index,
     token_label,
 )
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError, OutOfRangeError
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
 
@@ -74,14 +75,14 @@ def _rows(rows: int | slice | None, batch: int) -> list[int]:
     if rows is None:
         return list(range(batch))
     if isinstance(rows, bool) or not isinstance(rows, (int, slice)):
-        raise TypeError(f"rows must be an int, a slice or None, got {rows!r}")
+        raise ArgumentTypeError(f"rows must be an int, a slice or None, got {rows!r}")
     if isinstance(rows, int):
         if not -batch <= rows < batch:
-            raise IndexError(f"row {rows} is out of range for a batch of {batch}")
+            raise OutOfRangeError(f"row {rows} is out of range for a batch of {batch}")
         return [rows % batch]
     picked = list(range(batch))[rows]
     if not picked:
-        raise IndexError(f"rows {rows} select no row of a batch of {batch}")
+        raise OutOfRangeError(f"rows {rows} select no row of a batch of {batch}")
     return picked
 
 
@@ -148,7 +149,7 @@ def force_neurons(
     layout = layout_of(model, layout)
     ids, mask = inputs(input_ids, attention_mask)
     if not neurons:
-        raise ValueError("neurons is empty: give {layer: [neuron, ...]}")
+        raise ArgumentError("neurons is empty: give {layer: [neuron, ...]}")
     total = n_layers(model, layout)
     picked = _rows(rows, ids.shape[0])
     read = -1 if position is None else position
@@ -161,7 +162,7 @@ def force_neurons(
         chosen = [int(n) for n in chosen]
         bad = [n for n in chosen if not 0 <= n < width]
         if bad or not chosen:
-            raise IndexError(
+            raise OutOfRangeError(
                 f"neurons {bad or chosen} of layer {layer}: its MLP has {width} neurons "
                 f"(valid 0..{width - 1})"
             )

@@ -22,6 +22,7 @@ from torchsurgeon.methods.batching import Edit, PassEdits, RowLayout, run_varian
 from torchsurgeon.methods.metrics import Metric, on_real_tokens
 from torchsurgeon.methods.remote import Run
 from torchsurgeon.methods.tokens import forward_kwargs
+from torchsurgeon.surgery.errors import ArgumentError
 from torchsurgeon.surgery.progress import progress as show_progress
 
 __all__ = ["variants_with_mask"]
@@ -68,7 +69,7 @@ def variants_with_mask(
         )
     n = variant_ids.shape[0]
     if any(ids.shape[0] != n for ids in fixed) or mask.shape[0] != n:
-        raise ValueError("a padded sweep needs every group to hold the same prompts as the mask")
+        raise ArgumentError("a padded sweep needs every group to hold the same prompts as the mask")
     lead = n * len(fixed)
     per_pass = n_variants if max_rows is None else (max_rows - lead) // n
     per_pass = max(per_pass, 1)

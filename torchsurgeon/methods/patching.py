@@ -48,6 +48,7 @@ from torchsurgeon.methods.grid import EffectGrid
 from torchsurgeon.methods.layout import ModelLayout, d_head, layout_of, n_layers
 from torchsurgeon.methods.metrics import Metric, check_answers, vocab_size
 from torchsurgeon.methods.tokens import Decoder, as_batch, position_labels
+from torchsurgeon.surgery.errors import ArgumentError, OutOfRangeError
 from torchsurgeon.surgery.frozen import wrap
 
 __all__ = ["activation_patching", "pick_layers", "pick_positions"]
@@ -62,7 +63,7 @@ def pick_layers(layers: Sequence[int] | None, total: int) -> list[int]:
     picked = []
     for layer in layers:
         if not -total <= layer < total:
-            raise IndexError(f"layer {layer} is out of range for a model of {total} blocks")
+            raise OutOfRangeError(f"layer {layer} is out of range for a model of {total} blocks")
         picked.append(layer % total)
     return picked
 
@@ -74,7 +75,9 @@ def pick_positions(positions: Sequence[int] | None, length: int) -> list[int]:
     picked = []
     for position in positions:
         if not -length <= position < length:
-            raise IndexError(f"position {position} is out of range for prompts of length {length}")
+            raise OutOfRangeError(
+                f"position {position} is out of range for prompts of length {length}"
+            )
         picked.append(position % length)
     return picked
 
@@ -83,7 +86,7 @@ def pair(clean: torch.Tensor, corrupted: torch.Tensor) -> tuple[torch.Tensor, to
     """Both prompts as ``[n, pos]`` batches, checked to pair up."""
     clean, corrupted = as_batch(clean, "clean"), as_batch(corrupted, "corrupted")
     if clean.shape != corrupted.shape:
-        raise ValueError(
+        raise ArgumentError(
             f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts must "
             "have the same shape: one corrupted prompt per clean prompt, of the same length"
         )
@@ -149,7 +152,7 @@ def activation_patching(
 
     elif over == "heads":
         if positions is not None:
-            raise ValueError("over='heads' patches every position; leave positions=None")
+            raise ArgumentError("over='heads' patches every position; leave positions=None")
         width = d_head(model, layout)
         cols = list(range(layout.n_heads or 0))
         col_labels = tuple(f"H{h}" for h in cols)
@@ -163,7 +166,7 @@ def activation_patching(
             return [(layout.in_block(layer, "attn_out"), "insert_before", patch)]
 
     else:
-        raise ValueError(f"over must be 'resid' or 'heads', got {over!r}")
+        raise ArgumentError(f"over must be 'resid' or 'heads', got {over!r}")
 
     (clean_value, corrupted_value), patched = run_variants(
         model,

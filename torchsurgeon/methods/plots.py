@@ -33,6 +33,7 @@ from torchsurgeon.methods.lens import LogitLens
 from torchsurgeon.methods.lora import LoraResult
 from torchsurgeon.methods.neurons import NeuronForcing
 from torchsurgeon.methods.probing import ProbeResult
+from torchsurgeon.surgery.errors import ArgumentError
 
 __all__ = [
     "PlotFigure",
@@ -172,7 +173,7 @@ def scatter(
     """One grid against another, cell by cell, with their correlation (e.g. attribution
     patching's estimate against activation patching's measurement)."""
     if estimate.shape != actual.shape:
-        raise ValueError(f"the grids differ in shape: {estimate.shape} vs {actual.shape}")
+        raise ArgumentError(f"the grids differ in shape: {estimate.shape} vs {actual.shape}")
     x = actual.values.detach().float().flatten().cpu()
     y = estimate.values.detach().float().flatten().cpu()
     correlation = float(torch.corrcoef(torch.stack([x, y]))[0, 1]) if x.numel() > 1 else math.nan
@@ -229,7 +230,7 @@ def token_shift(
     """The tokens whose log-probability forcing raised the most, for one forced batch row."""
     batch = result.top_ids.shape[0]
     if not -batch <= row < batch or row % batch not in result.forced_rows:
-        raise ValueError(
+        raise ArgumentError(
             f"row {row} was not forced (forced rows: {list(result.forced_rows)}); its shift is "
             "zero and it has no raised tokens to show"
         )

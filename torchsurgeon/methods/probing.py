@@ -47,6 +47,7 @@ from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
 from torchsurgeon.methods.patching import pick_layers
 from torchsurgeon.methods.remote import plan_of, run_plan, run_plans
 from torchsurgeon.methods.tokens import forward_kwargs, inputs, token_index
+from torchsurgeon.surgery.errors import ArgumentError
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
 from torchsurgeon.surgery.progress import progress as show_progress
@@ -87,11 +88,11 @@ class ProbeResult:
 
 def _split(count: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+        raise ArgumentError(f"test_fraction must be between 0 and 1, got {test_fraction}")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, round(count * test_fraction))
     if n_test >= count:
-        raise ValueError(f"{count} examples are too few to hold out {test_fraction:.0%} of them")
+        raise ArgumentError(f"{count} examples are too few to hold out {test_fraction:.0%} of them")
     return order[n_test:], order[:n_test]
 
 
@@ -108,11 +109,11 @@ def fit_probe(
     """Fit a logistic-regression probe on ``features [n, d]`` for ``labels [n]``."""
     x, y = features.detach().float(), torch.as_tensor(labels).long().reshape(-1)
     if x.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(
+        raise ArgumentError(
             f"features {tuple(x.shape)} and labels {tuple(y.shape)} must be [n, d] and [n]"
         )
     if bool((y < 0).any()):
-        raise ValueError("labels must be class indices >= 0")
+        raise ArgumentError("labels must be class indices >= 0")
     train, test = _split(x.shape[0], test_fraction, seed)
     mean = x[train].mean(0)
     std = x[train].std(0).clamp_min(1e-6)
@@ -255,7 +256,7 @@ def train_probe(
     labels = torch.as_tensor(labels).long()
     expected = tuple(ids.shape) if position is None else (ids.shape[0],)
     if tuple(labels.shape) != expected:
-        raise ValueError(
+        raise ArgumentError(
             f"labels have shape {tuple(labels.shape)}; with position={position!r} and "
             f"input_ids {tuple(ids.shape)} they must be {expected}"
         )
@@ -264,15 +265,15 @@ def train_probe(
     flat = labels[mask.bool().to(labels.device)] if per_token else labels.reshape(-1)
     if fit_on_host:
         if backend is None:
-            raise ValueError("fit_on_host=True fits on a host: give backend= too")
+            raise ArgumentError("fit_on_host=True fits on a host: give backend= too")
         if weight_decay != 0:
-            raise ValueError(
+            raise ArgumentError(
                 "fit_on_host=True needs weight_decay=0: the local fit's torch.optim.Adam "
                 "weight decay (coupled: added to the gradient) has no ts.optim optimizer on "
                 "a host (AdamW's decay is decoupled), so the probes would differ"
             )
         if batch_size is not None:
-            raise ValueError(
+            raise ArgumentError(
                 "fit_on_host=True trains on every prompt at each step (one forward pass on "
                 "the host); leave batch_size=None"
             )
@@ -390,7 +391,7 @@ def _fit_on_host(
     """
     targets_all = flat.long()
     if bool((targets_all < 0).any()):
-        raise ValueError("labels must be class indices >= 0")
+        raise ArgumentError("labels must be class indices >= 0")
     train, test = _split(targets_all.shape[0], test_fraction, seed)
     n_train, classes = len(train), int(targets_all.max()) + 1
     rows, columns = _example_index(ids, mask, position)

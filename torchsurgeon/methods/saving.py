@@ -29,6 +29,7 @@ from torchsurgeon.layers.transformer.rotary import Rotary
 from torchsurgeon.methods.layout import ModelLayout, layout_of, n_layers
 from torchsurgeon.selectors.predicates import path as path_field
 from torchsurgeon.selectors.selection import select
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError
 from torchsurgeon.surgery.frozen import original_class
 from torchsurgeon.surgery.paths import SITE_LISTS, iter_nodes, split
 
@@ -67,7 +68,7 @@ def _matcher(names: Names) -> Callable[[str], bool]:
         return re.compile(fnmatch.translate(names)).fullmatch  # type: ignore[return-value]
     if callable(names):
         return names
-    raise TypeError(f"names= is a glob string or a function of the path, got {names!r}")
+    raise ArgumentTypeError(f"names= is a glob string or a function of the path, got {names!r}")
 
 
 def run_saving(
@@ -95,7 +96,7 @@ def run_saving(
     sites = saving_sites(model, layout)
     chosen = [p for p in sites if keep(p)]
     if not chosen:
-        raise ValueError(
+        raise ArgumentError(
             f"names={names!r} keeps none of the {len(sites)} sites of this "
             f"{original_class(model).__name__} (first: {', '.join(sites[:3])})"
         )

@@ -69,6 +69,7 @@ from torchsurgeon.methods.tokens import (
     token_label,
 )
 from torchsurgeon.models.generate import generate
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError
 from torchsurgeon.surgery.frozen import wrap
 
 __all__ = ["Steering", "steer", "steering_model", "steering_vector"]
@@ -227,26 +228,26 @@ def steer(
     ids, mask = inputs(input_ids, attention_mask)
     managed = sorted(set(generate_kwargs) & set(_MANAGED))
     if managed:
-        raise TypeError(f"steer manages {', '.join(managed)} itself; do not pass it")
+        raise ArgumentTypeError(f"steer manages {', '.join(managed)} itself; do not pass it")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     explicit = not callable(getattr(model, "generate", None))
     if explicit and backend is not None:
-        raise TypeError(
+        raise ArgumentTypeError(
             "steer(backend=...) generates with the host's transformers generate; this model "
             "has no generate (an explicit model generates locally with ts.generate)"
         )
     if explicit:
         extra = sorted(set(generate_kwargs) - {"do_sample", "temperature", "top_k", "seed"})
         if extra:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"steer on an explicit model generates with ts.generate, which takes "
                 f"do_sample, temperature, top_k and seed, not {', '.join(extra)}"
             )
     picked = tuple(pick_layers(layers, n_layers(model, layout)))
     if isinstance(positions, str):
         if positions not in ("all", "prompt", "generated"):
-            raise ValueError(
+            raise ArgumentError(
                 f"positions must be 'all', 'prompt', 'generated' or a list of prompt "
                 f"positions, got {positions!r}"
             )

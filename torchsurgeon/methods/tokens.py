@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from torchsurgeon.surgery.errors import ArgumentError, OutOfRangeError
+
 __all__ = [
     "Decoder",
     "aligned",
@@ -43,7 +45,7 @@ def as_batch(input_ids: torch.Tensor | Sequence[int], name: str = "input_ids") -
     if ids.dim() == 1:
         ids = ids[None]
     if ids.dim() != 2 or ids.shape[1] == 0 or ids.is_floating_point():
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must be integer token ids of shape [pos] or [batch, pos], got "
             f"{ids.dtype} {tuple(ids.shape)}"
         )
@@ -64,9 +66,9 @@ def inputs(
         if attention_mask is None:
             attention_mask = given
         elif given is not None and not torch.equal(torch.as_tensor(given), attention_mask):
-            raise ValueError(f"{name} carries an attention_mask different from attention_mask=")
+            raise ArgumentError(f"{name} carries an attention_mask different from attention_mask=")
         if "input_ids" not in input_ids:
-            raise ValueError(f"{name} is a mapping without 'input_ids'")
+            raise ArgumentError(f"{name} is a mapping without 'input_ids'")
         input_ids = input_ids["input_ids"]
     ids = as_batch(input_ids, name)
     if attention_mask is None:
@@ -75,16 +77,16 @@ def inputs(
     if mask.dim() == 1:
         mask = mask[None]
     if tuple(mask.shape) != tuple(ids.shape):
-        raise ValueError(
+        raise ArgumentError(
             f"the attention mask of {name} has shape {tuple(mask.shape)}; it must match "
             f"{name} {tuple(ids.shape)} (1 = token, 0 = padding)"
         )
     if mask.is_floating_point() or bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError(f"the attention mask of {name} must hold 0 (padding) and 1 (token)")
+        raise ArgumentError(f"the attention mask of {name} must hold 0 (padding) and 1 (token)")
     mask = mask.long().to(ids.device)
     empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"rows {empty} of {name} are all padding (their attention mask is 0)")
+        raise ArgumentError(f"rows {empty} of {name} are all padding (their attention mask is 0)")
     return ids, mask
 
 
@@ -109,13 +111,15 @@ def token_index(mask: torch.Tensor | None, position: int, length: int, rows: int
     """
     if mask is None:
         if not -length <= position < length:
-            raise IndexError(f"position {position} is out of range for prompts of length {length}")
+            raise OutOfRangeError(
+                f"position {position} is out of range for prompts of length {length}"
+            )
         return torch.full((rows,), position % length, dtype=torch.long)
     counts = mask.sum(-1)
     wanted = torch.where(torch.as_tensor(position) < 0, counts + position, position)
     short = ((wanted < 0) | (wanted >= counts)).nonzero().flatten().tolist()
     if short:
-        raise IndexError(
+        raise OutOfRangeError(
             f"position {position} is out of range for rows {short}, which have "
             f"{counts[short].tolist()} real tokens"
         )

@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from torchsurgeon.surgery.errors import ArgumentError
 from torchsurgeon.surgery.progress import progress as show_progress
 
 __all__ = [
@@ -75,9 +76,9 @@ class InductionTask:
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_period <= self.max_period or 2 * self.max_period > self.length:
-            raise ValueError(f"{self}: need 2 <= min_period <= max_period <= length / 2")
+            raise ArgumentError(f"{self}: need 2 <= min_period <= max_period <= length / 2")
         if self.length > self.vocab:
-            raise ValueError(f"{self}: vocab too small for sequences of distinct tokens")
+            raise ArgumentError(f"{self}: vocab too small for sequences of distinct tokens")
 
     def sample(self, batch: int, generator: torch.Generator) -> InductionBatch:
         """``batch`` sequences, and which of their tokens induction predicts."""
@@ -311,7 +312,7 @@ def induction_scores(model: LlamaForCausalLM, ids: torch.Tensor, period: int) ->
     with torch.no_grad():
         patterns = model(ids, output_attentions=True).attentions
     if not patterns or patterns[0] is None:
-        raise ValueError(
+        raise ArgumentError(
             "the model returned no attention patterns; use attn_implementation='eager'"
         )
     query = torch.arange(period, ids.shape[1])

@@ -46,6 +46,7 @@ from torchsurgeon.methods.metrics import AnswerProbability, Metric, check_answer
 from torchsurgeon.methods.patching import pick_layers, pick_positions
 from torchsurgeon.methods.remote import clean_top_probability, plan_of, run_plan
 from torchsurgeon.methods.tokens import Decoder, inputs, position_labels
+from torchsurgeon.surgery.errors import ArgumentError
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.paths import get_at
 
@@ -122,15 +123,15 @@ def causal_tracing(
     layout = layout_of(model, layout)
     ids, mask = inputs(input_ids, attention_mask)
     if ids.shape[0] != 1:
-        raise ValueError(f"causal_tracing takes one prompt, got a batch of {ids.shape[0]}")
+        raise ArgumentError(f"causal_tracing takes one prompt, got a batch of {ids.shape[0]}")
     if mask is not None:
         ids = ids[:, mask[0].bool()]
     length = ids.shape[1]
     subject = pick_positions(list(subject), length)
     if not subject:
-        raise ValueError("causal_tracing needs at least one subject position to corrupt")
+        raise ArgumentError("causal_tracing needs at least one subject position to corrupt")
     if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise ArgumentError(f"samples must be >= 1, got {samples}")
     host_rows = None
     if metric is None:
         if answer is not None:
@@ -158,7 +159,7 @@ def causal_tracing(
             return layout.in_block(layer, over)
 
     else:
-        raise ValueError(f"over must be 'resid', 'mlp' or 'attn', got {over!r}")
+        raise ArgumentError(f"over must be 'resid', 'mlp' or 'attn', got {over!r}")
 
     def prepare(model: nn.Module, rows: RowLayout) -> nn.Module:
         baseline = rows.fixed[1]

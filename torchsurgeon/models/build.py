@@ -41,6 +41,7 @@ from torchsurgeon.layers.transformer import (
     TransformerConfig,
     Unembedding,
 )
+from torchsurgeon.surgery.errors import ArgumentError
 
 __all__ = ["BlockWeights", "Linear", "ModelWeights", "build_transformer"]
 
@@ -89,7 +90,10 @@ class ModelWeights:
 def build_transformer(config: TransformerConfig, weights: ModelWeights) -> Transformer:
     """The explicit model with ``config``'s architecture around ``weights`` (not copied)."""
     if len(weights.blocks) != config.n_layers:
-        raise ValueError(f"config has {config.n_layers} layers, weights {len(weights.blocks)}")
+        raise ArgumentError(
+            f"weights.blocks: config.n_layers is {config.n_layers}, got {len(weights.blocks)} "
+            "blocks of weights"
+        )
     embed = TokenEmbedding(weights.embed, scale=config.embed_scale)
     unembed = None
     if weights.unembed is not None:
@@ -145,7 +149,9 @@ def _mlp(config: TransformerConfig, weights: BlockWeights) -> nn.Module:
     out = Projection(weights.mlp_out.weight, weights.mlp_out.bias)
     if config.gated_mlp:
         if weights.mlp_gate is None:
-            raise ValueError("a gated MLP needs gate weights")
+            raise ArgumentError(
+                "weights.mlp_gate: the config has gated_mlp=True but the block has no gate weights"
+            )
         gate = Projection(weights.mlp_gate.weight, weights.mlp_gate.bias)
         return GatedMLP(gate, up, out, config.activation)
     return MLP(up, out, config.activation)

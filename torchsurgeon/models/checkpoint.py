@@ -9,6 +9,7 @@ stays near the checkpoint's size). Nothing here touches the network.
 
 from __future__ import annotations
 
+import difflib
 import json
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -54,11 +55,21 @@ class Checkpoint:
         self._handles.clear()
 
 
+def _near(root: Path) -> str:
+    """``"; did you mean '...'?"`` naming the sibling directory most like ``root``, or ``""``."""
+    try:
+        siblings = [p.name for p in root.parent.iterdir() if p.is_dir()]
+    except OSError:
+        return ""
+    found = difflib.get_close_matches(root.name, siblings, n=1, cutoff=0.6)
+    return f"; did you mean {str(root.parent / found[0])!r}?" if found else ""
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open the checkpoint directory ``path``, with clear errors for what is missing."""
     root = Path(path).expanduser()
     if not root.exists():
-        raise CheckpointError(f"checkpoint directory {str(root)!r} does not exist")
+        raise CheckpointError(f"checkpoint directory {str(root)!r} does not exist{_near(root)}")
     if not root.is_dir():
         raise CheckpointError(f"{str(root)!r} is not a directory; pass the checkpoint directory")
     config_file = root / "config.json"

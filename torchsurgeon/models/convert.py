@@ -4,6 +4,10 @@
 ``hf_model``: same storage, no copy (fused or transposed weights become views). The two
 models therefore stay in step — an in-place edit of one shows in the other — and converting
 costs no memory beyond the module objects. The original is not modified.
+
+The converted root records the identity of ``hf_model`` (its class, config and weight
+fingerprint, :data:`~torchsurgeon.models.families.paths.SOURCE`), so a plan built on the
+wrapped ``hf_model`` translates onto the conversion (``ts.paths(converted).translate``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from torch import nn
 from torchsurgeon.layers.transformer import Transformer
 from torchsurgeon.models.build import build_transformer
 from torchsurgeon.models.families import family_for, family_of_class
+from torchsurgeon.models.families.paths import SOURCE
 from torchsurgeon.models.source import TensorSource
+from torchsurgeon.plans.identity import identity_of
 from torchsurgeon.surgery.frozen import original_class
 
 __all__ = ["convert"]
@@ -29,6 +35,9 @@ def convert(hf_model: nn.Module) -> Transformer:
     :class:`~torchsurgeon.layers.transformer.EncoderOutput`). Raises
     :class:`~torchsurgeon.models.errors.UnsupportedArchitectureError` for any other model;
     ``ts.wrap(model)`` works on those.
+
+    Args:
+        hf_model: The ``transformers`` model (plain or wrapped by ``ts.wrap``).
     """
     if not isinstance(hf_model, nn.Module):
         raise TypeError(f"convert expects a transformers model, got {type(hf_model).__name__}")
@@ -46,4 +55,6 @@ def convert(hf_model: nn.Module) -> Transformer:
     source = TensorSource(
         tensors, tensors.__getitem__, where=type(hf_model).__name__, prefixes=family.prefixes
     )
-    return build_transformer(config, family.weights(config, source, name in family.classes))
+    model = build_transformer(config, family.weights(config, source, name in family.classes))
+    model.__dict__[SOURCE] = identity_of(hf_model)  # rewrites copy the root's attributes
+    return model

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers.transformer import KVCache
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError
 from torchsurgeon.surgery.frozen import original_class
 
 __all__ = ["generate"]
@@ -68,27 +69,23 @@ def generate(
     """
     step = _stepper(model, "model")
     if prompt_model is not None and _stepper(prompt_model, "prompt_model") is not step:
-        raise TypeError(
+        raise ArgumentTypeError(
             "prompt_model and model must both be explicit models or both transformers models "
             f"(they share one KV cache); got {type(prompt_model).__name__} and "
             f"{type(model).__name__}"
         )
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"input_ids must be integer token ids [batch, pos], got {input_ids.dtype} "
-            f"{tuple(input_ids.shape)}"
-        )
+    _check_ids(input_ids)
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(
+        raise ArgumentError(
             f"attention_mask must be [batch, pos] like input_ids {tuple(input_ids.shape)}, got "
             f"{tuple(attention_mask.shape)}"
         )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        raise ArgumentError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        raise ArgumentError(f"temperature must be > 0 (1.0: the model's own), got {temperature!r}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
+        raise ArgumentError(f"top_k must be >= 1 or None (every token), got {top_k!r}")
     generator = None
     if do_sample:
         generator = torch.Generator(device=input_ids.device)
@@ -109,6 +106,30 @@ def generate(
     if not new_tokens:
         return input_ids
     return torch.cat((input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)), dim=1)
+
+
+class TokenIdsError(ArgumentTypeError, ValueError):
+    """Token ids that are not integers: ``ts.run``'s :class:`ArgumentTypeError`, and still the
+    ``ValueError`` that ``generate`` raised for them before."""
+
+
+def _check_ids(input_ids: Any) -> None:
+    """Refuse token ids that are not an integer ``[batch, pos]`` tensor, naming ``input_ids``."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ArgumentTypeError(
+            f"input_ids: token ids are a torch.long tensor [batch, pos], got "
+            f"{type(input_ids).__name__}; e.g. torch.tensor([[ids...]])"
+        )
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TokenIdsError(
+            f"input_ids: token ids are integers (torch.long), got a {input_ids.dtype} tensor of "
+            f"shape {tuple(input_ids.shape)}; convert token ids with ids.long()"
+        )
+    if input_ids.dim() != 2:
+        raise ArgumentError(
+            f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}; a single "
+            "sequence is ids[None]"
+        )
 
 
 def _explicit(model: nn.Module) -> Step:
@@ -132,35 +153,41 @@ def _transformers(model: nn.Module) -> Step:
         state[name] = getattr(output, name, None)
         logits = getattr(output, "logits", None)
         if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"{type(module).__name__} returned no logits; it cannot generate")
+            raise ArgumentTypeError(
+                f"model: {type(module).__name__} returned no logits; it cannot generate (pass "
+                "its ...ForCausalLM / LMHeadModel class)"
+            )
         return logits
 
     return step
 
 
 def _stepper(model: nn.Module, argument: str) -> Callable[[nn.Module], Step]:
-    """How to call ``model`` step by step, or a ``TypeError`` saying what generates."""
+    """How to call ``model`` step by step, or an error naming ``argument`` and what generates."""
     config = getattr(model, "config", None)
     name = original_class(model).__name__
     if config is not None and hasattr(config, "n_layers"):  # an explicit Transformer
         if not config.causal:
-            raise ValueError(f"{config.family} is not a causal language model; it cannot generate")
+            raise ArgumentError(
+                f"{argument}: {config.family} is not a causal language model; it cannot "
+                "generate (load or convert a causal LM: gpt2, llama, ...)"
+            )
         if getattr(model, "unembed", None) is None:
-            raise ValueError(
-                f"this {config.family} model is a base model (converted from a class without a "
-                "language-model head): it returns hidden states, not logits; convert or load "
-                "the ...ForCausalLM / LMHeadModel class to generate"
+            raise ArgumentError(
+                f"{argument}: this {config.family} model is a base model (converted from a "
+                "class without a language-model head): it returns hidden states, not logits; "
+                "convert or load the ...ForCausalLM / LMHeadModel class to generate"
             )
         return _explicit
     can_generate = getattr(model, "can_generate", None)
     if config is not None and callable(can_generate):  # a transformers PreTrainedModel
         if not can_generate():
-            raise ValueError(
-                f"{name} cannot generate (transformers' can_generate() is False: no causal "
-                "language-model head); use its ...ForCausalLM / LMHeadModel class"
+            raise ArgumentError(
+                f"{argument}: {name} cannot generate (transformers' can_generate() is False: "
+                "no causal language-model head); use its ...ForCausalLM / LMHeadModel class"
             )
         return _transformers
-    raise TypeError(
+    raise ArgumentTypeError(
         f"generate expects, as {argument}, an explicit model (torchsurgeon.models.load or "
         "convert, or a rewrite of one) or a transformers causal LM (plain or ts.wrap-ped), "
         f"got {name}"

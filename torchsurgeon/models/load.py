@@ -24,6 +24,7 @@ from torchsurgeon.models.checkpoint import open_checkpoint
 from torchsurgeon.models.errors import CheckpointError, UnsupportedArchitectureError
 from torchsurgeon.models.families import family_for
 from torchsurgeon.models.source import TensorSource
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError, closest
 from torchsurgeon.surgery.tokenized import load_tokenizer, with_tokenizer
 
 __all__ = ["PROGRESS_BYTES", "load"]
@@ -97,21 +98,34 @@ def load(
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if not isinstance(dtype, str):
+    if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if not isinstance(dtype, str):
+        raise ArgumentTypeError(
+            f"ts.load(dtype=): a torch.dtype or its name ('bfloat16'), got "
+            f"{type(dtype).__name__} {dtype!r}"
+        )
     name = dtype.removeprefix("torch.")
     if name == "auto":
         return None
     if name not in DTYPES:
-        raise ValueError(
-            f"dtype {dtype!r} is not a floating-point dtype name; use one of "
-            f"{', '.join(repr(n) for n in DTYPES)}, 'auto' (as stored), or a torch.dtype"
+        prefixed = [n for n in DTYPES if n.startswith(name.lower())]
+        near = prefixed or closest(name.lower(), [*DTYPES, "auto"], n=1)
+        raise ArgumentError(
+            f"ts.load(dtype={dtype!r}) is not a floating-point dtype name; did you mean "
+            f"{near[0]!r}? Use one of {', '.join(repr(n) for n in DTYPES)}, 'auto' (as stored), "
+            "or a torch.dtype"
         )
     return DTYPES[name]
 
 
 def _local(path: str | Path) -> Path:
     """``path`` itself, or the local Hugging Face cache's snapshot of the Hub name ``path``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(
+            f"ts.load(path=): a checkpoint directory or a cached Hub name ('org/name'), as a "
+            f"str or Path, got {type(path).__name__}"
+        )
     local = Path(path).expanduser()
     name = str(path)
     if local.exists() or isinstance(path, Path) or not _HUB_NAME.match(name):

@@ -64,11 +64,15 @@ import torch
 from torch import nn
 
 from torchsurgeon.plans.differences import (
+    Summary,
+    describe,
     first_config_difference,
     first_structure_difference,
     first_weight_difference,
+    summarize,
 )
 from torchsurgeon.plans.errors import IdentityMismatchError
+from torchsurgeon.surgery.errors import ArgumentError
 from torchsurgeon.surgery.frozen import is_frozen, original_class
 from torchsurgeon.surgery.paths import iter_nodes, join
 
@@ -105,34 +109,54 @@ _VOLATILE_CONFIG_KEYS = frozenset(
 class BaseIdentity:
     """The identity of a base model; see the module docstring for each field.
 
-    ``source`` (not compared, not serialized) is a weak reference to the model it was taken
-    from, so a mismatch between two models alive here can name where they differ.
+    ``summary`` (not compared) describes the base in plain JSON — config values, module
+    classes, tensor shapes, dtypes and sample digests (see
+    :mod:`~torchsurgeon.plans.differences`) — so a mismatch names where two bases differ,
+    also for a plan read from a file or sent to a host. ``None`` in plans written before it
+    existed. ``source`` (not compared, not serialized) is a weak reference to the model it
+    was taken from.
     """
 
     architecture: str
     structure_hash: str
     config_hash: str | None = None
     fingerprint: str | None = None
+    summary: Summary | None = field(default=None, compare=False, repr=False)
     source: weakref.ref[nn.Module] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "architecture": self.architecture,
             "structure_hash": self.structure_hash,
             "config_hash": self.config_hash,
             "fingerprint": self.fingerprint,
         }
+        summary = self.described()
+        if summary is not None:  # copies: a caller may edit the JSON it gets
+            data["summary"] = {k: v if v is None else type(v)(v) for k, v in summary.items()}
+        return data
 
     def __getstate__(self) -> dict[str, Any]:
         return self.to_json()  # a weak reference does not pickle, nor mean anything elsewhere
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        for name, value in {**state, "source": None}.items():
+        for name, value in {"summary": None, **state, "source": None}.items():
             object.__setattr__(self, name, value)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BaseIdentity:
         return cls(**data)
+
+    def described(self) -> Summary | None:
+        """The summary, or one taken from the model it came from while that is alive."""
+        if self.summary is not None:
+            return self.summary
+        model = None if self.source is None else self.source()
+        return None if model is None else _summary(model)
+
+    def describe(self) -> str:
+        """One line: the class, its size config keys and the fingerprint's short form."""
+        return describe(self.architecture, self.described(), self.fingerprint)
 
     def differences(self, other: BaseIdentity, match: Match = "exact") -> list[str]:
         """What differs between ``self`` (a plan's base) and ``other`` (a candidate base)."""
@@ -142,7 +166,7 @@ class BaseIdentity:
                 f"architecture: the plan was made from a {self.architecture}, this base is a "
                 f"{other.architecture}"
             )
-        plans, this = _alive(self.source), _alive(other.source)
+        plans, this = self.described(), other.described()
         if self.structure_hash != other.structure_hash:
             found.append(
                 "structure: module paths, classes or tensor shapes differ (structure_hash "
@@ -154,7 +178,7 @@ class BaseIdentity:
         if self.config_hash != other.config_hash:
             found.append(
                 f"config: config_hash {_short(self.config_hash)} vs {_short(other.config_hash)}"
-                + _where(plans, this, lambda a, b: first_config_difference(*map(_config, (a, b))))
+                + _where(plans, this, first_config_difference)
             )
         if self.fingerprint is None:
             found.append(
@@ -174,12 +198,8 @@ def _short(value: str | None) -> str:
     return "none" if value is None else value[:12]
 
 
-def _alive(source: weakref.ref[nn.Module] | None) -> nn.Module | None:
-    return None if source is None else source()
-
-
-def _where(plans: nn.Module | None, this: nn.Module | None, first: Any) -> str:
-    """``"; first difference: ..."`` when both models are alive here and it can be found."""
+def _where(plans: Summary | None, this: Summary | None, first: Any) -> str:
+    """``"; first difference: ..."`` when both summaries are known and it can be found."""
     if plans is None or this is None:
         return ""
     try:
@@ -197,7 +217,7 @@ def identity_of(model: nn.Module, *, cache: bool = True) -> BaseIdentity:
     them afresh (after a write a version counter does not see, such as ``p.data.add_``).
     """
     pinned = model.__dict__.get(_PINNED)
-    structure, weights, is_meta = _hashes(model, cache)
+    structure, weights, is_meta, layout = _hashes(model, cache)
     if pinned is not None and pinned.structure_hash == structure and is_meta:
         return dataclasses.replace(pinned, source=weakref.ref(model))
     return BaseIdentity(
@@ -205,8 +225,15 @@ def identity_of(model: nn.Module, *, cache: bool = True) -> BaseIdentity:
         structure_hash=structure,
         config_hash=config_hash(model),
         fingerprint=weights,
+        summary={**layout, "config": summarize(_config(model), (), ())["config"]},
         source=weakref.ref(model),
     )
+
+
+def _summary(model: nn.Module) -> Summary:
+    """``model``'s summary (see :mod:`~torchsurgeon.plans.differences`)."""
+    layout = _hashes(model, True)[3]
+    return {**layout, "config": summarize(_config(model), (), ())["config"]}
 
 
 @dataclass(frozen=True)
@@ -218,6 +245,7 @@ class _Cached:
     structure_hash: str
     fingerprint: str | None
     is_meta: bool
+    layout: Summary
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Cached] = weakref.WeakKeyDictionary()
@@ -225,8 +253,9 @@ _CACHE_LOCK = threading.Lock()
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
-def _hashes(model: nn.Module, cache: bool) -> tuple[str, str | None, bool]:
-    """``(structure_hash, fingerprint, is_meta)`` of ``model``, cached on a frozen root."""
+def _hashes(model: nn.Module, cache: bool) -> tuple[str, str | None, bool, Summary]:
+    """``(structure_hash, fingerprint, is_meta, layout)`` of ``model``, cached on a frozen
+    root; ``layout`` is the summary's module and tensor lists."""
     observed = _observe(model) if cache and is_frozen(model) else None
     if observed is not None:
         objects, seen = observed
@@ -238,10 +267,11 @@ def _hashes(model: nn.Module, cache: bool) -> tuple[str, str | None, bool]:
             and len(cached.refs) == len(objects)
             and all(ref() is obj for ref, obj in zip(cached.refs, objects, strict=True))
         ):
-            return cached.structure_hash, cached.fingerprint, cached.is_meta
+            return cached.structure_hash, cached.fingerprint, cached.is_meta, cached.layout
     # What was observed was read *before* the hashes: a write racing with them bumps a
     # counter past what is stored, so the next call recomputes instead of trusting them.
-    found = structure_hash(model), fingerprint(model), _is_meta(model)
+    weights, samples = _weights(model)
+    found = structure_hash(model), weights, _is_meta(model), _listing(model, samples)
     if observed is not None:
         objects, seen = observed
         entry = _Cached(seen, tuple(weakref.ref(obj) for obj in objects), *found)
@@ -292,7 +322,10 @@ def _observe(model: nn.Module) -> tuple[list[Any], tuple[Any, ...]] | None:
 def pin_identity(model: nn.Module, identity: BaseIdentity) -> nn.Module:
     """Record on a *fresh* structure-only root the identity of the model it stands for."""
     if not _is_meta(model):
-        raise ValueError("only a structure-only model (tensors on the meta device) can be pinned")
+        raise ArgumentError(
+            "pin_identity(model=): only a structure-only model (tensors on the meta device) can "
+            "be pinned; build it under torch.device('meta')"
+        )
     if structure_hash(model) != identity.structure_hash:
         raise IdentityMismatchError(
             "cannot pin: this model's structure differs from the identity's structure_hash"
@@ -312,12 +345,13 @@ def check_identity(
     ``found`` is ``base``'s identity when the caller already knows it (a host computes it once).
     """
     if match not in ("exact", "structure"):
-        raise ValueError(f"match must be 'exact' or 'structure', got {match!r}")
+        raise ArgumentError(f"match must be 'exact' or 'structure', got {match!r}")
     actual = found if found is not None else identity_of(base)
     problems = expected.differences(actual, match)
     if problems:
         raise IdentityMismatchError(
-            f"this plan does not fit the base ({match} match): " + "; ".join(problems)
+            f"this plan does not fit the base ({match} match): the plan was built against "
+            f"{expected.describe()}, this base is {actual.describe()}: " + "; ".join(problems)
         )
 
 
@@ -376,11 +410,28 @@ def fingerprint(model: nn.Module) -> str | None:
     A ``DTensor`` adds its placements and mesh shape, and is sampled from this rank's local
     shard (see the module docstring).
     """
+    return _weights(model)[0]
+
+
+def _listing(model: nn.Module, samples: dict[str, bytes]) -> Summary:
+    """The summary's module and tensor lists (``samples``: each tensor's sampled bytes)."""
+    modules = [(path, original_class(node).__qualname__) for path, node in iter_nodes(model)]
+    tensors = [
+        (name, list(t.shape), str(t.dtype).removeprefix("torch."), samples.get(name))
+        for name, t in _tensors(model)
+    ]
+    found = summarize(None, modules, tensors)
+    return {"modules": found["modules"], "tensors": found["tensors"]}
+
+
+def _weights(model: nn.Module) -> tuple[str | None, dict[str, bytes]]:
+    """The fingerprint and each tensor's sampled bytes (``(None, {})`` on meta)."""
     digest = hashlib.sha256()
     sampled: dict[int, bytes] = {}
+    samples: dict[str, bytes] = {}
     for name, tensor in _tensors(model):
         if tensor.is_meta:
-            return None
+            return None, {}
         digest.update(f"{name}|{list(tensor.shape)}|{tensor.dtype}\n".encode())
         if id(tensor) not in sampled:
             local = tensor
@@ -389,7 +440,8 @@ def fingerprint(model: nn.Module) -> str | None:
                 local = tensor.to_local()
             sampled[id(tensor)] = _sample(name, local)
         digest.update(sampled[id(tensor)])
-    return digest.hexdigest()
+        samples[name] = sampled[id(tensor)]
+    return digest.hexdigest(), samples
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

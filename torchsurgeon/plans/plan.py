@@ -36,7 +36,7 @@ from torchsurgeon.plans.schema import (
 from torchsurgeon.plans.spec import LayerSpec, PlanStep
 from torchsurgeon.plans.wire import pack, unpack
 from torchsurgeon.selectors.expression import SelectorStep
-from torchsurgeon.surgery.errors import SerializationError
+from torchsurgeon.surgery.errors import ArgumentTypeError, SerializationError
 
 __all__ = ["Plan"]
 
@@ -74,7 +74,7 @@ class Plan:
         Without any ``returning`` call a run returns everything, unreduced.
         """
         if not names and not computed:
-            raise TypeError(
+            raise ArgumentTypeError(
                 "returning: name at least one entry (a saved key or 'logits', ...) or a "
                 "computed value (name=expression)"
             )
@@ -93,7 +93,10 @@ class Plan:
         if expr is None:
             return replace(self, backward=None)
         if not isinstance(expr, Expr):
-            raise TypeError(f"backward= takes an expression, got {type(expr).__name__}")
+            raise ArgumentTypeError(
+                f"backward= takes an expression (e.g. ts.out('logits')[0, -1, 5]), got "
+                f"{type(expr).__name__}"
+            )
         graph = Graph.of(expr)
         graph.check_leaves(here=False, output=True)
         return replace(self, backward=graph)

@@ -32,6 +32,7 @@ from torchsurgeon.layers.expr import Expr
 from torchsurgeon.layers.graph import Graph, RunValues, device_of
 from torchsurgeon.layers.results import Result
 from torchsurgeon.plans.errors import PlanError
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError
 from torchsurgeon.surgery.lineage import lineage_of
 
 __all__ = ["Reduction", "Returning", "output_entries"]
@@ -52,11 +53,20 @@ class Reduction:
         if self.positions is not None:
             step = self.positions[2]
             if step is not None and step <= 0:
-                raise ValueError(f"Reduction.positions: step must be > 0, got {step}")
+                raise ArgumentError(
+                    f"returning(positions=): the slice step must be > 0 (1: every position), "
+                    f"got {step}"
+                )
         if self.topk is not None and (not isinstance(self.topk, int) or self.topk < 1):
-            raise ValueError(f"Reduction.topk must be an int >= 1, got {self.topk!r}")
+            raise ArgumentError(
+                f"returning(topk=): the number of largest entries kept, an int >= 1, got "
+                f"{self.topk!r}"
+            )
         if self.mean is not None and (not self.mean or not all(type(d) is int for d in self.mean)):
-            raise ValueError(f"Reduction.mean must be a non-empty list of ints, got {self.mean!r}")
+            raise ArgumentError(
+                f"returning(mean=): the dimensions to average over, an int or a non-empty "
+                f"list of ints (e.g. mean=1), got {self.mean!r}"
+            )
 
     @classmethod
     def make(
@@ -138,11 +148,14 @@ class Returning:
         and the ``computed`` expressions, each returned under its name."""
         for name in (*names, *(computed or {})):
             if not isinstance(name, str) or not name:
-                raise TypeError(f"returning: names are non-empty strings, got {name!r}")
+                raise ArgumentTypeError(
+                    "returning: names are non-empty strings (a saved key, 'logits', ...), got "
+                    f"{name!r}"
+                )
         graphs = dict(self.computed)
         for name, expr in (computed or {}).items():
             if not isinstance(expr, Expr):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"returning {name}=...: an expression (ts.out, ts.saved, ...), got "
                     f"{type(expr).__name__}"
                 )
@@ -167,7 +180,9 @@ class Returning:
         }
         if self.computed:
             if tensor_ref is None:
-                raise TypeError("computed values need a tensor table (Plan.manifest)")
+                raise ArgumentTypeError(
+                    "returning: computed values need a tensor table (Plan.manifest) to be saved"
+                )
             data["computed"] = {
                 name: {"expr": g.to_json(), "tensors": [tensor_ref(t) for t in g.tensors]}
                 for name, g in self.computed.items()

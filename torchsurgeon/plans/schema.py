@@ -28,6 +28,7 @@ from torchsurgeon.layers.allowed import DTYPES as ALLOWED_DTYPES
 from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import layer_types
 from torchsurgeon.layers.graph import Graph
+from torchsurgeon.plans.differences import MAX_CONFIG_KEYS, MAX_ENTRIES, MAX_ENTRY, MAX_KEY
 from torchsurgeon.plans.errors import PlanFormatError, PlanLimitError
 from torchsurgeon.plans.returning import Reduction
 from torchsurgeon.plans.spec import OPERATIONS
@@ -86,11 +87,25 @@ Name = Annotated[str, Field(min_length=1, max_length=256)]
 TensorRef = Annotated[str, Field(pattern=r"^t[0-9]{1,9}$")]
 
 
+_Entry = Annotated[str, Field(max_length=MAX_ENTRY)]
+_Key = Annotated[str, Field(min_length=1, max_length=MAX_KEY)]
+_Entries = Annotated[list[_Entry], Field(max_length=MAX_ENTRIES)]
+
+
+class Summary(_Strict):
+    """Where-to-look description of a base (optional: plans before it have none)."""
+
+    config: Annotated[dict[_Key, _Entry], Field(max_length=MAX_CONFIG_KEYS)] | None
+    modules: _Entries | None
+    tensors: _Entries | None
+
+
 class Identity(_Strict):
     architecture: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")]
     structure_hash: Hash
     config_hash: Hash | None
     fingerprint: Hash | None
+    summary: Summary | None = None
 
 
 class Selector(_Strict):

@@ -43,6 +43,7 @@ from torch import nn
 from torchsurgeon.plans.errors import IdentityMismatchError, PlanFormatError
 from torchsurgeon.plans.identity import BaseIdentity, identity_of, pin_identity
 from torchsurgeon.plans.schema import DTYPES
+from torchsurgeon.surgery.errors import ArgumentTypeError
 from torchsurgeon.surgery.frozen import original_class, wrap
 from torchsurgeon.surgery.lineage import Lineage, with_lineage
 from torchsurgeon.surgery.paths import iter_nodes
@@ -347,9 +348,10 @@ class _StandIn(nn.Module):
     """A node of a ``tree`` structure: named like the real class, holding meta tensors."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{type(self).__qualname__} here is a stand-in built from a served structure; it "
-            "can be selected and planned against, but not run"
+            "can be selected and planned against, but not run: run the plan on the host "
+            "(client.run(plan, ...)) or on the real model"
         )
 
 

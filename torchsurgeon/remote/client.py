@@ -12,8 +12,9 @@ class a local ``ts.run`` does, so ``ts.run(model, ids, backend=client)`` works.
 :meth:`Client.submit` returns a :class:`Job` to poll instead.
 
 Which hosted model runs a plan: ``model_name=`` if given, else the client's default
-``model=``, else the hosted model whose identity the plan's base has (fingerprint first,
-then structure).
+``model=``, else the hosted model whose identity the plan's base has (its structure, for a
+plan made on a structure-only model); if none has, the error names what the plan was built
+against and what each hosted model is.
 
 **When the host goes away.** Every call that cannot reach a host this client reached
 before (refused, reset, timed out) is retried with exponential backoff for up to
@@ -62,7 +63,7 @@ from torchsurgeon.remote.client_io import (
     interrupted,
     read_answer,
 )
-from torchsurgeon.remote.client_request import request_of
+from torchsurgeon.remote.client_request import hosted_model_for, request_of
 from torchsurgeon.remote.client_request import training_request as _training_request
 from torchsurgeon.remote.errors import RemoteError
 from torchsurgeon.remote.result_wire import decode_result
@@ -389,23 +390,15 @@ class Client:
         return TrainResult(tensors, losses, with_tensors(model, tensors))
 
     def _model_for(self, plan: Plan) -> str:
-        """The hosted model whose identity the plan's base has (the list is fetched once)."""
+        """The hosted model whose identity the plan's base has (the list is fetched once);
+        else a 404 naming what the plan was built against and what each hosted model is."""
         for refresh in (False, True):
             if self._hosted is None or refresh:
                 self._hosted = self.models()
-            hosted = self._hosted
-            for key in ("fingerprint", "structure_hash"):
-                wanted = getattr(plan.base, key)
-                found = [m["name"] for m in hosted if wanted and m["identity"].get(key) == wanted]
-                if found:
-                    return found[0]
-        names = ", ".join(m["name"] for m in hosted)
-        raise RemoteError(
-            404,
-            "not_found",
-            f"no hosted model has this plan's base ({plan.base.architecture}); hosted: {names}. "
-            "Pass model_name=...",
-        )
+            name, refusal = hosted_model_for(plan, self._hosted)
+            if name is not None:
+                return name
+        raise RemoteError(404, "not_found", refusal)
 
     # ----------------------------------------------------------------- http
 

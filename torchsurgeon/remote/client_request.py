@@ -15,11 +15,12 @@ from torchsurgeon.layers.training import (
     call_of,
     trainable,
 )
+from torchsurgeon.plans.identity import BaseIdentity
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.plans.record import plan as plan_of
 from torchsurgeon.remote.transfer import encode_request, encode_session
 
-__all__ = ["request_of", "training_request"]
+__all__ = ["hosted_model_for", "request_of", "training_request"]
 
 
 def request_of(
@@ -97,3 +98,34 @@ def training_request(
     plan = plan_of(model).with_backward(loss)
     settings = {"params": names, "optimizer": optimizer.to_json(), "steps": steps}
     return plan, settings, [call_of(batch) for batch in batches]
+
+
+def hosted_model_for(plan: Plan, hosted: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """The hosted model the plan's base is, or ``None`` and what the refusal should say.
+
+    A model fits when the host would accept the plan on it: the same identity (the same
+    structure, for a plan made on a structure-only model). The text names what the plan
+    was built against and what each hosted model is, with its first difference, so no one
+    is sent to ``model_name=`` a model that would refuse the plan too.
+
+    Args:
+        plan: the plan to run.
+        hosted: the host's model list (``Client.models()``).
+    """
+    match = "exact" if plan.base.fingerprint is not None else "structure"
+    lines = []
+    for model in hosted:
+        try:
+            identity = BaseIdentity.from_json(dict(model["identity"]))
+            problems = plan.base.differences(identity, match)  # type: ignore[arg-type]
+            if not problems:
+                return str(model["name"]), ""
+            lines.append(f"{model['name']!r} is {identity.describe()} ({problems[0]})")
+        except (KeyError, TypeError, ValueError, AttributeError):  # a host's data: checked
+            lines.append(f"{model.get('name')!r} has no readable identity")
+    listed = "; ".join(lines) if lines else "(none)"
+    return None, (
+        f"no hosted model holds this plan's base: the plan was built against "
+        f"{plan.base.describe()}. Hosted: {listed}. Build the plan on client.meta(name) of "
+        "a hosted model (or on a local copy of its checkpoint) to run it there"
+    )

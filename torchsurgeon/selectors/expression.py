@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torchsurgeon.selectors.predicates import Predicate, predicate_from_json
-from torchsurgeon.surgery.errors import SerializationError
+from torchsurgeon.surgery.errors import ArgumentError, SerializationError
 
 __all__ = ["OPERATIONS", "SelectorStep", "steps_from_json", "steps_to_json"]
 
@@ -54,20 +54,20 @@ class SelectorStep:
     def from_json(cls, data: Any) -> SelectorStep:
         if not isinstance(data, dict) or data.get("op") not in OPERATIONS:
             op = data.get("op") if isinstance(data, dict) else data
-            raise ValueError(f"unknown selector step {op!r}; known: {', '.join(OPERATIONS)}")
+            raise ArgumentError(f"unknown selector step {op!r}; known: {', '.join(OPERATIONS)}")
         op, arg = data["op"], data.get("arg")
         if op in _PREDICATE_OPS:
             return cls(op, predicate_from_json(arg))
         if op in ("at", "at_instances_of"):
             if not isinstance(arg, str) or (op == "at_instances_of" and not arg):
-                raise ValueError(f"selector step {op!r} needs a string argument, got {arg!r}")
+                raise ArgumentError(f"selector step {op!r} needs a string argument, got {arg!r}")
             return cls(op, arg)
         if op == "pick_nth_selected":
             if not isinstance(arg, list) or not all(type(i) is int for i in arg):
-                raise ValueError(f"pick_nth_selected needs a list of ints, got {arg!r}")
+                raise ArgumentError(f"pick_nth_selected needs a list of ints, got {arg!r}")
             return cls(op, tuple(arg))
         if arg is not None:
-            raise ValueError(f"selector step {op!r} takes no argument, got {arg!r}")
+            raise ArgumentError(f"selector step {op!r} takes no argument, got {arg!r}")
         return cls(op, None)
 
 
@@ -84,5 +84,5 @@ def steps_to_json(steps: tuple[SelectorStep, ...]) -> list[dict[str, Any]]:
 
 def steps_from_json(data: Any) -> tuple[SelectorStep, ...]:
     if not isinstance(data, list):
-        raise ValueError(f"a selector expression is a list of steps, got {type(data).__name__}")
+        raise ArgumentError(f"a selector expression is a list of steps, got {type(data).__name__}")
     return tuple(SelectorStep.from_json(item) for item in data)

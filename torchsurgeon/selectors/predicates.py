@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import nn
 
-from torchsurgeon.surgery.errors import SerializationError
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError, SerializationError
 from torchsurgeon.surgery.frozen import original_class
 from torchsurgeon.surgery.paths import layer_index_of
 
@@ -101,11 +101,11 @@ class Field:
 
     def __post_init__(self) -> None:
         if self.kind not in _FIELDS:
-            raise ValueError(f"unknown field kind {self.kind!r}; known: {', '.join(_FIELDS)}")
+            raise ArgumentError(f"unknown field kind {self.kind!r}; known: {', '.join(_FIELDS)}")
         if self.kind == "attr":
             _check_attr_name(self.name)
         elif self.name is not None:
-            raise ValueError(f"the field {self.kind!r} takes no name, got {self.name!r}")
+            raise ArgumentError(f"the field {self.kind!r} takes no name, got {self.name!r}")
 
     def read(self, path: str, module: nn.Module) -> Any:
         if self.kind == "layer_index":
@@ -124,7 +124,7 @@ class Field:
 
     def isin(self, values: Sequence[Any]) -> Predicate:
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | set | frozenset):
-            raise TypeError(f"isin(...) takes a list of values, got {_shown(values)}")
+            raise ArgumentTypeError(f"isin(...) takes a list of values, got {_shown(values)}")
         return _Compare("isin", self, tuple(values))
 
     def matches(self, glob: str) -> Predicate:
@@ -171,12 +171,12 @@ def attr(name: str) -> Field:
 
 def _check_attr_name(name: Any) -> None:
     if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
-        raise ValueError(
+        raise ArgumentError(
             f"attr({name!r}): the name must be a public attribute name (an identifier not "
             "starting with '_'), e.g. attr('in_features')"
         )
     if len(name) > _MAX_NAME:
-        raise ValueError(f"attr(...): the name is {len(name)} characters, over {_MAX_NAME}")
+        raise ArgumentError(f"attr(...): the name is {len(name)} characters, over {_MAX_NAME}")
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -210,10 +210,10 @@ class _Compare(Predicate):
 
     def __post_init__(self) -> None:
         if self.op not in _COMPARISONS:
-            raise ValueError(f"unknown comparison {self.op!r}; known: {', '.join(_COMPARISONS)}")
+            raise ArgumentError(f"unknown comparison {self.op!r}; known: {', '.join(_COMPARISONS)}")
         if self.op == "matches":
             if not isinstance(self.value, str) or len(self.value) > _MAX_GLOB:
-                raise ValueError(
+                raise ArgumentError(
                     f"matches(...) takes a glob string of at most {_MAX_GLOB} characters, "
                     f"got {_shown(self.value)}"
                 )
@@ -221,10 +221,10 @@ class _Compare(Predicate):
             return
         values = self.value if self.op == "isin" else (self.value,)
         if self.op == "isin" and not isinstance(self.value, tuple):
-            raise ValueError(f"isin(...) takes a list of values, got {_shown(self.value)}")
+            raise ArgumentError(f"isin(...) takes a list of values, got {_shown(self.value)}")
         bad = [v for v in values if type(v) not in _SCALARS]
         if bad:
-            raise ValueError(
+            raise ArgumentError(
                 f"a predicate compares with ints, floats, bools, strings or None (JSON "
                 f"scalars), got {_shown(bad[0])}"
             )
@@ -291,7 +291,7 @@ def instance_of(cls: type | str) -> Predicate:
         return _InstanceOf(f"{cls.__module__}.{cls.__qualname__}")
     if isinstance(cls, str) and cls:
         return _InstanceOf(cls)
-    raise TypeError(f"instance_of expects a class or a class name, got {cls!r}")
+    raise ArgumentTypeError(f"instance_of expects a class or a class name, got {cls!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -317,14 +317,16 @@ def as_predicate(value: Predicate | Callable[..., bool]) -> Predicate:
     if isinstance(value, Predicate):
         return value
     if isinstance(value, Field):
-        raise TypeError(f"{value} is a field, not a predicate: compare it, e.g. == or .isin([...])")
+        raise ArgumentTypeError(
+            f"{value} is a field, not a predicate: compare it, e.g. == or .isin([...])"
+        )
     if callable(value):
         try:
             arity = len(inspect.signature(value).parameters)
         except (TypeError, ValueError):
             arity = 1
         return _Callable(value, takes_path=arity >= 2)
-    raise TypeError(
+    raise ArgumentTypeError(
         f"expected a predicate (e.g. ts.layer_index.isin([12, 13])) or a callable, got "
         f"{type(value).__name__}"
     )
@@ -333,32 +335,32 @@ def as_predicate(value: Predicate | Callable[..., bool]) -> Predicate:
 def predicate_from_json(data: dict[str, JSONValue]) -> Predicate:
     """Rebuild a predicate from :meth:`Predicate.to_json` output (strictly checked)."""
     if not isinstance(data, dict) or "op" not in data:
-        raise ValueError(f"a predicate must be an object with an 'op' field, got {data!r}")
+        raise ArgumentError(f"a predicate must be an object with an 'op' field, got {data!r}")
     op = data["op"]
     if op in ("and", "or", "not"):
         args = data.get("args")
         if not isinstance(args, list) or not args or (op == "not" and len(args) != 1):
-            raise ValueError(f"predicate {op!r} needs a non-empty 'args' list")
+            raise ArgumentError(f"predicate {op!r} needs a non-empty 'args' list")
         return _Logic(op, tuple(predicate_from_json(a) for a in args))
     if op == "instance_of":
         return instance_of(str(data.get("class", "")))
     if op in _COMPARISONS:
         found = data.get("field")
         if not isinstance(found, dict) or found.get("kind") not in _FIELDS:
-            raise ValueError(f"predicate {op!r} has no valid 'field': {_shown(found)}")
+            raise ArgumentError(f"predicate {op!r} has no valid 'field': {_shown(found)}")
         if set(found) - {"kind", "name"}:
-            raise ValueError(f"a field has only 'kind' and 'name', got {sorted(found)}")
+            raise ArgumentError(f"a field has only 'kind' and 'name', got {sorted(found)}")
         if found["kind"] == "attr" and not isinstance(found.get("name"), str):
-            raise ValueError("an attr field needs a string 'name'")
+            raise ArgumentError("an attr field needs a string 'name'")
         value = data.get("value")
         if op == "isin":
             if not isinstance(value, list):
-                raise ValueError("predicate 'isin' needs a list 'value'")
+                raise ArgumentError("predicate 'isin' needs a list 'value'")
             value = tuple(value)
         if op == "matches" and not isinstance(value, str):
-            raise ValueError("predicate 'matches' needs a string 'value'")
+            raise ArgumentError("predicate 'matches' needs a string 'value'")
         return _Compare(op, Field(found["kind"], found.get("name")), value)
-    raise ValueError(
+    raise ArgumentError(
         f"unknown predicate op {op!r}; known: and, or, not, instance_of, " + ", ".join(_COMPARISONS)
     )
 

@@ -26,7 +26,13 @@ from torch import nn
 from torchsurgeon.selectors.expression import SelectorStep
 from torchsurgeon.selectors.predicates import Predicate, as_predicate, class_names, instance_of
 from torchsurgeon.surgery.display import TreescopeRepr
-from torchsurgeon.surgery.errors import PathError, SelectionError, closest
+from torchsurgeon.surgery.errors import (
+    ArgumentTypeError,
+    OutOfRangeError,
+    PathError,
+    SelectionError,
+    closest,
+)
 from torchsurgeon.surgery.frozen import wrap
 from torchsurgeon.surgery.lineage import Lineage, RewriteStep, lineage_of, with_lineage
 from torchsurgeon.surgery.paths import (
@@ -40,7 +46,7 @@ from torchsurgeon.surgery.paths import (
     split,
 )
 from torchsurgeon.surgery.rewrite import Edit, rewrite
-from torchsurgeon.surgery.sites import add_layers, is_container
+from torchsurgeon.surgery.sites import add_layers, check_widths, is_container
 
 __all__ = ["Selection", "replay", "select"]
 
@@ -134,14 +140,22 @@ class Selection(TreescopeRepr):
         for base in self.paths:
             found.extend(_match(_index(self.model)[base], base, parts))
         if not found and self.paths:
+            base = self.paths[0]
+            full = child_path(base, pattern) if base else pattern
+            from torchsurgeon.models.families.paths import counterpart_hint  # models use us
+
+            hint = counterpart_hint(self.model, full, _match)
             if not any(set(part) & _GLOB_CHARS for part in parts):
-                base = self.paths[0]
-                get_at(self.model, child_path(base, pattern) if base else pattern)  # raises
-            guesses = nearest_paths(_index(self.model)[self.paths[0]], pattern)
+                try:
+                    get_at(self.model, full)  # raises
+                except PathError as error:
+                    raise PathError(error.args[0] + hint) from None
+            guesses = nearest_paths(_index(self.model)[base], pattern)
             raise PathError(
                 f"at({pattern!r}) matched nothing below the {len(self.paths)} selected node(s) "
-                f"(first: {describe(self.paths[0])}). Nearest valid paths: "
+                f"(first: {describe(base)}). Nearest valid paths: "
                 + ", ".join(repr(g) for g in guesses)
+                + hint
             )
         return self._then(SelectorStep("at", pattern), found)
 
@@ -151,7 +165,9 @@ class Selection(TreescopeRepr):
         ``cls`` is a class or a class name (bare, ``"LlamaMLP"``, or fully qualified).
         """
         if isinstance(cls, type) and not issubclass(cls, nn.Module):
-            raise TypeError(f"at_instances_of expects an nn.Module class, got {cls.__name__}")
+            raise ArgumentTypeError(
+                f"at_instances_of expects an nn.Module class, got {cls.__name__}"
+            )
         predicate = instance_of(cls)
         found = self._outermost(predicate)
         if not found and self.paths:
@@ -196,7 +212,7 @@ class Selection(TreescopeRepr):
         count = len(self.paths)
         for i in wanted:
             if not isinstance(i, int) or not -count <= i < count:
-                raise IndexError(
+                raise OutOfRangeError(
                     f"pick_nth_selected({n!r}): the selection has {count} node(s), so valid "
                     f"positions are {-count}..{count - 1}"
                     if count
@@ -296,13 +312,15 @@ class Selection(TreescopeRepr):
     def apply(self, fn: Callable[[nn.Module], nn.Module]) -> nn.Module:
         """A new model with each selected node replaced by ``fn(node)`` (local-only)."""
         if not callable(fn):
-            raise TypeError(f"apply expects a callable module -> module, got {type(fn).__name__}")
+            raise ArgumentTypeError(
+                f"apply expects a callable module -> module, got {type(fn).__name__}"
+            )
 
         def make(n: int, path: str) -> Edit:
             def edit(node: nn.Module, _: str) -> nn.Module:
                 result = fn(node)
                 if not isinstance(result, nn.Module):
-                    raise TypeError(
+                    raise ArgumentTypeError(
                         f"apply: the function returned {type(result).__name__} for "
                         f"{describe(path)}; it must return an nn.Module"
                     )
@@ -365,6 +383,7 @@ class Selection(TreescopeRepr):
                 ".where(~ts.instance_of('ModuleList')) (or 'Sequential')"
             )
         before = operation == "insert_before"
+        check_widths(operation, layer, before, self.paths, self.get_all())
         placed = {path: _for_site(layer, path, n) for n, path in enumerate(self.paths)}
         if getattr(type(layer), "ts_records", False):
             self._check_record_keys(operation, placed)
@@ -419,7 +438,7 @@ class Selection(TreescopeRepr):
 
 def _check_module(value: Any, operation: str) -> None:
     if not isinstance(value, nn.Module):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{operation} expects an nn.Module (e.g. a ts.layers layer), got {type(value).__name__}"
         )
 

@@ -11,10 +11,14 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "FrozenModuleError",
+    "OutOfRangeError",
     "PathError",
     "SelectionError",
     "SerializationError",
+    "SiteError",
     "SurgeryError",
     "closest",
 ]
@@ -41,6 +45,28 @@ class SelectionError(SurgeryError, ValueError):
 
 class SerializationError(SurgeryError, ValueError):
     """Something that was asked to become data but cannot (a Python callable, ...)."""
+
+
+class ArgumentError(SurgeryError, ValueError):
+    """An argument (or a field of one) with a value it cannot take; the message names it and
+    the valid choices."""
+
+
+class ArgumentTypeError(SurgeryError, TypeError):
+    """An argument of the wrong kind: text where token ids go, float token ids, a number
+    where a tensor goes; the message names the argument and what it takes."""
+
+
+class OutOfRangeError(SurgeryError, IndexError):
+    """An index, position, layer, head or row outside what the tensor or model has; the
+    message names the argument and the valid range."""
+
+
+class SiteError(SurgeryError, ValueError, RuntimeError):
+    """An intervention layer that does not fit the tensor at its site (a vector of another
+    width, a value of a dtype that cannot be cast, no tensor where ``on=`` points); the
+    message names the site. Also a ``ValueError`` and a ``RuntimeError``: the errors it
+    replaces (torch's broadcasting ``RuntimeError``, the site's ``ValueError``)."""
 
 
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:

@@ -13,14 +13,16 @@ the tree they came from (see :mod:`torchsurgeon.surgery.rewrite`), and facts der
 tree (which intervention layers it holds, say) can be cached against it.
 
 Strictness is by allow-list, as in Equinox: a frozen node refuses *every* attribute write
-and delete from outside — submodules, parameters, buffers, plain attributes such as ``eps``
-— except the training flag (``.train()``/``.eval()``), which is shared with every tree that
-shares the module. The one writer allowed is the module's own code, updating caches its
+and delete from outside — submodules, parameters, buffers, plain attributes such as ``eps``,
+the training flag. The one writer allowed is the module's own code, updating caches its
 class keeps (transformers' rotary embeddings store recomputed frequencies during
-``forward``). Device and dtype moves (``.to``, ``.cuda``, ``.half``, ...) are functional on a
-frozen tree: they return a new tree and leave the original where it was, so write ``model =
-model.to("cuda")``; a move whose new tree is dropped (a bare ``model.to(torch.bfloat16)``
-statement) warns with a :class:`DiscardedMoveWarning`.
+``forward``). Device and dtype moves (``.to``, ``.cuda``, ``.half``, ...) and mode switches
+(``.train()``, ``.eval()``) are functional on a frozen tree: they return a new tree and
+leave the original as it was, so write ``model = model.to("cuda")`` or ``model =
+model.eval()``; one whose new tree is dropped (a bare ``model.eval()`` statement) warns with
+a :class:`DiscardedMoveWarning`. A mode switch copies only the modules whose flag changes
+(and their ancestors), so a rewrite put in eval mode never flips a module it shares with
+its base.
 
 What is shared, and what is not:
 
@@ -55,7 +57,7 @@ import torch
 from torch import nn
 
 from torchsurgeon.surgery.display import TreescopeRepr
-from torchsurgeon.surgery.errors import FrozenModuleError
+from torchsurgeon.surgery.errors import ArgumentTypeError, FrozenModuleError
 from torchsurgeon.surgery.paths import child_path, describe
 
 __all__ = [
@@ -78,9 +80,9 @@ _PATH_ATTR = "_ts_path"
 _SEALED_ATTR = "_ts_sealed"
 _FROZEN_CLASSES: dict[type, type] = {}
 _COPIED_CONTAINERS = (dict, OrderedDict, set, list)
-WRITABLE_ATTRIBUTES = frozenset({"training", "_is_torch_compile"})
-"""The only attributes a frozen node lets anyone assign: the training flag (``.train()`` /
-``.eval()``) and the marker ``torch.compile(model)`` sets on the module it wraps."""
+WRITABLE_ATTRIBUTES = frozenset({"_is_torch_compile"})
+"""The only attribute a frozen node lets anyone assign: the marker ``torch.compile(model)``
+sets on the module it wraps (the training flag is switched functionally: ``.eval()``)."""
 _warned_about_grads = False
 
 
@@ -89,7 +91,8 @@ class SharedWeightGradientWarning(UserWarning):
 
 
 class DiscardedMoveWarning(UserWarning):
-    """A device/dtype move of a frozen tree whose new tree was dropped: nothing moved."""
+    """A device/dtype move or mode switch of a frozen tree whose new tree was dropped:
+    nothing changed."""
 
 
 def _dropped(frame: types.FrameType | None) -> bool:
@@ -129,6 +132,25 @@ def _returns_a_new_tree(name: str) -> Callable[..., Any]:
 _MOVES = ("to", "cuda", "cpu", "xpu", "half", "float", "double", "bfloat16", "type", "to_empty")
 
 
+def _switched(module: nn.Module, mode: bool, caller: types.FrameType | None) -> nn.Module:
+    """``module``'s tree in training mode ``mode`` (see :func:`~.rewrite.in_mode`)."""
+    from torchsurgeon.surgery.rewrite import in_mode  # same layer: rewrite needs us too
+
+    if not isinstance(mode, bool):
+        raise ArgumentTypeError(f"train(mode): mode is a bool, got {type(mode).__name__}")
+    switched = in_mode(module, mode)
+    if switched is not module and _dropped(caller):
+        call = "train()" if mode else "eval()"
+        warnings.warn(
+            f"{call} on a torchsurgeon tree returns a new tree in that mode and leaves this one "
+            f"(and every tree sharing its modules) unchanged; the new tree was dropped. Write "
+            f"model = model.{call}.",
+            DiscardedMoveWarning,
+            stacklevel=3,
+        )
+    return switched
+
+
 class FrozenModule(TreescopeRepr):
     """Mixin placed first in the MRO of every frozen class; see the module docstring."""
 
@@ -150,6 +172,8 @@ class FrozenModule(TreescopeRepr):
         if name in WRITABLE_ATTRIBUTES or not self._ts_is_sealed() or _a_cache(self, name, value):
             super().__setattr__(name, value)
             return
+        if name == "training" and value is self.__dict__.get(name):
+            return  # a no-op write (torch.compile's wrapper copies the flag it read)
         raise self._ts_refuse("assign", name, _functional_way(self, name, value))
 
     def __delattr__(self, name: str) -> None:
@@ -186,6 +210,16 @@ class FrozenModule(TreescopeRepr):
             "model instead: ts.tree.unflatten(treedef, tensors), or load the weights into the "
             "plain model before ts.wrap."
         )
+
+    def train(self, mode: bool = True) -> nn.Module:
+        """This tree in training mode ``mode``, as a new tree (modules whose flag changes are
+        copied, the rest shared); this one is left unchanged: ``model = model.train()``."""
+        return _switched(self, mode, sys._getframe(1))  # type: ignore[arg-type]
+
+    def eval(self) -> nn.Module:
+        """This tree in eval mode, as a new tree; this one is left unchanged: ``model =
+        model.eval()``."""
+        return _switched(self, False, sys._getframe(1))  # type: ignore[arg-type]
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         from torchsurgeon.surgery.rewrite import map_tensors  # same layer: rewrite needs us too
@@ -255,7 +289,8 @@ def _functional_way(module: nn.Module, name: str, value: Any) -> str:
     return (
         "Attributes of a frozen node are shared with every tree made from it; set it on the "
         "plain module before ts.wrap, or replace the node: ts.select(model).at(path)"
-        ".replace(new_module). Only the training flag (.train()/.eval()) may be written."
+        ".replace(new_module). For the training flag, write model = model.eval() (or "
+        ".train()): a new tree in that mode."
     )
 
 

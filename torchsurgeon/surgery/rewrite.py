@@ -21,7 +21,7 @@ from torch import nn
 from torchsurgeon.surgery.frozen import frozen_at, shallow_copy, tree_parameter, wrap
 from torchsurgeon.surgery.paths import child_path, iter_nodes, split
 
-__all__ = ["Edit", "map_tensors", "rewrite", "set_tensors", "setting"]
+__all__ = ["Edit", "in_mode", "map_tensors", "rewrite", "set_tensors", "setting"]
 
 Edit = Callable[[nn.Module, str], nn.Module]
 """An edit receives a private copy of the node and its path, and returns the new node."""
@@ -113,3 +113,29 @@ def setting(changed: Mapping[str, torch.Tensor]) -> Edit:
         return node
 
     return edit
+
+
+def in_mode(root: nn.Module, mode: bool) -> nn.Module:
+    """A tree whose every module has ``training == mode`` (``.train()`` / ``.eval()``).
+
+    Copy-on-write like :func:`rewrite`: a module whose flag differs, or below which one
+    does, is shallow-copied (path, hooks and tensors kept); every other subtree is shared.
+    ``root`` and every module it shares with other trees keep their flags. ``root`` itself
+    comes back when nothing changes.
+    """
+    copies: dict[int, nn.Module] = {}
+
+    def visit(node: nn.Module) -> nn.Module:
+        found = copies.get(id(node))
+        if found is not None:
+            return found
+        children = {n: visit(c) for n, c in node._modules.items() if c is not None}
+        result = node
+        if node.training != mode or any(c is not node._modules[n] for n, c in children.items()):
+            result = shallow_copy(node)
+            result._modules.update(children)
+            result.__dict__["training"] = mode
+        copies[id(node)] = result
+        return result
+
+    return visit(root)

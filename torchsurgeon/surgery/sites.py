@@ -43,11 +43,27 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from torchsurgeon.surgery.errors import SelectionError
-from torchsurgeon.surgery.frozen import freeze_tree, frozen_at, recorded_path, shallow_copy
+from torchsurgeon.surgery.errors import SelectionError, SiteError
+from torchsurgeon.surgery.frozen import (
+    freeze_tree,
+    frozen_at,
+    original_class,
+    recorded_path,
+    shallow_copy,
+)
 from torchsurgeon.surgery.paths import SITE_LISTS, child_path, describe
 
-__all__ = ["AFTER", "BEFORE", "LayerCall", "add_layers", "is_container", "site_layers", "watching"]
+__all__ = [
+    "AFTER",
+    "BEFORE",
+    "LayerCall",
+    "add_layers",
+    "check_widths",
+    "is_container",
+    "site_layers",
+    "site_width",
+    "watching",
+]
 
 BEFORE, AFTER = SITE_LISTS
 _HOOKED = "_ts_hooked"
@@ -131,6 +147,42 @@ def is_container(node: nn.Module) -> bool:
     """Whether ``node`` is a Sequential, ModuleList or ModuleDict (its children are its
     contents: iterating it, or its ``forward``, would reach a site's layer lists)."""
     return isinstance(node, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def check_widths(
+    operation: str, layer: nn.Module, before: bool, paths: Sequence[str], nodes: Sequence[nn.Module]
+) -> None:
+    """Refuse a layer whose tensor cannot fit a site of known width (:func:`site_width`)."""
+    misfit = getattr(layer, "misfit_width", None)
+    if misfit is None or (not before and getattr(type(layer), "reads_input", False)):
+        return
+    for path, node in zip(paths, nodes, strict=True):
+        width = site_width(node, before)
+        why = None if width is None else misfit(width)
+        if why:
+            side = "input" if before else "output"
+            raise SiteError(
+                f"{operation} at {describe(path)} ({type(node).__name__}, {side} width "
+                f"{width}): {why}"
+            )
+
+
+def site_width(node: nn.Module, before: bool) -> int | None:
+    """The last dimension of ``node``'s primary input (``before``) or output, where its class
+    fixes it (linear maps, embeddings, norms); None where only a run would tell."""
+    cls = original_class(node)
+    weight = node._parameters.get("weight")
+    if issubclass(cls, nn.Linear):
+        return node.in_features if before else node.out_features
+    if issubclass(cls, nn.Embedding):
+        return None if before else node.embedding_dim
+    if issubclass(cls, (nn.LayerNorm, nn.RMSNorm)):
+        shape = node.normalized_shape
+        return int(shape[-1]) if shape else None
+    if cls.__name__ in ("Conv1D", "Projection") and weight is not None and weight.dim() == 2:
+        rows, cols = weight.shape  # transformers' Conv1D is [in, out]; Projection [out, in]
+        return int(rows if (cls.__name__ == "Conv1D") == before else cols)
+    return None
 
 
 def site_layers(node: nn.Module, which: str) -> list[nn.Module]:
@@ -255,11 +307,11 @@ def _kinds(values: Any) -> str:
     return "{" + ", ".join(f"{k}: {type(v).__name__}" for k, v in items) + "}"
 
 
-def _no_target(module: nn.Module, layer: nn.Module, side: str, found: str) -> ValueError:
+def _no_target(module: nn.Module, layer: nn.Module, side: str, found: str) -> SiteError:
     on = getattr(layer, "on", None)
     where = describe(recorded_path(module))
     wanted = "the primary tensor" if on is None else f"on={on!r}"
-    return ValueError(
+    return SiteError(
         f"{type(layer).__name__} inserted {'before' if side == 'input' else 'after'} "
         f"{type(module).__name__} at {where} found no {side} tensor for {wanted}; the call had "
         f"{found}. Pass on=<position or name> to the layer to pick its target."

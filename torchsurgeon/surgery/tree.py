@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchsurgeon.surgery.errors import ArgumentError
 from torchsurgeon.surgery.frozen import freeze_tree, tree_parameter, wrap
 from torchsurgeon.surgery.paths import iter_nodes
 from torchsurgeon.surgery.rewrite import map_tensors, rewrite, setting
@@ -56,14 +57,14 @@ def flatten(model: nn.Module) -> tuple[list[torch.Tensor], TreeDef]:
 def unflatten(treedef: TreeDef, leaves: list[torch.Tensor]) -> nn.Module:
     """A new model with ``leaves`` in the places ``treedef`` records (shape-checked)."""
     if len(leaves) != len(treedef.slots):
-        raise ValueError(f"unflatten expects {len(treedef.slots)} leaves, got {len(leaves)}")
+        raise ArgumentError(f"unflatten expects {len(treedef.slots)} leaves, got {len(leaves)}")
     old_leaves, _ = flatten(treedef.model)
     by_path: dict[str, dict[str, torch.Tensor]] = {}
     for old, new, places in zip(old_leaves, leaves, treedef.slots, strict=True):
         if new is old:
             continue
         if new.shape != old.shape:
-            raise ValueError(
+            raise ArgumentError(
                 f"leaf {places[0][0]}.{places[0][1]} has shape {tuple(old.shape)}, "
                 f"got {tuple(new.shape)}"
             )

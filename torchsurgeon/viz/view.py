@@ -19,6 +19,7 @@ from torch import nn
 
 from torchsurgeon.selectors.selection import Selection
 from torchsurgeon.surgery.display import TreescopeRepr
+from torchsurgeon.surgery.errors import ArgumentTypeError
 from torchsurgeon.surgery.lineage import lineage_of
 
 __all__ = ["View", "as_view"]
@@ -75,7 +76,7 @@ def as_view(obj: Any, *, diff: bool = False, fold_repeats: bool = True) -> View:
     if isinstance(obj, Sequence) and len(obj) == 2 and all(isinstance(m, nn.Module) for m in obj):
         base, rewritten = obj
         return View(model=rewritten, base=base, fold_repeats=fold_repeats)
-    raise TypeError(
+    raise ArgumentTypeError(
         "torchsurgeon.viz draws an nn.Module, a Selection, a (base, rewritten) pair of modules "
         f"or a View; got {type(obj).__name__}"
     )

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from torchsurgeon.surgery.errors import ArgumentError, closest
+
 __all__ = ["ACTIVATIONS", "Activation", "GatedActivation"]
 
 
@@ -54,7 +56,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def _function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     found = ACTIVATIONS.get(name)
     if found is None:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(ACTIVATIONS))}")
+        near = closest(str(name), ACTIVATIONS, n=1)
+        raise ArgumentError(
+            f"activation: unknown name {name!r}; did you mean {near[0]!r}? Known: "
+            f"{', '.join(sorted(ACTIVATIONS))}"
+        )
     return found
 
 

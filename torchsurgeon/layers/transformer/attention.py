@@ -39,6 +39,7 @@ from torchsurgeon.layers.transformer.context import ForwardContext
 from torchsurgeon.layers.transformer.hook import HookPoint
 from torchsurgeon.layers.transformer.projection import HeadProjection, Projection
 from torchsurgeon.layers.transformer.rotary import ApplyRotary
+from torchsurgeon.surgery.errors import ArgumentError, SiteError
 
 __all__ = ["Attention"]
 
@@ -65,9 +66,9 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         if k.n_heads != v.n_heads or q.n_heads % k.n_heads:
-            raise ValueError(
-                f"layer {layer}: {q.n_heads} query heads need a whole number of query heads per "
-                f"key/value head; got {k.n_heads} key and {v.n_heads} value heads"
+            raise ArgumentError(
+                f"Attention(layer={layer}): {q.n_heads} query heads need a whole number of query "
+                f"heads per key/value head; got {k.n_heads} key and {v.n_heads} value heads"
             )
         self.q = q
         self.k = k
@@ -90,7 +91,10 @@ class Attention(nn.Module):
         v = self.v(x)
         if self.q_rot is not None and self.k_rot is not None:
             if context.rotary is None:
-                raise ValueError(f"layer {self.layer} uses rotary embeddings but got no angles")
+                raise SiteError(
+                    f"attention of layer {self.layer} uses rotary embeddings but its context has "
+                    "no angles (context.rotary); build the model with a rotary config"
+                )
             cos, sin = context.rotary
             q = self.q_rot(q, cos, sin)
             k = self.k_rot(k, cos, sin)

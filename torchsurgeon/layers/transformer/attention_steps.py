@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchsurgeon.surgery.errors import SiteError
+
 __all__ = ["AttentionPattern", "AttentionScores", "MaskScores", "MixValues", "expand_heads"]
 
 
@@ -36,7 +38,10 @@ def expand_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     if n_groups == n_heads:
         return x
     if n_heads % n_groups:
-        raise ValueError(f"{n_heads} query heads cannot share {n_groups} key/value heads evenly")
+        raise SiteError(
+            f"attention: {n_heads} query heads cannot share {n_groups} key/value heads evenly; "
+            f"an edit at q or k must keep a head count that divides {n_heads}"
+        )
     return x.repeat_interleave(n_heads // n_groups, dim=2)
 
 
@@ -68,9 +73,9 @@ class MaskScores(nn.Module):
     def forward(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """``allowed`` is a boolean mask broadcastable to ``scores``."""
         if allowed.shape[-1] != scores.shape[-1]:
-            raise ValueError(
-                f"attention mask covers {allowed.shape[-1]} keys but the scores have "
-                f"{scores.shape[-1]}"
+            raise SiteError(
+                f"attention mask_scores: the mask covers {allowed.shape[-1]} keys but the scores "
+                f"have {scores.shape[-1]}"
             )
         return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torchsurgeon.surgery.errors import OutOfRangeError
+
 __all__ = ["KVCache"]
 
 
@@ -51,9 +53,9 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``layer``'s new keys and values; return all of that layer's cached ones."""
         if not 0 <= layer < len(self.keys):
-            raise IndexError(
-                f"KVCache holds {len(self.keys)} layers, got layer {layer}; make the cache with "
-                "KVCache.empty(model.config.n_layers)"
+            raise OutOfRangeError(
+                f"layer: the KVCache holds {len(self.keys)} layers, got layer {layer}; make the "
+                "cache with KVCache.empty(model.config.n_layers)"
             )
         old_keys, old_values = self.keys[layer], self.values[layer]
         if old_keys is not None and old_values is not None:

@@ -12,11 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torchsurgeon.layers.transformer.rotary import RotaryConfig
+from torchsurgeon.surgery.errors import ArgumentError, closest
 
 __all__ = ["BLOCK_KINDS", "NORM_KINDS", "TransformerConfig"]
 
 BLOCK_KINDS = ("pre_norm", "parallel", "post_norm")
 NORM_KINDS = ("layernorm", "rmsnorm")
+
+
+def _near(value: object, choices: tuple[str, ...]) -> str:
+    """``"; did you mean 'x'?"`` for the choice most like ``value``."""
+    return f"; did you mean {closest(str(value), choices, n=1)[0]!r}?"
 
 
 @dataclass(frozen=True)
@@ -62,18 +68,31 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         if self.block not in BLOCK_KINDS:
-            raise ValueError(f"block must be one of {BLOCK_KINDS}, got {self.block!r}")
+            raise ArgumentError(
+                f"TransformerConfig.block must be one of {BLOCK_KINDS}, got {self.block!r}"
+                f"{_near(self.block, BLOCK_KINDS)}"
+            )
         if self.norm not in NORM_KINDS:
-            raise ValueError(f"norm must be one of {NORM_KINDS}, got {self.norm!r}")
+            raise ArgumentError(
+                f"TransformerConfig.norm must be one of {NORM_KINDS}, got {self.norm!r}"
+                f"{_near(self.norm, NORM_KINDS)}"
+            )
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            raise ArgumentError(
+                f"TransformerConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                f"({self.n_kv_heads})"
             )
         for name in ("attn_scales", "sliding_windows"):
             if len(getattr(self, name)) != self.n_layers:
-                raise ValueError(f"{name} needs one entry per layer ({self.n_layers})")
+                raise ArgumentError(
+                    f"TransformerConfig.{name} needs one entry per layer ({self.n_layers}), got "
+                    f"{len(getattr(self, name))}"
+                )
         if self.rotary is None and self.max_positions is None:
-            raise ValueError("a model without rotary embeddings needs max_positions")
+            raise ArgumentError(
+                "TransformerConfig.max_positions: a model without rotary embeddings (rotary=None) "
+                "needs the number of learned positions"
+            )
 
     @property
     def base_model_tp_plan(self) -> dict[str, str]:

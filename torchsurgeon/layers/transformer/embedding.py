@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchsurgeon.layers.transformer.projection import as_parameter
+from torchsurgeon.surgery.errors import ArgumentError, OutOfRangeError
 
 __all__ = ["PositionEmbedding", "TokenEmbedding"]
 
@@ -34,7 +35,10 @@ class TokenEmbedding(nn.Module):
     def __init__(self, weight: torch.Tensor, scale: float | None = None) -> None:
         super().__init__()
         if weight.dim() != 2:
-            raise ValueError(f"embedding table must be [vocab, d_model], got {tuple(weight.shape)}")
+            raise ArgumentError(
+                f"TokenEmbedding weight: the table must be [vocab, d_model], got "
+                f"{tuple(weight.shape)}"
+            )
         self.weight = as_parameter(weight)
         self.scale = scale
 
@@ -42,9 +46,9 @@ class TokenEmbedding(nn.Module):
         """Embed ``ids`` ([batch, pos]) as [batch, pos, d_model]."""
         vocab = self.weight.shape[0]
         if _checkable(ids) and (ids.min() < 0 or ids.max() >= vocab):
-            raise IndexError(
-                f"token ids must lie in [0, {vocab}); got values from {int(ids.min())} to "
-                f"{int(ids.max())}"
+            raise OutOfRangeError(
+                f"input_ids: token ids must lie in [0, {vocab}) (the vocabulary); got values "
+                f"from {int(ids.min())} to {int(ids.max())}"
             )
         out = F.embedding(ids, self.weight)
         if self.scale is not None:
@@ -63,8 +67,9 @@ class PositionEmbedding(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         if weight.dim() != 2:
-            raise ValueError(
-                f"position table must be [max_positions, d_model], got {tuple(weight.shape)}"
+            raise ArgumentError(
+                "PositionEmbedding weight: the position table must be [max_positions, d_model], "
+                f"got {tuple(weight.shape)}"
             )
         self.weight = as_parameter(weight)
 
@@ -72,9 +77,9 @@ class PositionEmbedding(nn.Module):
         """Embed ``position_ids`` ([batch, pos]) as [batch, pos, d_model]."""
         limit = self.weight.shape[0]
         if _checkable(position_ids) and position_ids.max() >= limit:
-            raise IndexError(
-                f"position {int(position_ids.max())} is past the {limit} learned positions of "
-                "this model; shorten the input"
+            raise OutOfRangeError(
+                f"position_ids: position {int(position_ids.max())} is past the {limit} learned "
+                "positions of this model; shorten the input"
             )
         return F.embedding(position_ids, self.weight)
 

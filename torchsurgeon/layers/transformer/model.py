@@ -41,6 +41,7 @@ from torchsurgeon.layers.transformer.context import ForwardContext, attention_ma
 from torchsurgeon.layers.transformer.embedding import PositionEmbedding, TokenEmbedding
 from torchsurgeon.layers.transformer.rotary import Rotary
 from torchsurgeon.layers.transformer.unembed import HeadTransform, Pooler, Unembedding
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError
 
 __all__ = ["EncoderOutput", "Transformer"]
 
@@ -75,7 +76,9 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         if len(blocks) != config.n_layers:
-            raise ValueError(f"config has {config.n_layers} layers but got {len(blocks)} blocks")
+            raise ArgumentError(
+                f"blocks: config.n_layers is {config.n_layers} but got {len(blocks)} blocks"
+            )
         self.config = config
         self.embed = embed
         self.pos_embed = pos_embed
@@ -105,10 +108,21 @@ class Transformer(nn.Module):
         A base model returns its last hidden state ``[batch, pos, d_model]`` (with a pooler:
         an :class:`EncoderOutput`).
         """
+        if input_ids.is_floating_point() or input_ids.is_complex():
+            raise ArgumentTypeError(
+                f"input_ids: token ids are integers (torch.long), got a {input_ids.dtype} tensor "
+                f"of shape {tuple(input_ids.shape)}; convert token ids with ids.long()"
+            )
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
+            raise ArgumentError(
+                f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}; a single "
+                "sequence is ids[None]"
+            )
         if cache is not None and not self.config.causal:
-            raise ValueError(f"{self.config.family} is not a causal model; it takes no KV cache")
+            raise ArgumentError(
+                f"cache: {self.config.family} is not a causal model; it takes no KV cache "
+                "(pass cache=None)"
+            )
         x = self.embed(input_ids)
         context = self._context(input_ids, x.dtype, attention_mask, cache, position_ids)
         if self.type_embed is not None:
@@ -146,7 +160,7 @@ class Transformer(nn.Module):
             counts = key_mask.long().cumsum(-1) - 1
             position_ids = counts.masked_fill(~key_mask, 0)[:, past:]
         elif position_ids.shape[-1] != n_new:
-            raise ValueError(
+            raise ArgumentError(
                 f"position_ids must have {n_new} positions (one per input token), got shape "
                 f"{tuple(position_ids.shape)}"
             )
@@ -167,8 +181,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         batch, n_new = input_ids.shape
         if cache is not None and cache.mask is not None and cache.mask.shape[0] != batch:
-            raise ValueError(
-                f"the KV cache holds {cache.mask.shape[0]} sequences but input_ids has {batch}"
+            raise ArgumentError(
+                f"cache: the KV cache holds {cache.mask.shape[0]} sequences but input_ids has "
+                f"{batch}"
             )
         if attention_mask is None:
             new = torch.ones(batch, n_new, dtype=torch.bool, device=input_ids.device)
@@ -176,7 +191,7 @@ class Transformer(nn.Module):
         mask = attention_mask.to(device=input_ids.device) != 0
         if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] not in (n_new, past + n_new):
             allowed = f"{n_new}" if past == 0 else f"{n_new} or {past + n_new}"
-            raise ValueError(
+            raise ArgumentError(
                 f"attention_mask must be [batch={batch}, {allowed}] (1 = token, 0 = padding), "
                 f"got shape {tuple(attention_mask.shape)}"
             )

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from torchsurgeon.surgery.errors import ArgumentError
+
 __all__ = ["HeadProjection", "Projection", "as_parameter"]
 
 
@@ -36,9 +38,9 @@ class Projection(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if weight.dim() != 2:
-            raise ValueError(f"Projection weight must be [out, in], got {tuple(weight.shape)}")
+            raise ArgumentError(f"Projection weight must be [out, in], got {tuple(weight.shape)}")
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(
+            raise ArgumentError(
                 f"Projection bias must be [{weight.shape[0]}], got {tuple(bias.shape)}"
             )
         self.weight = as_parameter(weight)
@@ -59,11 +61,11 @@ class HeadProjection(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if weight.dim() != 3:
-            raise ValueError(
+            raise ArgumentError(
                 f"HeadProjection weight must be [head, d_head, d_model], got {tuple(weight.shape)}"
             )
         if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
-            raise ValueError(
+            raise ArgumentError(
                 f"HeadProjection bias must be {list(weight.shape[:2])}, got {list(bias.shape)}"
             )
         self.weight = as_parameter(weight)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from torchsurgeon.surgery.errors import ArgumentError, closest
+
 __all__ = ["ROTARY_KINDS", "ApplyRotary", "Rotary", "RotaryConfig", "inverse_frequencies"]
 
 ROTARY_KINDS = ("default", "linear", "llama3", "longrope")
@@ -55,16 +57,25 @@ class RotaryConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ROTARY_KINDS:
-            raise ValueError(f"unknown rotary scaling {self.kind!r}; known: {ROTARY_KINDS}")
+            near = closest(str(self.kind), ROTARY_KINDS, n=1)[0]
+            raise ArgumentError(
+                f"RotaryConfig.kind: unknown rotary scaling {self.kind!r}; did you mean {near!r}? "
+                f"Known: {ROTARY_KINDS}"
+            )
         if self.dim <= 0 or self.dim % 2:
-            raise ValueError(f"rotary dim must be a positive even number, got {self.dim}")
+            raise ArgumentError(f"RotaryConfig.dim must be a positive even number, got {self.dim}")
         if self.kind in ("llama3", "longrope") and self.original_max_positions is None:
-            raise ValueError(f"{self.kind} rotary scaling needs original_max_positions")
+            raise ArgumentError(
+                f"RotaryConfig.original_max_positions: {self.kind} rotary scaling needs it (the "
+                "context length the model was trained with)"
+            )
         if self.kind == "longrope":
             for name in ("short_factor", "long_factor"):
                 factors = getattr(self, name)
                 if factors is None or len(factors) != self.dim // 2:
-                    raise ValueError(f"longrope needs {name} with {self.dim // 2} values")
+                    raise ArgumentError(
+                        f"RotaryConfig.{name}: longrope needs {self.dim // 2} values (dim // 2)"
+                    )
 
 
 def inverse_frequencies(

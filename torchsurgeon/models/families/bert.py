@@ -132,6 +132,8 @@ BERT = Family(
         attn_out="attention.output.dense",
         mlp="output.dense",
         mlp_down="output.dense",
+        pos_embed="bert.embeddings.position_embeddings",
+        block_norms=("attention.output.LayerNorm", "output.LayerNorm"),
     ),
     config=bert_config,
     weights=bert_weights,

@@ -15,6 +15,7 @@ from torchsurgeon.layers.transformer import TransformerConfig
 from torchsurgeon.models.build import ModelWeights
 from torchsurgeon.models.families.common import Family, HFConfig, norm, refuse, setting
 from torchsurgeon.models.families.llama import (
+    LLAMA_LAYOUT,
     llama_like_config,
     llama_like_family,
     llama_like_weights,
@@ -67,5 +68,20 @@ GEMMA: Family = llama_like_family(
     "Gemma", "gemma", "Gemma", config=gemma_config, weights=gemma_weights
 )
 GEMMA2: Family = llama_like_family(
-    "Gemma 2", "gemma2", "Gemma2", config=gemma_config, weights=gemma_weights
+    "Gemma 2",
+    "gemma2",
+    "Gemma2",
+    config=gemma_config,
+    weights=gemma_weights,
+    # in EXPLICIT's order: ln1, ln2 (before the MLP), ln1_post (on the attention output), ln2_post
+    layout=replace(
+        LLAMA_LAYOUT,
+        family="gemma2",
+        block_norms=(
+            "input_layernorm",
+            "pre_feedforward_layernorm",
+            "post_attention_layernorm",
+            "post_feedforward_layernorm",
+        ),
+    ),
 )

@@ -116,6 +116,8 @@ GPT2 = Family(
         attn_out="attn.c_proj",
         mlp="mlp",
         mlp_down="mlp.c_proj",
+        pos_embed="transformer.wpe",
+        block_norms=("ln_1", "ln_2"),
     ),
     config=gpt2_config,
     weights=gpt2_weights,

@@ -114,6 +114,7 @@ GPT_NEOX = Family(
         attn_out="attention.dense",
         mlp="mlp",
         mlp_down="mlp.dense_4h_to_h",
+        block_norms=("input_layernorm", "post_attention_layernorm"),
     ),
     config=gpt_neox_config,
     weights=gpt_neox_weights,

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from torchsurgeon.surgery.errors import ArgumentError
+
 __all__ = ["EXPLICIT", "ModelLayout"]
 
 
@@ -33,7 +35,10 @@ class ModelLayout:
     model's config has ``num_attention_heads`` (or ``n_heads``). ``final_norm`` and
     ``unembed`` are ``None`` in a base model without a language-model head; ``head`` is a
     transform applied before ``final_norm`` when decoding the residual stream (BERT's MLM
-    dense layer in a converted model).
+    dense layer in a converted model). ``pos_embed`` is the learned position embedding,
+    where the model has one; ``block_norms`` are the norms inside a block, in the order of
+    :data:`EXPLICIT`'s (``ln1``, ``ln2``, ``ln1_post``, ``ln2_post``), so that the two
+    layouts pair them up (:mod:`~torchsurgeon.models.families.paths`).
     """
 
     family: str
@@ -47,6 +52,8 @@ class ModelLayout:
     mlp_down: str
     n_heads: int | None = None
     head: str | None = None
+    pos_embed: str | None = None
+    block_norms: tuple[str, ...] = ()
 
     def block(self, layer: int) -> str:
         """The path of block ``layer``."""
@@ -72,8 +79,9 @@ class ModelLayout:
         for name in ("blocks", "embed"):
             path = inside(getattr(self, name))
             if path is None:
-                raise ValueError(
-                    f"{self.family}: {name} {getattr(self, name)!r} is not under {prefix!r}"
+                raise ArgumentError(
+                    f"without_head(prefix={prefix!r}): {self.family}'s {name} "
+                    f"{getattr(self, name)!r} is not under it"
                 )
             fields[name] = path
         return dataclasses.replace(
@@ -82,6 +90,7 @@ class ModelLayout:
             final_norm=inside(self.final_norm),
             unembed=inside(self.unembed),
             head=inside(self.head),
+            pos_embed=inside(self.pos_embed),
         )
 
 
@@ -96,5 +105,7 @@ EXPLICIT = ModelLayout(
     mlp="mlp",
     mlp_down="mlp.out",
     head="head",
+    pos_embed="pos_embed",
+    block_norms=("ln1", "ln2", "ln1_post", "ln2_post"),
 )
 """The layout of a converted or loaded model (parts a given model lacks are dropped)."""

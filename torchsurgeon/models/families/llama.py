@@ -48,6 +48,7 @@ LLAMA_LAYOUT = ModelLayout(
     attn_out="self_attn.o_proj",
     mlp="mlp",
     mlp_down="mlp.down_proj",
+    block_norms=("input_layernorm", "post_attention_layernorm"),
 )
 """Where the parts sit in every Llama-shaped ``...ForCausalLM`` (Mistral, Qwen, Gemma, Phi-3)."""
 
@@ -147,11 +148,23 @@ def llama_like_model_weights(
 
 
 def llama_like_family(
-    name: str, model_type: str, prefix: str, *, convert: bool = True, **conversion: Any
+    name: str,
+    model_type: str,
+    prefix: str,
+    *,
+    convert: bool = True,
+    layout: ModelLayout = LLAMA_LAYOUT,
+    **conversion: Any,
 ) -> Family:
     """A family laid out like Llama: ``{prefix}ForCausalLM`` and its base ``{prefix}Model``.
 
-    ``convert=False`` makes a family the methods know but no conversion covers.
+    Args:
+        name: The family's display name.
+        model_type: The ``transformers`` ``model_type`` it covers.
+        prefix: The class-name prefix (``"Llama"`` for ``LlamaForCausalLM``).
+        convert: False for a family the methods know but no conversion covers.
+        layout: Where the parts sit (Llama's unless a family adds norms).
+        conversion: ``config=`` / ``weights=`` replacing Llama's translation.
     """
     functions = {"config": llama_like_config, "weights": llama_like_weights, **conversion}
     return Family(
@@ -160,7 +173,7 @@ def llama_like_family(
         classes=(f"{prefix}ForCausalLM",),
         base_classes=(f"{prefix}Model",),
         prefixes=("model.", ""),
-        layout=LLAMA_LAYOUT,
+        layout=layout,
         **(functions if convert else {}),
     )
 
