@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 import torchsurgeon as ts
 from torchsurgeon.distributed import Split
-from torchsurgeon.distributed.sharded import _GATHER, _local_copy
+from torchsurgeon.distributed.sharded import _local_copy
 from torchsurgeon.distributed.split import local_part
 from torchsurgeon.layers import Add, MeanAblate, Noise, Patch, Scale, SetValues, StopGradient, Zero
+from torchsurgeon.layers.base import GATHER
 
 SETTINGS = settings(
     max_examples=150,
@@ -44,7 +45,7 @@ def sharded_apply(layer: torch.nn.Module, x: torch.Tensor, parts: int) -> torch.
         split = Split(-1, size, parts, part)
         shard = x[..., split.offset : split.offset + split.width]
         local = _local_copy(ts.wrap(layer), tuple(x.shape), split, x.dtype, x.device)
-        assert local is not _GATHER, layer
+        assert local is not GATHER, layer
         outs.append(shard.clone() if local is None else local(shard))
     return torch.cat(outs, dim=-1)
 

@@ -14,15 +14,16 @@ full tensor's elements:
   the layer cut to its shard — the index translated, the value cut the same way
   (:mod:`~torchsurgeon.distributed.split`) — or nothing, if it holds no element the index
   names. No communication. ``Noise`` draws the full tensor's noise (the same seed on every
-  rank) and keeps its part.
+  rank) and keeps its part. Each class says how it is cut, in its
+  :meth:`~torchsurgeon.layers.base.InterventionLayer.on_shard`.
 - **LowRankAdapter** after a column-wise projection adds ``B``'s local rows' share; after a
   row-wise one it sums the low-rank products of the input shards over the ranks (a tensor
   of ``batch x pos x rank`` elements).
 - **ComputeGrad** passes the shard on; in the backward pass it gathers the gradient, edits
   the full gradient and keeps this rank's part.
-- **Anything else** (a layer of another type, a subclass): gather, run the layer on the full
-  tensor, keep this rank's part (gather-edit-scatter). Correct for any layer that keeps the
-  tensor's shape; it costs one all-gather per call.
+- **Anything else** (a layer whose class keeps the default ``on_shard``, your own included):
+  gather, run the layer on the full tensor, keep this rank's part (gather-edit-scatter).
+  Correct for any layer that keeps the tensor's shape; it costs one all-gather per call.
 
 Inside a region (between its projections) the split is the one the region's ``DTensor``
 twin found for this call (:mod:`~torchsurgeon.distributed.inside`), and the local tensor is
@@ -55,13 +56,11 @@ from torchsurgeon.distributed.collectives import (
 )
 from torchsurgeon.distributed.inside import InsideError, RegionProbe
 from torchsurgeon.distributed.parallelize import SiteLayout, TensorParallelError
-from torchsurgeon.distributed.split import Split, cut, local_part
-from torchsurgeon.layers.base import InterventionLayer, Recorder
+from torchsurgeon.distributed.split import Split
+from torchsurgeon.layers.base import GATHER, InterventionLayer, Recorder
 from torchsurgeon.layers.compute import ComputeGrad, Stop
-from torchsurgeon.layers.edit import Add, MeanAblate, Noise, Scale, SetValues, StopGradient, Zero
 from torchsurgeon.layers.index import remember
 from torchsurgeon.layers.lora import LowRankAdapter
-from torchsurgeon.layers.patch import Patch
 from torchsurgeon.layers.record import SaveGrad
 from torchsurgeon.layers.run_state import run_state
 from torchsurgeon.surgery.frozen import original_class
@@ -72,8 +71,6 @@ __all__ = ["RECORD_ON", "Sharded"]
 RECORD_ON = ("all", "rank0")
 Sides = tuple[Split | None, Split | None]
 """The split of a layer's tensor and of its module's input (``None``: replicated)."""
-_GATHER = object()
-"""What :func:`_local_copy` returns for a layer that needs the full tensor."""
 
 
 class Sharded(nn.Module):
@@ -253,7 +250,7 @@ class Sharded(nn.Module):
         local = self._local_layer(x, split)
         if local is None:
             return x
-        if local is _GATHER:
+        if local is GATHER:
             return self._gathered(x, split, lambda full: layer(full))
         return local(x)
 
@@ -308,7 +305,7 @@ class Sharded(nn.Module):
 
     @torch.compiler.disable  # index arithmetic on meta tensors: run eagerly, never traced
     def _local_layer(self, x: torch.Tensor, split: Split) -> Any:
-        """The layer cut to this shard, ``None`` (nothing here) or ``_GATHER``; kept per shape."""
+        """The layer cut to this shard, ``None`` (nothing here) or ``GATHER``; kept per shape."""
         layer = self.layer
         tensors = layer.tensors() if isinstance(layer, InterventionLayer) else {}
         keep = not any(t.requires_grad for t in tensors.values())
@@ -379,42 +376,7 @@ def _local_copy(
     device: torch.device,
 ) -> Any:
     """``layer`` cut to this rank's shard of a full tensor of ``shape``: a new layer, ``None``
-    (this rank holds nothing the layer touches) or ``_GATHER`` (it needs the full tensor)."""
-    kind = original_class(layer)  # a tree's layers are frozen subclasses of their classes
-    if kind is StopGradient:
-        return layer
-    if kind is Patch:
-        return _local_patch(layer, shape, split)
-    if kind is LowRankAdapter:  # after a column-wise projection: B's rows of this shard
-        return LowRankAdapter(layer.a, layer.b.narrow(0, split.offset, split.width), layer.scale)
-    if kind not in (SetValues, Add, Scale, Zero, MeanAblate, Noise):
-        return _GATHER
-    part = local_part(layer.index, shape, split)
-    if part is None:
-        return None
-    index = part.index
-    if kind is SetValues:
-        return SetValues(index, cut(layer.value, part, "value"))
-    if kind is Scale:
-        return Scale(cut(layer.factor, part, "factor"), index=index)
-    if kind is Zero:
-        return Zero(index)
-    if kind is MeanAblate:
-        return MeanAblate(cut(layer.mean, part, "mean"), index=index)
-    if kind is Add:
-        return Add(cut(layer.scale * layer.vector, part, "vector"), index=index)
-    # Noise: the full part's draw (every rank draws the same), this rank's positions of it.
-    with torch.no_grad():
-        noise = Noise(layer.std, layer.seed)(torch.zeros(part.shape, dtype=dtype, device=device))
-    return Add(cut(noise, part, "noise"), index=index)
-
-
-def _local_patch(layer: Patch, shape: tuple[int, ...], split: Split) -> Any:
-    if split.dim % len(shape) == 0:
-        return _GATHER  # the batch itself is split: rows move between ranks
-    entries = []
-    for sources, targets, index in layer.entries:
-        part = local_part(index, shape[1:], split)
-        if part is not None:
-            entries.append((list(sources), list(targets), part.index))
-    return Patch.table(entries) if entries else None
+    (this rank holds nothing the layer touches) or ``GATHER`` (it needs the full tensor) — as
+    the layer's class says (:meth:`~torchsurgeon.layers.base.InterventionLayer.on_shard`)."""
+    on_shard = getattr(layer, "on_shard", None)
+    return GATHER if on_shard is None else on_shard(shape, split, dtype, device)

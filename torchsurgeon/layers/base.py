@@ -33,6 +33,7 @@ from torchsurgeon.surgery.frozen import shallow_copy
 from torchsurgeon.surgery.paths import describe, layer_index_of
 
 __all__ = [
+    "GATHER",
     "InterventionLayer",
     "Recorder",
     "Steps",
@@ -45,6 +46,8 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[InterventionLayer]] = {}
+GATHER = object()
+"""What :meth:`InterventionLayer.on_shard` returns for a layer that needs the full tensor."""
 
 
 class InterventionLayer(TreescopeRepr, nn.Module):
@@ -75,6 +78,9 @@ class InterventionLayer(TreescopeRepr, nn.Module):
     reads_run: ClassVar[bool] = False
     """Whether the layer reads its run (``ts.saved``, ``ts.call``): ``ts.run`` then hands
     it the run's values. Set on the instance by :meth:`_set_expr`."""
+    stops_run: ClassVar[bool] = False
+    """Whether the layer can end the forward pass (``Stop``): such a run keeps no output to
+    split, so it never shares a co-batched pass."""
 
     steps: Any = None
     """The generation steps (calls of the layer within one ``ts.run``) it acts at, as JSON:
@@ -97,6 +103,16 @@ class InterventionLayer(TreescopeRepr, nn.Module):
         self.site = ""
         if steps is not None:
             self.steps = steps_to_json(steps, type(self).__name__)
+
+    def on_shard(
+        self, shape: tuple[int, ...], split: Any, dtype: torch.dtype, device: torch.device
+    ) -> Any:
+        """This layer cut to one rank's shard of a full tensor of ``shape`` (its
+        :class:`~torchsurgeon.distributed.split.Split` ``split``): a new layer, ``None``
+        (the shard holds nothing the layer touches) or :data:`GATHER` (the default: gather
+        the full tensor, run the layer on it, keep the shard's part — right for any layer
+        that keeps its tensor's shape). Layers whose edit is local to a shard override it."""
+        return GATHER
 
     def _set_tensor(self, name: str, value: torch.Tensor | float | int) -> None:
         if not isinstance(value, torch.Tensor):

@@ -136,6 +136,7 @@ class Stop(InterventionLayer):
 
     type_name = "Stop"
     takes_index = False
+    stops_run = True
 
     def __init__(self, *, on: int | str | None = None, steps: Steps = None) -> None:
         super().__init__(on=on, steps=steps)

@@ -203,6 +203,10 @@ class SetValues(_Fits, InterventionLayer):
                 _misfit(self, "value", value, x)
             raise
 
+    def on_shard(self, shape: tuple[int, ...], split: Any, dtype: Any, device: Any) -> Any:
+        part = _shard_part(self, shape, split)
+        return None if part is None else SetValues(part.index, _cut(self.value, part, "value"))
+
 
 @register_layer
 class Add(_Fits, InterventionLayer):
@@ -258,6 +262,12 @@ class Add(_Fits, InterventionLayer):
             _misfit(self, "vector", delta, x)
             raise
 
+    def on_shard(self, shape: tuple[int, ...], split: Any, dtype: Any, device: Any) -> Any:
+        part = _shard_part(self, shape, split)
+        if part is None:
+            return None
+        return Add(_cut(self.scale * self.vector, part, "vector"), index=part.index)
+
 
 @register_layer
 class Scale(_Fits, InterventionLayer):
@@ -291,6 +301,12 @@ class Scale(_Fits, InterventionLayer):
             _misfit(self, "factor", factor, x)
             raise
 
+    def on_shard(self, shape: tuple[int, ...], split: Any, dtype: Any, device: Any) -> Any:
+        part = _shard_part(self, shape, split)
+        if part is None:
+            return None
+        return Scale(_cut(self.factor, part, "factor"), index=part.index)
+
 
 @register_layer
 class Zero(InterventionLayer):
@@ -311,6 +327,10 @@ class Zero(InterventionLayer):
         out = x.clone()
         out[index] = zero
         return out
+
+    def on_shard(self, shape: tuple[int, ...], split: Any, dtype: Any, device: Any) -> Any:
+        part = _shard_part(self, shape, split)
+        return None if part is None else Zero(part.index)
 
 
 @register_layer
@@ -346,6 +366,12 @@ class MeanAblate(_Fits, InterventionLayer):
         except RuntimeError:
             _misfit(self, "mean", mean, x)
             raise
+
+    def on_shard(self, shape: tuple[int, ...], split: Any, dtype: Any, device: Any) -> Any:
+        part = _shard_part(self, shape, split)
+        if part is None:
+            return None
+        return MeanAblate(_cut(self.mean, part, "mean"), index=part.index)
 
 
 @register_layer
@@ -399,6 +425,15 @@ class Noise(InterventionLayer):
         out[index] = part + noise
         return out
 
+    def on_shard(self, shape: tuple[int, ...], split: Any, dtype: Any, device: Any) -> Any:
+        """The full part's draw (every rank draws the same), this shard's positions of it."""
+        part = _shard_part(self, shape, split)
+        if part is None:
+            return None
+        with torch.no_grad():
+            noise = Noise(self.std, self.seed)(torch.zeros(part.shape, dtype=dtype, device=device))
+        return Add(_cut(noise, part, "noise"), index=part.index)
+
 
 @register_layer
 class StopGradient(InterventionLayer):
@@ -412,3 +447,19 @@ class StopGradient(InterventionLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach()
+
+    def on_shard(self, shape: tuple[int, ...], split: Any, dtype: Any, device: Any) -> Any:
+        return self  # elementwise, no values of its own
+
+
+def _shard_part(layer: InterventionLayer, shape: tuple[int, ...], split: Any) -> Any:
+    """The part of ``layer``'s index on this shard (``None``: nothing here)."""
+    from torchsurgeon.distributed.split import local_part
+
+    return local_part(layer.index, shape, split)
+
+
+def _cut(value: torch.Tensor, part: Any, name: str) -> torch.Tensor:
+    from torchsurgeon.distributed.split import cut
+
+    return cut(value, part, name)

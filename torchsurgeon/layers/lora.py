@@ -106,6 +106,11 @@ class LowRankAdapter(InterventionLayer):
     def rank(self) -> int:
         return int(self.a.shape[0])
 
+    def on_shard(self, shape: tuple[int, ...], split: Any, dtype: Any, device: Any) -> Any:
+        """After a column-wise projection: ``B``'s rows of this shard (a row-wise one sums
+        the input shards' low-rank products instead; ``Sharded`` does that)."""
+        return LowRankAdapter(self.a, self.b.narrow(0, split.offset, split.width), self.scale)
+
     def forward(self, x: torch.Tensor, input: torch.Tensor | None = None) -> torch.Tensor:
         if input is None:
             raise SiteError(

@@ -230,6 +230,21 @@ class Patch(InterventionLayer):
 
     # -- running -----------------------------------------------------------------------
 
+    def on_shard(self, shape: tuple[int, ...], split: Any, dtype: Any, device: Any) -> Any:
+        """Each entry's index cut to the shard, rows unchanged; the full tensor when the
+        batch itself is split (rows would move between ranks)."""
+        from torchsurgeon.distributed.split import local_part
+        from torchsurgeon.layers.base import GATHER
+
+        if split.dim % len(shape) == 0:
+            return GATHER
+        entries = []
+        for sources, targets, index in self.entries:
+            part = local_part(index, shape[1:], split)
+            if part is not None:
+                entries.append((list(sources), list(targets), part.index))
+        return Patch.table(entries) if entries else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             copies = self._copies(tuple(x.shape), x.device)

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchsurgeon.layers.base import Recorder
+from torchsurgeon.layers.base import Recorder, layer_class
 from torchsurgeon.layers.guards import deadline
 from torchsurgeon.layers.results import Result, run_with
 from torchsurgeon.plans.plan import Plan
@@ -107,10 +107,12 @@ def batch_key(hosted: HostedModel, runs: Sequence[PreparedRun], alone: bool) -> 
     if any(step.operation not in ("insert_before", "insert_after") for step in run.plan.steps):
         return None
     for step in run.plan.steps:
-        layer = step.layer
-        if layer is None or layer.type_name in ("Stop", "SaveGrad", "ComputeGrad"):
+        if step.layer is None:
             return None
-        if layer.config.get("steps") is not None or _reads_run(layer.config):
+        kind = layer_class(step.layer.type_name)  # what the class declares it does
+        if kind.stops_run or kind.grad_site:
+            return None
+        if step.layer.config.get("steps") is not None or _reads_run(step.layer.config):
             return None
     kwargs = _as_keywords(hosted, run.inputs.args, run.inputs.kwargs)
     if kwargs is None or set(kwargs) - set(_INPUTS) or "input_ids" not in kwargs:

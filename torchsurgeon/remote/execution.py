@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from torchsurgeon.layers.allowed import ExpressionError
+from torchsurgeon.layers.base import layer_class
 from torchsurgeon.layers.guards import deadline as expression_deadline
 from torchsurgeon.layers.guards import run_guard
 from torchsurgeon.layers.results import Result, run_with
@@ -38,7 +39,7 @@ from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.estimates import Cost
 from torchsurgeon.remote.estimates import estimate as estimate_cost
 from torchsurgeon.remote.hosted import HostedModel
-from torchsurgeon.remote.limits import GRAD_LAYERS, Limits
+from torchsurgeon.remote.limits import Limits
 from torchsurgeon.remote.memory import HostMemoryExceeded, watch
 from torchsurgeon.remote.progress import report
 from torchsurgeon.remote.result_wire import encode_result, result_nbytes
@@ -227,9 +228,8 @@ def _check_names(view: nn.Module, names: list[str], field: str) -> None:
 
 def _check_gradients(plan: Plan, limits: Limits, where: str) -> None:
     """Gradient layers need ``backward=``; both need a host that allows gradients."""
-    grad_layers = sorted(
-        {s.layer.type_name for s in plan.steps if s.layer and s.layer.type_name in GRAD_LAYERS}
-    )
+    named = {s.layer.type_name for s in plan.steps if s.layer is not None}
+    grad_layers = sorted(name for name in named if layer_class(name).grad_site)
     if (plan.backward is not None or grad_layers) and not limits.allow_grad:
         uses = ", ".join([*grad_layers, *(["backward="] if plan.backward is not None else [])])
         raise ApiError(

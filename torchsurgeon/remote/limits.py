@@ -25,10 +25,7 @@ from torchsurgeon.plans.schema import PlanLimits
 if TYPE_CHECKING:
     from torchsurgeon.remote.estimates import Cost
 
-__all__ = ["GRAD_LAYERS", "MIN_TIME_BUDGET", "TIME_FRACTION", "Limits"]
-
-GRAD_LAYERS = frozenset({"SaveGrad", "ComputeGrad"})
-"""The layers that act on the backward pass (refused by a host started with ``--no-grad``)."""
+__all__ = ["MIN_TIME_BUDGET", "TIME_FRACTION", "Limits"]
 
 
 @dataclass(frozen=True)
