@@ -49,6 +49,7 @@ def test_a_custom_layer_equals_a_forward_hook_locally() -> None:
     ids = token_ids()
     probe = ts.select(ts.wrap(hf)).at("transformer.h.1").insert_after(Clamp(0.05))
     got = ts.run(probe, ids).output["logits"]
+
     def clamp(module: torch.nn.Module, args: Any, out: Any) -> Any:
         if isinstance(out, torch.Tensor):
             return out.clamp(-0.05, 0.05)
