@@ -8,6 +8,7 @@ here build each model once per session. Tests never change these models: they wr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +16,9 @@ import torch
 from hook_reference import VOCAB, make_bert, make_gpt2, make_llama, make_seed_llama
 from torch import nn
 from transformers import BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: one torch thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
