@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 __all__ = ["Answer", "answers_table", "rewrite_code", "write_png"]
@@ -125,9 +124,3 @@ def _question(prompt: str) -> str:
         return prompt[3:-3]
     text = prompt.replace("\n", " ")
     return text if len(text) <= 18 else text[:17] + "…"
-
-
-def print_intro(console: Console, lines: Sequence[str]) -> None:
-    """Print the demo's narrative lines (one idea each)."""
-    for line in lines:
-        console.print(line, highlight=False)
