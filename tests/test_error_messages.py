@@ -279,3 +279,125 @@ def test_transformer_config_errors_name_the_field_and_the_nearest_choice(
         ts.layers.transformer.Activation("gelu_neww")
     with pytest.raises(ts.OutOfRangeError, match=r"input_ids: token ids must lie in \[0, "):
         models["convert"](torch.tensor([[10**6]]))
+
+
+# --- The last plain builtins: ts.run given a plan, a key nothing saved, steps=, Save name
+# templates, ts.wrap / ts.convert / ts.apply given the wrong kind of argument, gradient
+# layers where no gradient flows. Each is a ts.SurgeryError and still the builtin it was.
+
+
+def _saving(model: nn.Module) -> nn.Module:
+    return ts.select(model).at(MLP["wrap"]).insert_after(ts.layers.Save("mlp0"))
+
+
+def test_run_given_a_plan_names_ts_apply(models: dict[str, nn.Module]):
+    plan = ts.plan(_saving(models["wrap"]))
+    with pytest.raises(ts.ArgumentTypeError, match=r"ts\.apply\(plan, model\)") as caught:
+        ts.run(plan, token_ids())  # type: ignore[arg-type]
+    assert isinstance(caught.value, TypeError)
+    with pytest.raises(ts.ArgumentTypeError, match=r"other way round.*ts\.apply\(plan, model\)"):
+        ts.apply(models["wrap"], plan)  # type: ignore[arg-type]
+    assert "mlp0" in ts.run(ts.apply(plan, models["wrap"]), token_ids()).saved  # the fix runs
+
+
+def test_missing_saved_key_names_the_nearest_saved_key(models: dict[str, nn.Module]):
+    saved = ts.run(_saving(models["wrap"]), token_ids()).saved
+    with pytest.raises(ts.KeyNotFoundError) as caught:
+        saved["mlp"]
+    assert isinstance(caught.value, KeyError)  # `except KeyError` keeps working
+    assert str(caught.value) == "nothing was saved under 'mlp'; nearest: 'mlp0'"
+    assert saved.get("mlp") is None and "mlp" not in saved  # the Mapping protocol holds
+    empty = ts.run(models["wrap"], token_ids()).saved
+    with pytest.raises(ts.KeyNotFoundError, match="nothing was saved in this run"):
+        empty["mlp"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "error", "builtin", "words"),
+    [
+        (-1, ts.ArgumentError, ValueError, r"Save: steps=-1: steps count from 0"),
+        (slice(0, 4, 0), ts.ArgumentError, ValueError, r"steps=slice\(0, 4, 0\): a slice"),
+        ([], ts.ArgumentError, ValueError, r"steps= lists 1 to"),
+        (True, ts.ArgumentTypeError, TypeError, r"steps= is an int, a slice or a list"),
+        ([1.5], ts.ArgumentTypeError, TypeError, r"steps= lists ints >= 0, got \[1\.5\]"),
+        ("0", ts.ArgumentTypeError, TypeError, r"steps= is an int, a slice or a list"),
+    ],
+)
+def test_bad_steps_names_the_argument(
+    steps: Any, error: type[Exception], builtin: type[Exception], words: str
+):
+    with pytest.raises(error, match=words) as caught:
+        ts.layers.Save("x", steps=steps)
+    assert isinstance(caught.value, builtin)
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("resid{lyer}", r"uses \{lyer\}.*did you mean \{layer\}\?"),
+        ("resid}", r"has a single '\}'; write '\}\}'"),
+        ("x" * 300, r"name is 300 characters, over 256"),
+    ],
+)
+def test_bad_save_name_template_names_the_field(name: str, words: str):
+    with pytest.raises(ts.ArgumentError, match=words) as caught:
+        ts.layers.Save(name)
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(ts.ArgumentTypeError, match="Save: name must be a str") as typed:
+        ts.layers.Save(3)  # type: ignore[arg-type]
+    assert isinstance(typed.value, TypeError)
+
+
+def test_layer_template_at_a_path_without_a_layer_index_names_the_site(
+    models: dict[str, nn.Module],
+):
+    with pytest.raises(ts.SiteError, match=r"Save\('x\{layer\}'\) at 'transformer\.ln_f'") as c:
+        ts.select(models["wrap"]).at("transformer.ln_f").insert_after(ts.layers.Save("x{layer}"))
+    assert isinstance(c.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda: ts.wrap(42), r"ts\.wrap\(module\): expects an nn\.Module, got int"),
+        (lambda: ts.convert(42), r"ts\.convert\(hf_model\): expects a transformers model"),
+        (lambda: ts.apply(42, nn.Linear(2, 2)), r"ts\.apply\(plan, base\): plan must be a Plan"),
+    ],
+)
+def test_entry_points_given_the_wrong_kind_name_the_argument(call: Callable[[], Any], words: str):
+    with pytest.raises(ts.ArgumentTypeError, match=words) as caught:
+        call()
+    assert isinstance(caught.value, TypeError)
+
+
+@pytest.mark.parametrize(
+    "layer", [lambda: ts.layers.SaveGrad("g"), lambda: ts.layers.ComputeGrad(ts.here * 2)]
+)
+def test_gradient_layer_where_no_gradient_flows_names_the_site(
+    models: dict[str, nn.Module], layer: Callable[[], nn.Module]
+):
+    probe = ts.select(models["wrap"]).at(MLP["wrap"]).insert_after(layer())
+    with torch.no_grad(), pytest.raises(ts.SiteError, match=rf"at '{MLP['wrap']}'.*grad") as c:
+        ts.run(probe, token_ids())
+    assert isinstance(c.value, RuntimeError)  # what it raised before
+
+
+def test_steps_outside_a_run_and_unknown_layer_types_are_surgery_errors(
+    models: dict[str, nn.Module],
+):
+    from torchsurgeon.layers.base import layer_class
+    from torchsurgeon.surgery.rewrite import rewrite, setting
+
+    probe = (
+        ts.select(models["wrap"])
+        .at(MLP["wrap"])
+        .insert_after(ts.layers.Add(torch.zeros(HIDDEN), steps=0))
+    )
+    with pytest.raises(ts.SiteError, match=rf"Add at '{MLP['wrap']}': steps=0 .*ts\.run") as c:
+        probe(token_ids())
+    assert isinstance(c.value, RuntimeError)
+    with pytest.raises(ts.ArgumentError, match=r"type 'Sve'; registered: .*did you mean 'Save'"):
+        layer_class("Sve")
+    edit = {"transformer.h.0.mlp.c_fc": setting({"wieght": torch.zeros(1)})}
+    with pytest.raises(ts.KeyNotFoundError, match=r"no parameter or buffer 'wieght'.*'weight'"):
+        rewrite(models["wrap"], edit)

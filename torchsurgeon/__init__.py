@@ -58,6 +58,7 @@ from torchsurgeon.surgery import (
 from torchsurgeon.surgery.errors import (
     ArgumentError,
     ArgumentTypeError,
+    KeyNotFoundError,
     OutOfRangeError,
     SiteError,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "ArgumentTypeError",
     "FrozenModuleError",
     "Index",
+    "KeyNotFoundError",
     "OutOfRangeError",
     "PathError",
     "Plan",

@@ -15,6 +15,7 @@ model's.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from torchsurgeon.layers.graph import Graph, RunValues
 from torchsurgeon.layers.index import Index, as_index
 from torchsurgeon.layers.run_state import run_state
 from torchsurgeon.surgery.display import TreescopeRepr
+from torchsurgeon.surgery.errors import ArgumentError, ArgumentTypeError, SiteError
 from torchsurgeon.surgery.frozen import shallow_copy
 from torchsurgeon.surgery.paths import describe, layer_index_of
 
@@ -95,9 +97,11 @@ class InterventionLayer(TreescopeRepr, nn.Module):
     ) -> None:
         super().__init__()
         if on is not None and not isinstance(on, (int, str)):
-            raise TypeError(f"{type(self).__name__}: on= must be an int, a str or None, got {on!r}")
+            raise ArgumentTypeError(
+                f"{type(self).__name__}: on= must be an int, a str or None, got {on!r}"
+            )
         if index is not None and not self.takes_index:
-            raise TypeError(f"{type(self).__name__} takes no index")
+            raise ArgumentTypeError(f"{type(self).__name__} takes no index=")
         self.on = on
         self.index = as_index(index)
         self.site = ""
@@ -117,13 +121,13 @@ class InterventionLayer(TreescopeRepr, nn.Module):
     def _set_tensor(self, name: str, value: torch.Tensor | float | int) -> None:
         if not isinstance(value, torch.Tensor):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"{type(self).__name__}: {name} must be a number or a tensor, got "
                     f"{type(value).__name__}"
                 )
             value = torch.tensor(float(value))
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"{type(self).__name__}: {name} holds NaN or infinite values")
+            raise ArgumentError(f"{type(self).__name__}: {name} holds NaN or infinite values")
         self.register_buffer(name, value, persistent=False)
 
     def _set_expr(self, name: str, expr: Expr) -> None:
@@ -167,7 +171,7 @@ class InterventionLayer(TreescopeRepr, nn.Module):
         state = run_state(self)
         calls = None if state is None else state.calls
         if calls is None:
-            raise RuntimeError(
+            raise SiteError(
                 f"{self._where()}steps={self.steps} counts the calls of the layer within one "
                 "ts.run; run the model with ts.run (ts.run(model.generate, ids, ...) for "
                 "generation)"
@@ -238,7 +242,10 @@ class InterventionLayer(TreescopeRepr, nn.Module):
         unknown = set(kwargs) | set(tensors)
         unknown -= expected
         if unknown:
-            raise ValueError(f"{cls.type_name}: unknown field(s) {sorted(unknown)}")
+            raise ArgumentError(
+                f"{cls.type_name}: unknown field(s) {sorted(unknown)}; its fields: "
+                f"{sorted(expected)}"
+            )
         taken = _constructor_parameters(cls)
         for name in ("on", "index", "steps"):  # a constructor that does not take them gets no None
             if name in kwargs and kwargs[name] is None and name not in taken:
@@ -294,7 +301,7 @@ class Recorder(InterventionLayer):
     ) -> None:
         super().__init__(on=on, steps=steps)
         if name is not None and not isinstance(name, str):
-            raise TypeError(f"{type(self).__name__}: name must be a str, got {name!r}")
+            raise ArgumentTypeError(f"{type(self).__name__}: name must be a str, got {name!r}")
         if name is not None:
             _template_parts(name, type(self).__name__)  # refuse a bad template now
         self.name = name
@@ -311,7 +318,7 @@ class Recorder(InterventionLayer):
                 pieces.append(literal)
                 if field is not None:
                     if values[field] is None:
-                        raise ValueError(
+                        raise SiteError(
                             f"{type(self).__name__}({self.name!r}) at {describe(path)}: the "
                             "path has no layer index (no integer segment) for {layer}; use "
                             "{n} or {path} there"
@@ -338,35 +345,38 @@ _MAX_STEP_LIST = 4096
 def steps_to_json(steps: Steps, owner: str) -> Any:
     """``steps`` checked, as JSON (an int, ``{"slice": [...]}`` or ``{"list": [...]}``)."""
     if isinstance(steps, bool):
-        raise TypeError(f"{owner}: steps= is an int, a slice or a list of ints, got {steps!r}")
+        raise ArgumentTypeError(
+            f"{owner}: steps= is an int, a slice or a list of ints, got {steps!r}"
+        )
     if isinstance(steps, int):
         if steps < 0:
-            raise ValueError(f"{owner}: steps={steps}: steps count from 0 (the prompt's pass)")
+            raise ArgumentError(f"{owner}: steps={steps}: steps count from 0 (the prompt's pass)")
         return steps
     if isinstance(steps, slice):
         bounds = [steps.start, steps.stop, steps.step]
         if not all(b is None or (type(b) is int and b >= 0) for b in bounds) or steps.step == 0:
-            raise ValueError(f"{owner}: steps={steps}: a slice of ints >= 0 (step > 0)")
+            raise ArgumentError(f"{owner}: steps={steps}: a slice of ints >= 0 (step > 0)")
         return {"slice": bounds}
     if isinstance(steps, Sequence) and not isinstance(steps, str):
         values = list(steps)
         if not values or len(values) > _MAX_STEP_LIST:
-            raise ValueError(f"{owner}: steps= lists 1 to {_MAX_STEP_LIST} steps")
+            raise ArgumentError(f"{owner}: steps= lists 1 to {_MAX_STEP_LIST} steps")
         if not all(type(v) is int and v >= 0 for v in values):
-            raise TypeError(f"{owner}: steps= lists ints >= 0, got {values[:8]!r}")
+            raise ArgumentTypeError(f"{owner}: steps= lists ints >= 0, got {values[:8]!r}")
         return {"list": sorted(set(values))}
-    raise TypeError(f"{owner}: steps= is an int, a slice or a list of ints, got {steps!r}")
+    raise ArgumentTypeError(f"{owner}: steps= is an int, a slice or a list of ints, got {steps!r}")
 
 
 def steps_from_json(data: Any) -> Steps:
-    """The ``steps=`` value of its JSON form; ``ValueError`` when it is not one."""
+    """The ``steps=`` value of its JSON form; an ``ArgumentError`` (a ``ValueError``) when it
+    is not one."""
     if data is None or (type(data) is int and data >= 0):
         return data
     if isinstance(data, dict) and set(data) == {"slice"} and _triple(data["slice"]):
         return slice(*data["slice"])
     if isinstance(data, dict) and set(data) == {"list"} and isinstance(data["list"], list):
         return list(data["list"])
-    raise ValueError(f"steps must be an int, a slice or a list of ints, got {data!r}")
+    raise ArgumentError(f"steps must be an int, a slice or a list of ints, got {data!r}")
 
 
 def _triple(value: Any) -> bool:
@@ -391,13 +401,13 @@ _MAX_NAME = 256
 
 
 def _template_parts(template: str, owner: str) -> list[tuple[str, str | None]]:
-    """``template`` as ``(literal text, field or None)`` pairs; ValueError if malformed.
+    """``template`` as ``(literal text, field or None)`` pairs; ArgumentError if malformed.
 
     A small scanner of our own instead of ``str.format``: a name reaches no attribute
     lookups, indexing or format specs, whatever it holds.
     """
     if len(template) > _MAX_NAME:
-        raise ValueError(f"{owner}: name is {len(template)} characters, over {_MAX_NAME}")
+        raise ArgumentError(f"{owner}: name is {len(template)} characters, over {_MAX_NAME}")
     parts: list[tuple[str, str | None]] = []
     literal: list[str] = []
     i = 0
@@ -408,14 +418,16 @@ def _template_parts(template: str, owner: str) -> list[tuple[str, str | None]]:
             i += 2
             continue
         if char == "}":
-            raise ValueError(f"{owner}: name {template!r} has a single '}}'; write '}}}}'")
+            raise ArgumentError(f"{owner}: name {template!r} has a single '}}'; write '}}}}'")
         if char == "{":
             end = template.find("}", i)
             field = template[i + 1 : end] if end != -1 else template[i + 1 :]
             if end == -1 or field not in TEMPLATE_FIELDS:
-                raise ValueError(
+                guess = difflib.get_close_matches(field, TEMPLATE_FIELDS, 1, 0.5)
+                hint = f"; did you mean {{{guess[0]}}}?" if guess else ""
+                raise ArgumentError(
                     f"{owner}: name {template!r} uses {{{field}}}; a name may only use "
-                    "the fields {n}, {layer} and {path} (and {{ }} for literal braces)"
+                    "the fields {n}, {layer} and {path} (and {{ }} for literal braces)" + hint
                 )
             parts.append(("".join(literal), field))
             literal = []
@@ -431,12 +443,12 @@ def _template_parts(template: str, owner: str) -> list[tuple[str, str | None]]:
 def register_layer(cls: type[InterventionLayer]) -> type[InterventionLayer]:
     """Class decorator: add ``cls`` to the registry under ``cls.type_name``."""
     if not cls.type_name:
-        raise ValueError(f"{cls.__name__} needs a type_name to be registered")
+        raise ArgumentError(f"{cls.__name__} needs a type_name to be registered")
     taken = _constructor_parameters(cls)
     fields = (*cls.config_fields, *cls.tensor_fields, *cls.expr_fields)
     missing = [name for name in fields if name not in taken]
     if missing:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{cls.__name__}: a registered layer is rebuilt as cls(**config, **tensors), so "
             f"its constructor must take every config, tensor and expression field by name; "
             f"it does not take {missing}"
@@ -455,5 +467,9 @@ def layer_class(type_name: str) -> type[InterventionLayer]:
     found = _REGISTRY.get(type_name)
     if found is None:
         known = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"unknown intervention layer type {type_name!r}; registered: {known}")
+        guess = difflib.get_close_matches(str(type_name), _REGISTRY, 1, 0.6)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        raise ArgumentError(
+            f"unknown intervention layer type {type_name!r}; registered: {known}{hint}"
+        )
     return found

@@ -30,7 +30,7 @@ from torchsurgeon.layers.allowed import ExpressionError
 from torchsurgeon.layers.base import InterventionLayer, Steps, register_layer
 from torchsurgeon.layers.expr import Expr
 from torchsurgeon.layers.run_state import run_state
-from torchsurgeon.surgery.errors import SurgeryError
+from torchsurgeon.surgery.errors import ArgumentTypeError, SiteError, SurgeryError
 
 __all__ = ["Compute", "ComputeGrad", "Stop", "StopRun"]
 
@@ -61,9 +61,10 @@ class Compute(InterventionLayer):
 
 
 def _expression(value: Any, owner: str, hint: str) -> Expr:
-    """``value`` if it is an expression, else a ``TypeError`` saying what ``owner`` takes."""
+    """``value`` if it is an expression, else an ``ArgumentTypeError`` (a ``TypeError``)
+    saying what ``owner`` takes."""
     if not isinstance(value, Expr):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{owner} takes an expression (built from ts.here, ts.saved, ...; {hint}), got "
             f"{type(value).__name__}"
         )
@@ -107,7 +108,7 @@ class ComputeGrad(InterventionLayer):
         if not torch.is_grad_enabled() or not x.requires_grad:
             if x.is_meta and not torch.is_grad_enabled():
                 return x  # a structure-only check of a forward-only run
-            raise RuntimeError(
+            raise SiteError(
                 f"{self._where()}the tensor does not require grad, so no gradient will reach "
                 "it. Run with gradients enabled (ts.run(..., backward=...), not under "
                 "torch.no_grad) on a model whose parameters or inputs require grad."

@@ -13,6 +13,7 @@ import torch
 
 from torchsurgeon.layers.base import Recorder, register_layer
 from torchsurgeon.layers.run_state import run_state
+from torchsurgeon.surgery.errors import SiteError
 
 __all__ = ["Save", "SaveGrad"]
 
@@ -43,7 +44,7 @@ class SaveGrad(Recorder):
             if x.is_meta and not torch.is_grad_enabled():
                 return x  # a structure-only check of a forward-only run
             if not x.requires_grad:
-                raise RuntimeError(
+                raise SiteError(
                     f"{self._where()}the tensor does not require grad, so no gradient will "
                     "reach it. Run with gradients enabled (not under torch.no_grad) on a model "
                     "whose parameters or inputs require grad."

@@ -32,7 +32,13 @@ from torchsurgeon.layers.expr import Expr
 from torchsurgeon.layers.graph import Graph, RunValues, device_of
 from torchsurgeon.layers.guards import running
 from torchsurgeon.layers.run_state import LayerRun, RunContext
-from torchsurgeon.surgery.errors import SurgeryError
+from torchsurgeon.surgery.errors import (
+    ArgumentTypeError,
+    KeyNotFoundError,
+    SelectionError,
+    SurgeryError,
+    nearest_note,
+)
 from torchsurgeon.surgery.frozen import is_frozen
 from torchsurgeon.surgery.lineage import lineage_of
 from torchsurgeon.surgery.paths import iter_nodes
@@ -62,8 +68,10 @@ class Saved(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         values = self._records.get(key)
         if not values:
-            known = ", ".join(repr(k) for k in self) or "(nothing)"
-            raise KeyError(f"nothing was saved under {key!r}; saved keys: {known}")
+            if not isinstance(key, str):
+                raise KeyNotFoundError(f"saved keys are str, got {type(key).__name__} {key!r}")
+            hint = nearest_note(key, self) or "; nothing was saved in this run"
+            raise KeyNotFoundError(f"nothing was saved under {key!r}{hint}")
         if len(values) > 1:
             raise SurgeryError(
                 f"{key!r} was recorded {len(values)} times in this run (once per call, e.g. per "
@@ -136,7 +144,7 @@ def _placed_run_layers(model: nn.Module) -> tuple[tuple[str, InterventionLayer],
                 continue
             other = by_key.setdefault(layer.key, layer)
             if other is not layer:
-                raise ValueError(
+                raise SelectionError(
                     f"two recording layers use the key {layer.key!r} (at {other.site!r} and "
                     f"{layer.site!r}); give each its own name, e.g. Save('resid{{layer}}'), or "
                     "Save() to key each by its path"
@@ -152,9 +160,17 @@ def _module_of(target: Callable[..., Any]) -> nn.Module:
     owner = getattr(target, "__self__", None)
     if isinstance(owner, nn.Module):
         return getattr(owner, "_orig_mod", owner)
-    raise TypeError(
-        "ts.run expects a model, a compiled model or a bound method of one (model.generate), "
-        f"got {type(target).__name__}"
+    from torchsurgeon.plans.plan import Plan  # plans build on this module
+
+    if isinstance(target, Plan):
+        raise ArgumentTypeError(
+            "ts.run(target): a Plan is a rewrite as data, not a model; build the model it "
+            "describes with ts.apply(plan, model) and run that: "
+            "ts.run(ts.apply(plan, model), ...)"
+        )
+    raise ArgumentTypeError(
+        "ts.run(target): expects a model, a compiled model or a bound method of one "
+        f"(model.generate), got {type(target).__name__}"
     )
 
 
@@ -175,7 +191,9 @@ def run(
     """
     if getattr(type(target), "ts_session", False):  # a Session (ts.session): no import needed
         if args or kwargs:
-            raise TypeError("ts.run(session) takes no inputs: each run of a session has its own")
+            raise ArgumentTypeError(
+                "ts.run(session) takes no inputs: each run of a session has its own"
+            )
         return backend.run(target) if backend is not None else target.run_locally()  # type: ignore[return-value]
     if backend is not None:
         model = _module_of(target)
@@ -185,8 +203,9 @@ def run(
             name = getattr(target, "__name__", "")
             if name == "generate" and hasattr(backend, "generate"):
                 return backend.generate(model, *args, **kwargs)
-            raise TypeError(
-                "with backend=, pass the model itself (or model.generate), not another method"
+            raise ArgumentTypeError(
+                "ts.run(target, backend=): pass the model itself (or model.generate), not "
+                "another method"
             )
         return backend.run(model, *args, **kwargs)
     args, kwargs = tokenized(target, args, kwargs)  # text -> token ids, as a host does

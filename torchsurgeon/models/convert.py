@@ -20,6 +20,7 @@ from torchsurgeon.models.families import family_for, family_of_class
 from torchsurgeon.models.families.paths import SOURCE
 from torchsurgeon.models.source import TensorSource
 from torchsurgeon.plans.identity import identity_of
+from torchsurgeon.surgery.errors import ArgumentTypeError
 from torchsurgeon.surgery.frozen import original_class
 
 __all__ = ["convert"]
@@ -40,7 +41,9 @@ def convert(hf_model: nn.Module) -> Transformer:
         hf_model: The ``transformers`` model (plain or wrapped by ``ts.wrap``).
     """
     if not isinstance(hf_model, nn.Module):
-        raise TypeError(f"convert expects a transformers model, got {type(hf_model).__name__}")
+        raise ArgumentTypeError(
+            f"ts.convert(hf_model): expects a transformers model, got {type(hf_model).__name__}"
+        )
     hf_config = getattr(hf_model, "config", None)
     model_type = getattr(hf_config, "model_type", None)
     # The first class in the MRO that a family names (a user subclass of LlamaForCausalLM

@@ -29,7 +29,7 @@ from torchsurgeon.plans.errors import PlanError
 from torchsurgeon.plans.identity import BaseIdentity, Match, check_identity
 from torchsurgeon.plans.plan import Plan
 from torchsurgeon.selectors.selection import replay
-from torchsurgeon.surgery.errors import SurgeryError
+from torchsurgeon.surgery.errors import ArgumentTypeError, SurgeryError
 from torchsurgeon.surgery.frozen import wrap
 
 __all__ = ["apply", "execute"]
@@ -50,7 +50,13 @@ def apply(
     ``base_identity`` is ``base``'s identity when the caller already computed it.
     """
     if not isinstance(plan, Plan):
-        raise TypeError(f"apply expects a Plan, got {type(plan).__name__}")
+        swapped = isinstance(plan, nn.Module) and isinstance(base, Plan)
+        raise ArgumentTypeError(
+            "ts.apply(plan, base): the arguments are the other way round; write "
+            "ts.apply(plan, model)"
+            if swapped
+            else f"ts.apply(plan, base): plan must be a Plan, got {type(plan).__name__}"
+        )
     check_identity(plan.base, base, match, base_identity)
     model = wrap(base)
     for i, step in enumerate(plan.steps):
@@ -94,14 +100,14 @@ def execute(
     """
     if isinstance(plan, Session):
         if args or kwargs:
-            raise TypeError("execute(session, base) takes no inputs: each run has its own")
+            raise ArgumentTypeError("execute(session, base) takes no inputs: each run has its own")
 
         def resolve(target: Any) -> tuple[Any, Any, Any]:
             owner = getattr(target, "__self__", None)
             if isinstance(target, Plan):
                 return apply(target, base, match=match), target.outputs, target.backward
             if isinstance(owner, Plan):  # plan.generate is not a thing: a model's is
-                raise TypeError("a generating session run is model.generate, not a plan's")
+                raise ArgumentTypeError("a generating session run is model.generate, not a plan's")
             return target, None, None
 
         return plan.run_locally(resolve)

@@ -14,6 +14,7 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "FrozenModuleError",
+    "KeyNotFoundError",
     "OutOfRangeError",
     "PathError",
     "SelectionError",
@@ -34,6 +35,15 @@ class FrozenModuleError(SurgeryError, AttributeError):
 
 class PathError(SurgeryError, KeyError):
     """A path that does not name a module of the tree."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class KeyNotFoundError(SurgeryError, KeyError):
+    """A key that names nothing where it is looked up: a key no recording layer saved in the
+    run (``result.saved["mlp"]``), a tensor a module does not hold; the message names the key
+    and the nearest ones there are. Also a ``KeyError``, the error it replaces."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
         return str(self.args[0]) if self.args else ""
@@ -63,10 +73,18 @@ class OutOfRangeError(SurgeryError, IndexError):
 
 
 class SiteError(SurgeryError, ValueError, RuntimeError):
-    """An intervention layer that does not fit the tensor at its site (a vector of another
-    width, a value of a dtype that cannot be cast, no tensor where ``on=`` points); the
-    message names the site. Also a ``ValueError`` and a ``RuntimeError``: the errors it
-    replaces (torch's broadcasting ``RuntimeError``, the site's ``ValueError``)."""
+    """An intervention layer that does not fit its site or cannot act there (a vector of
+    another width, a value of a dtype that cannot be cast, no tensor where ``on=`` points, a
+    tensor no gradient reaches, ``steps=`` outside a ``ts.run``, a ``Save`` name using
+    ``{layer}`` at a path without one); the message names the site. Also a ``ValueError`` and
+    a ``RuntimeError``: the errors it replaces (torch's broadcasting ``RuntimeError``, the
+    site's ``ValueError``)."""
+
+
+def nearest_note(word: str, choices: Iterable[str], n: int = 3) -> str:
+    """``"; nearest: 'a', 'b'"`` (the :func:`closest` choices), or ``""`` when there are none."""
+    found = closest(word, choices, n)
+    return "; nearest: " + ", ".join(repr(c) for c in found) if found else ""
 
 
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:

@@ -423,7 +423,9 @@ def wrap(module: nn.Module, *, tokenizer: Any = None) -> nn.Module:
     ``tokenizer`` lets ``ts.run(tree, "text")`` take text; trees rewritten from it keep it.
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"ts.wrap expects an nn.Module, got {type(module).__name__}")
+        raise ArgumentTypeError(
+            f"ts.wrap(module): expects an nn.Module, got {type(module).__name__}"
+        )
     tree = module if is_frozen(module) else freeze_tree(module, "")
     if tokenizer is None:
         return tree

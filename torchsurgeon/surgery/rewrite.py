@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from torchsurgeon.surgery.errors import KeyNotFoundError, nearest_note
 from torchsurgeon.surgery.frozen import frozen_at, shallow_copy, tree_parameter, wrap
 from torchsurgeon.surgery.paths import child_path, iter_nodes, split
 
@@ -64,7 +65,11 @@ def set_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
         elif name in module._buffers:
             module._buffers[name] = value
         else:
-            raise KeyError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+            own = [*module._parameters, *module._buffers]
+            raise KeyNotFoundError(
+                f"{type(module).__name__} has no parameter or buffer {name!r}"
+                + (nearest_note(name, own) or "; it holds none of its own")
+            )
 
 
 def map_tensors(
