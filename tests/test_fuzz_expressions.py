@@ -70,7 +70,7 @@ from torchsurgeon.remote.transfer import Inputs, encode_request, encode_session
 pytestmark = pytest.mark.slow
 
 SEED = 20_260_612
-GRAPHS = soak("FUZZ_EXPR_N", full=5_000, quick=800)
+GRAPHS = soak("FUZZ_EXPR_N", full=5_000, quick=300)
 WARM_UP = 200
 """Mutated graphs sent before memory is measured (lazy imports, caches, first kernels)."""
 CLIENTS = 2
