@@ -86,14 +86,14 @@ def test_a_custom_layer_runs_on_a_host_and_co_batched() -> None:
             with Client(server.url, key, progress=False, model="gpt2") as client:
                 got[key] = client.run(probe, inputs[key])
 
-        for _ in range(3):  # until the two requests share a pass
+        for _ in range(6):  # until the two requests share a pass
             threads = [threading.Thread(target=run, args=(key,)) for key in keys]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join(60)
             for key in keys:
-                diff = (got[key].saved["h2"] - want[key].saved["h2"]).abs().max()
+                diff = (got[key].saved["h2"] - want[key].saved["h2"]).abs().max().detach()
                 assert float(diff) <= 1e-6, key
             if any(size > 1 for size in queue.batch_sizes):
                 break

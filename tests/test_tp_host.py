@@ -146,7 +146,7 @@ def test_requests_of_three_keys_merge_on_the_ranks(hosts: dict[str, Any]) -> Non
         with Client(hosts["url"], key, progress=False, model="llama") as client:
             got[key] = client.run(probe, inputs[key])
 
-    for _ in range(3):  # until one pass merged
+    for _ in range(6):  # until one pass merged
         threads = [threading.Thread(target=run, args=(key,)) for key in KEYS]
         for thread in threads:
             thread.start()
