@@ -57,6 +57,7 @@ from torchsurgeon.remote.estimates import Cost
 from torchsurgeon.remote.execution import PreparedRun, encoded_result, run_submission
 from torchsurgeon.remote.hosted import HostedModel
 from torchsurgeon.remote.limits import Limits
+from torchsurgeon.remote.result_wire import tensors_in
 from torchsurgeon.remote.worker import RUN_ALONE
 from torchsurgeon.surgery.frozen import original_class
 
@@ -280,19 +281,9 @@ def _merged_model(
 def _check_rows(value: Any, total: int) -> None:
     """Refuse to split an output holding a tensor without the merged batch's rows first
     (a scalar, a reduction over rows): no part of it belongs to one request alone."""
-    for tensor in _tensors(value):
+    for tensor in tensors_in(value):
         if tensor.dim() == 0 or tensor.shape[0] != total:
             raise _NotBatched(f"an output tensor of shape {list(tensor.shape)}")
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 def _rows(value: Any, rows: slice, total: int) -> Any:

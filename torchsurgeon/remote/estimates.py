@@ -41,6 +41,7 @@ from torchsurgeon.plans.returning import Returning
 from torchsurgeon.remote.calibrate import Rates, Uncalibrated, measured_rates, op_cost
 from torchsurgeon.remote.errors import ApiError
 from torchsurgeon.remote.limits import TIME_FRACTION, Limits
+from torchsurgeon.remote.result_wire import tensors_in
 from torchsurgeon.remote.twins import (
     _TWIN_ELEMENTS,
     _aliased,
@@ -333,8 +334,8 @@ def estimate(
     except Exception as error:  # what the real run would raise: say so before it is queued
         message = f"{type(error).__name__}: {error}".replace("Meta", "")
         raise ApiError(422, "run_failed", message, phase) from None
-    recorded = sum(t.numel() * t.element_size() for t in _tensors_in(returned.records))
-    size = recorded + sum(t.numel() * t.element_size() for t in _tensors_in(returned.output))
+    recorded = sum(t.numel() * t.element_size() for t in tensors_in(returned.records))
+    size = recorded + sum(t.numel() * t.element_size() for t in tensors_in(returned.output))
     if size > limits.max_result_bytes:
         raise ApiError(
             422,
@@ -356,16 +357,6 @@ def estimate(
         tuple(calls),
         seconds=meter.seconds,
     )
-
-
-def _tensors_in(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors_in(v)]
-    if isinstance(value, (tuple, list)):  # torch.return_types.topk is a tuple
-        return [t for v in value for t in _tensors_in(v)]
-    return []
 
 
 class Estimates:

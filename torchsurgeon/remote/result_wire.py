@@ -24,7 +24,7 @@ from torchsurgeon.plans.schema import PlanLimits
 from torchsurgeon.plans.wire import pack, unpack_container
 from torchsurgeon.remote.errors import RemoteError
 
-__all__ = ["RESULT_KEY", "decode_result", "encode_result", "result_nbytes"]
+__all__ = ["RESULT_KEY", "decode_result", "encode_result", "result_nbytes", "tensors_in"]
 
 RESULT_KEY = "torchsurgeon.result"
 _SCALARS = (bool, int, float, str, type(None))
@@ -32,16 +32,17 @@ _SCALARS = (bool, int, float, str, type(None))
 
 def result_nbytes(result: Result) -> int:
     """The bytes the result's tensors will take on the wire (before encoding them)."""
-    return sum(t.numel() * t.element_size() for t in _tensors_in((result.output, result.records)))
+    return sum(t.numel() * t.element_size() for t in tensors_in((result.output, result.records)))
 
 
-def _tensors_in(value: Any) -> list[torch.Tensor]:
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor in ``value``'s nested dicts, lists and tuples (``topk`` results too)."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors_in(v)]
+        return [t for v in value.values() for t in tensors_in(v)]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors_in(v)]
+        return [t for v in value for t in tensors_in(v)]
     return []
 
 
